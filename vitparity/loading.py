@@ -1,0 +1,101 @@
+"""Loading a checkpoint folder by path into the right class, strictly."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModel
+from transformers.utils import logging as hf_logging
+
+from .models import MODEL_TYPES
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be loaded exactly; the message names the folder and the cause."""
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode and where it came from."""
+
+    model: torch.nn.Module
+    path: str
+    side: str  # "hf" (pixel_values) or "packing" (flat patches + grid_thw)
+    class_name: str
+    source: str  # "vitparity" or "remote code"
+
+    def describe(self) -> str:
+        return f"{self.class_name} ({self.source}, {self.side}) from {self.path}"
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of a checkpoint folder, with clear errors for a missing folder, file or bad JSON."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelLoadError(f"{folder}: model path does not exist")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: model path is not a folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder}: no config.json in the model folder")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{config_path}: not valid JSON ({err})") from err
+
+
+def _side_of(model_type: str | None, model: torch.nn.Module) -> str:
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type][2]
+    return "packing" if "packing" in (model_type or "") or hasattr(model, "patch_embed") else "hf"
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a checkpoint folder: the project's class chosen by `model_type`, or the checkpoint's own code
+    (`auto_map`) only when `trust_remote_code` is set. Missing, unexpected or mismatched weights are errors."""
+    folder = Path(path)
+    config = read_config(folder)
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ModelLoadError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin) in the model folder")
+    model_type = config.get("model_type")
+    if trust_remote_code and "auto_map" in config:
+        loader, source = AutoModel, "remote code"
+        kwargs = {"trust_remote_code": True}
+    elif model_type in MODEL_TYPES:
+        loader, source, kwargs = MODEL_TYPES[model_type][1], "vitparity", {}
+    elif "auto_map" in config:
+        raise ModelLoadError(
+            f"{folder}: model_type {model_type!r} is only provided by the checkpoint's own code (auto_map); "
+            "pass --trust-remote-code to run it"
+        )
+    else:
+        raise ModelLoadError(f"{folder}: unknown model_type {model_type!r}; known: {sorted(MODEL_TYPES)}")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = loader.from_pretrained(str(folder), dtype=dtype, output_loading_info=True, **kwargs)
+    except Exception as err:  # transformers and safetensors raise many types for unreadable checkpoints
+        raise ModelLoadError(f"{folder}: cannot load the checkpoint ({type(err).__name__}: {err})") from err
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    problems = [f"{name} {sorted(info[name])}" for name in ("missing_keys", "unexpected_keys") if info.get(name)]
+    if info.get("mismatched_keys"):
+        problems.append(f"mismatched_keys {sorted(str(k) for k in info['mismatched_keys'])}")
+    if info.get("error_msgs"):
+        problems.append(f"errors {info['error_msgs']}")
+    if problems:
+        raise ModelLoadError(f"{folder}: weights do not match the model: " + "; ".join(problems))
+    model = model.to(device).eval()
+    return LoadedModel(model, str(folder), _side_of(model_type, model), type(model).__name__, source)
