@@ -7,13 +7,13 @@ into `self_attn.qkv` (concatenated in that order along the output dimension) and
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from .loading import ModelLoadError, read_config, weight_files, weight_problems
 from .models import MODEL_TYPES, OneVisionEncoderConfig, OneVisionEncoderModel, OneVisionEncoderPackingConfig
 from .models import OneVisionEncoderPackingModel
 
@@ -80,20 +80,15 @@ def convert_config(config: OneVisionEncoderConfig | OneVisionEncoderPackingConfi
 def read_checkpoint(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """config.json fields and the full state dict (single or sharded safetensors) of a checkpoint folder."""
     folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ConversionError(f"{folder}: no config.json")
-    config = json.loads(config_path.read_text())
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
+    try:
+        config = read_config(folder)
+        files = weight_files(folder)
+    except ModelLoadError as err:
+        raise ConversionError(str(err)) from err
+    if not files:
+        raise ConversionError(f"{folder}: no safetensors weights in the folder")
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise ConversionError(f"{folder}: weights file {name} is missing")
+    for path in files:
         try:
             state.update(load_file(str(path)))
         except Exception as err:  # safetensors raises several types for truncated or corrupt files
@@ -103,21 +98,7 @@ def read_checkpoint(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> None:
     """Raise ConversionError unless `state` has exactly the model's keys and shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != expected[k]
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if mismatched:
-        problems.append(f"shape mismatches {mismatched}")
+    problems = weight_problems({k: tuple(v.shape) for k, v in state.items()}, model)
     if problems:
         raise ConversionError(f"{where}: " + "; ".join(problems))
 

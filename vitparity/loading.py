@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoModel
 from transformers.utils import logging as hf_logging
 
@@ -49,6 +50,42 @@ def read_config(path: str | Path) -> dict:
         raise ModelLoadError(f"{config_path}: not valid JSON ({err})") from err
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (sharded through model.safetensors.index.json or not)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor in the folder's safetensors files, read from the headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(folder):
+        if not path.is_file():
+            raise ModelLoadError(f"{folder}: weights file {path.name} is missing")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except Exception as err:  # safetensors raises several types for truncated or corrupt files
+            raise ModelLoadError(f"{path}: cannot read safetensors weights ({err})") from err
+    return shapes
+
+
+def weight_problems(shapes: dict[str, tuple[int, ...]], model: torch.nn.Module) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches of a checkpoint against a model; empty when exact."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {shapes[k]} vs model {expected[k]}" for k in set(expected) & set(shapes) if shapes[k] != expected[k]
+    )
+    named = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+    return [f"{label} {items}" for label, items in named if items]
+
+
 def _side_of(model_type: str | None, model: torch.nn.Module) -> str:
     if model_type in MODEL_TYPES:
         return MODEL_TYPES[model_type][2]
@@ -73,7 +110,14 @@ def load_model(
         loader, source = AutoModel, "remote code"
         kwargs = {"trust_remote_code": True}
     elif model_type in MODEL_TYPES:
-        loader, source, kwargs = MODEL_TYPES[model_type][1], "vitparity", {}
+        config_cls, loader, _ = MODEL_TYPES[model_type]
+        source, kwargs = "vitparity", {}
+        if weight_files(folder):
+            with torch.device("meta"):
+                skeleton = loader(config_cls.from_dict({k: v for k, v in config.items() if k != "auto_map"}))
+            problems = weight_problems(checkpoint_shapes(folder), skeleton)
+            if problems:
+                raise ModelLoadError(f"{folder}: weights do not match {loader.__name__}: " + "; ".join(problems))
     elif "auto_map" in config:
         raise ModelLoadError(
             f"{folder}: model_type {model_type!r} is only provided by the checkpoint's own code (auto_map); "

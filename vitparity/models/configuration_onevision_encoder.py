@@ -105,8 +105,14 @@ class LlavaViTConfig(OneVisionEncoderConfig):
 
     model_type = "llava_vit"
 
+    def __init__(self, **kwargs) -> None:  # explicit: transformers replaces an inherited __init__ on subclasses
+        super().__init__(**kwargs)
+
 
 class LlavaViTPackingConfig(OneVisionEncoderPackingConfig):
     """Older name of the packing configuration (same fields and maths)."""
 
     model_type = "llava_vit_packing"
+
+    def __init__(self, **kwargs) -> None:  # explicit: transformers replaces an inherited __init__ on subclasses
+        super().__init__(**kwargs)

@@ -1,0 +1,145 @@
+"""The extraction protocol: media -> model inputs -> penultimate features, for both implementations.
+
+Non-packing side: images as (1, C, H, W); videos through the release's temporal context (the T sampled
+frames scattered into a zero tensor of `temporal_context` frames at interpolated positions, plus
+`visible_indices`). Packing side: patches flattened in (C, p, p) order, `grid_thw`, and `patch_positions`
+carrying the same interpolated frame positions; several samples go through one forward pass.
+Both return `hidden_states[-2]` per sample as float32 (N, D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .media import Media
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEMPORAL_CONTEXT = 64
+FEATURE_LAYER = -2
+
+
+def temporal_positions(num_frames: int, context: int = TEMPORAL_CONTEXT) -> list[int]:
+    """Positions of T sampled frames in a context of `context` frames: round(i / (T-1) * (context-1))."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if num_frames > context:
+        raise ValueError(f"{num_frames} frames do not fit a temporal context of {context}")
+    if num_frames == 1:
+        return [0]
+    return [round(i / (num_frames - 1) * (context - 1)) for i in range(num_frames)]
+
+
+@dataclass
+class Sample:
+    """One image or video ready for both models."""
+
+    name: str
+    kind: str  # "image" or "video"
+    pixels: torch.Tensor  # (C, T, H, W) normalised, model dtype, on the device
+    grid: tuple[int, int, int]  # (t, h, w) in patches
+    frame_positions: list[int]  # temporal RoPE position of each frame
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+
+def normalize(frames: np.ndarray, *, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """uint8 RGB (H, W, 3) or (T, H, W, 3) -> (C, T, H, W): RGB / 255, CLIP mean / std, in `dtype`."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    x = x.permute(3, 0, 1, 2).to(torch.float32) / 255.0
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(3, 1, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(3, 1, 1, 1)
+    return ((x - mean) / std).to(dtype)
+
+
+def prepare_sample(
+    media: Media,
+    *,
+    patch_size: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    temporal_context: int | None = TEMPORAL_CONTEXT,
+    name: str | None = None,
+) -> Sample:
+    """Normalise a loaded image or video and compute its patch grid and frame positions.
+
+    temporal_context None places the frames at 0..T-1 (a model whose RoPE uses the frame count).
+    """
+    pixels = normalize(media.frames, dtype=dtype, device=device)
+    _, t, height, width = pixels.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"{media.path}: {height}x{width} is not aligned to patch size {patch_size}")
+    if media.kind == "video":
+        positions = temporal_positions(t, temporal_context or t)
+    else:
+        positions = [0]
+    grid = (t, height // patch_size, width // patch_size)
+    metadata = {**media.metadata, "tensor_shape": [1, *pixels.shape], "grid_thw": list(grid), "temporal_positions": positions}
+    return Sample(name or media.path, media.kind, pixels, grid, positions, metadata)
+
+
+def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(C, T, H, W) -> (T*h*w, C*p*p): frame-major, row-major tokens, each patch in (C, p, p) order."""
+    c, t, height, width = pixels.shape
+    p = patch_size
+    h, w = height // p, width // p
+    return pixels.reshape(c, t, h, p, w, p).permute(1, 2, 4, 0, 3, 5).reshape(t * h * w, c * p * p)
+
+
+def token_positions(sample: Sample) -> torch.Tensor:
+    """(N, 3) long (t, h, w) RoPE positions of a sample's tokens, t taken from its frame positions."""
+    t, h, w = sample.grid
+    device = sample.pixels.device
+    frames = torch.tensor(sample.frame_positions, device=device)
+    grids = torch.meshgrid(frames, torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack(grids, dim=-1).reshape(-1, 3)
+
+
+def _penultimate(outputs) -> torch.Tensor:
+    hidden = outputs.hidden_states if hasattr(outputs, "hidden_states") else outputs[-1]
+    if hidden is None or len(hidden) < 2:
+        raise RuntimeError("the model returned no hidden_states; it must support output_hidden_states=True")
+    return hidden[FEATURE_LAYER]
+
+
+@torch.inference_mode()
+def extract_hf(model: torch.nn.Module, sample: Sample, *, temporal_context: int | None = TEMPORAL_CONTEXT) -> torch.Tensor:
+    """Penultimate features (N, D) float32 of the non-packing model for one sample."""
+    pixels = sample.pixels.to(next(model.parameters()).dtype)
+    if sample.kind == "image":
+        features = _penultimate(model(pixels[:, 0].unsqueeze(0), output_hidden_states=True))
+        return features[0].float()
+    c, t, height, width = pixels.shape
+    context = temporal_context or t
+    frame_tokens = sample.grid[1] * sample.grid[2]
+    where = torch.tensor(sample.frame_positions, device=pixels.device)
+    full = pixels.new_zeros(1, c, context, height, width)
+    full[0, :, where] = pixels
+    visible = (where[:, None] * frame_tokens + torch.arange(frame_tokens, device=pixels.device)).reshape(1, -1)
+    features = _penultimate(model(full, visible_indices=visible, output_hidden_states=True))
+    return features[0].float()
+
+
+@torch.inference_mode()
+def extract_packing(model: torch.nn.Module, samples: list[Sample]) -> list[torch.Tensor]:
+    """Penultimate features of the packing model for several samples packed into one forward pass."""
+    if not samples:
+        return []
+    p = model.config.patch_size
+    dtype = next(model.parameters()).dtype
+    patches = torch.cat([patchify(s.pixels, p) for s in samples]).to(dtype)
+    positions = torch.cat([token_positions(s) for s in samples])
+    grid_thw = torch.tensor([s.grid for s in samples], dtype=torch.long)
+    features = _penultimate(model(patches, grid_thw=grid_thw, patch_positions=positions, output_hidden_states=True))
+    if features.shape[0] != patches.shape[0]:
+        raise RuntimeError(f"packing model returned {features.shape[0]} tokens for {patches.shape[0]} input patches")
+    return [part.float() for part in features.split([s.num_tokens for s in samples])]
