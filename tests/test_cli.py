@@ -1,0 +1,326 @@
+"""Tests of the vitparity command (extract / verify / convert), run in-process on the built-in tiny models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
+from vitparity.cli import main, resolve_inputs
+from vitparity.features_io import HF_FILE, METADATA_FILE, PACKING_FILE, read_features, write_features
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE = BUILTIN_MEDIA / "coffee_small.jpg"  # 105x70: 5x7 patches after cropping
+VIDEO = BUILTIN_MEDIA / "coffee_zoom.mp4"  # 5 frames of 168x112: 8x12 patches per frame
+OTHER_IMAGE = BUILTIN_MEDIA / "rocket_portrait.jpg"
+NUM_FRAMES = 2
+HIDDEN = 64
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    """main() on the arguments; (exit status, stdout, stderr)."""
+    code = main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def features_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One extraction (one image, one video) shared by the verify tests, which work on copies."""
+    folder = tmp_path_factory.mktemp("features") / "out"
+    argv = ["extract", "--image1", IMAGE, "--video1", VIDEO, "--num_frames", NUM_FRAMES, "--output_dir", folder]
+    assert main([str(arg) for arg in argv]) == 0
+    return folder
+
+
+@pytest.fixture
+def copy_dir(features_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the shared features folder."""
+    return Path(shutil.copytree(features_dir, tmp_path / "copy"))
+
+
+def _rewrite(folder: Path, name: str, change) -> None:
+    """Apply `change` to the arrays of one npz file of a features folder and save it back."""
+    with np.load(folder / name) as data:
+        arrays = {key: data[key] for key in data.files}
+    change(arrays)
+    np.savez(folder / name, **arrays)
+
+
+def test_extract_writes_features_and_metadata(features_dir: Path) -> None:
+    hf, packing, metadata = read_features(features_dir)
+    assert sorted(os.listdir(features_dir)) == sorted([HF_FILE, PACKING_FILE, METADATA_FILE])
+    tokens = {"image1": 5 * 7, "video1": NUM_FRAMES * 8 * 12}
+    assert list(hf) == list(packing) == list(tokens)
+    for key, n in tokens.items():
+        assert hf[key].dtype == packing[key].dtype == np.float32
+        assert hf[key].shape == (1, n, HIDDEN)
+        assert packing[key].shape == (n, HIDDEN)
+        assert metadata["inputs"][key]["hf_feature_shape"] == [1, n, HIDDEN]
+        assert metadata["inputs"][key]["packing_feature_shape"] == [n, HIDDEN]
+    assert metadata["hf_model_path"] == str(BUILTIN_HF)
+    assert metadata["packing_model_path"] == str(BUILTIN_PACKING)
+    assert (metadata["num_frames"], metadata["device"], metadata["dtype"]) == (NUM_FRAMES, "cpu", "float32")
+    assert (metadata["align"], metadata["threshold"]) == ("crop", 0.99)
+    assert metadata["models"]["hf"]["class_name"] == "OneVisionEncoderModel"
+    assert metadata["models"]["packing"]["class_name"] == "OneVisionEncoderPackingModel"
+    assert set(metadata["versions"]) == {"vitparity", "torch", "transformers", "numpy", "cv2"}
+    image, video = metadata["inputs"]["image1"], metadata["inputs"]["video1"]
+    assert (image["path"], image["width"], image["height"]) == (str(IMAGE), 105, 70)
+    assert image["grid_thw"] == [1, 5, 7] and image["temporal_positions"] == [0]
+    assert (video["path"], video["width"], video["height"]) == (str(VIDEO), 168, 112)
+    assert (video["total_frames"], video["sampled_frames"], video["frame_indices"]) == (5, 2, [0, 4])
+    assert video["fps"] > 0
+    assert video["grid_thw"] == [NUM_FRAMES, 8, 12] and video["temporal_positions"] == [0, 63]
+    assert video["tensor_shape"] == [1, 3, NUM_FRAMES, 112, 168]
+
+
+def test_verify_passes_on_extracted_features(features_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "verify", "--features_dir", features_dir)
+    assert code == 0, out + err
+    assert out.count("PASS") == 2 and "2 passed, 0 failed" in out
+
+
+def test_verify_fails_on_one_altered_token(copy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def change(arrays: dict[str, np.ndarray]) -> None:
+        arrays["video1"][17] = -arrays["video1"][17]
+
+    _rewrite(copy_dir, PACKING_FILE, change)
+    code, out, _ = _run(capsys, "verify", "--features-dir", copy_dir)
+    assert code == 1
+    assert "1 passed, 1 failed" in out and "min cosine" in out
+
+
+def test_verify_fails_on_token_count_mismatch(copy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def change(arrays: dict[str, np.ndarray]) -> None:
+        arrays["image1"] = arrays["image1"][:-1]
+
+    _rewrite(copy_dir, PACKING_FILE, change)
+    code, out, _ = _run(capsys, "verify", "--features_dir", copy_dir)
+    assert code == 1
+    assert "token count differs: hf 35 vs packing 34" in out
+
+
+def test_verify_fails_on_nan(copy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def change(arrays: dict[str, np.ndarray]) -> None:
+        arrays["image1"][0, 3, 5] = np.nan
+
+    _rewrite(copy_dir, HF_FILE, change)
+    code, out, _ = _run(capsys, "verify", "--features_dir", copy_dir)
+    assert code == 1
+    assert "NaN in hf features" in out
+
+
+@pytest.mark.parametrize("name", [HF_FILE, PACKING_FILE])
+def test_verify_fails_on_key_missing_from_one_side(
+    copy_dir: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    _rewrite(copy_dir, name, lambda arrays: arrays.pop("video1"))
+    code, out, _ = _run(capsys, "verify", "--features_dir", copy_dir)
+    assert code == 1
+    assert "video1" in out and f"missing from {name}" in out and "1 passed, 1 failed" in out
+
+
+def test_verify_fails_on_empty_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_features(tmp_path, {}, {}, {})
+    code, out, _ = _run(capsys, "verify", "--features_dir", tmp_path)
+    assert code == 1 and "no features" in out
+
+
+@pytest.mark.parametrize("damage", ["no folder", "no metadata", "corrupt npz", "npy instead of npz"])
+def test_verify_bad_folder_is_a_usage_error(
+    copy_dir: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    target = copy_dir
+    if damage == "no folder":
+        target = copy_dir / "absent"
+    elif damage == "no metadata":
+        (copy_dir / METADATA_FILE).unlink()
+    elif damage == "corrupt npz":
+        (copy_dir / PACKING_FILE).write_bytes(b"PK\x03\x04 not really a zip")
+    else:
+        np.save(copy_dir / HF_FILE, np.zeros((1, 2, 3), np.float32), allow_pickle=False)
+        os.replace(copy_dir / f"{HF_FILE}.npy", copy_dir / HF_FILE)
+    code, _, err = _run(capsys, "verify", "--features_dir", target)
+    assert code == 2
+    assert err.startswith("vitparity: error: ") and "Traceback" not in err
+    expected = {"no folder": "absent", "no metadata": METADATA_FILE, "corrupt npz": PACKING_FILE}
+    assert expected.get(damage, HF_FILE) in err
+
+
+def test_images_and_videos_lists_with_dashed_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    out_dir = tmp_path / "out"
+    code, out, err = _run(
+        capsys, "extract", "--hf-model-path", BUILTIN_HF, "--packing-model-path", BUILTIN_PACKING,
+        "--image2", OTHER_IMAGE, "--images", IMAGE, IMAGE, "--videos", VIDEO,
+        "--num-frames", 1, "--output-dir", out_dir, "--dtype", "float32", "--device", "cpu", "--align", "pad",
+    )
+    assert code == 0, out + err
+    hf, packing, metadata = read_features(out_dir)
+    assert list(hf) == list(packing) == ["image1", "image2", "image3", "video1"]
+    assert [metadata["inputs"][key]["path"] for key in hf] == [str(IMAGE), str(OTHER_IMAGE), str(IMAGE), str(VIDEO)]
+    assert packing["image1"].shape == packing["image3"].shape == (5 * 8, HIDDEN)  # 105x70 padded to 112x70
+    assert packing["video1"].shape == (8 * 12, HIDDEN)
+    assert "loading HF model" in err and "[4/4] video1 coffee_zoom.mp4: 96 tokens" in err
+    assert "4 passed, 0 failed" in out
+
+
+def test_quiet_when_stderr_is_not_a_terminal(features_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "verify", "--features_dir", features_dir)
+    assert code == 0 and err == ""
+
+
+def _namespace(**given: object) -> argparse.Namespace:
+    fields = dict(root=None, image1=None, image2=None, video1=None, video2=None, images=[], videos=[])
+    return argparse.Namespace(**{**fields, **given})
+
+
+def test_resolve_inputs_slots() -> None:
+    inputs = resolve_inputs(_namespace(image2="b.jpg", images=["a.jpg", "c.jpg"], video2="v.mp4"))
+    assert inputs == {
+        "image1": ("image", "a.jpg"),
+        "image2": ("image", "b.jpg"),
+        "image3": ("image", "c.jpg"),
+        "video2": ("video", "v.mp4"),
+    }
+    rooted = resolve_inputs(_namespace(root="r", image2="x.jpg", videos=["w.mp4"]))
+    assert rooted == {
+        "image1": ("image", str(Path("r/1.jpg"))),
+        "image2": ("image", "x.jpg"),
+        "video1": ("video", str(Path("r/1.mp4"))),
+        "video2": ("video", str(Path("r/2.mp4"))),
+        "video3": ("video", "w.mp4"),
+    }
+
+
+def test_no_inputs_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "extract", "--output_dir", tmp_path / "out")
+    assert code == 2 and "no inputs" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_root_with_missing_default_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    for name, source in (("1.jpg", IMAGE), ("2.jpg", IMAGE), ("1.mp4", VIDEO)):
+        shutil.copy(source, root / name)
+    code, _, err = _run(capsys, "extract", "--root", root, "--output_dir", tmp_path / "out")
+    assert code == 2
+    assert str(root / "2.mp4") in err and "not found" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_input(tmp_path: Path, case: str) -> tuple[str, Path]:
+    """(flag, path) of a broken input file."""
+    if case == "missing image":
+        return "--image1", tmp_path / "absent.jpg"
+    if case == "text as image":
+        path = tmp_path / "notes.jpg"
+        path.write_text("not an image\n")
+        return "--image1", path
+    if case == "video as image":
+        return "--image1", VIDEO
+    if case == "corrupt video":
+        path = tmp_path / "corrupt.mp4"
+        path.write_bytes(bytes(range(256)) * 16)
+        return "--video1", path
+    path = tmp_path / "empty.mp4"
+    path.write_bytes(b"")
+    return "--video1", path
+
+
+@pytest.mark.parametrize("case", ["missing image", "text as image", "video as image", "corrupt video", "empty video"])
+def test_bad_input_fails_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    flag, path = _bad_input(tmp_path, case)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, out, err = _run(capsys, "extract", "--image2", IMAGE, flag, path, "--output_dir", out_dir)
+    assert code == 2
+    assert err.startswith("vitparity: error: ") and str(path) in err and "Traceback" not in err
+    assert out == "" and list(out_dir.iterdir()) == []
+
+
+def test_bfloat16_on_cpu_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(
+        capsys, "extract", "--image1", IMAGE, "--device", "cpu", "--dtype", "bfloat16", "--output_dir", tmp_path / "o"
+    )
+    assert code == 2 and "unsupported dtype on CPU" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_swapped_model_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(
+        capsys, "extract", "--hf_model_path", BUILTIN_PACKING, "--packing_model_path", BUILTIN_HF,
+        "--image1", IMAGE, "--output_dir", tmp_path / "o",
+    )
+    assert code == 2 and "--hf_model_path is a packing model" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_architecture_mismatch_lists_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    packing = Path(shutil.copytree(BUILTIN_PACKING, tmp_path / "packing"))
+    config = json.loads((packing / "config.json").read_text())
+    config.update(layer_norm_eps=1e-5, rope_theta=500.0)
+    (packing / "config.json").write_text(json.dumps(config))
+    code, _, err = _run(
+        capsys, "extract", "--hf_model_path", BUILTIN_HF, "--packing_model_path", packing,
+        "--image1", IMAGE, "--output_dir", tmp_path / "o",
+    )
+    assert code == 2 and "different architectures" in err
+    assert "layer_norm_eps" in err and "rope_theta" in err and "hidden_size" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_write_features_is_atomic(tmp_path: Path) -> None:
+    features = {"image1": np.ones((3, 4), np.float32)}
+    write_features(tmp_path, {"image1": features["image1"][None]}, features, {"note": "first"})
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    with pytest.raises(TypeError):
+        write_features(tmp_path, {"image1": np.zeros((1, 3, 4))}, features, {"unserialisable": {1, 2}})
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    with pytest.raises(ValueError, match="feature keys differ"):
+        write_features(tmp_path, {"image1": features["image1"][None]}, {}, {})
+
+
+def test_convert_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "convert", BUILTIN_HF, tmp_path / "packing")
+    assert code == 0, err
+    assert "wrote" in out and "model.safetensors" in out
+    converted = load_file(str(tmp_path / "packing" / "model.safetensors"))
+    committed = load_file(str(BUILTIN_PACKING / "model.safetensors"))
+    assert converted.keys() == committed.keys()
+    assert all(torch.equal(converted[key], committed[key]) for key in committed)
+    assert _run(capsys, "convert", tmp_path / "packing", tmp_path / "hf")[0] == 0
+    back = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    original = load_file(str(BUILTIN_HF / "model.safetensors"))
+    assert back.keys() == original.keys() and all(torch.equal(back[key], original[key]) for key in original)
+
+
+def test_convert_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "convert", tmp_path / "absent", tmp_path / "out")
+    assert code == 2 and err.startswith("vitparity: error: ") and str(tmp_path / "absent") in err
+    code, _, err = _run(capsys, "convert", BUILTIN_HF, BUILTIN_HF)
+    assert code == 2 and "must differ" in err
+
+
+def test_python_dash_m(features_dir: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "vitparity", "verify", "--features-dir", str(features_dir)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Summary: 2 inputs, 2 passed, 0 failed" in result.stdout

@@ -1,0 +1,283 @@
+"""The `vitparity` command: extract features with both models, verify a features folder, convert weights."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import transformers
+
+from . import __version__
+from .builtin import builtin_paths
+from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
+from .convert import ConversionError, convert_checkpoint
+from .extract import extract_hf, extract_packing, prepare_sample
+from .features_io import HF_FILE, PACKING_FILE, read_features, write_features
+from .loading import LoadedModel, ModelLoadError, load_model, read_config
+from .media import ALIGN_POLICIES, Media, MediaError, load_image, load_video, media_kind
+from .models import ARCHITECTURE_FIELDS, OneVisionEncoderConfig
+from .report import format_report
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROOT_DEFAULTS = {"image1": "1.jpg", "image2": "2.jpg", "video1": "1.mp4", "video2": "2.mp4"}
+NAMED_INPUTS = ("image1", "image2", "video1", "video2")
+
+
+def _progress(message: str) -> None:
+    """A progress line on stderr, only when stderr is a terminal."""
+    if sys.stderr.isatty():
+        print(message, file=sys.stderr, flush=True)
+
+
+def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
+    """Add `--name`, also accepted as `--name-with-dashes` when the name has underscores."""
+    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*flags, dest=name, **kwargs)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitparity", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vitparity {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    extract = commands.add_parser("extract", help="extract penultimate features with both models and verify them")
+    _option(extract, "hf_model_path", metavar="DIR", help="non-packing checkpoint (default: built-in tiny model)")
+    _option(extract, "packing_model_path", metavar="DIR", help="packing checkpoint (default: built-in tiny model)")
+    _option(extract, "root", metavar="DIR", help="default inputs <root>/1.jpg, 2.jpg, 1.mp4, 2.mp4")
+    for name in NAMED_INPUTS:
+        _option(extract, name, metavar="PATH")
+    _option(extract, "images", metavar="PATH", nargs="+", action="extend", default=[], help="more images")
+    _option(extract, "videos", metavar="PATH", nargs="+", action="extend", default=[], help="more videos")
+    _option(extract, "num_frames", type=int, default=8, help="frames sampled per video (default 8)")
+    _option(extract, "output_dir", metavar="DIR", default="./features", help="default ./features")
+    _option(extract, "threshold", type=float, default=DEFAULT_THRESHOLD, help="minimum per-token cosine")
+    _option(extract, "device", choices=("auto", "cpu", "cuda"), default="auto")
+    _option(extract, "dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on cuda, else float32")
+    _option(extract, "align", choices=ALIGN_POLICIES, default="crop", help="how sizes become multiples of the patch")
+    _option(extract, "trust_remote_code", action="store_true", help="allow a checkpoint's own model code")
+
+    verify = commands.add_parser("verify", help="compare the features of a features folder")
+    _option(verify, "features_dir", metavar="DIR", required=True)
+    _option(verify, "threshold", type=float, default=DEFAULT_THRESHOLD, help="minimum per-token cosine")
+
+    convert = commands.add_parser("convert", help="convert a checkpoint to the other layout (HF <-> packing)")
+    convert.add_argument("source", metavar="SOURCE_DIR")
+    convert.add_argument("output", metavar="OUT_DIR")
+    return parser
+
+
+def resolve_inputs(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """key -> (kind, path) in order image1..imageK, video1..videoK.
+
+    Named flags take their slot; --root fills the named slots not given; --images / --videos fill the
+    free slots of their kind in order.
+    """
+    named = {name: getattr(args, name) for name in NAMED_INPUTS}
+    if args.root is not None:
+        for name, filename in ROOT_DEFAULTS.items():
+            named[name] = named[name] or str(Path(args.root) / filename)
+    inputs: dict[str, tuple[str, str]] = {}
+    for kind, extra in (("image", args.images), ("video", args.videos)):
+        slots = {int(name[len(kind):]): path for name, path in named.items() if name.startswith(kind) and path}
+        queue = list(extra)
+        index = 1
+        while queue or any(slot >= index for slot in slots):
+            if index in slots:
+                inputs[f"{kind}{index}"] = (kind, slots[index])
+            elif queue:
+                inputs[f"{kind}{index}"] = (kind, queue.pop(0))
+            index += 1
+    if not inputs:
+        raise ValueError("no inputs: give --image1/--image2/--video1/--video2, --images/--videos or --root")
+    return inputs
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    """Resolve 'auto' choices and reject combinations that cannot run."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    if device == "cpu" and dtype != "float32":
+        raise ValueError(f"unsupported dtype on CPU: {dtype} (use --dtype float32 or --device cuda)")
+    return device, DTYPES[dtype]
+
+
+def _load_inputs(
+    inputs: dict[str, tuple[str, str]], *, num_frames: int, patch_size: int, align: str
+) -> dict[str, Media]:
+    """Decode every input; MediaError when a file is missing, undecodable or of the wrong kind."""
+    media: dict[str, Media] = {}
+    for key, (kind, path) in inputs.items():
+        if media_kind(path) != kind:
+            raise MediaError(path, f"given as {key} but its extension is that of a {media_kind(path)}")
+        if kind == "image":
+            media[key] = load_image(path, patch_size=patch_size, align=align)
+        else:
+            media[key] = load_video(path, num_frames=num_frames, patch_size=patch_size, align=align)
+    return media
+
+
+def _check_models(hf: LoadedModel, packing: LoadedModel, patch_size: int) -> None:
+    """Sides as flagged, the same architecture, and the patch size the media were aligned to."""
+    if hf.side != "hf" or packing.side != "packing":
+        raise ValueError(
+            f"--hf_model_path is a {hf.side} model ({hf.describe()}) and --packing_model_path a {packing.side} "
+            f"model ({packing.describe()}); the HF path must be a non-packing model and the other a packing one"
+        )
+    differing = [
+        f"{name}: hf {getattr(hf.model.config, name, None)!r} vs packing {getattr(packing.model.config, name, None)!r}"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(hf.model.config, name, None) != getattr(packing.model.config, name, None)
+    ]
+    if differing:
+        raise ValueError("the two models have different architectures: " + "; ".join(differing))
+    if hf.model.config.patch_size != patch_size:
+        raise ValueError(f"{hf.path}: patch_size {hf.model.config.patch_size} differs from config.json ({patch_size})")
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "vitparity": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "cv2": cv2.__version__,
+    }
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    """The extract command: load inputs, then both models, extract, write the folder, verify it."""
+    if args.num_frames < 1:
+        raise ValueError(f"--num_frames must be >= 1, got {args.num_frames}")
+    if not math.isfinite(args.threshold):
+        raise ValueError(f"--threshold must be a finite number, got {args.threshold}")
+    if (args.hf_model_path is None) != (args.packing_model_path is None):
+        raise ValueError("give both --hf_model_path and --packing_model_path, or neither for the built-in tiny models")
+    if args.hf_model_path is None:
+        hf_path, packing_path = (str(path) for path in builtin_paths())
+    else:
+        hf_path, packing_path = args.hf_model_path, args.packing_model_path
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    inputs = resolve_inputs(args)
+    read_config(packing_path)  # a wrong model path fails here, before any media is decoded
+    patch_size = int(read_config(hf_path).get("patch_size", OneVisionEncoderConfig().patch_size))
+
+    _progress(f"loading {len(inputs)} inputs ...")
+    media = _load_inputs(inputs, num_frames=args.num_frames, patch_size=patch_size, align=args.align)
+    _progress(f"loading HF model {hf_path} ...")
+    hf = load_model(hf_path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
+    _progress(f"loading packing model {packing_path} ...")
+    packing = load_model(packing_path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
+    _check_models(hf, packing, patch_size)
+
+    context = getattr(hf.model.config, "rope_temporal_size", None)
+    samples = [
+        prepare_sample(item, patch_size=patch_size, dtype=dtype, device=device, temporal_context=context, name=key)
+        for key, item in media.items()
+    ]
+    hf_features: dict[str, np.ndarray] = {}
+    for index, sample in enumerate(samples, start=1):
+        _progress(f"[{index}/{len(samples)}] {sample.name} {Path(media[sample.name].path).name}: {sample.num_tokens} tokens")
+        hf_features[sample.name] = extract_hf(hf.model, sample, temporal_context=context).cpu().numpy()[None]
+    _progress(f"packing model: {len(samples)} inputs in one pass ...")
+    packed = extract_packing(packing.model, samples)
+    packing_features = {sample.name: part.cpu().numpy() for sample, part in zip(samples, packed)}
+
+    metadata = {
+        "hf_model_path": hf_path,
+        "packing_model_path": packing_path,
+        "num_frames": args.num_frames,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "align": args.align,
+        "threshold": args.threshold,
+        "models": {
+            side: {"class_name": loaded.class_name, "source": loaded.source, "path": loaded.path}
+            for side, loaded in (("hf", hf), ("packing", packing))
+        },
+        "versions": _versions(),
+        "inputs": {
+            sample.name: {
+                **sample.metadata,
+                "hf_feature_shape": list(hf_features[sample.name].shape),
+                "packing_feature_shape": list(packing_features[sample.name].shape),
+            }
+            for sample in samples
+        },
+    }
+    write_features(args.output_dir, hf_features, packing_features, metadata)
+    _progress(f"wrote {HF_FILE}, {PACKING_FILE} and metadata.json to {args.output_dir}")
+    return verify_folder(args.output_dir, args.threshold)
+
+
+def _one_sided(name: str, shape: tuple[int, ...], missing_from: str, threshold: float) -> Comparison:
+    """A failed comparison for a key found in only one of the two feature files."""
+    hf_shape, packing_shape = (shape, ()) if missing_from == PACKING_FILE else ((), shape)
+    nan = math.nan
+    return Comparison(
+        name, hf_shape, packing_shape, threshold, False, f"missing from {missing_from}", nan, nan, nan, nan, nan
+    )
+
+
+def verify_folder(features_dir: str, threshold: float) -> int:
+    """Compare every key of a features folder, print the report; 0 when all pass, 1 otherwise."""
+    if not math.isfinite(threshold):
+        raise ValueError(f"--threshold must be a finite number, got {threshold}")
+    hf, packing, metadata = read_features(features_dir)
+    comparisons = []
+    for key in [*hf, *(key for key in packing if key not in hf)]:
+        if key not in packing:
+            comparisons.append(_one_sided(key, hf[key].shape, PACKING_FILE, threshold))
+        elif key not in hf:
+            comparisons.append(_one_sided(key, packing[key].shape, HF_FILE, threshold))
+        else:
+            comparisons.append(compare_features(hf[key], packing[key], name=key, threshold=threshold))
+    title = f"{metadata.get('hf_model_path', '?')} vs {metadata.get('packing_model_path', '?')}"
+    print(format_report(comparisons, title=title))
+    if not comparisons:
+        print(f"FAIL: no features in {features_dir}")
+        return 1
+    return 0 if all(c.passed for c in comparisons) else 1
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """The convert command: write the other layout of a checkpoint folder."""
+    source, output = Path(args.source), Path(args.output)
+    if output.resolve() == source.resolve():
+        raise ValueError(f"{output}: the output folder must differ from the source checkpoint")
+    before = {path: path.stat().st_mtime_ns for path in output.iterdir()} if output.is_dir() else {}
+    convert_checkpoint(source, output)
+    model_type = read_config(output).get("model_type")
+    print(f"converted {source} -> {output} ({model_type})")
+    for path in sorted(output.iterdir()):
+        if before.get(path) != path.stat().st_mtime_ns:
+            print(f"  wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `vitparity` console script; returns the exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        if args.command == "extract":
+            return run_extract(args)
+        if args.command == "verify":
+            return verify_folder(args.features_dir, args.threshold)
+        return run_convert(args)
+    except (MediaError, ModelLoadError, ConversionError, OSError, ValueError) as err:
+        print(f"vitparity: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,213 @@
+"""Numeric comparison of two feature arrays of shape (N, D) or (1, N, D)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+DEFAULT_THRESHOLD = 0.99
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Outcome of comparing two feature arrays token by token.
+
+    ``shape_a``/``shape_b`` are the shapes as given (before squeezing a batch
+    of 1).  Statistics are ``nan`` when they cannot be computed (bad or
+    mismatched shapes); with NaN/Inf inputs they cover only the finite values.
+    """
+
+    name: str
+    shape_a: tuple[int, ...]
+    shape_b: tuple[int, ...]
+    threshold: float
+    passed: bool
+    reason: str
+    min_cos: float
+    mean_cos: float
+    max_cos: float
+    max_abs: float
+    mean_abs: float
+    token_cos: np.ndarray | None = field(default=None, repr=False, compare=False)
+    labels: tuple[str, str] = ("hf", "packing")
+
+    def row(self) -> dict[str, Any]:
+        """JSON-serialisable summary; non-finite numbers become ``None``."""
+
+        def num(value: float) -> float | None:
+            return value if math.isfinite(value) else None
+
+        return {
+            "name": self.name,
+            "labels": list(self.labels),
+            "shape_a": list(self.shape_a),
+            "shape_b": list(self.shape_b),
+            "threshold": self.threshold,
+            "passed": self.passed,
+            "reason": self.reason,
+            "min_cos": num(self.min_cos),
+            "mean_cos": num(self.mean_cos),
+            "max_cos": num(self.max_cos),
+            "max_abs": num(self.max_abs),
+            "mean_abs": num(self.mean_abs),
+        }
+
+
+def _as_real_array(x: ArrayLike) -> np.ndarray:
+    """Return ``x`` as an ndarray, rejecting non-real dtypes."""
+    arr = np.asarray(x)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise TypeError(f"expected a real numeric array, got dtype {arr.dtype}")
+    return arr
+
+
+def _to_float32(arr: np.ndarray) -> np.ndarray:
+    """Cast to float32; values beyond the float32 range become Inf."""
+    with np.errstate(over="ignore"):
+        return arr.astype(np.float32)
+
+
+def _row_normalised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale each row by its max |value| (overflow guard); return rows and their norms."""
+    scale = np.max(np.abs(x), axis=-1, keepdims=True, initial=0)
+    scaled = x / np.where(scale > 0, scale, 1)
+    return scaled, np.sqrt(np.sum(scaled * scaled, axis=-1))
+
+
+def cosine_per_token(a: ArrayLike, b: ArrayLike) -> np.ndarray:
+    """Cosine similarity along the last axis of two equally shaped arrays, in float32.
+
+    Two all-zero vectors count as 1.0, an all-zero against a non-zero vector as
+    0.0.  Results are clipped to [-1, 1]; NaN/Inf in a vector gives NaN.
+    """
+    xa = _to_float32(_as_real_array(a))
+    xb = _to_float32(_as_real_array(b))
+    if xa.shape != xb.shape:
+        raise ValueError(f"shapes differ: {xa.shape} vs {xb.shape}")
+    if xa.ndim == 0:
+        raise ValueError("expected at least one axis (the hidden dimension)")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        na_rows, na = _row_normalised(xa)
+        nb_rows, nb = _row_normalised(xb)
+        dot = np.sum(na_rows * nb_rows, axis=-1)
+        cos = np.clip(dot / (na * nb), -1.0, 1.0)
+    zero_a, zero_b = na == 0, nb == 0
+    cos = np.where(zero_a & zero_b, 1.0, np.where(zero_a | zero_b, 0.0, cos))
+    cos = np.where(np.isfinite(na) & np.isfinite(nb), cos, np.nan)
+    return np.asarray(cos, dtype=np.float32)
+
+
+def _squeeze_batch(arr: np.ndarray, label: str) -> tuple[np.ndarray | None, str]:
+    """Reduce (1, N, D) to (N, D); return (None, reason) for any other layout."""
+    if arr.ndim == 3:
+        if arr.shape[0] != 1:
+            return None, f"batch size {arr.shape[0]} in {label} features (expected 1)"
+        return arr[0], ""
+    if arr.ndim == 2:
+        return arr, ""
+    return None, f"{label} features must be (N, D) or (1, N, D), got shape {arr.shape}"
+
+
+def _non_finite_reasons(raw: np.ndarray, cast: np.ndarray, label: str) -> list[str]:
+    """Describe NaN/Inf values in ``raw`` and finite values that overflow in ``cast``."""
+    inf_cast = np.isinf(cast)
+    counts = (
+        ("NaN in", int(np.count_nonzero(np.isnan(cast)))),
+        ("Inf in", int(np.count_nonzero(inf_cast & np.isinf(raw)))),
+        ("float32 overflow in", int(np.count_nonzero(inf_cast & np.isfinite(raw)))),
+    )
+    return [f"{what} {label} features ({n} value{'s' * (n != 1)})" for what, n in counts if n]
+
+
+def _nan_stat(func: Callable[[np.ndarray], Any], values: np.ndarray) -> float:
+    """Apply ``func`` over the finite entries of ``values``; nan if there are none."""
+    finite = values[np.isfinite(values)]
+    return float(func(finite)) if finite.size else math.nan
+
+
+def compare_features(
+    a: ArrayLike,
+    b: ArrayLike,
+    *,
+    name: str = "",
+    threshold: float = DEFAULT_THRESHOLD,
+    labels: tuple[str, str] = ("hf", "packing"),
+) -> Comparison:
+    """Compare features ``a`` and ``b`` token by token.
+
+    Passes only when shapes agree (after squeezing a batch of 1), every value
+    is finite, there is at least one token, and the minimum per-token cosine
+    is strictly greater than ``threshold``.  Shapes are never truncated.
+    """
+    threshold = float(threshold)
+    if math.isnan(threshold):
+        raise ValueError("threshold must not be NaN")
+    raw_a, raw_b = _as_real_array(a), _as_real_array(b)
+    cast_a, cast_b = _to_float32(raw_a), _to_float32(raw_b)
+    label_a, label_b = labels
+    nan = math.nan
+
+    def result(reasons: list[str], stats: tuple[float, ...], cos: np.ndarray | None) -> Comparison:
+        return Comparison(
+            name, tuple(raw_a.shape), tuple(raw_b.shape), threshold, not reasons,
+            "; ".join(reasons), *stats, token_cos=cos, labels=(label_a, label_b),
+        )
+
+    xa, reason_a = _squeeze_batch(cast_a, label_a)
+    xb, reason_b = _squeeze_batch(cast_b, label_b)
+    reasons = [r for r in (reason_a, reason_b) if r]
+    if xa is not None and xb is not None:
+        if xa.shape[0] != xb.shape[0]:
+            reasons.append(f"token count differs: {label_a} {xa.shape[0]} vs {label_b} {xb.shape[0]}")
+        if xa.shape[1] != xb.shape[1]:
+            reasons.append(f"hidden size differs: {label_a} {xa.shape[1]} vs {label_b} {xb.shape[1]}")
+    reasons += _non_finite_reasons(raw_a, cast_a, label_a)
+    reasons += _non_finite_reasons(raw_b, cast_b, label_b)
+    if xa is None or xb is None or xa.shape != xb.shape:
+        return result(reasons, (nan,) * 5, None)
+    if xa.size == 0:
+        reasons.append(f"empty features: shape {xa.shape}")
+        return result(reasons, (nan,) * 5, None)
+
+    token_cos = cosine_per_token(xa, xb)
+    token_cos.setflags(write=False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        abs_diff = np.abs(xa - xb)
+    stats = (
+        _nan_stat(np.min, token_cos),
+        _nan_stat(lambda v: np.mean(v, dtype=np.float64), token_cos),
+        _nan_stat(np.max, token_cos),
+        _nan_stat(np.max, abs_diff),
+        _nan_stat(lambda v: np.mean(v, dtype=np.float64), abs_diff),
+    )
+    min_cos = stats[0]
+    if not reasons and not min_cos > threshold:
+        reasons.append(f"min cosine {min_cos:.6f} <= threshold {threshold}")
+    return result(reasons, stats, token_cos)
+
+
+def comparison_from_row(row: dict[str, Any]) -> Comparison:
+    """Rebuild a Comparison (without per-token cosines) from `Comparison.row()`, e.g. sent by an xdist worker."""
+
+    def num(value: float | None) -> float:
+        return float("nan") if value is None else float(value)
+
+    return Comparison(
+        name=row["name"],
+        shape_a=tuple(row["shape_a"]),
+        shape_b=tuple(row["shape_b"]),
+        threshold=row["threshold"],
+        passed=row["passed"],
+        reason=row["reason"],
+        min_cos=num(row["min_cos"]),
+        mean_cos=num(row["mean_cos"]),
+        max_cos=num(row["max_cos"]),
+        max_abs=num(row["max_abs"]),
+        mean_abs=num(row["mean_abs"]),
+        labels=tuple(row["labels"]),
+    )

@@ -1,0 +1,118 @@
+"""Reading and writing a features folder: features_hf.npz, features_packing.npz and metadata.json.
+
+Writes are atomic per folder: every file is first written to a temporary file in the same folder and only
+moved into place (os.replace) once all of them were written, so a failure leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+HF_FILE = "features_hf.npz"
+PACKING_FILE = "features_packing.npz"
+METADATA_FILE = "metadata.json"
+
+
+class FeaturesError(ValueError):
+    """A features folder whose content cannot be used; the message names the file and the cause."""
+
+
+def _save_npz(arrays: dict[str, np.ndarray]) -> Callable[[IO[bytes]], None]:
+    """A writer storing `arrays` as float32 in an uncompressed npz."""
+    return lambda handle: np.savez(handle, **{key: np.asarray(value, dtype=np.float32) for key, value in arrays.items()})
+
+
+def _save_json(data: dict[str, Any]) -> Callable[[IO[bytes]], None]:
+    """A writer storing `data` as indented UTF-8 JSON."""
+    return lambda handle: handle.write((json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def write_features(
+    output_dir: str | os.PathLike[str],
+    hf: dict[str, np.ndarray],
+    packing: dict[str, np.ndarray],
+    metadata: dict[str, Any],
+) -> None:
+    """Write both feature sets (as float32) and the metadata into `output_dir`, creating it if needed.
+
+    Both feature dicts must have the same keys. Existing files of the same names are replaced only once
+    all three new files are complete.
+    """
+    if set(hf) != set(packing):
+        raise ValueError(f"feature keys differ: hf {sorted(hf)} vs packing {sorted(packing)}")
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    writers = {HF_FILE: _save_npz(hf), PACKING_FILE: _save_npz(packing), METADATA_FILE: _save_json(metadata)}
+    written: dict[str, str] = {}
+    try:
+        for name, write in writers.items():
+            fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            written[name] = temp
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for name, temp in written.items():
+            os.replace(temp, folder / name)
+    finally:
+        for temp in written.values():
+            if os.path.exists(temp):
+                os.unlink(temp)
+
+
+def _existing_file(folder: Path, name: str) -> Path:
+    """folder / name, or FileNotFoundError naming it."""
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found in the features folder")
+    return path
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an npz file, read eagerly; FeaturesError for anything unreadable or non-numeric."""
+    arrays: dict[str, np.ndarray] | None = None
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise FeaturesError(f"{path}: not a readable npz file ({type(err).__name__}: {err})") from err
+    if arrays is None:
+        raise FeaturesError(f"{path}: not an npz archive (it holds a single array)")
+    for key, array in arrays.items():
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise FeaturesError(f"{path}: array {key!r} is not numeric (dtype {array.dtype})")
+    return arrays
+
+
+def read_features(
+    features_dir: str | os.PathLike[str],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """(hf features, packing features, metadata) of a features folder.
+
+    A missing folder or file raises FileNotFoundError; an unreadable npz, a non-numeric array or invalid
+    metadata raises FeaturesError. Keys present on one side only are returned as they are: callers
+    report them.
+    """
+    folder = Path(features_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: features folder not found")
+    hf = _read_npz(_existing_file(folder, HF_FILE))
+    packing = _read_npz(_existing_file(folder, PACKING_FILE))
+    metadata_path = _existing_file(folder, METADATA_FILE)
+    try:
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FeaturesError(f"{metadata_path}: not valid JSON ({err})") from err
+    if not isinstance(metadata, dict):
+        raise FeaturesError(f"{metadata_path}: expected a JSON object, got {type(metadata).__name__}")
+    return hf, packing, metadata

@@ -1,0 +1,310 @@
+"""Load images and videos as patch-aligned uint8 RGB arrays for feature extraction.
+
+Images are decoded at native resolution with EXIF orientation applied; any
+colour layout (grayscale, alpha, palette) and 16-bit depth becomes 8-bit RGB.
+Videos are sampled uniformly with the release's frame-index formula, seeking
+to the sampled frames when the container's frame count can be trusted and
+decoding sequentially otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
+ALIGN_POLICIES: tuple[str, ...] = ("crop", "resize", "pad")
+
+StrPath = str | os.PathLike[str]
+
+# Always three channels, keep 16-bit depth, and (unlike IMREAD_UNCHANGED) apply EXIF orientation.
+_IMAGE_READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
+
+
+class MediaError(ValueError):
+    """Bad media input; str() always names the file path and the reason."""
+
+    def __init__(self, path: StrPath, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self) -> tuple[type[MediaError], tuple[str, str]]:
+        """Pickle with both constructor arguments (worker processes re-raise it)."""
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass
+class Media:
+    """A decoded, patch-aligned image or video."""
+
+    path: str
+    kind: str
+    frames: np.ndarray
+    metadata: dict[str, Any]
+
+
+def media_kind(path: StrPath) -> str:
+    """Return "image" or "video" from the file extension; raise MediaError otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    known = ", ".join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
+    raise MediaError(path, f"unknown media extension {suffix or '(none)'!r}; expected one of {known}")
+
+
+def discover_media(directory: StrPath) -> list[Path]:
+    """List the image and video files directly inside ``directory``, sorted by name."""
+    folder = Path(directory)
+    if not folder.exists():
+        raise MediaError(directory, "media folder not found")
+    if not folder.is_dir():
+        raise MediaError(directory, "not a folder")
+    known = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+    files = [entry for entry in folder.iterdir() if entry.is_file() and entry.suffix.lower() in known]
+    return sorted(files, key=lambda entry: entry.name)
+
+
+def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
+    """Uniformly sample ``num_frames`` indices from ``total_frames`` frames (release formula).
+
+    ``np.linspace(0, total_frames - 1, num_frames)`` truncated to int, so short
+    videos repeat frames and a single-frame video gives all zeros.
+    """
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    return [int(index) for index in np.linspace(0, total_frames - 1, num_frames).astype(int)]
+
+
+def align_to_patch(frames: np.ndarray, patch_size: int, policy: str = "crop") -> np.ndarray:
+    """Make height and width of (H, W, 3) or (T, H, W, 3) uint8 frames multiples of ``patch_size``.
+
+    'crop' keeps the top-left native pixels; 'resize' scales up to the next
+    multiple with bicubic interpolation; 'pad' zero-pads bottom and right.
+    Already aligned frames are returned unchanged.
+    """
+    if policy not in ALIGN_POLICIES:
+        raise ValueError(f"unknown align policy {policy!r}; expected one of {', '.join(ALIGN_POLICIES)}")
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    if frames.dtype != np.uint8 or frames.ndim not in (3, 4) or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (H, W, 3) or (T, H, W, 3) frames, got {frames.dtype} {frames.shape}")
+    height, width = frames.shape[-3], frames.shape[-2]
+    if height < 1 or width < 1:
+        raise ValueError(f"frames have no pixels: {frames.shape}")
+    if height % patch_size == 0 and width % patch_size == 0:
+        return frames
+    if policy == "crop":
+        new_height, new_width = height - height % patch_size, width - width % patch_size
+        if new_height == 0 or new_width == 0:
+            raise ValueError(f"{width}x{height} image is smaller than one {patch_size}x{patch_size} patch")
+        return np.ascontiguousarray(frames[..., :new_height, :new_width, :])
+    new_height = math.ceil(height / patch_size) * patch_size
+    new_width = math.ceil(width / patch_size) * patch_size
+    if policy == "pad":
+        padding = [(0, 0)] * (frames.ndim - 3) + [(0, new_height - height), (0, new_width - width), (0, 0)]
+        return np.pad(frames, padding)
+    if frames.ndim == 3:
+        return cv2.resize(frames, (new_width, new_height), interpolation=cv2.INTER_CUBIC)
+    return np.stack([cv2.resize(frame, (new_width, new_height), interpolation=cv2.INTER_CUBIC) for frame in frames])
+
+
+def load_image(path: StrPath, *, patch_size: int = 14, align: str = "crop") -> Media:
+    """Decode an image file to patch-aligned uint8 RGB (H, W, 3) at native resolution."""
+    _check_options(path, patch_size, align)
+    data = np.fromfile(_existing_file(path), dtype=np.uint8)
+    if data.size == 0:
+        raise MediaError(path, "file is empty")
+    try:
+        decoded = cv2.imdecode(data, _IMAGE_READ_FLAGS)
+    except cv2.error as error:
+        raise MediaError(path, f"not a decodable image ({error})") from error
+    if decoded is None:
+        raise MediaError(path, "not a decodable image")
+    native = cv2.cvtColor(_to_uint8(path, decoded), cv2.COLOR_BGR2RGB)
+    frames = _align(path, native, patch_size, align)
+    return Media(os.fspath(path), "image", frames, _metadata(path, "image", native, frames, patch_size, align))
+
+
+def load_video(path: StrPath, *, num_frames: int = 8, patch_size: int = 14, align: str = "crop") -> Media:
+    """Decode ``num_frames`` uniformly sampled frames to patch-aligned uint8 RGB (T, H, W, 3).
+
+    Seeks to the sampled frames when the container's frame count checks out
+    (every sampled frame decodes and nothing follows the last one); otherwise
+    decodes the whole file sequentially, counts the real frames and samples
+    from that count.
+    """
+    _check_options(path, patch_size, align)
+    if num_frames < 1:
+        raise MediaError(path, f"num_frames must be >= 1, got {num_frames}")
+    if _existing_file(path).stat().st_size == 0:
+        raise MediaError(path, "file is empty")
+    capture = _open_capture(path)
+    try:
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        sampled = _sample_by_seeking(path, capture, num_frames)
+    finally:
+        capture.release()
+    decode = "seek"
+    if sampled is None:
+        sampled = _sample_sequentially(path, num_frames)
+        decode = "sequential"
+    total_frames, indices, native = sampled
+    frames = _align(path, native, patch_size, align)
+    metadata = _metadata(path, "video", native, frames, patch_size, align)
+    metadata.update(
+        fps=float(fps) if math.isfinite(fps) and fps > 0 else 0.0,
+        total_frames=total_frames,
+        sampled_frames=num_frames,
+        frame_indices=indices,
+        decode=decode,
+    )
+    return Media(os.fspath(path), "video", frames, metadata)
+
+
+def load_media(path: StrPath, *, num_frames: int = 8, patch_size: int = 14, align: str = "crop") -> Media:
+    """Load an image or a video, chosen by file extension."""
+    if media_kind(path) == "image":
+        return load_image(path, patch_size=patch_size, align=align)
+    return load_video(path, num_frames=num_frames, patch_size=patch_size, align=align)
+
+
+def _check_options(path: StrPath, patch_size: int, align: str) -> None:
+    """Reject an unknown align policy or a non-positive patch size."""
+    if align not in ALIGN_POLICIES:
+        raise MediaError(path, f"unknown align policy {align!r}; expected one of {', '.join(ALIGN_POLICIES)}")
+    if patch_size < 1:
+        raise MediaError(path, f"patch_size must be >= 1, got {patch_size}")
+
+
+def _existing_file(path: StrPath) -> Path:
+    """Return ``path`` as a Path, raising MediaError unless it is an existing regular file."""
+    file = Path(path)
+    if not file.exists():
+        raise MediaError(path, "file not found")
+    if not file.is_file():
+        raise MediaError(path, "not a regular file")
+    return file
+
+
+def _to_uint8(path: StrPath, pixels: np.ndarray) -> np.ndarray:
+    """Convert decoded 8- or 16-bit pixels to uint8 (16-bit values are scaled by 255/65535, rounded)."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype == np.uint16:
+        return ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    raise MediaError(path, f"unsupported pixel depth {pixels.dtype}")
+
+
+def _align(path: StrPath, frames: np.ndarray, patch_size: int, align: str) -> np.ndarray:
+    """align_to_patch with failures reported as MediaError naming ``path``."""
+    try:
+        return align_to_patch(frames, patch_size, align)
+    except ValueError as error:
+        raise MediaError(path, str(error)) from error
+
+
+def _metadata(
+    path: StrPath, kind: str, native: np.ndarray, frames: np.ndarray, patch_size: int, align: str
+) -> dict[str, Any]:
+    """Metadata shared by images and videos (plain JSON-serialisable values)."""
+    return {
+        "path": os.fspath(path),
+        "kind": kind,
+        "width": int(native.shape[-2]),
+        "height": int(native.shape[-3]),
+        "aligned_width": int(frames.shape[-2]),
+        "aligned_height": int(frames.shape[-3]),
+        "align": align,
+        "patch_size": int(patch_size),
+    }
+
+
+def _open_capture(path: StrPath) -> cv2.VideoCapture:
+    """Open a video with OpenCV, raising MediaError when no backend can read it."""
+    capture = cv2.VideoCapture(os.fspath(path))
+    if not capture.isOpened():
+        capture.release()
+        raise MediaError(path, "not a readable video (corrupt file or unsupported container)")
+    return capture
+
+
+def _grab_at(capture: cv2.VideoCapture, index: int) -> bool:
+    """Position ``capture`` on frame ``index`` (seeking only if needed) and grab it."""
+    if int(capture.get(cv2.CAP_PROP_POS_FRAMES)) != index:
+        if not capture.set(cv2.CAP_PROP_POS_FRAMES, index):
+            return False
+        if int(capture.get(cv2.CAP_PROP_POS_FRAMES)) != index:
+            return False
+    return capture.grab()
+
+
+def _sample_by_seeking(
+    path: StrPath, capture: cv2.VideoCapture, num_frames: int
+) -> tuple[int, list[int], np.ndarray] | None:
+    """Sample frames by seeking, trusting the container count only if it verifies; None if not."""
+    claimed = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+    if not math.isfinite(claimed) or claimed < 1:
+        return None
+    total_frames = int(claimed)
+    indices = sample_frame_indices(total_frames, num_frames)
+    decoded: dict[int, np.ndarray] = {}
+    for index in sorted(set(indices)):
+        if not _grab_at(capture, index):
+            return None
+        ok, frame = capture.retrieve()
+        if not ok or frame is None:
+            return None
+        decoded[index] = frame
+    if _grab_at(capture, total_frames):
+        return None  # the container undercounts: a frame exists past its claimed end
+    return total_frames, indices, _stack_rgb(path, [decoded[index] for index in indices])
+
+
+def _sample_sequentially(path: StrPath, num_frames: int) -> tuple[int, list[int], np.ndarray]:
+    """Count the decodable frames in one pass, then decode only the sampled ones in a second pass."""
+    capture = _open_capture(path)
+    try:
+        total_frames = 0
+        while capture.grab():
+            total_frames += 1
+    finally:
+        capture.release()
+    if total_frames == 0:
+        raise MediaError(path, "video has no decodable frames")
+    indices = sample_frame_indices(total_frames, num_frames)
+    wanted = set(indices)
+    decoded: dict[int, np.ndarray] = {}
+    capture = _open_capture(path)
+    try:
+        for index in range(indices[-1] + 1):
+            if not capture.grab():
+                break
+            if index in wanted:
+                ok, frame = capture.retrieve()
+                if ok and frame is not None:
+                    decoded[index] = frame
+    finally:
+        capture.release()
+    missing = sorted(wanted - decoded.keys())
+    if missing:
+        raise MediaError(path, f"frames {missing} of {total_frames} could not be decoded")
+    return total_frames, indices, _stack_rgb(path, [decoded[index] for index in indices])
+
+
+def _stack_rgb(path: StrPath, frames: list[np.ndarray]) -> np.ndarray:
+    """Stack decoded BGR frames into one (T, H, W, 3) RGB array."""
+    if len({frame.shape for frame in frames}) != 1:
+        raise MediaError(path, "frame size changes within the video")
+    return np.stack([cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) for frame in frames])

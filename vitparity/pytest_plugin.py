@@ -1,0 +1,406 @@
+"""The pytest plugin behind the parity suite: options, GPU pinning, session state, fixtures and reporting.
+
+Loaded by the repository's root conftest.py (`pytest_plugins = ["vitparity.pytest_plugin"]`).
+Every option is also read from an environment variable and an ini key (command line > environment > ini >
+default). Models load once per session (once per worker under xdist); features of a case are extracted once
+and shared by every test that uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .gpu_pinning import pin_xdist_worker_gpu
+
+# Pin before anything imports CUDA: conftest.py imports this module when the worker starts.
+pin_xdist_worker_gpu()
+
+import torch  # noqa: E402
+
+from .builtin import BUILTIN_MEDIA, builtin_paths  # noqa: E402
+from .compare import Comparison, compare_features, comparison_from_row  # noqa: E402
+from .extract import extract_hf, extract_packing, prepare_sample  # noqa: E402
+from .loading import LoadedModel, load_model  # noqa: E402
+from .media import ALIGN_POLICIES, discover_media, load_media, media_kind  # noqa: E402
+from .models import ARCHITECTURE_FIELDS  # noqa: E402
+from .report import format_table, write_cosine_heatmap  # noqa: E402
+from .snapshots import GoldenData, file_sha256, golden_extension, model_fingerprint  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROPERTY = "vitparity"
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    help: str
+    default: str | None = None
+    flag: bool = False
+
+    @property
+    def cli(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "VITPARITY_" + self.name.upper()
+
+
+OPTIONS = (
+    Option("hf_model", "non-packing checkpoint folder (default: the built-in tiny model)"),
+    Option("packing_model", "packing checkpoint folder (default: the built-in tiny packing model)"),
+    Option("device", "cpu, cuda, cuda:N or auto (cuda when available)", "auto"),
+    Option("dtype", "float32, bfloat16, float16 or auto (bfloat16 on cuda, float32 on cpu)", "auto"),
+    Option("num_frames", "frames sampled per video", "8"),
+    Option("media", "extra folder of images and videos: each file becomes a case"),
+    Option("align", f"patch alignment of sizes that are not a multiple of the patch size: {ALIGN_POLICIES}", "crop"),
+    Option("threshold", "min per-token cosine (strictly greater) for packing vs non-packing parity", "0.99"),
+    Option("golden_dir", "root folder of golden snapshots", "fixtures/golden"),
+    Option("report_dir", "folder for heat maps of failing cases", "parity-report"),
+    Option("trust_remote_code", "allow a checkpoint's own code (auto_map) to run", flag=True),
+    Option("regenerate_goldens", "rewrite every selected golden (implies --snapshot-update)", flag=True),
+    Option("require_device", "fail instead of skip when the requested CUDA device is absent", flag=True),
+)
+
+TRUE = {"1", "true", "yes", "on"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vitparity", "packing vs non-packing parity suite")
+    for option in OPTIONS:
+        text = f"{option.help} [env {option.env}; ini vitparity_{option.name}]"
+        if option.flag:
+            group.addoption(option.cli, action="store_const", const=True, default=None, dest=f"vitparity_{option.name}", help=text)
+            parser.addini(f"vitparity_{option.name}", option.help, type="bool", default=None)
+        else:
+            group.addoption(option.cli, default=None, dest=f"vitparity_{option.name}", help=text)
+            parser.addini(f"vitparity_{option.name}", option.help, default=None)
+
+
+def _raw(config: pytest.Config, option: Option):
+    value = config.getoption(f"vitparity_{option.name}")
+    if value is None:
+        value = os.environ.get(option.env)
+        if value is not None and option.flag:
+            value = value.strip().lower() in TRUE
+    if value is None:
+        value = config.getini(f"vitparity_{option.name}")
+    if value is None or value == "":
+        value = option.default
+    return bool(value) if option.flag else value
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """One media file; its id (`image-astronaut.jpg`) is stable on every machine."""
+
+    id: str
+    kind: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    hf_model: Path
+    packing_model: Path
+    device: str
+    dtype: str
+    num_frames: int
+    align: str
+    threshold: float
+    golden_dir: Path
+    report_dir: Path
+    trust_remote_code: bool
+    regenerate_goldens: bool
+    require_device: bool
+    cases: tuple[ParityCase, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def _resolve_path(config: pytest.Config, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(config.invocation_params.dir) / path
+
+
+def collect_cases(media_dirs: list[Path]) -> tuple[ParityCase, ...]:
+    """Every image and video of the bundled folder and the extra folders, with unique readable ids."""
+    cases: dict[str, ParityCase] = {}
+    for folder in media_dirs:
+        for path in discover_media(folder):
+            kind = media_kind(path)
+            case = ParityCase(f"{kind}-{path.name}", kind, path)
+            if case.id in cases:
+                raise pytest.UsageError(f"two media files give the case id {case.id}: {cases[case.id].path} and {path}")
+            cases[case.id] = case
+    return tuple(cases.values())
+
+
+def resolve_settings(config: pytest.Config) -> Settings:
+    """Read and validate every option once; errors name the option and the value."""
+    raw = {option.name: _raw(config, option) for option in OPTIONS}
+    default_hf, default_packing = (None, None)
+    if not raw["hf_model"] or not raw["packing_model"]:
+        default_hf, default_packing = builtin_paths()
+    device = raw["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise pytest.UsageError(f"--device {device!r}: use cpu, cuda, cuda:N or auto")
+    dtype = raw["dtype"]
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise pytest.UsageError(f"--dtype {dtype!r}: use one of {sorted(DTYPES)} or auto")
+    if device == "cpu" and dtype == "float16":
+        raise pytest.UsageError("--dtype float16 is not supported on CPU: use float32 or bfloat16")
+    if raw["align"] not in ALIGN_POLICIES:
+        raise pytest.UsageError(f"--align {raw['align']!r}: use one of {ALIGN_POLICIES}")
+    try:
+        num_frames, threshold = int(raw["num_frames"]), float(raw["threshold"])
+    except ValueError as err:
+        raise pytest.UsageError(f"--num-frames / --threshold: {err}") from err
+    if num_frames < 1:
+        raise pytest.UsageError(f"--num-frames must be >= 1, got {num_frames}")
+    if not 0.0 < threshold < 1.0:
+        raise pytest.UsageError(f"--threshold must be in (0, 1), got {threshold}")
+    media_dirs = [BUILTIN_MEDIA]
+    if raw["media"]:
+        extra = _resolve_path(config, raw["media"])
+        if not extra.is_dir():
+            raise pytest.UsageError(f"--media {extra}: not a folder")
+        media_dirs.append(extra)
+    return Settings(
+        hf_model=_resolve_path(config, raw["hf_model"]) if raw["hf_model"] else default_hf,
+        packing_model=_resolve_path(config, raw["packing_model"]) if raw["packing_model"] else default_packing,
+        device=device,
+        dtype=dtype,
+        num_frames=num_frames,
+        align=raw["align"],
+        threshold=threshold,
+        golden_dir=_resolve_path(config, raw["golden_dir"]),
+        report_dir=_resolve_path(config, raw["report_dir"]),
+        trust_remote_code=raw["trust_remote_code"],
+        regenerate_goldens=raw["regenerate_goldens"],
+        require_device=raw["require_device"],
+        cases=collect_cases(media_dirs),
+    )
+
+
+@dataclass
+class CaseFeatures:
+    """Features of one case from both models (float32 numpy, (N, D)) and their comparison."""
+
+    case: ParityCase
+    hf: np.ndarray
+    packing: np.ndarray
+    grid: tuple[int, int, int]
+    metadata: dict
+    comparison: Comparison
+
+
+@dataclass
+class ParitySession:
+    """Per-session (per-worker) state: the two models, cached features, and load counts."""
+
+    settings: Settings
+    load_counts: dict[str, int] = field(default_factory=lambda: {"hf": 0, "packing": 0})
+    _models: dict[str, LoadedModel] = field(default_factory=dict)
+    _features: dict[str, CaseFeatures] = field(default_factory=dict)
+
+    def check_device(self) -> None:
+        """Skip (or fail with --require-device) when the requested CUDA device is not there."""
+        if self.settings.device.startswith("cuda") and not torch.cuda.is_available():
+            message = f"device {self.settings.device} requested but CUDA is not available"
+            if self.settings.require_device:
+                pytest.fail(message, pytrace=False)
+            pytest.skip(message)
+
+    def models(self) -> tuple[LoadedModel, LoadedModel]:
+        """Both models, loaded once; their configs must agree before any forward pass."""
+        self.check_device()
+        if not self._models:
+            s = self.settings
+            for side, path in (("hf", s.hf_model), ("packing", s.packing_model)):
+                loaded = load_model(path, dtype=s.torch_dtype, device=s.device, trust_remote_code=s.trust_remote_code)
+                self.load_counts[side] += 1
+                if loaded.side != side:
+                    raise pytest.UsageError(f"{path}: expected a {side} model, got {loaded.describe()}")
+                self._models[side] = loaded
+            check_configs_agree(self._models["hf"], self._models["packing"])
+        return self._models["hf"], self._models["packing"]
+
+    def _sample(self, case: ParityCase, hf: LoadedModel):
+        s = self.settings
+        media = load_media(case.path, num_frames=s.num_frames, patch_size=hf.model.config.patch_size, align=s.align)
+        sample = prepare_sample(
+            media, patch_size=hf.model.config.patch_size, dtype=s.torch_dtype, device=s.device,
+            temporal_context=hf.model.config.rope_temporal_size, name=case.id,
+        )
+        sample.metadata["media_sha256"] = file_sha256(case.path)
+        return sample
+
+    def features(self, case: ParityCase) -> CaseFeatures:
+        """Both models' penultimate features of one case, each run alone; extracted once per session."""
+        if case.id not in self._features:
+            hf, packing = self.models()
+            sample = self._sample(case, hf)
+            a = extract_hf(hf.model, sample, temporal_context=hf.model.config.rope_temporal_size).cpu().numpy()
+            b = extract_packing(packing.model, [sample])[0].cpu().numpy()
+            comparison = compare_features(a, b, name=case.id, threshold=self.settings.threshold)
+            self._features[case.id] = CaseFeatures(case, a, b, sample.grid, sample.metadata, comparison)
+        return self._features[case.id]
+
+    def packed_features(self) -> list[np.ndarray]:
+        """Packing-model features of every case packed into one forward pass, split back per case."""
+        hf, packing = self.models()
+        samples = [self._sample(case, hf) for case in self.settings.cases]
+        return [f.cpu().numpy() for f in extract_packing(packing.model, samples)]
+
+    def golden_folder(self, side: str) -> Path:
+        """fixtures/golden/<model_type>-<fingerprint>-<dtype>: goldens of one model in one dtype."""
+        loaded = self.models()[0 if side == "hf" else 1]
+        config = loaded.model.config.to_dict()
+        fingerprint = model_fingerprint(loaded.path, config)
+        return self.settings.golden_dir / f"{config['model_type']}-{fingerprint[:12]}-{self.settings.dtype}"
+
+
+def check_configs_agree(hf: LoadedModel, packing: LoadedModel) -> None:
+    """Refuse a pair whose architectures differ, naming each differing field."""
+    a, b = hf.model.config, packing.model.config
+    diffs = [f"{k}: hf {getattr(a, k, None)!r} vs packing {getattr(b, k, None)!r}"
+             for k in ARCHITECTURE_FIELDS if getattr(a, k, None) != getattr(b, k, None)]
+    if diffs:
+        raise pytest.UsageError(f"the two checkpoints do not describe the same architecture: {'; '.join(diffs)}")
+
+
+SESSION_KEY = pytest.StashKey[ParitySession]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for marker, text in (
+        ("image", "an image case"),
+        ("video", "a video case"),
+        ("packed", "all cases packed into one forward pass"),
+        ("golden", "comparison with the committed golden snapshot"),
+        ("gpu", "runs on a CUDA device"),
+    ):
+        config.addinivalue_line("markers", f"{marker}: {text}")
+    settings = resolve_settings(config)
+    if settings.regenerate_goldens:
+        config.option.update_snapshots = True
+    session = ParitySession(settings)
+    config.stash[SESSION_KEY] = session
+    config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
+
+
+def parity_session(config: pytest.Config) -> ParitySession:
+    return config.stash[SESSION_KEY]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize `parity_case` over every case (never dropped at collection: skips happen at run time)."""
+    if "parity_case" not in metafunc.fixturenames:
+        return
+    settings = parity_session(metafunc.config).settings
+    extra = [pytest.mark.gpu] if settings.device.startswith("cuda") else []
+    params = [pytest.param(c, id=c.id, marks=[getattr(pytest.mark, c.kind), *extra]) for c in settings.cases]
+    metafunc.parametrize("parity_case", params)
+
+
+@pytest.fixture(scope="session")
+def parity(request: pytest.FixtureRequest) -> ParitySession:
+    """The session's parity state (settings, models, cached features)."""
+    return parity_session(request.config)
+
+
+@pytest.fixture
+def case_features(parity: ParitySession, parity_case: ParityCase) -> CaseFeatures:
+    """Both models' features of the current case (extracted once per session)."""
+    return parity.features(parity_case)
+
+
+@pytest.fixture
+def record_comparison(request: pytest.FixtureRequest):
+    """Record a comparison for the summary table and JUnit XML (works under xdist)."""
+
+    def record(comparison: Comparison) -> None:
+        request.node.user_properties.append((PROPERTY, json.dumps(comparison.row())))
+
+    return record
+
+
+def heatmap_for(parity: ParitySession, comparison: Comparison, grid: tuple[int, int, int]) -> Path | None:
+    """Write the per-token cosine heat map of a failing comparison; None when there is nothing to draw."""
+    if comparison.token_cos is None or comparison.token_cos.size != grid[0] * grid[1] * grid[2]:
+        return None
+    path = parity.settings.report_dir / f"{comparison.name}.png"
+    return write_cosine_heatmap(comparison.token_cos, grid, path, title=comparison.name)
+
+
+@pytest.fixture
+def golden(request: pytest.FixtureRequest, parity: ParitySession, snapshot):
+    """`golden(side, data)` asserts GoldenData against the committed golden of that side's model."""
+
+    def check(side: str, data: GoldenData) -> None:
+        extension = golden_extension(parity.golden_folder(side), force_rewrite=parity.settings.regenerate_goldens)
+        assert snapshot.with_defaults(extension_class=extension) == data
+
+    return check
+
+
+def golden_meta(parity: ParitySession, features: CaseFeatures, side: str) -> dict:
+    """Provenance stored in a golden."""
+    import cv2
+    import transformers
+
+    loaded = parity.models()[0 if side == "hf" else 1]
+    return {
+        "case": features.case.id,
+        "side": side,
+        "model_class": loaded.class_name,
+        "dtype": parity.settings.dtype,
+        "device": parity.settings.device,
+        "grid_thw": list(features.grid),
+        "media_sha256": features.metadata["media_sha256"],
+        "num_frames": parity.settings.num_frames,
+        "align": parity.settings.align,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "numpy": np.__version__, "opencv": cv2.__version__},
+    }
+
+
+class ParityReporter:
+    """Collects recorded comparisons (from this process or from xdist workers) and prints the summary table."""
+
+    def __init__(self, session: ParitySession) -> None:
+        self.session = session
+        self.rows: list[dict] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            self.rows.extend(json.loads(value) for name, value in report.user_properties if name == PROPERTY)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.rows:
+            return
+        s = self.session.settings
+        terminalreporter.write_sep("=", "vitparity parity summary")
+        terminalreporter.write_line(
+            f"hf: {s.hf_model}  packing: {s.packing_model}  device: {s.device}  dtype: {s.dtype}  "
+            f"threshold: min cos > {s.threshold}  (figures: float32 comparisons)"
+        )
+        counts = self.session.load_counts
+        if any(counts.values()):
+            terminalreporter.write_line(f"model loads this session: hf {counts['hf']}, packing {counts['packing']}")
+        terminalreporter.write_line(format_table([comparison_from_row(r) for r in self.rows]))
+        failed = sum(not r["passed"] for r in self.rows)
+        terminalreporter.write_line(f"{len(self.rows)} comparisons, {len(self.rows) - failed} passed, {failed} failed")

@@ -1,0 +1,225 @@
+"""Human-readable output of feature comparisons: text report, table, cosine heatmap."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from vitparity.compare import Comparison
+
+# Heatmap layout, in pixels.
+HEATMAP_MARGIN = 8
+HEATMAP_GAP = 4
+HEATMAP_HEADER = 44
+HEATMAP_LEGEND = 36
+HEATMAP_MIN_WIDTH = 320
+HEATMAP_MAX_COLUMNS = 8
+# Heatmap colour scale: 1 - cos on a log10 scale from 1e-6 (best) to 1 (worst).
+HEATMAP_LOG_RANGE = (-6.0, 0.0)
+HEATMAP_NAN_BGR = (255, 0, 255)
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_TEXT_BGR = (255, 255, 255)
+_BACKGROUND_BGR = (40, 40, 40)
+
+
+def _num(value: float, spec: str) -> str:
+    """Format ``value`` with ``spec``, or ``n/a`` when it is not finite."""
+    return format(value, spec) if math.isfinite(value) else "n/a"
+
+
+def _cos_above(value: float, threshold: float) -> str:
+    """Format a cosine with 6+ decimals, enough to show it differs from ``threshold``."""
+    for decimals in range(6, 10):
+        text = f"{value:.{decimals}f}"
+        if float(text) != threshold:
+            return text
+    return repr(value)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    """Format a shape as ``(a, b)``."""
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _verdict(c: Comparison) -> str:
+    """``PASS (...)`` or ``FAIL: reason``."""
+    if c.passed:
+        return f"PASS (min cosine {_cos_above(c.min_cos, c.threshold)} > {c.threshold})"
+    return f"FAIL: {c.reason}"
+
+
+def format_report(comparisons: Sequence[Comparison], *, title: str = "") -> str:
+    """Multi-line report: one block per comparison, then a pass/fail summary."""
+    lines = [title, "=" * len(title), ""] if title else []
+    for index, c in enumerate(comparisons, start=1):
+        label_a, label_b = c.labels
+        lines += [
+            f"[{index}] {c.name or '<unnamed>'}",
+            f"  shapes: {label_a} {_shape(c.shape_a)}  {label_b} {_shape(c.shape_b)}",
+            f"  max abs diff: {_num(c.max_abs, '.3e')}   mean abs diff: {_num(c.mean_abs, '.3e')}",
+            f"  cosine per token: min {_num(c.min_cos, '.6f')}  mean {_num(c.mean_cos, '.6f')}"
+            f"  max {_num(c.max_cos, '.6f')}",
+            f"  {_verdict(c)}",
+            "",
+        ]
+    passed = sum(c.passed for c in comparisons)
+    lines.append(
+        f"Summary: {len(comparisons)} inputs, {passed} passed, {len(comparisons) - passed} failed"
+    )
+    return "\n".join(lines)
+
+
+def _shorten(text: str, width: int) -> str:
+    """Cut ``text`` to ``width`` characters, marking the cut with ``...``."""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _tokens(c: Comparison) -> str:
+    """Token counts as ``N`` or ``Na/Nb`` when they differ (``?`` if unknown)."""
+    counts = [str(s[-2]) if len(s) >= 2 else "?" for s in (c.shape_a, c.shape_b)]
+    return counts[0] if counts[0] == counts[1] else "/".join(counts)
+
+
+def format_table(comparisons: Sequence[Comparison], *, case_width: int = 32,
+                 verdict_width: int = 60) -> str:
+    """Compact fixed-width table, one row per comparison."""
+    header = ("case", "tokens", "max abs", "mean abs", "min cos", "mean cos", "verdict")
+    rows = [
+        (
+            _shorten(c.name or "<unnamed>", case_width),
+            _tokens(c),
+            _num(c.max_abs, ".3e"),
+            _num(c.mean_abs, ".3e"),
+            _num(c.min_cos, ".6f"),
+            _num(c.mean_cos, ".6f"),
+            _shorten("PASS" if c.passed else f"FAIL: {c.reason}", verdict_width),
+        )
+        for c in comparisons
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    numeric = {1, 2, 3, 4, 5}
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.rjust(w) if i in numeric else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths))
+        ]
+        return "  ".join(padded).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def cosine_to_level(token_cos: np.ndarray) -> np.ndarray:
+    """Map cosines to uint8 colour-map levels: 0 for cos >= 1 - 1e-6, 255 for cos <= 0.
+
+    The level is linear in log10(1 - cos) over ``HEATMAP_LOG_RANGE``, so
+    0.9999 maps to 85 and 0.99 to 170.  NaN maps to 255.
+    """
+    low, high = HEATMAP_LOG_RANGE
+    with np.errstate(invalid="ignore"):
+        err = np.clip(1.0 - np.asarray(token_cos, dtype=np.float64), 10.0**low, 10.0**high)
+    frac = (np.log10(err) - low) / (high - low)
+    return np.round(np.nan_to_num(frac, nan=1.0) * 255).astype(np.uint8)
+
+
+def _colourise(levels: np.ndarray) -> np.ndarray:
+    """Apply the heatmap colour map to a 2-D uint8 array (BGR output)."""
+    return cv2.applyColorMap(levels, cv2.COLORMAP_TURBO)
+
+
+def _fit_text(text: str, max_px: int, scale: float) -> str:
+    """Shorten ``text`` until it renders within ``max_px`` pixels."""
+    while text and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > max_px:
+        text = text[:-4] + "..." if len(text) > 4 else ""
+    return text
+
+
+def _layout(grid_thw: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """Heatmap layout for ``grid_thw``: (cell px, frame columns, width, height).
+
+    Each token is a square of 2..16 px, chosen so the token grid stays within
+    about 1024 x 512 px.
+    """
+    t, h, w = grid_thw
+    cols = min(t, HEATMAP_MAX_COLUMNS)
+    rows = math.ceil(t / cols)
+    cell = max(2, min(16, 1024 // (cols * w), 512 // (rows * h)))
+    grid_w = cols * w * cell + (cols - 1) * HEATMAP_GAP
+    grid_h = rows * h * cell + (rows - 1) * HEATMAP_GAP
+    width = max(grid_w + 2 * HEATMAP_MARGIN, HEATMAP_MIN_WIDTH)
+    height = HEATMAP_HEADER + grid_h + HEATMAP_MARGIN + HEATMAP_LEGEND
+    return cell, cols, width, height
+
+
+def _draw_legend(canvas: np.ndarray, top: int) -> None:
+    """Draw the colour bar with cosine tick labels below ``top``."""
+    left, right = HEATMAP_MARGIN, canvas.shape[1] - HEATMAP_MARGIN
+    bar_h = 10
+    ramp = np.linspace(0, 255, right - left).round().astype(np.uint8)
+    canvas[top : top + bar_h, left:right] = _colourise(np.tile(ramp, (bar_h, 1)))
+    low, high = HEATMAP_LOG_RANGE
+    ticks = (("1.0", -6.0), ("0.9999", -4.0), ("0.99", -2.0), ("<=0", 0.0))
+    for label, log_err in ticks:
+        x = left + round((log_err - low) / (high - low) * (right - left - 1))
+        cv2.line(canvas, (x, top + bar_h), (x, top + bar_h + 3), _TEXT_BGR, 1)
+        text_w = cv2.getTextSize(label, _FONT, 0.35, 1)[0][0]
+        x_text = min(max(x - text_w // 2, left), right - text_w)
+        cv2.putText(canvas, label, (x_text, top + bar_h + 15), _FONT, 0.35, _TEXT_BGR, 1,
+                    cv2.LINE_AA)
+
+
+def write_cosine_heatmap(token_cos: np.ndarray, grid_thw: tuple[int, int, int],
+                         path: str | os.PathLike[str], *, title: str = "") -> Path:
+    """Write a PNG of per-token cosine, one panel per frame; return its path.
+
+    Tokens are frame-major then row-major, i.e. reshaped to (t, h, w).  Frames
+    are tiled left to right, at most ``HEATMAP_MAX_COLUMNS`` per row, each token
+    drawn as a square block.  Colours follow ``cosine_to_level`` through the
+    TURBO colour map (blue: cos >= 1 - 1e-6, red: cos <= 0, 0.99 at two
+    thirds); NaN tokens are magenta.  The header shows the title and min cosine.
+    """
+    cos = np.asarray(token_cos, dtype=np.float64)
+    t, h, w = (int(v) for v in grid_thw)
+    if min(t, h, w) < 1:
+        raise ValueError(f"grid_thw must be positive, got {tuple(grid_thw)}")
+    if cos.ndim != 1 or cos.size != t * h * w:
+        raise ValueError(
+            f"token_cos has shape {cos.shape}, expected ({t * h * w},) for grid {(t, h, w)}"
+        )
+
+    cell, cols, width, height = _layout((t, h, w))
+    canvas = np.full((height, width, 3), _BACKGROUND_BGR, dtype=np.uint8)
+    frames = _colourise(cosine_to_level(cos).reshape(t * h, w)).reshape(t, h, w, 3)
+    frames[np.isnan(cos).reshape(t, h, w)] = HEATMAP_NAN_BGR
+    for frame_index, frame in enumerate(frames):
+        row, col = divmod(frame_index, cols)
+        y = HEATMAP_HEADER + row * (h * cell + HEATMAP_GAP)
+        x = HEATMAP_MARGIN + col * (w * cell + HEATMAP_GAP)
+        canvas[y : y + h * cell, x : x + w * cell] = np.repeat(np.repeat(frame, cell, 0), cell, 1)
+
+    finite = cos[np.isfinite(cos)]
+    min_text = f"{finite.min():.6f}" if finite.size else "n/a"
+    info = f"min cos {min_text}  grid t={t} h={h} w={w}"
+    if np.isnan(cos).any():
+        info += "  (magenta: NaN)"
+    text_px = width - 2 * HEATMAP_MARGIN
+    for line_index, text in enumerate((title, info)):
+        origin = (HEATMAP_MARGIN, 17 + 18 * line_index)
+        cv2.putText(canvas, _fit_text(text, text_px, 0.45), origin, _FONT, 0.45, _TEXT_BGR, 1,
+                    cv2.LINE_AA)
+    _draw_legend(canvas, height - HEATMAP_LEGEND)
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ok, encoded = cv2.imencode(".png", canvas)
+    if not ok:
+        raise OSError(f"could not encode heatmap PNG for {out}")
+    out.write_bytes(encoded.tobytes())
+    return out

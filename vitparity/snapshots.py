@@ -1,0 +1,231 @@
+"""Golden reference snapshots of features: a syrupy extension storing one deterministic `.npz` per case and model.
+
+What is stored (a fixed reduction, so goldens of real-size models stay small):
+- `projection` (N, k) float16: every token's features times a fixed Gaussian matrix (D, k) / sqrt(k), drawn
+  with numpy's frozen legacy generator `RandomState(PROJECTION_SEED)`; k = min(PROJECTION_DIM, D). Rounding
+  to float16 moves a projected cosine by about 1e-7, far below the tightest tolerance;
+- `norms` (N,) float32: every token's L2 norm;
+- `meta`: UTF-8 JSON (as a uint8 array) with dtype, device, model fingerprint, feature shape, grid, media sha256 and versions.
+A golden matches when token count, width and grid are equal, the media hash is the same, the minimum per-token
+cosine of the projections exceeds the dtype's tolerance and every norm agrees within its relative tolerance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
+
+from .compare import cosine_per_token
+
+PROJECTION_SEED = 20261122
+PROJECTION_DIM = 16
+
+
+@dataclass(frozen=True)
+class GoldenTolerance:
+    """Golden comparison limits for one dtype (looser than the live parity check: goldens cross machines)."""
+
+    min_cos: float
+    norm_rtol: float
+
+
+GOLDEN_TOLERANCES = {
+    "float32": GoldenTolerance(min_cos=0.99999, norm_rtol=1e-3),
+    "float16": GoldenTolerance(min_cos=0.999, norm_rtol=1e-2),
+    "bfloat16": GoldenTolerance(min_cos=0.99, norm_rtol=3e-2),
+}
+
+
+class GoldenRefused(RuntimeError):
+    """Raised instead of writing a golden for a case whose packing-vs-non-packing parity fails."""
+
+
+class GoldenCorrupt(ValueError):
+    """A golden file that cannot be read."""
+
+
+def projection_matrix(width: int, k: int = PROJECTION_DIM) -> np.ndarray:
+    """The fixed (width, min(k, width)) projection used by every golden."""
+    k = min(k, width)
+    rng = np.random.RandomState(PROJECTION_SEED)
+    return (rng.standard_normal((width, k)) / np.sqrt(k)).astype(np.float32)
+
+
+def reduce_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) float32 -> (projection (N, k) float16, norms (N,) float32)."""
+    x = np.asarray(features, dtype=np.float32)
+    return (x @ projection_matrix(x.shape[1])).astype(np.float16), np.linalg.norm(x, axis=1).astype(np.float32)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class GoldenData:
+    """What a golden test asserts: the reduced features of one case and model, plus how they were made."""
+
+    projection: np.ndarray = field(repr=False)
+    norms: np.ndarray = field(repr=False)
+    meta: dict = field(repr=False)
+    blessable: bool = True  # False when parity fails: the extension then refuses to serialise (and so to write)
+    case: str = ""
+
+    @classmethod
+    def from_features(cls, features: np.ndarray, meta: dict, *, blessable: bool = True, case: str = "") -> "GoldenData":
+        projection, norms = reduce_features(features)
+        meta = {**meta, "feature_shape": list(np.shape(features)), "projection_seed": PROJECTION_SEED}
+        return cls(projection, norms, meta, blessable, case)
+
+    def __repr__(self) -> str:  # short: pytest -l prints fixture and local reprs
+        return f"GoldenData({self.case!r}, tokens={len(self.norms)}, dtype={self.meta.get('dtype')})"
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz archive with fixed timestamps and order, so equal data gives equal bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(2000, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, member.getvalue())
+    return buffer.getvalue()
+
+
+def load_golden(data: bytes) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(projection, norms, meta) of serialised golden bytes; GoldenCorrupt when unreadable."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            projection, norms = archive["projection"], archive["norms"]
+            meta = json.loads(archive["meta"].tobytes().decode("utf-8"))
+    except Exception as err:  # zip, npy and JSON errors all mean the same thing here
+        raise GoldenCorrupt(f"golden file is not a readable vitparity npz ({type(err).__name__}: {err})") from err
+    return projection, norms, meta
+
+
+@dataclass(frozen=True)
+class GoldenDiff:
+    """Why a golden does not match (empty `problems` when it does)."""
+
+    problems: tuple[str, ...]
+    min_cos: float = float("nan")
+    max_norm_rel: float = float("nan")
+
+
+def compare_golden(current: bytes, golden: bytes) -> GoldenDiff:
+    """Compare serialised current features with a serialised golden, within the golden dtype's tolerance."""
+    proj_a, norms_a, meta_a = load_golden(current)
+    proj_b, norms_b, meta_b = load_golden(golden)
+    problems = []
+    for key in ("feature_shape", "grid_thw", "media_sha256", "dtype"):
+        if meta_a.get(key) != meta_b.get(key):
+            problems.append(f"{key} differs: current {meta_a.get(key)} vs golden {meta_b.get(key)}")
+    if proj_a.shape != proj_b.shape:
+        problems.append(f"reduced shape differs: current {proj_a.shape} vs golden {proj_b.shape}")
+        return GoldenDiff(tuple(problems))
+    if not (np.isfinite(proj_a).all() and np.isfinite(norms_a).all()):
+        problems.append("current features contain NaN or Inf")
+        return GoldenDiff(tuple(problems))
+    tolerance = GOLDEN_TOLERANCES[meta_b.get("dtype", "float32")]
+    cos = cosine_per_token(proj_a.astype(np.float32), proj_b.astype(np.float32))
+    min_cos = float(cos.min()) if cos.size else float("nan")
+    rel = np.abs(norms_a - norms_b) / np.maximum(np.abs(norms_b), 1e-12)
+    max_rel = float(rel.max()) if rel.size else float("nan")
+    if not min_cos > tolerance.min_cos:
+        worst = int(cos.argmin())
+        problems.append(f"min projected cosine {min_cos:.6f} <= {tolerance.min_cos} (worst token {worst})")
+    if not max_rel <= tolerance.norm_rtol:
+        problems.append(f"max relative norm difference {max_rel:.3e} > {tolerance.norm_rtol} (token {int(rel.argmax())})")
+    return GoldenDiff(tuple(problems), min_cos, max_rel)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class NpzGoldenExtension(SingleFileSnapshotExtension):
+    """One `.npz` golden per test under `golden_dir`; subclassed per model by `golden_extension()`."""
+
+    file_extension = "npz"
+    _write_mode = WriteMode.BINARY
+    golden_dir: str = ""
+    force_rewrite: bool = False
+
+    def serialize(self, data, **kwargs) -> bytes:
+        if not isinstance(data, GoldenData):
+            raise TypeError(f"{type(self).__name__} stores GoldenData, got {type(data).__name__}")
+        if not data.blessable:
+            raise GoldenRefused(
+                f"refusing to write the golden of {data.case}: packing vs non-packing parity fails for this case"
+            )
+        meta = np.frombuffer(json.dumps(data.meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+        return _npz_bytes({"projection": data.projection, "norms": data.norms, "meta": meta})
+
+    def matches(self, *, serialized_data, snapshot_data) -> bool:
+        if self.force_rewrite:
+            return False
+        return not compare_golden(serialized_data, snapshot_data).problems
+
+    def diff_lines(self, serialized_data, snapshot_data):
+        if not snapshot_data:
+            yield "no golden for this case and model: run with --snapshot-update to create it"
+            return
+        try:
+            diff = compare_golden(serialized_data, snapshot_data)
+        except GoldenCorrupt as err:
+            yield str(err)
+            return
+        yield "golden features differ:" if diff.problems else "golden features match within tolerance"
+        for problem in diff.problems:
+            yield f"  - {problem}"
+
+    @classmethod
+    def dirname(cls, *, test_location) -> str:
+        """<golden_dir>/<test module>/<test id>.npz: syrupy's own single-file layout under our root."""
+        return str(Path(cls.golden_dir) / test_location.basename)
+
+    @classmethod
+    def write_snapshot_collection(cls, *, snapshot_collection, name_order=None) -> None:
+        data = next(iter(snapshot_collection)).data
+        _write_atomically(Path(snapshot_collection.location), data)
+
+
+def golden_extension(golden_dir: str | Path, *, force_rewrite: bool = False) -> type[NpzGoldenExtension]:
+    """An extension class writing into `golden_dir` (one folder per model fingerprint and dtype)."""
+    name = "NpzGolden_" + hashlib.sha1(str(golden_dir).encode()).hexdigest()[:8]
+    return type(name, (NpzGoldenExtension,), {"golden_dir": str(golden_dir), "force_rewrite": force_rewrite})
+
+
+def model_fingerprint(folder: str | Path, config: dict) -> str:
+    """sha256 over the architecture config and the bytes of every weight file: equal only for the same model."""
+    from .loading import weight_files
+    from .models import ARCHITECTURE_FIELDS
+
+    digest = hashlib.sha256(json.dumps({k: config.get(k) for k in ARCHITECTURE_FIELDS}, sort_keys=True).encode())
+    for path in weight_files(Path(folder)):
+        digest.update(path.name.encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
