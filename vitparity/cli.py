@@ -16,13 +16,14 @@ import transformers
 
 from . import __version__
 from .builtin import builtin_paths
+from .checks import config_differences
 from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
 from .convert import ConversionError, convert_checkpoint
 from .extract import extract_hf, extract_packing, prepare_sample
 from .features_io import HF_FILE, PACKING_FILE, read_features, write_features
 from .loading import LoadedModel, ModelLoadError, load_model, read_config
 from .media import ALIGN_POLICIES, Media, MediaError, load_image, load_video, media_kind
-from .models import ARCHITECTURE_FIELDS, OneVisionEncoderConfig
+from .models import OneVisionEncoderConfig
 from .report import format_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,11 +135,7 @@ def _check_models(hf: LoadedModel, packing: LoadedModel, patch_size: int) -> Non
             f"--hf_model_path is a {hf.side} model ({hf.describe()}) and --packing_model_path a {packing.side} "
             f"model ({packing.describe()}); the HF path must be a non-packing model and the other a packing one"
         )
-    differing = [
-        f"{name}: hf {getattr(hf.model.config, name, None)!r} vs packing {getattr(packing.model.config, name, None)!r}"
-        for name in ARCHITECTURE_FIELDS
-        if getattr(hf.model.config, name, None) != getattr(packing.model.config, name, None)
-    ]
+    differing = config_differences(hf.model.config, packing.model.config)
     if differing:
         raise ValueError("the two models have different architectures: " + "; ".join(differing))
     if hf.model.config.patch_size != patch_size:

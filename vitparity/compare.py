@@ -11,6 +11,10 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 DEFAULT_THRESHOLD = 0.99
+# The same model on the same sample, run alone or packed with others: min per-token cosine must exceed this.
+# Tighter than the packing-vs-non-packing threshold; looser in half precision, where kernels tile
+# sequences of different lengths differently.
+NEIGHBOUR_MIN_COS = {"float32": 0.99999, "float16": 0.999, "bfloat16": 0.999}
 
 
 @dataclass(frozen=True)

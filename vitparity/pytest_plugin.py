@@ -24,16 +24,17 @@ pin_xdist_worker_gpu()
 import torch  # noqa: E402
 
 from .builtin import BUILTIN_MEDIA, builtin_paths  # noqa: E402
+from .checks import config_differences  # noqa: E402
 from .compare import Comparison, compare_features, comparison_from_row  # noqa: E402
 from .extract import extract_hf, extract_packing, prepare_sample  # noqa: E402
 from .loading import LoadedModel, load_model  # noqa: E402
 from .media import ALIGN_POLICIES, discover_media, load_media, media_kind  # noqa: E402
-from .models import ARCHITECTURE_FIELDS  # noqa: E402
 from .report import format_table, write_cosine_heatmap  # noqa: E402
 from .snapshots import GoldenData, file_sha256, golden_extension, model_fingerprint  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROPERTY = "vitparity"
+LOADS_PROPERTY = "vitparity_model_loads"
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ class ParitySession:
     load_counts: dict[str, int] = field(default_factory=lambda: {"hf": 0, "packing": 0})
     _models: dict[str, LoadedModel] = field(default_factory=dict)
     _features: dict[str, CaseFeatures] = field(default_factory=dict)
+    _packed: list[np.ndarray] | None = None
 
     def check_device(self) -> None:
         """Skip (or fail with --require-device) when the requested CUDA device is not there."""
@@ -248,22 +250,28 @@ class ParitySession:
         sample.metadata["media_sha256"] = file_sha256(case.path)
         return sample
 
+    def extract(self, case: ParityCase) -> CaseFeatures:
+        """Both models' penultimate features of one case, each run alone (a fresh forward pass each call)."""
+        hf, packing = self.models()
+        sample = self._sample(case, hf)
+        a = extract_hf(hf.model, sample, temporal_context=hf.model.config.rope_temporal_size).cpu().numpy()
+        b = extract_packing(packing.model, [sample])[0].cpu().numpy()
+        comparison = compare_features(a, b, name=case.id, threshold=self.settings.threshold)
+        return CaseFeatures(case, a, b, sample.grid, sample.metadata, comparison)
+
     def features(self, case: ParityCase) -> CaseFeatures:
-        """Both models' penultimate features of one case, each run alone; extracted once per session."""
+        """`extract(case)`, done once per session and shared by every test of the case."""
         if case.id not in self._features:
-            hf, packing = self.models()
-            sample = self._sample(case, hf)
-            a = extract_hf(hf.model, sample, temporal_context=hf.model.config.rope_temporal_size).cpu().numpy()
-            b = extract_packing(packing.model, [sample])[0].cpu().numpy()
-            comparison = compare_features(a, b, name=case.id, threshold=self.settings.threshold)
-            self._features[case.id] = CaseFeatures(case, a, b, sample.grid, sample.metadata, comparison)
+            self._features[case.id] = self.extract(case)
         return self._features[case.id]
 
     def packed_features(self) -> list[np.ndarray]:
-        """Packing-model features of every case packed into one forward pass, split back per case."""
-        hf, packing = self.models()
-        samples = [self._sample(case, hf) for case in self.settings.cases]
-        return [f.cpu().numpy() for f in extract_packing(packing.model, samples)]
+        """Packing-model features of every case packed into one forward pass, split back per case (once)."""
+        if self._packed is None:
+            hf, packing = self.models()
+            samples = [self._sample(case, hf) for case in self.settings.cases]
+            self._packed = [f.cpu().numpy() for f in extract_packing(packing.model, samples)]
+        return self._packed
 
     def golden_folder(self, side: str) -> Path:
         """fixtures/golden/<model_type>-<fingerprint>-<dtype>: goldens of one model in one dtype."""
@@ -275,9 +283,7 @@ class ParitySession:
 
 def check_configs_agree(hf: LoadedModel, packing: LoadedModel) -> None:
     """Refuse a pair whose architectures differ, naming each differing field."""
-    a, b = hf.model.config, packing.model.config
-    diffs = [f"{k}: hf {getattr(a, k, None)!r} vs packing {getattr(b, k, None)!r}"
-             for k in ARCHITECTURE_FIELDS if getattr(a, k, None) != getattr(b, k, None)]
+    diffs = config_differences(hf.model.config, packing.model.config)
     if diffs:
         raise pytest.UsageError(f"the two checkpoints do not describe the same architecture: {'; '.join(diffs)}")
 
@@ -329,11 +335,13 @@ def case_features(parity: ParitySession, parity_case: ParityCase) -> CaseFeature
 
 
 @pytest.fixture
-def record_comparison(request: pytest.FixtureRequest):
-    """Record a comparison for the summary table and JUnit XML (works under xdist)."""
+def record_comparison(request: pytest.FixtureRequest, parity: ParitySession):
+    """Record a comparison, and this process's model load counts, for the summary and JUnit XML (works under xdist)."""
 
     def record(comparison: Comparison) -> None:
         request.node.user_properties.append((PROPERTY, json.dumps(comparison.row())))
+        loads = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), **parity.load_counts}
+        request.node.user_properties.append((LOADS_PROPERTY, json.dumps(loads)))
 
     return record
 
@@ -384,10 +392,19 @@ class ParityReporter:
     def __init__(self, session: ParitySession) -> None:
         self.session = session
         self.rows: list[dict] = []
+        self.loads: dict[str, dict[str, int]] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when == "call":
-            self.rows.extend(json.loads(value) for name, value in report.user_properties if name == PROPERTY)
+        if report.when != "call":
+            return
+        for name, value in report.user_properties:
+            if name == PROPERTY:
+                self.rows.append(json.loads(value))
+            elif name == LOADS_PROPERTY:
+                loads = json.loads(value)
+                seen = self.loads.setdefault(loads.pop("worker"), {})
+                for side, count in loads.items():
+                    seen[side] = max(seen.get(side, 0), count)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.rows:
@@ -398,9 +415,8 @@ class ParityReporter:
             f"hf: {s.hf_model}  packing: {s.packing_model}  device: {s.device}  dtype: {s.dtype}  "
             f"threshold: min cos > {s.threshold}  (figures: float32 comparisons)"
         )
-        counts = self.session.load_counts
-        if any(counts.values()):
-            terminalreporter.write_line(f"model loads this session: hf {counts['hf']}, packing {counts['packing']}")
+        for worker, counts in sorted(self.loads.items()):
+            terminalreporter.write_line(f"model loads ({worker}): hf {counts['hf']}, packing {counts['packing']}")
         terminalreporter.write_line(format_table([comparison_from_row(r) for r in self.rows]))
         failed = sum(not r["passed"] for r in self.rows)
         terminalreporter.write_line(f"{len(self.rows)} comparisons, {len(self.rows) - failed} passed, {failed} failed")

@@ -1,0 +1,65 @@
+"""Checks that make the parity verdicts trustworthy: sane weights, determinism, independence of neighbours."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vitparity.checks import loaded_model_problems
+from vitparity.compare import NEIGHBOUR_MIN_COS, compare_features
+from vitparity.report import format_report
+
+
+@pytest.mark.parametrize("side", ["hf", "packing"])
+def test_loaded_weights(parity, side) -> None:
+    """Every parameter and buffer finite and loaded, RoPE inverse frequencies equal to the formula.
+
+    Two models broken the same way (e.g. uninitialised RoPE buffers) can agree with each other; this cannot.
+    The two configs are compared before any forward pass when the models load.
+    """
+    loaded = parity.models()[0 if side == "hf" else 1]
+    problems = loaded_model_problems(loaded.model)
+    if problems:
+        pytest.fail(f"{loaded.describe()}:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+def test_deterministic(parity, parity_case, case_features) -> None:
+    """A second forward pass of each model gives identical features."""
+    again = parity.extract(parity_case)
+    for side, first, second in (("hf", case_features.hf, again.hf), ("packing", case_features.packing, again.packing)):
+        if not np.array_equal(first, second, equal_nan=True):
+            diff = float(np.nanmax(np.abs(first - second)))
+            pytest.fail(f"{parity_case.id}: {side} model not deterministic: max abs difference {diff:.3e} "
+                        f"between two passes ({parity.settings.dtype}, {parity.settings.device})", pytrace=False)
+
+
+@pytest.mark.packed
+def test_packed_batch(parity, record_comparison) -> None:
+    """All cases in one packing forward equal the non-packing features (catches cross-sample attention)."""
+    failed = []
+    for case, packed in zip(parity.settings.cases, parity.packed_features()):
+        comparison = compare_features(
+            parity.features(case).hf, packed, name=f"packed/{case.id}", threshold=parity.settings.threshold
+        )
+        record_comparison(comparison)
+        if not comparison.passed:
+            failed.append(comparison)
+    if failed:
+        pytest.fail(format_report(failed, title="packed batch vs non-packing"), pytrace=False)
+
+
+@pytest.mark.packed
+def test_packing_independent_of_neighbours(parity) -> None:
+    """A sample's packing features do not depend on what else is packed with it."""
+    threshold = NEIGHBOUR_MIN_COS[parity.settings.dtype]
+    failed = []
+    for case, packed in zip(parity.settings.cases, parity.packed_features()):
+        comparison = compare_features(
+            parity.features(case).packing, packed, name=f"alone vs packed/{case.id}", threshold=threshold,
+            labels=("alone", "packed"),
+        )
+        if not comparison.passed:
+            failed.append(comparison)
+    if failed:
+        pytest.fail(format_report(failed, title=f"packing model, alone vs packed (min cos > {threshold})"),
+                    pytrace=False)

@@ -1,0 +1,65 @@
+"""Checks made before trusting a pair of loaded models: configs agree, weights and RoPE tables are sane."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .models import ARCHITECTURE_FIELDS
+from .models.layers import rope_axis_dims
+
+
+def config_differences(hf_config, packing_config) -> list[str]:
+    """Architecture fields whose values differ between the two configs, as readable lines."""
+    return [
+        f"{name}: hf {getattr(hf_config, name, None)!r} vs packing {getattr(packing_config, name, None)!r}"
+        for name in ARCHITECTURE_FIELDS
+        if getattr(hf_config, name, None) != getattr(packing_config, name, None)
+    ]
+
+
+def expected_inv_freqs(config) -> torch.Tensor:
+    """Every value the release's RoPE inverse frequencies may take: 1 / theta ** (j / n) per axis of size n."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    return torch.cat([
+        1.0 / float(config.rope_theta) ** (torch.arange(n, dtype=torch.float64) / n) for n in rope_axis_dims(head_dim)
+    ])
+
+
+def loaded_model_problems(model: torch.nn.Module) -> list[str]:
+    """Parameters and buffers that cannot be what the checkpoint meant; empty when all are sane.
+
+    Catches what a comparison of two equally broken models can miss: non-finite values, weight matrices
+    left all zero, and RoPE `inv_freq` buffers (the release code keeps them as non-persistent buffers,
+    which come out uninitialised when a model is built on the meta device) that are not the RoPE formula.
+    """
+    problems = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        if tensor.is_meta:
+            problems.append(f"{name}: still on the meta device (never loaded)")
+            continue
+        values = tensor.detach().float()
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            problems.append(f"{name}: {bad} of {values.numel()} values are NaN or Inf")
+        elif values.ndim >= 2 and not values.any():
+            problems.append(f"{name}: all zeros (weights not loaded?)")
+        if "inv_freq" in name:
+            problems.extend(_inv_freq_problems(name, values, tensor.dtype, model.config))
+    return problems
+
+
+def _inv_freq_problems(name: str, values: torch.Tensor, dtype: torch.dtype, config) -> list[str]:
+    allowed = expected_inv_freqs(config).to(values.device)
+    flat = values.double().flatten()
+    distance = (flat[:, None] - allowed[None, :]).abs().min(dim=1).values
+    tolerance = (1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5) * flat.abs() + 1e-6
+    wrong = int((distance > tolerance).sum())
+    if wrong:
+        worst = float(flat[distance.argmax()])
+        return [f"{name}: {wrong} of {flat.numel()} values are not RoPE inverse frequencies 1/theta**(j/n) "
+                f"(theta {config.rope_theta}; e.g. {worst if math.isfinite(worst) else 'non-finite'})"]
+    return []
