@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoModel
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.utils import logging as hf_logging
 
 from .models import MODEL_TYPES
@@ -92,6 +92,21 @@ def _side_of(model_type: str | None, model: torch.nn.Module) -> str:
     return "packing" if "packing" in (model_type or "") or hasattr(model, "patch_embed") else "hf"
 
 
+def _remote_model_class(folder: Path, config: dict) -> type:
+    """The checkpoint's own class named by `auto_map["AutoModel"]`.
+
+    Resolved directly: `AutoModel` prefers a class registered for the config (this package registers every
+    model_type in MODEL_TYPES), so it would silently run the project's code instead of the checkpoint's.
+    """
+    reference = config["auto_map"].get("AutoModel") if isinstance(config["auto_map"], dict) else None
+    if not reference:
+        raise ModelLoadError(f"{folder}: auto_map has no AutoModel entry")
+    try:
+        return get_class_from_dynamic_module(reference, str(folder))
+    except Exception as err:  # missing file or class, failed import, missing requirement
+        raise ModelLoadError(f"{folder}: cannot load the checkpoint's code {reference} ({type(err).__name__}: {err})") from err
+
+
 def load_model(
     path: str | Path,
     *,
@@ -107,7 +122,7 @@ def load_model(
         raise ModelLoadError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin) in the model folder")
     model_type = config.get("model_type")
     if trust_remote_code and "auto_map" in config:
-        loader, source = AutoModel, "remote code"
+        loader, source = _remote_model_class(folder, config), "remote code"
         kwargs = {"trust_remote_code": True}
     elif model_type in MODEL_TYPES:
         config_cls, loader, _ = MODEL_TYPES[model_type]
