@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .media import Media
+from .models.packed_attention import host_to_device
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -99,7 +100,7 @@ def token_positions(sample: Sample) -> torch.Tensor:
     """(N, 3) long (t, h, w) RoPE positions of a sample's tokens, t taken from its frame positions."""
     t, h, w = sample.grid
     device = sample.pixels.device
-    frames = torch.tensor(sample.frame_positions, device=device)
+    frames = host_to_device(torch.tensor(sample.frame_positions), device)
     grids = torch.meshgrid(frames, torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     return torch.stack(grids, dim=-1).reshape(-1, 3)
 
@@ -121,10 +122,13 @@ def extract_hf(model: torch.nn.Module, sample: Sample, *, temporal_context: int 
     c, t, height, width = pixels.shape
     context = temporal_context or t
     frame_tokens = sample.grid[1] * sample.grid[2]
-    where = torch.tensor(sample.frame_positions, device=pixels.device)
+    # The model interface takes all `context` frames; only the T sampled ones are written and only their
+    # tokens are listed as visible (the model embeds visible patches only). Indices are built on the host
+    # so that the model checks their range without reading the device.
+    where = torch.tensor(sample.frame_positions)
     full = pixels.new_zeros(1, c, context, height, width)
-    full[0, :, where] = pixels
-    visible = (where[:, None] * frame_tokens + torch.arange(frame_tokens, device=pixels.device)).reshape(1, -1)
+    full[0, :, host_to_device(where, pixels.device)] = pixels
+    visible = (where[:, None] * frame_tokens + torch.arange(frame_tokens)).reshape(1, -1)
     features = _penultimate(model(full, visible_indices=visible, output_hidden_states=True))
     return features[0].float()
 

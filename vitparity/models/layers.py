@@ -57,13 +57,30 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate(x) * sin, computed in float32 and cast back to x's dtype.
-
-    cos / sin must broadcast against x (token axis aligned, head axis of size 1).
-    """
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate(x) * sin in float32, cast back to x's dtype: the formula, written plainly."""
     xf = x.float()
     return (xf * cos + rotate_pairs(xf) * sin).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate(x) * sin, computed in float32 and written in x's dtype (same maths as
+    `apply_rope_reference`, in four elementwise passes over half-size views instead of about a dozen).
+
+    With x = (.., x_even, x_odd) pairs: out_even = x_even * cos_even - x_odd * sin_even and
+    out_odd = x_odd * cos_odd + x_even * sin_odd. cos / sin (float32) must broadcast against x
+    (token axis aligned, head axis of size 1). The result keeps x's memory layout where x is dense.
+    """
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        return apply_rope_reference(x, cos, sin)
+    out = torch.empty_like(x)
+    xp, op = x.unflatten(-1, (-1, 2)), out.unflatten(-1, (-1, 2))
+    cp, sp = cos.unflatten(-1, (-1, 2)), sin.unflatten(-1, (-1, 2))
+    x_even, x_odd = xp[..., 0], xp[..., 1]
+    # bf16 * float32 promotes inside the kernel: the products are the float32 products of the reference.
+    torch.addcmul(x_even * cp[..., 0], x_odd, sp[..., 0], value=-1, out=op[..., 0])
+    torch.addcmul(x_odd * cp[..., 1], x_even, sp[..., 1], out=op[..., 1])
+    return out
 
 
 def patch_grid_positions(t: int, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_onevision_encoder import LlavaViTConfig, OneVisionEncoderConfig, _EncoderConfigBase
 from .layers import EncoderLayer, PoolingHead, VisionRotary3D, apply_rope, make_norm, patch_grid_positions
+from .packed_attention import SDPA_KERNELS, host_to_device, sdpa_attention
 
 
 class OneVisionEncoderPreTrainedModel(PreTrainedModel):
@@ -73,8 +74,10 @@ class OneVisionEncoderAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """hidden_states (B, N, D); cos / sin (B or 1, 1, N, head_dim)."""
+    def forward(
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: str = "auto"
+    ) -> torch.Tensor:
+        """hidden_states (B, N, D); cos / sin (B or 1, 1, N, head_dim); kernel: the SDPA kernel preference."""
         b, n, d = hidden_states.shape
 
         def heads(x: torch.Tensor) -> torch.Tensor:
@@ -83,9 +86,10 @@ class OneVisionEncoderAttention(nn.Module):
         q = apply_rope(heads(self.q_proj(hidden_states)), cos, sin)
         k = apply_rope(heads(self.k_proj(hidden_states)), cos, sin)
         v = heads(self.v_proj(hidden_states))
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, scale=self.scale
-        )
+        if self.training and self.dropout > 0:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, scale=self.scale)
+        else:
+            out = sdpa_attention(q, k, v, self.scale, kernel)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -106,7 +110,19 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         if config.use_head:
             self.layernorm_post = make_norm(config)
             self.head = PoolingHead(config)
+        self.attention_kernel = "auto"
         self.post_init()
+
+    @property
+    def attention_kernel(self) -> str:
+        """SDPA kernel preference of every layer: one of packed_attention.SDPA_KERNELS ("auto" by default)."""
+        return self._attention_kernel
+
+    @attention_kernel.setter
+    def attention_kernel(self, value: str) -> None:
+        if value not in SDPA_KERNELS:
+            raise ValueError(f"unknown attention kernel {value!r}; choose one of {SDPA_KERNELS}")
+        self._attention_kernel = value
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Validate and return (B, C, T, H, W)."""
@@ -150,18 +166,20 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         device = pixel_values.device
 
         if visible_indices is not None:
-            visible_indices = visible_indices.to(device=device, dtype=torch.long)
+            visible_indices = torch.as_tensor(visible_indices)
             if visible_indices.dim() != 2 or visible_indices.shape[0] != b:
                 raise ValueError(f"visible_indices must be (B={b}, K), got shape {tuple(visible_indices.shape)}")
+            # The range check reads values: free for host indices (checked before the copy), one sync otherwise.
             if visible_indices.numel() and (visible_indices.min() < 0 or visible_indices.max() >= n_tokens):
                 raise ValueError(f"visible_indices out of range [0, {n_tokens}) for {t} frames of {height}x{width}")
+            visible_indices = host_to_device(visible_indices.to(torch.long), device)
         hidden_states = self.embeddings(pixel_values, visible_indices)
 
         if patch_positions is None:
             positions = patch_grid_positions(t, height // p, width // p, device=device)
             positions = positions.unsqueeze(0) if visible_indices is None else positions[visible_indices]
         else:
-            positions = patch_positions.to(device)
+            positions = host_to_device(torch.as_tensor(patch_positions), device)
             if positions.shape[-2:] != (hidden_states.shape[1], 3):
                 raise ValueError(
                     f"patch_positions must be ((B,) {hidden_states.shape[1]}, 3), got shape {tuple(positions.shape)}"
@@ -174,7 +192,7 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         hidden_states = self.layernorm_pre(hidden_states)
         all_hidden = [hidden_states] if output_hidden_states else None
         for layer in self.encoder.layers:
-            hidden_states = layer(hidden_states, cos, sin)
+            hidden_states = layer(hidden_states, cos, sin, kernel=self.attention_kernel)
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
 

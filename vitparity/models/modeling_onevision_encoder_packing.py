@@ -10,7 +10,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .configuration_onevision_encoder import LlavaViTPackingConfig, OneVisionEncoderPackingConfig, _EncoderConfigBase
 from .layers import EncoderLayer, PoolingHead, VisionRotary3D, apply_rope, make_norm, patch_grid_positions
 from .modeling_onevision_encoder import OneVisionEncoderPreTrainedModel
-from .packed_attention import PackedSegments, packed_attention
+from .packed_attention import BACKENDS, SDPA_KERNELS, PackedSegments, host_to_device, packed_attention
 
 
 class OneVisionEncoderPatchEmbed(nn.Module):
@@ -39,13 +39,19 @@ class OneVisionEncoderPackingAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: PackedSegments, backend: str
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: PackedSegments,
+        backend: str = "auto",
+        kernel: str = "auto",
     ) -> torch.Tensor:
-        """hidden_states (N, D); cos / sin (N, 1, head_dim)."""
+        """hidden_states (N, D); cos / sin (N, 1, head_dim); backend / kernel: see packed_attention."""
         n = hidden_states.shape[0]
         q, k, v = self.qkv(hidden_states).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = packed_attention(q, k, v, segments, self.scale, backend)
+        out = packed_attention(q, k, v, segments, self.scale, backend, kernel)
         return self.proj(out.reshape(n, -1))
 
 
@@ -68,7 +74,30 @@ class OneVisionEncoderPackingModel(OneVisionEncoderPreTrainedModel):
             self.layernorm_post = make_norm(config)
             self.head = PoolingHead(config)
         self.packed_attention_backend = "auto"
+        self.attention_kernel = "auto"
         self.post_init()
+
+    @property
+    def packed_attention_backend(self) -> str:
+        """Block-diagonal attention backend: one of packed_attention.BACKENDS ("auto" by default)."""
+        return self._packed_attention_backend
+
+    @packed_attention_backend.setter
+    def packed_attention_backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown packed attention backend {value!r}; choose one of {BACKENDS}")
+        self._packed_attention_backend = value
+
+    @property
+    def attention_kernel(self) -> str:
+        """SDPA kernel preference of the "sdpa" and "nested" backends: one of packed_attention.SDPA_KERNELS."""
+        return self._attention_kernel
+
+    @attention_kernel.setter
+    def attention_kernel(self, value: str) -> None:
+        if value not in SDPA_KERNELS:
+            raise ValueError(f"unknown attention kernel {value!r}; choose one of {SDPA_KERNELS}")
+        self._attention_kernel = value
 
     def _segments(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor) -> tuple[list[list[int]], PackedSegments]:
         """Validate the packed input against grid_thw and return the grid rows and sample boundaries."""
@@ -110,7 +139,7 @@ class OneVisionEncoderPackingModel(OneVisionEncoderPreTrainedModel):
         if patch_positions is None:
             positions = torch.cat([patch_grid_positions(t, h, w, device=device) for t, h, w in grid])
         else:
-            positions = patch_positions.to(device)
+            positions = host_to_device(torch.as_tensor(patch_positions), device)
             if positions.shape != (hidden_states.shape[0], 3):
                 raise ValueError(f"patch_positions must be ({hidden_states.shape[0]}, 3), got {tuple(positions.shape)}")
         cos, sin = self.rotary(positions)
@@ -119,7 +148,9 @@ class OneVisionEncoderPackingModel(OneVisionEncoderPreTrainedModel):
         x = self.layernorm_pre(self.patch_embed(hidden_states))
         all_hidden = [x] if output_hidden_states else None
         for layer in self.encoder.layers:
-            x = layer(x, cos, sin, segments=segments, backend=self.packed_attention_backend)
+            x = layer(
+                x, cos, sin, segments=segments, backend=self.packed_attention_backend, kernel=self.attention_kernel
+            )
             if all_hidden is not None:
                 all_hidden.append(x)
 
