@@ -34,7 +34,7 @@ from .snapshots import GoldenData, file_sha256, golden_extension, model_fingerpr
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROPERTY = "vitparity"
-LOADS_PROPERTY = "vitparity_model_loads"
+LOADS_KEY = "vitparity_model_loads"
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ TRUE = {"1", "true", "yes", "on"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("vitparity", "packing vs non-packing parity suite")
+    group = parser.getgroup("vitparity", "packing vs non-packing parity suite (write paths as --option=PATH)")
     for option in OPTIONS:
         text = f"{option.help} [env {option.env}; ini vitparity_{option.name}]"
         if option.flag:
@@ -305,7 +305,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.update_snapshots = True
     session = ParitySession(settings)
     config.stash[SESSION_KEY] = session
-    config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
+    reporter = ParityReporter(session)
+    config.pluginmanager.register(reporter, "vitparity-reporter")
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(XdistLoadCounts(reporter), "vitparity-xdist-loads")
 
 
 def parity_session(config: pytest.Config) -> ParitySession:
@@ -335,13 +338,11 @@ def case_features(parity: ParitySession, parity_case: ParityCase) -> CaseFeature
 
 
 @pytest.fixture
-def record_comparison(request: pytest.FixtureRequest, parity: ParitySession):
-    """Record a comparison, and this process's model load counts, for the summary and JUnit XML (works under xdist)."""
+def record_comparison(request: pytest.FixtureRequest):
+    """Record a comparison for the summary table and JUnit XML (works under xdist)."""
 
     def record(comparison: Comparison) -> None:
         request.node.user_properties.append((PROPERTY, json.dumps(comparison.row())))
-        loads = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), **parity.load_counts}
-        request.node.user_properties.append((LOADS_PROPERTY, json.dumps(loads)))
 
     return record
 
@@ -395,16 +396,18 @@ class ParityReporter:
         self.loads: dict[str, dict[str, int]] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call":
-            return
-        for name, value in report.user_properties:
-            if name == PROPERTY:
-                self.rows.append(json.loads(value))
-            elif name == LOADS_PROPERTY:
-                loads = json.loads(value)
-                seen = self.loads.setdefault(loads.pop("worker"), {})
-                for side, count in loads.items():
-                    seen[side] = max(seen.get(side, 0), count)
+        if report.when == "call":
+            self.rows.extend(json.loads(value) for name, value in report.user_properties if name == PROPERTY)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Model load counts of this process: sent to the controller by an xdist worker, kept otherwise."""
+        counts = dict(self.session.load_counts)
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:
+            workeroutput[LOADS_KEY] = json.dumps(counts)
+        elif any(counts.values()):
+            self.loads["main"] = counts
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.rows:
@@ -420,3 +423,15 @@ class ParityReporter:
         terminalreporter.write_line(format_table([comparison_from_row(r) for r in self.rows]))
         failed = sum(not r["passed"] for r in self.rows)
         terminalreporter.write_line(f"{len(self.rows)} comparisons, {len(self.rows) - failed} passed, {failed} failed")
+
+
+class XdistLoadCounts:
+    """Controller side under xdist: collects each worker's model load counts as it shuts down."""
+
+    def __init__(self, reporter: ParityReporter) -> None:
+        self.reporter = reporter
+
+    def pytest_testnodedown(self, node, error) -> None:
+        counts = json.loads(getattr(node, "workeroutput", {}).get(LOADS_KEY, "{}"))
+        if any(counts.values()):
+            self.reporter.loads[node.gateway.id] = counts
