@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 from vitparity.checks import loaded_model_problems
 from vitparity.compare import NEIGHBOUR_MIN_COS, compare_features
 from vitparity.report import format_report
+
+
+def warn_unreadable(unreadable: dict[str, str]) -> None:
+    """Cases left out of the pack because their media cannot be read (their own tests fail on it)."""
+    for case_id, reason in unreadable.items():
+        warnings.warn(f"{case_id} left out of the packed batch: {reason}", stacklevel=2)
 
 
 @pytest.mark.parametrize("side", ["hf", "packing"])
@@ -36,14 +44,17 @@ def test_deterministic(parity, parity_case, case_features) -> None:
 @pytest.mark.packed
 def test_packed_batch(parity, record_comparison) -> None:
     """All cases in one packing forward equal the non-packing features (catches cross-sample attention)."""
+    packed, unreadable = parity.packed_features()
+    warn_unreadable(unreadable)
     failed = []
-    for case, packed in zip(parity.settings.cases, parity.packed_features()):
-        comparison = compare_features(
-            parity.features(case).hf, packed, name=f"packed/{case.id}", threshold=parity.settings.threshold
-        )
-        record_comparison(comparison)
-        if not comparison.passed:
-            failed.append(comparison)
+    for case in parity.settings.cases:
+        if case.id in packed:
+            comparison = compare_features(
+                parity.features(case).hf, packed[case.id], name=f"packed/{case.id}", threshold=parity.settings.threshold
+            )
+            record_comparison(comparison)
+            if not comparison.passed:
+                failed.append(comparison)
     if failed:
         pytest.fail(format_report(failed, title="packed batch vs non-packing"), pytrace=False)
 
@@ -52,14 +63,17 @@ def test_packed_batch(parity, record_comparison) -> None:
 def test_packing_independent_of_neighbours(parity) -> None:
     """A sample's packing features do not depend on what else is packed with it."""
     threshold = NEIGHBOUR_MIN_COS[parity.settings.dtype]
+    packed, unreadable = parity.packed_features()
+    warn_unreadable(unreadable)
     failed = []
-    for case, packed in zip(parity.settings.cases, parity.packed_features()):
-        comparison = compare_features(
-            parity.features(case).packing, packed, name=f"alone vs packed/{case.id}", threshold=threshold,
-            labels=("alone", "packed"),
-        )
-        if not comparison.passed:
-            failed.append(comparison)
+    for case in parity.settings.cases:
+        if case.id in packed:
+            comparison = compare_features(
+                parity.features(case).packing, packed[case.id], name=f"alone vs packed/{case.id}",
+                threshold=threshold, labels=("alone", "packed"),
+            )
+            if not comparison.passed:
+                failed.append(comparison)
     if failed:
         pytest.fail(format_report(failed, title=f"packing model, alone vs packed (min cos > {threshold})"),
                     pytrace=False)

@@ -253,9 +253,9 @@ def test_bad_input_fails_before_writing(tmp_path: Path, capsys: pytest.CaptureFi
     assert out == "" and list(out_dir.iterdir()) == []
 
 
-def test_bfloat16_on_cpu_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_float16_on_cpu_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(
-        capsys, "extract", "--image1", IMAGE, "--device", "cpu", "--dtype", "bfloat16", "--output_dir", tmp_path / "o"
+        capsys, "extract", "--image1", IMAGE, "--device", "cpu", "--dtype", "float16", "--output_dir", tmp_path / "o"
     )
     assert code == 2 and "unsupported dtype on CPU" in err
     assert not (tmp_path / "o").exists()

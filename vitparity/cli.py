@@ -21,12 +21,11 @@ from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
 from .convert import ConversionError, convert_checkpoint
 from .extract import extract_hf, extract_packing, prepare_sample
 from .features_io import HF_FILE, PACKING_FILE, read_features, write_features
-from .loading import LoadedModel, ModelLoadError, load_model, read_config
+from .loading import DTYPES, LoadedModel, ModelLoadError, load_model, read_config, resolve_device_dtype
 from .media import ALIGN_POLICIES, Media, MediaError, load_image, load_video, media_kind
 from .models import OneVisionEncoderConfig
 from .report import format_report
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROOT_DEFAULTS = {"image1": "1.jpg", "image2": "2.jpg", "video1": "1.mp4", "video2": "2.mp4"}
 NAMED_INPUTS = ("image1", "image2", "video1", "video2")
 
@@ -101,15 +100,10 @@ def resolve_inputs(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    """Resolve 'auto' choices and reject combinations that cannot run."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    if device == "cpu" and dtype != "float32":
-        raise ValueError(f"unsupported dtype on CPU: {dtype} (use --dtype float32 or --device cuda)")
+    """Resolve 'auto' choices and reject combinations that cannot run, a missing GPU included."""
+    device, dtype = resolve_device_dtype(device, dtype)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
     return device, DTYPES[dtype]
 
 

@@ -14,6 +14,7 @@ from transformers.utils import logging as hf_logging
 from .models import MODEL_TYPES
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(RuntimeError):
@@ -32,6 +33,24 @@ class LoadedModel:
 
     def describe(self) -> str:
         return f"{self.class_name} ({self.source}, {self.side}) from {self.path}"
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """Resolve `auto` (cuda when available; bfloat16 on cuda, float32 on cpu) and refuse what cannot run.
+
+    Does not check that a requested CUDA device exists: callers decide whether that is an error or a skip.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"device {device!r}: use cpu, cuda, cuda:N or auto")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)} or auto")
+    if device == "cpu" and dtype == "float16":
+        raise ValueError("unsupported dtype on CPU: float16 (use float32 or bfloat16 on CPU, or a cuda device)")
+    return device, dtype
 
 
 def read_config(path: str | Path) -> dict:

@@ -27,12 +27,11 @@ from .builtin import BUILTIN_MEDIA, builtin_paths  # noqa: E402
 from .checks import config_differences  # noqa: E402
 from .compare import Comparison, compare_features, comparison_from_row  # noqa: E402
 from .extract import extract_hf, extract_packing, prepare_sample  # noqa: E402
-from .loading import LoadedModel, load_model  # noqa: E402
-from .media import ALIGN_POLICIES, discover_media, load_media, media_kind  # noqa: E402
+from .loading import DTYPES, LoadedModel, ModelLoadError, load_model, resolve_device_dtype  # noqa: E402
+from .media import ALIGN_POLICIES, MediaError, discover_media, load_media, media_kind  # noqa: E402
 from .report import format_table, write_cosine_heatmap  # noqa: E402
 from .snapshots import GoldenData, file_sha256, golden_extension, model_fingerprint  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROPERTY = "vitparity"
 LOADS_KEY = "vitparity_model_loads"
 
@@ -151,18 +150,10 @@ def resolve_settings(config: pytest.Config) -> Settings:
     default_hf, default_packing = (None, None)
     if not raw["hf_model"] or not raw["packing_model"]:
         default_hf, default_packing = builtin_paths()
-    device = raw["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise pytest.UsageError(f"--device {device!r}: use cpu, cuda, cuda:N or auto")
-    dtype = raw["dtype"]
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in DTYPES:
-        raise pytest.UsageError(f"--dtype {dtype!r}: use one of {sorted(DTYPES)} or auto")
-    if device == "cpu" and dtype == "float16":
-        raise pytest.UsageError("--dtype float16 is not supported on CPU: use float32 or bfloat16")
+    try:
+        device, dtype = resolve_device_dtype(raw["device"], raw["dtype"])
+    except ValueError as err:
+        raise pytest.UsageError(f"--device / --dtype: {err}") from err
     if raw["align"] not in ALIGN_POLICIES:
         raise pytest.UsageError(f"--align {raw['align']!r}: use one of {ALIGN_POLICIES}")
     try:
@@ -216,7 +207,9 @@ class ParitySession:
     load_counts: dict[str, int] = field(default_factory=lambda: {"hf": 0, "packing": 0})
     _models: dict[str, LoadedModel] = field(default_factory=dict)
     _features: dict[str, CaseFeatures] = field(default_factory=dict)
-    _packed: list[np.ndarray] | None = None
+    _packed: tuple[dict[str, np.ndarray], dict[str, str]] | None = None
+    _model_error: str | None = None
+    _media_errors: dict[str, str] = field(default_factory=dict)
 
     def check_device(self) -> None:
         """Skip (or fail with --require-device) when the requested CUDA device is not there."""
@@ -227,18 +220,35 @@ class ParitySession:
             pytest.skip(message)
 
     def models(self) -> tuple[LoadedModel, LoadedModel]:
-        """Both models, loaded once; their configs must agree before any forward pass."""
+        """Both models, loaded once; their configs must agree before any forward pass.
+
+        A pair that cannot be loaded fails every test that needs it with the same clear message (tried once).
+        """
         self.check_device()
-        if not self._models:
-            s = self.settings
-            for side, path in (("hf", s.hf_model), ("packing", s.packing_model)):
-                loaded = load_model(path, dtype=s.torch_dtype, device=s.device, trust_remote_code=s.trust_remote_code)
-                self.load_counts[side] += 1
-                if loaded.side != side:
-                    raise pytest.UsageError(f"{path}: expected a {side} model, got {loaded.describe()}")
-                self._models[side] = loaded
-            check_configs_agree(self._models["hf"], self._models["packing"])
+        if self._model_error is None and not self._models:
+            try:
+                self._models = self._load_pair()
+            except ModelLoadError as err:
+                self._model_error = str(err)
+        if self._model_error is not None:
+            pytest.fail(self._model_error, pytrace=False)
         return self._models["hf"], self._models["packing"]
+
+    def _load_pair(self) -> dict[str, LoadedModel]:
+        s = self.settings
+        models = {}
+        for side, path in (("hf", s.hf_model), ("packing", s.packing_model)):
+            loaded = load_model(path, dtype=s.torch_dtype, device=s.device, trust_remote_code=s.trust_remote_code)
+            self.load_counts[side] += 1
+            if loaded.side != side:
+                raise ModelLoadError(f"{path}: given as the {side} model, but it is {loaded.describe()}")
+            models[side] = loaded
+        diffs = config_differences(models["hf"].model.config, models["packing"].model.config)
+        if diffs:
+            raise ModelLoadError(
+                f"{s.hf_model} and {s.packing_model} do not describe the same architecture: {'; '.join(diffs)}"
+            )
+        return models
 
     def _sample(self, case: ParityCase, hf: LoadedModel):
         s = self.settings
@@ -260,17 +270,34 @@ class ParitySession:
         return CaseFeatures(case, a, b, sample.grid, sample.metadata, comparison)
 
     def features(self, case: ParityCase) -> CaseFeatures:
-        """`extract(case)`, done once per session and shared by every test of the case."""
-        if case.id not in self._features:
-            self._features[case.id] = self.extract(case)
+        """`extract(case)`, done once per session and shared by every test of the case.
+
+        A media file that cannot be read fails the tests of its own case only, naming the file and the cause.
+        """
+        if case.id not in self._features and case.id not in self._media_errors:
+            try:
+                self._features[case.id] = self.extract(case)
+            except MediaError as err:
+                self._media_errors[case.id] = str(err)
+        if case.id in self._media_errors:
+            pytest.fail(f"{case.id}: {self._media_errors[case.id]}", pytrace=False)
         return self._features[case.id]
 
-    def packed_features(self) -> list[np.ndarray]:
-        """Packing-model features of every case packed into one forward pass, split back per case (once)."""
+    def packed_features(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Packing-model features of every readable case packed into one forward pass, split back per case.
+
+        Returns (case id -> features, case id -> media error of the cases left out); computed once.
+        """
         if self._packed is None:
             hf, packing = self.models()
-            samples = [self._sample(case, hf) for case in self.settings.cases]
-            self._packed = [f.cpu().numpy() for f in extract_packing(packing.model, samples)]
+            samples, errors = [], {}
+            for case in self.settings.cases:
+                try:
+                    samples.append(self._sample(case, hf))
+                except MediaError as err:
+                    errors[case.id] = str(err)
+            features = extract_packing(packing.model, samples) if samples else []
+            self._packed = ({s.name: f.cpu().numpy() for s, f in zip(samples, features)}, errors)
         return self._packed
 
     def golden_folder(self, side: str) -> Path:
@@ -279,13 +306,6 @@ class ParitySession:
         config = loaded.model.config.to_dict()
         fingerprint = model_fingerprint(loaded.path, config)
         return self.settings.golden_dir / f"{config['model_type']}-{fingerprint[:12]}-{self.settings.dtype}"
-
-
-def check_configs_agree(hf: LoadedModel, packing: LoadedModel) -> None:
-    """Refuse a pair whose architectures differ, naming each differing field."""
-    diffs = config_differences(hf.model.config, packing.model.config)
-    if diffs:
-        raise pytest.UsageError(f"the two checkpoints do not describe the same architecture: {'; '.join(diffs)}")
 
 
 SESSION_KEY = pytest.StashKey[ParitySession]()
