@@ -1,0 +1,120 @@
+"""Planted faults and benign variants of the built-in tiny checkpoints, to prove what the parity suite catches.
+
+Every variant is a checkpoint folder the suite loads by path:
+- code variants: the built-in checkpoint's config.json (plus `auto_map` and `planted_variant`) and byte-identical
+  weight files, plus `modeling_planted.py`, whose model subclass plants the change. The architecture fields and
+  weight bytes are unchanged, so the model fingerprint, and hence the golden folder, is that of the built-in model;
+- weight variants: the built-in config and converted weights edited in place (a new fingerprint: no golden).
+The suite runs code variants only with `--trust-remote-code`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vitparity.builtin import BUILTIN_HF, BUILTIN_PACKING
+
+PLANTED_MODULE = Path(__file__).with_name("modeling_planted.py")
+PLANTED_CLASSES = {"packing": "PlantedPackingModel", "hf": "PlantedHFModel"}
+FAULT, BENIGN = "fault", "benign"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A small change to one side's checkpoint; `kind` says whether the suite must catch it."""
+
+    name: str
+    kind: str  # FAULT: at least one test must fail; BENIGN: every test must pass
+    side: str  # "packing" or "hf": which checkpoint is replaced
+    mechanism: str  # "code" (planted in modeling_planted.py) or "weights" (edited tensors)
+    description: str
+
+
+VARIANTS = (
+    Variant("rope_half_split", FAULT, "packing", "code",
+            "RoPE rotates (first half, second half) pairs instead of neighbouring pairs"),
+    Variant("rope_axes_swapped", FAULT, "packing", "code",
+            "RoPE reads the h and w positions swapped"),
+    Variant("positions_ignored", FAULT, "packing", "code",
+            "patch_positions ignored: video frames at 0..T-1 instead of the 64-frame positions"),
+    Variant("cross_sample_attention", FAULT, "packing", "code",
+            "block-diagonal mask dropped: samples in one pack attend to each other"),
+    Variant("attention_scale", FAULT, "packing", "code",
+            "attention scale 1/head_dim instead of 1/sqrt(head_dim)"),
+    Variant("channels_last", FAULT, "packing", "code",
+            "each (C*p*p) patch row read in (p, p, C) order"),
+    Variant("qk_swapped", FAULT, "packing", "weights",
+            "q and k blocks of every fused qkv weight and bias swapped"),
+    Variant("hidden_states_shifted", FAULT, "packing", "code",
+            "hidden_states one layer late (entry -2 is the last layer's output)"),
+    Variant("layer_missing", FAULT, "packing", "code",
+            "layer 1 never runs although its weights load"),
+    Variant("clip_mean_std_swapped", FAULT, "hf", "code",
+            "CLIP mean and std swapped on the non-packing side"),
+    Variant("temporal_off_by_one", FAULT, "packing", "code",
+            "video frame positions round(i/(T-1)*64) instead of round(i/(T-1)*63)"),
+    Variant("gelu_tanh", BENIGN, "packing", "code",
+            "GELU with the tanh approximation"),
+    Variant("rope_input_dtype", BENIGN, "packing", "code",
+            "RoPE applied in the input dtype instead of float32"),
+    Variant("layer_norm_eps_1e-5", BENIGN, "packing", "code",
+            "every norm with eps 1e-5 instead of the config's 1e-6 (config.json unchanged)"),
+)
+VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
+
+
+def builtin_folder(side: str) -> Path:
+    return BUILTIN_HF if side == "hf" else BUILTIN_PACKING
+
+
+def _copy_checkpoint(source: Path, folder: Path) -> dict:
+    """Copy config.json and the weight files byte for byte; return the config."""
+    folder.mkdir(parents=True)
+    for path in sorted(source.iterdir()):
+        if path.name == "config.json" or path.suffix == ".safetensors" or path.name.endswith(".index.json"):
+            shutil.copyfile(path, folder / path.name)
+    return json.loads((source / "config.json").read_text())
+
+
+def _swap_q_and_k(folder: Path) -> None:
+    """Swap the q and k row blocks of every `self_attn.qkv` weight and bias (a pure weight change)."""
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    for name, tensor in tensors.items():
+        if ".self_attn.qkv." in name:
+            q, k, v = tensor.chunk(3, dim=0)
+            tensors[name] = torch.cat([k, q, v], dim=0).contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def build_variant(variant: Variant | str, root: Path) -> Path:
+    """Write the variant's checkpoint folder `root/<name>` and return it."""
+    variant = VARIANTS_BY_NAME[variant] if isinstance(variant, str) else variant
+    folder = Path(root) / variant.name
+    config = _copy_checkpoint(builtin_folder(variant.side), folder)
+    if variant.mechanism == "weights":
+        if variant.name != "qk_swapped":
+            raise ValueError(f"no weight edit for {variant.name}")
+        _swap_q_and_k(folder)
+        return folder
+    shutil.copyfile(PLANTED_MODULE, folder / PLANTED_MODULE.name)
+    config["auto_map"] = {"AutoModel": f"{PLANTED_MODULE.stem}.{PLANTED_CLASSES[variant.side]}"}
+    config["planted_variant"] = variant.name
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def suite_args(variant: Variant, folder: Path, dtype: str, *, golden_dir: Path, report_dir: Path) -> list[str]:
+    """Options of a parity-suite run with the variant in place of its side's built-in checkpoint."""
+    hf = folder if variant.side == "hf" else BUILTIN_HF
+    packing = folder if variant.side == "packing" else BUILTIN_PACKING
+    return [
+        "--hf-model", str(hf), "--packing-model", str(packing), "--trust-remote-code",
+        "--dtype", dtype, "--device", "cpu", "--golden-dir", str(golden_dir), "--report-dir", str(report_dir),
+    ]

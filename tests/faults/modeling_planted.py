@@ -1,0 +1,231 @@
+"""Checkpoint code that plants one fault, or one benign change, in the project's encoders.
+
+This file is copied verbatim into a variant's checkpoint folder and named by `auto_map` in its config.json;
+the config field `planted_variant` says what to plant. The suite runs it only with `--trust-remote-code`.
+The weights keep their names and shapes, so the checkpoint still loads strictly.
+
+It imports only torch, transformers and vitparity: the copy in the checkpoint folder must work on its own.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from vitparity.models import OneVisionEncoderModel, OneVisionEncoderPackingModel
+from vitparity.models.layers import EncoderLayer, EncoderMLP, VisionRotary3D, patch_grid_positions, rotate_pairs
+from vitparity.models.modeling_onevision_encoder_packing import OneVisionEncoderPackingAttention
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEMPORAL_CONTEXT = 64
+SKIPPED_LAYER = 1  # the layer that `layer_missing` never runs (its weights still load)
+# The module whose globals the packing attention calls (apply_rope, packed_attention).
+PACKING_ATTENTION_MODULE = sys.modules[OneVisionEncoderPackingAttention.__module__]
+
+
+def rotate_halves(x: torch.Tensor) -> torch.Tensor:
+    """The other common RoPE convention: (a, b) halves -> (-b, a). Not the release's pairing."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in float32 with the half-split rotation instead of neighbouring pairs."""
+    xf = x.float()
+    return (xf * cos + rotate_halves(xf) * sin).to(x.dtype)
+
+
+def rope_in_input_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The release's RoPE with cos / sin cast to x's dtype, so every product is rounded to it."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_pairs(x) * sin
+
+
+def attention_across_samples(original):
+    """`packed_attention` that treats the whole pack as one sample (no block-diagonal mask)."""
+
+    def joint(q, k, v, segments, *args, **kwargs):
+        return original(q, k, v, type(segments).from_lengths([q.shape[0]], q.device), *args, **kwargs)
+
+    return joint
+
+
+@contextmanager
+def swapped_globals(module, replacements: dict):
+    """Replace module globals for the duration of one forward pass; fail if a replacement never ran.
+
+    A replacement that is never called means the library no longer calls that name: the variant would then
+    test nothing, so this raises instead of letting a benign run pass or a fault go unplanted.
+    """
+    calls = dict.fromkeys(replacements, 0)
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    originals = {}
+    for name, make in replacements.items():
+        if not hasattr(module, name):
+            raise RuntimeError(f"cannot plant: {module.__name__} has no {name}")
+        originals[name] = getattr(module, name)
+        setattr(module, name, counted(name, make(originals[name])))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(module, name, original)
+    missing = [name for name, count in calls.items() if not count]
+    if missing:
+        raise RuntimeError(f"planted replacement of {module.__name__}.{'/'.join(missing)} was never called")
+
+
+# Replacements of the packing attention module's globals, active only inside the planted model's forward.
+GLOBAL_PLANTS = {
+    "rope_half_split": {"apply_rope": lambda original: rope_half_split},
+    "cross_sample_attention": {"packed_attention": attention_across_samples},
+    "rope_input_dtype": {"apply_rope": lambda original: rope_in_input_dtype},
+}
+
+
+class AxesSwappedRotary(VisionRotary3D):
+    """RoPE that reads (t, h, w) positions as (t, w, h)."""
+
+    def forward(self, positions: torch.Tensor):
+        return super().forward(positions[..., [0, 2, 1]])
+
+
+class SkippedEncoderLayer(EncoderLayer):
+    """A layer whose weights load but which is never applied."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _wrong_scale(model: nn.Module) -> None:
+    for layer in model.encoder.layers:
+        if not hasattr(layer.self_attn, "scale"):
+            raise RuntimeError("cannot plant: the attention module has no `scale` attribute")
+        layer.self_attn.scale = 1.0 / layer.self_attn.head_dim  # head_dim**-1 instead of head_dim**-0.5
+
+
+def _swap_axes(model: nn.Module) -> None:
+    model.rotary.__class__ = AxesSwappedRotary
+
+
+def _skip_layer(model: nn.Module) -> None:
+    model.encoder.layers[SKIPPED_LAYER].__class__ = SkippedEncoderLayer
+
+
+def _gelu_tanh(model: nn.Module) -> None:
+    mlps = [module for module in model.modules() if isinstance(module, EncoderMLP)]
+    if not mlps or not all(isinstance(getattr(mlp, "act", None), nn.Module) for mlp in mlps):
+        raise RuntimeError("cannot plant: no EncoderMLP with an `act` module")
+    for mlp in mlps:
+        mlp.act = nn.GELU(approximate="tanh")
+
+
+def _norm_eps(model: nn.Module) -> None:
+    norms = [module for module in model.modules() if isinstance(module, (nn.LayerNorm, nn.RMSNorm))]
+    if not norms:
+        raise RuntimeError("cannot plant: no LayerNorm or RMSNorm")
+    for norm in norms:
+        norm.eps = 1e-5
+
+
+# Changes to modules, made when the model is built (before its weights load); valid on both sides.
+MODULE_PLANTS = {
+    "rope_axes_swapped": _swap_axes,
+    "attention_scale": _wrong_scale,
+    "layer_missing": _skip_layer,
+    "gelu_tanh": _gelu_tanh,
+    "layer_norm_eps_1e-5": _norm_eps,
+}
+# Changes to the inputs or outputs of forward, made by the model classes below.
+PACKING_IO_PLANTS = ("positions_ignored", "temporal_off_by_one", "channels_last", "hidden_states_shifted")
+HF_IO_PLANTS = ("clip_mean_std_swapped", "hidden_states_shifted")
+
+
+def _plant(model: nn.Module, known: tuple[str, ...]) -> str:
+    name = getattr(model.config, "planted_variant", None)
+    if name in MODULE_PLANTS:
+        MODULE_PLANTS[name](model)
+    elif name not in known:
+        raise ValueError(f"unknown planted variant {name!r} for {type(model).__name__}")
+    return name
+
+
+def _shift_hidden_states(outputs):
+    """hidden_states one layer late: entry i holds what entry i+1 should, the final (post-norm) output last."""
+    if outputs.hidden_states is not None:
+        outputs.hidden_states = tuple(outputs.hidden_states[1:]) + (outputs.last_hidden_state,)
+    return outputs
+
+
+def _off_by_one_frame_positions(positions: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
+    """Video frame positions interpolated over `context` frames instead of `context - 1`: round(i/(T-1)*64)."""
+    positions = positions.clone()
+    start = 0
+    for t, h, w in grid:
+        if t > 1:
+            frame = torch.arange(t, device=positions.device).repeat_interleave(h * w)
+            positions[start:start + t * h * w, 0] = torch.round(frame * TEMPORAL_CONTEXT / (t - 1)).to(positions.dtype)
+        start += t * h * w
+    return positions
+
+
+def _finish(outputs, return_dict, config):
+    return outputs if (return_dict if return_dict is not None else config.return_dict) else outputs.to_tuple()
+
+
+class PlantedPackingModel(OneVisionEncoderPackingModel):
+    """The packing encoder with `config.planted_variant` planted."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.planted_variant = _plant(self, PACKING_IO_PLANTS + tuple(GLOBAL_PLANTS))
+
+    def forward(self, hidden_states, grid_thw, patch_positions=None, output_hidden_states=None, return_dict=None):
+        variant = self.planted_variant
+        grid = torch.as_tensor(grid_thw).tolist()
+        if variant == "positions_ignored":
+            patch_positions = None  # RoPE from the grid: video frames at 0..T-1, not at their 64-frame positions
+        elif variant == "temporal_off_by_one":
+            if patch_positions is None:
+                patch_positions = torch.cat([patch_grid_positions(t, h, w, hidden_states.device) for t, h, w in grid])
+            patch_positions = _off_by_one_frame_positions(torch.as_tensor(patch_positions), grid)
+        elif variant == "channels_last":
+            c, p = self.config.num_channels, self.config.patch_size
+            hidden_states = hidden_states.reshape(-1, p, p, c).permute(0, 3, 1, 2).reshape(-1, c * p * p)
+        with swapped_globals(PACKING_ATTENTION_MODULE, GLOBAL_PLANTS.get(variant, {})):
+            outputs = super().forward(hidden_states, grid_thw, patch_positions, output_hidden_states, return_dict=True)
+        if variant == "hidden_states_shifted":
+            outputs = _shift_hidden_states(outputs)
+        return _finish(outputs, return_dict, self.config)
+
+
+class PlantedHFModel(OneVisionEncoderModel):
+    """The non-packing encoder with `config.planted_variant` planted."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.planted_variant = _plant(self, HF_IO_PLANTS)
+
+    def forward(self, pixel_values, visible_indices=None, patch_positions=None, output_hidden_states=None,
+                return_dict=None):
+        if self.planted_variant == "clip_mean_std_swapped":
+            shape = (1, -1) + (1,) * (pixel_values.dim() - 2)
+            mean = torch.tensor(CLIP_MEAN, device=pixel_values.device).view(shape)
+            std = torch.tensor(CLIP_STD, device=pixel_values.device).view(shape)
+            raw = pixel_values.float() * std + mean  # undo the correct normalisation ...
+            pixel_values = ((raw - std) / mean).to(pixel_values.dtype)  # ... and redo it with mean and std swapped
+        outputs = super().forward(pixel_values, visible_indices, patch_positions, output_hidden_states, return_dict=True)
+        if self.planted_variant == "hidden_states_shifted":
+            outputs = _shift_hidden_states(outputs)
+        return _finish(outputs, return_dict, self.config)

@@ -1,0 +1,139 @@
+"""The parity suite catches every planted fault and passes every benign variant, in float32 and bfloat16 on CPU.
+
+Each variant (tests/faults) is built as a checkpoint folder in tmp_path and the repository's parity suite
+(parity_tests/, via the plugin) runs against it in process, end to end: loading by path with
+--trust-remote-code, extraction, parity, packed-batch and golden tests. Goldens are read from a copy of
+fixtures/golden and heat maps go to tmp_path, so nothing is written into the repository.
+
+Run with -s to see the detection table of each run; VITPARITY_FAULTS_OUT=DIR also writes one JSON record per
+run into DIR, rendered by `python -m tests.faults.detection DIR` (docs/detection.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers.dynamic_module_utils
+
+from faults import VARIANTS, build_variant, suite_args
+from faults.detection import detection_from_reports, format_text_table
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parent.parent
+DTYPES = ("float32", "bfloat16")
+
+
+@pytest.fixture(scope="session")
+def golden_copy(tmp_path_factory) -> Path:
+    """A private copy of the committed goldens: the runs can read them but never write into the repository."""
+    folder = tmp_path_factory.mktemp("goldens") / "golden"
+    shutil.copytree(REPO / "fixtures" / "golden", folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def modules_cache(tmp_path_factory) -> Path:
+    """Where transformers copies the variants' checkpoint code (HF_MODULES_CACHE) instead of the user's cache."""
+    return tmp_path_factory.mktemp("hf_modules")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The forward passes are tiny; several torch threads on a busy or shared CPU (or under -n) are far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _isolate(monkeypatch, modules_cache: Path) -> None:
+    """No suite option from the environment, and remote code cached under tmp."""
+    for name in list(os.environ):
+        if name.startswith("VITPARITY_") or name == "PYTEST_ADDOPTS":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_MODULES_CACHE", str(modules_cache))
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(modules_cache))
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_suite_verdict_on_variant(variant, dtype, pytester, monkeypatch, tmp_path, golden_copy, modules_cache) -> None:
+    out_dir = os.environ.get("VITPARITY_FAULTS_OUT")
+    _isolate(monkeypatch, modules_cache)
+    folder = build_variant(variant, tmp_path / "checkpoints")
+    goldens_before = _tree(golden_copy)
+
+    start = time.perf_counter()
+    result = pytester.runpytest_inprocess(
+        str(REPO / "parity_tests"), "-c", str(REPO / "pyproject.toml"), "--rootdir", str(REPO),
+        "-p", "no:cacheprovider", "-q",
+        *suite_args(variant, folder, dtype, golden_dir=golden_copy, report_dir=tmp_path / "report"),
+    )
+    seconds = time.perf_counter() - start
+    detection = detection_from_reports(
+        variant, dtype, result.ret, result.reprec.getreports("pytest_runtest_logreport"),
+        result.reprec.getreports("pytest_collectreport"), seconds,
+    )
+    print(f"\n{variant.kind} {variant.name} ({variant.side} side, {variant.mechanism}): {variant.description}")
+    print(format_text_table([detection]))
+    if detection.failed:
+        print("failed: " + " ".join(detection.failed))
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"{variant.name}-{dtype}.json").write_text(detection.to_json() + "\n")
+
+    assert _tree(golden_copy) == goldens_before, "a suite run wrote into the golden folder"
+    assert detection.ran, f"the suite did not run (exit {result.ret}):\n{result.stdout.str()[-4000:]}"
+    assert str(folder) in result.stdout.str(), "the suite's summary does not name the variant's checkpoint"
+    if variant.kind == "fault":
+        assert detection.failed, f"fault {variant.name} went undetected in {dtype}:\n{result.stdout.str()[-4000:]}"
+    else:
+        assert not detection.failed and not detection.skipped, (
+            f"false alarm on benign {variant.name} in {dtype}:\n{result.stdout.str()[-6000:]}"
+        )
+        if (variant.name, dtype) != ("rope_input_dtype", "float32"):  # the same arithmetic in float32
+            assert detection.parity_max_abs, f"benign {variant.name} changed no feature: was it planted?"
+
+
+def test_variants_run_their_own_code(monkeypatch, tmp_path, modules_cache) -> None:
+    """Every code variant loads as its planted class (not the project's) and only with trust_remote_code."""
+    from vitparity.loading import ModelLoadError, load_model
+
+    _isolate(monkeypatch, modules_cache)
+    for variant in VARIANTS:
+        folder = build_variant(variant, tmp_path)
+        loaded = load_model(folder, trust_remote_code=True)
+        if variant.mechanism == "code":
+            assert loaded.source == "remote code" and loaded.class_name.startswith("Planted"), loaded.describe()
+            assert loaded.model.planted_variant == variant.name
+        else:
+            assert loaded.source == "vitparity", loaded.describe()
+        assert loaded.side == variant.side
+        plain = load_model(folder)  # without trust: the project's own class on the same weights
+        assert plain.source == "vitparity" and not plain.class_name.startswith("Planted")
+
+
+def test_code_variants_keep_the_golden_fingerprint(tmp_path) -> None:
+    """Code variants change no architecture field and no weight byte, so the committed goldens apply to them."""
+    import json
+
+    from faults import builtin_folder
+    from vitparity.snapshots import model_fingerprint
+
+    for variant in VARIANTS:
+        folder = build_variant(variant, tmp_path)
+        reference = builtin_folder(variant.side)
+        same = model_fingerprint(folder, json.loads((folder / "config.json").read_text())) == model_fingerprint(
+            reference, json.loads((reference / "config.json").read_text())
+        )
+        assert same == (variant.mechanism == "code"), variant.name
