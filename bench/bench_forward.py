@@ -27,6 +27,10 @@ facts use for an H100; the nominal dense bf16 peak is 989 TFLOP/s).
 
 from __future__ import annotations
 
+import time as _time
+
+_T_SCRIPT = _time.perf_counter()  # before the heavy imports: the parity run reports its import time
+
 import argparse
 import datetime as dt
 import json
@@ -54,6 +58,7 @@ from vitparity.convert import convert_config, hf_to_packing_state_dict  # noqa: 
 from vitparity.extract import extract_hf, extract_packing, patchify, prepare_sample, token_positions  # noqa: E402
 from vitparity.media import Media  # noqa: E402
 from vitparity.models import OneVisionEncoderConfig, OneVisionEncoderModel, OneVisionEncoderPackingModel  # noqa: E402
+from vitparity.models import layers as model_layers  # noqa: E402
 from vitparity.models import packed_attention as pa  # noqa: E402
 
 CONFIGS = {
@@ -263,6 +268,9 @@ def peak_memory(device: torch.device, result: dict):
     result.update(peak_gib=peak / GIB, extra_gib=(peak - base) / GIB)
 
 
+SYNC_MESSAGES: dict[str, int] = {}
+
+
 def count_syncs(fn, device: torch.device) -> int | None:
     """How many synchronising CUDA calls torch reports during fn() (set_sync_debug_mode), None off CUDA."""
     if device.type != "cuda":
@@ -276,7 +284,10 @@ def count_syncs(fn, device: torch.device) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     sync(device)
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
+    found = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    for message in found:
+        SYNC_MESSAGES[message[:300]] = SYNC_MESSAGES.get(message[:300], 0) + 1
+    return len(found)
 
 
 def parity_stats(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -357,6 +368,78 @@ def run_forward(args, device, dtype, hf, packing, results: dict) -> None:
                  "syncs"], rows)
     log(f"\nParity hf vs packing ({args.dtype}, features as float32, statistics in float64)")
     print_table(["case", "tokens", "min cos", "mean cos", "max abs", "mean abs"], prow)
+    if SYNC_MESSAGES:
+        log("\nsynchronising calls seen by torch.cuda.set_sync_debug_mode during forwards:")
+        for message, count in SYNC_MESSAGES.items():
+            log(f"  {count} x {message}")
+    results["sync_messages"] = dict(SYNC_MESSAGES)
+
+
+CROSS_PAIRS = (("cudnn", "varlen", "auto"), ("flash", "sdpa", "cudnn"))
+
+
+def run_cross_parity(args, device, dtype, hf, packing, results: dict) -> None:
+    """Parity between the two models when their attention runs on different kernels (as the release pair does)."""
+    config = hf.config
+    rows = []
+    pairs = CROSS_PAIRS if device.type == "cuda" else (("math", "sdpa", "default"),)
+    for index, case in enumerate(args.cases):
+        sample = make_sample(case, config, dtype, device, seed=100 + index)
+        for hf_kernel, backend, kernel in pairs:
+            label = f"hf:{hf_kernel} vs packing:{backend}" + (f":{kernel}" if backend == "sdpa" else "")
+            try:
+                hf.attention_kernel = hf_kernel
+                packing.packed_attention_backend, packing.attention_kernel = backend, kernel
+                p = parity_stats(extract_hf(hf, sample, temporal_context=config.rope_temporal_size),
+                                 extract_packing(packing, [sample])[0])
+                rows.append([case, str(sample.num_tokens), label, f"{p['min_cos']:.6f}", f"{p['mean_cos']:.6f}",
+                             f"{p['max_abs']:.4g}"])
+                results.setdefault("cross_parity", []).append({"case": case, "pair": label, **p})
+            except Exception as err:
+                rows.append([case, str(sample.num_tokens), label, "error", "-", "-"])
+                log(f"  {case} {label}: {type(err).__name__}: {err}"[:300])
+            finally:
+                hf.attention_kernel, packing.packed_attention_backend, packing.attention_kernel = "auto", "auto", "auto"
+        del sample
+    log(f"\nParity across attention kernels ({args.dtype}): the models on different kernels")
+    print_table(["case", "tokens", "pair", "min cos", "mean cos", "max abs"], rows)
+
+
+def run_rope_check(args, device, dtype, config, results: dict) -> None:
+    """The RoPE path used on this device against the plain float32 formula; first-call (compile) time."""
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    rotary = model_layers.VisionRotary3D(head_dim, config.rope_theta)
+    gen = torch.Generator(device=device).manual_seed(3)
+    checks = {}
+    t0 = time.perf_counter()
+    for layout in ("packing (N, H, D) view of qkv", "hf (1, H, N, D) view"):
+        for n in (1, 37, 4099):
+            positions = torch.randint(0, 64, (n, 3), generator=gen, device=device)
+            cos, sin = rotary(positions)
+            if layout.startswith("packing"):
+                x = torch.randn(n, 3, heads, head_dim, generator=gen, device=device).to(dtype)[:, 0]
+                c, s_ = cos[:, None], sin[:, None]
+            else:
+                x = torch.randn(1, n, heads, head_dim, generator=gen, device=device).to(dtype).transpose(1, 2)
+                c, s_ = cos[None, None], sin[None, None]
+            fast = model_layers.apply_rope(x, c, s_)
+            ref = model_layers.apply_rope_reference(x, c, s_)
+            if n == 1 and layout.startswith("packing"):
+                sync(device)
+                checks["first call incl. compile / cache load, s"] = time.perf_counter() - t0
+            diff = (fast.float() - ref.float()).abs()
+            checks[f"{layout}, n={n}: max abs diff"] = diff.max().item()
+            checks[f"{layout}, n={n}: elements differing"] = int((diff > 0).sum().item())
+            checks[f"{layout}, n={n}: same shape and strides"] = fast.shape == ref.shape and (
+                fast.stride() == ref.stride() or fast.shape[0] == 1)
+    module = model_layers._triton_state.get("module")
+    checks["path"] = "triton" if (device.type == "cuda" and module is not None and model_layers.ROPE_IMPL != "torch") \
+        else "torch"
+    checks["triton error"] = str(model_layers._triton_state.get("error"))
+    results["rope_check"] = checks
+    log("\nRoPE check (" + args.dtype + ", path " + checks["path"] + "):")
+    for k, v in checks.items():
+        log(f"  {k}: {v}")
 
 
 def run_variants(args, device, dtype, hf, packing, results: dict) -> None:
@@ -369,7 +452,12 @@ def run_variants(args, device, dtype, hf, packing, results: dict) -> None:
         for variant in args.variants:
             side, _, choice = variant.partition(":")
             try:
-                if side == "hf":
+                if side == "rope":
+                    model_layers.ROPE_IMPL = choice
+                    both = lambda: (extract_hf(hf, sample, temporal_context=config.rope_temporal_size),  # noqa: E731
+                                    extract_packing(packing, [sample])[0])
+                    fn = both
+                elif side == "hf":
                     hf.attention_kernel = choice
                     fn = lambda: extract_hf(hf, sample, temporal_context=config.rope_temporal_size)  # noqa: E731
                 else:
@@ -378,8 +466,9 @@ def run_variants(args, device, dtype, hf, packing, results: dict) -> None:
                     packing.attention_kernel = kernel or "auto"
                     fn = lambda: extract_packing(packing, [sample])[0]  # noqa: E731
                 median, _, _ = time_region(fn, device, 1, max(2, args.repeats // 2))
-                entry = {"case": case, "variant": variant, "median_s": median, "tflops": flops / median / 1e12,
-                         "x_floor": median / (flops / (args.floor_tflops * 1e12))}
+                work = flops * (2 if side == "rope" else 1)
+                entry = {"case": case, "variant": variant, "median_s": median, "tflops": work / median / 1e12,
+                         "x_floor": median / (work / (args.floor_tflops * 1e12))}
                 rows.append([case, variant, f"{median:.4f}", f"{entry['tflops']:.1f}", f"{entry['x_floor']:.2f}"])
             except Exception as err:  # a kernel that is absent or refuses these inputs is reported, not fatal
                 entry = {"case": case, "variant": variant, "error": f"{type(err).__name__}: {err}"[:300]}
@@ -389,9 +478,11 @@ def run_variants(args, device, dtype, hf, packing, results: dict) -> None:
                 hf.attention_kernel = "auto"
                 packing.packed_attention_backend = "auto"
                 packing.attention_kernel = "auto"
+                model_layers.ROPE_IMPL = "auto"
             results["variants"].append(entry)
         del sample
-    log("\nWhole forwards per attention variant (hf:<sdpa kernel>, packing:<backend>[:<sdpa kernel>])")
+    log("\nWhole forwards per variant (hf:<sdpa kernel>, packing:<backend>[:<sdpa kernel>]; rope:<impl> = both models "
+        "one after the other, FLOPs of both)")
     print_table(["case", "variant", "time s", "TFLOP/s", "x floor"], rows)
 
 
@@ -554,12 +645,35 @@ def run_overhead(args, device, dtype, hf, packing, workdir: Path, results: dict)
             b = arr
         del feats
     timed("compare_features (CPU, numpy)", lambda: compare_features(a, b, name="overhead"), repeats=1)
+    # alternatives the suite does not use (for reference): comparison on the device, copy into pinned memory
+    ga = extract_hf(hf, sample, temporal_context=config.rope_temporal_size)
+    gb = extract_packing(packing, [sample])[0]
+    alternatives: dict[str, float] = {}
+    for name, fn in (
+        ("per-token cosine + stats on the device (torch, float64)", lambda: parity_stats(ga, gb)),
+        ("per-token cosine + stats on the device (torch, float32)", lambda: (
+            F.cosine_similarity(ga, gb, dim=-1).min().item(), (ga - gb).abs().max().item())),
+        ("one feature array to pinned host memory", lambda: ga.to("cpu", non_blocking=True) if device.type != "cuda"
+         else torch.empty(ga.shape, dtype=ga.dtype, pin_memory=True).copy_(ga, non_blocking=True)),
+    ):
+        values = []
+        for _ in range(3):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            values.append(time.perf_counter() - t0)
+        alternatives[name] = statistics.median(values)
+    del ga, gb
     results["overhead"] = {"tokens": sample.num_tokens, "file": str(path.name), "steps_s": steps,
-                           "total_s": sum(steps.values())}
+                           "total_s": sum(steps.values()), "alternatives_s": alternatives}
     log(f"\nSuite overhead for one {width}x{height} {t}-frame video ({sample.num_tokens} tokens), "
         f"median of 3 (comparison: 1 run)")
     print_table(["step", "seconds"], [[k, f"{v:.4f}"] for k, v in steps.items()] +
                 [["total", f"{sum(steps.values()):.4f}"]])
+    log("  not used by the suite, for reference:")
+    for k, v in alternatives.items():
+        log(f"    {k}: {v:.4f} s")
 
 
 def parity_run_child(args) -> dict:
@@ -573,6 +687,7 @@ def parity_run_child(args) -> dict:
     workdir = Path(args.parity_run_child)
     media = sorted(p for p in (workdir / "media").iterdir())
     t_start = time.perf_counter()
+    imports = t_start - _T_SCRIPT
     if device.type == "cuda":
         torch.cuda.init()
     parts = {"cuda init": time.perf_counter() - t_start}
@@ -623,7 +738,7 @@ def parity_run_child(args) -> dict:
     packed_s = time.perf_counter() - t0
     del packed
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    return {"total_s": total, "parts_s": parts, "forward_s": forward, "cases": per_case,
+    return {"total_s": total, "imports_s": imports, "parts_s": parts, "forward_s": forward, "cases": per_case,
             "packed_batch_forward_s": packed_s, "peak_gib": peak}
 
 
@@ -657,6 +772,7 @@ def run_parity(args, device, dtype, hf, packing, workdir: Path, results: dict) -
     rows = [[k, f"{v:.3f}"] for k, v in child["parts_s"].items()]
     rows += [[f"forward {k} (sum)", f"{v:.3f}"] for k, v in child["forward_s"].items()]
     rows += [["total, in process (after imports)", f"{child['total_s']:.3f}"],
+             ["imports (python, torch, transformers, vitparity) before the run", f"{child['imports_s']:.3f}"],
              ["process wall (python start to exit)", f"{wall:.3f}"],
              ["suite overhead (decode, hash, prepare, protocol, to host, compare)",
               f"{overhead:.3f} ({100 * child['suite_overhead_fraction']:.1f}%)"],
@@ -686,7 +802,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--floor-tflops", type=float, default=795.0)
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["forward", "variants", "attention", "overhead", "parity-run", "sharp-parity"])
+                        choices=["rope-check", "forward", "cross-parity", "variants", "attention", "overhead",
+                                 "parity-run", "sharp-parity"])
     parser.add_argument("--variants", nargs="*", default=None,
                         help="whole-forward variants, e.g. hf:flash hf:cudnn packing:varlen packing:sdpa:flash")
     parser.add_argument("--variant-cases", nargs="*", default=None, choices=sorted(CASES))
@@ -717,8 +834,8 @@ def parse_args(argv=None):
             "image-1080p", "image-1080p", "video-1080p", "video-1080p"]
     if args.variants is None:
         args.variants = (["hf:default", "hf:flash", "hf:cudnn", "hf:efficient", "packing:sdpa:flash",
-                          "packing:sdpa:cudnn", "packing:varlen", "packing:nested:default"]
-                         if args.device.startswith("cuda") else ["hf:default", "packing:sdpa:default"])
+                          "packing:sdpa:cudnn", "packing:varlen", "packing:nested:default", "rope:torch", "rope:auto"]
+                         if args.device.startswith("cuda") else ["hf:default", "packing:sdpa:default", "rope:torch"])
     return args
 
 
@@ -746,14 +863,20 @@ def main(argv=None) -> int:
         f"(head_dim {c.head_dim}), intermediate {c.intermediate_size}, patch {c.patch_size}; "
         f"{sum(p.numel() for p in hf.parameters()) / 1e6:.1f} M parameters; dtype {args.dtype}; device {device}; "
         f"built in {time.perf_counter() - t0:.1f} s")
-    log(f"auto choices on this device: dense SDPA kernel {pa.AUTO_SDPA_KERNEL!r} (CUDA half precision), packed "
-        f"backend {pa.resolve_backend('auto', torch.empty(0, device=device, dtype=dtype))!r}")
+    probe = torch.empty(0, device=device, dtype=dtype)
+    log(f"auto choices here: dense SDPA kernel {pa.resolve_sdpa_kernel('auto', probe)!r}, packed backend "
+        f"{pa.resolve_backend('auto', probe)!r}, packed SDPA kernel {pa.resolve_sdpa_kernel('auto', probe)!r}, "
+        f"RoPE {model_layers.ROPE_IMPL!r} (Triton on CUDA when available)")
     with tempfile.TemporaryDirectory(prefix="vitparity-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         with torch.inference_mode():
+            if "rope-check" not in args.skip:
+                run_rope_check(args, device, dtype, c, results)
             if "forward" not in args.skip:
                 run_forward(args, device, dtype, hf, packing, results)
+            if "cross-parity" not in args.skip:
+                run_cross_parity(args, device, dtype, hf, packing, results)
             if "attention" not in args.skip:
                 run_attention(args, device, dtype, c, results)
             if "variants" not in args.skip and args.variants:
