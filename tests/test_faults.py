@@ -87,13 +87,16 @@ def test_suite_verdict_on_variant(variant, dtype, pytester, monkeypatch, tmp_pat
     print(f"\n{variant.kind} {variant.name} ({variant.side} side, {variant.mechanism}): {variant.description}")
     print(format_text_table([detection]))
     if detection.failed:
+        heat_maps = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
         print("failed: " + " ".join(detection.failed))
+        print(f"heat maps written: {len(heat_maps)}")
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / f"{variant.name}-{dtype}.json").write_text(detection.to_json() + "\n")
 
     assert _tree(golden_copy) == goldens_before, "a suite run wrote into the golden folder"
     assert detection.ran, f"the suite did not run (exit {result.ret}):\n{result.stdout.str()[-4000:]}"
+    assert not detection.errors, "the suite crashed instead of giving verdicts:\n" + "\n".join(detection.errors[:10])
     assert str(folder) in result.stdout.str(), "the suite's summary does not name the variant's checkpoint"
     if variant.kind == "fault":
         assert detection.failed, f"fault {variant.name} went undetected in {dtype}:\n{result.stdout.str()[-4000:]}"
@@ -101,7 +104,7 @@ def test_suite_verdict_on_variant(variant, dtype, pytester, monkeypatch, tmp_pat
         assert not detection.failed and not detection.skipped, (
             f"false alarm on benign {variant.name} in {dtype}:\n{result.stdout.str()[-6000:]}"
         )
-        if (variant.name, dtype) != ("rope_input_dtype", "float32"):  # the same arithmetic in float32
+        if (variant.name, dtype) != ("rope_input_dtype", "float32"):  # float32 RoPE either way: may be bit-equal
             assert detection.parity_max_abs, f"benign {variant.name} changed no feature: was it planted?"
 
 

@@ -30,7 +30,8 @@ class Detection:
     dtype: str
     exit_code: int
     passed: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)  # failed in call, or errored in setup / teardown
+    failed: list[str] = field(default_factory=list)  # a verdict: pytest.fail or a failed assert in the test call
+    errors: list[str] = field(default_factory=list)  # "test_id: message" of any other failure (crash, setup error)
     skipped: list[str] = field(default_factory=list)
     collection_errors: list[str] = field(default_factory=list)
     parity_min_cos: float | None = None  # worst min per-token cosine over the suite's recorded comparisons
@@ -41,7 +42,7 @@ class Detection:
 
     @property
     def total(self) -> int:
-        return len(self.passed) + len(self.failed) + len(self.skipped)
+        return len(self.passed) + len(self.failed) + len(self.errors) + len(self.skipped)
 
     @property
     def ran(self) -> bool:
@@ -54,7 +55,8 @@ class Detection:
 
     @property
     def as_required(self) -> bool:
-        if not self.ran:
+        """Faults: caught by at least one failing verdict; benign: every test passed. Never a crash."""
+        if not self.ran or self.errors:
             return False
         return self.detected if self.kind == "fault" else (not self.failed and not self.skipped)
 
@@ -100,14 +102,35 @@ def _largest(values: list[float]) -> float | None:
     return max(finite) if finite else None
 
 
+# How the suite's tests fail: pytest.fail ("Failed: ..."), or an assert (golden tests, through syrupy), which
+# pytest reports as "AssertionError: ..." or, when it rewrote the assert, as "assert <explanation>".
+VERDICTS = ("Failed", "AssertionError", "assert ")
+
+
+def failure_message(report) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = crash.message if crash is not None else str(report.longrepr)
+    return message.strip().splitlines()[0] if message.strip() else ""
+
+
 def detection_from_reports(variant, dtype: str, exit_code: int, test_reports, collect_reports, seconds: float = 0.0) -> Detection:
-    """Build a Detection from pytest's TestReport objects (all phases) and CollectReport objects of one run."""
+    """Build a Detection from pytest's TestReport objects (all phases) and CollectReport objects of one run.
+
+    Only a failure of the test call itself through pytest.fail or an assertion counts as a verdict; an exception
+    elsewhere (a crash of the model, a fixture error) is an error, which no variant may cause.
+    """
     outcome: dict[str, str] = {}
+    errors: list[str] = []
     rows, golden_cos, missing = [], [], 0
     for report in test_reports:
         test_id = short_test_id(report.nodeid)
         if report.failed:
-            outcome[test_id] = "failed"
+            message = failure_message(report)
+            if report.when == "call" and message.startswith(VERDICTS):
+                outcome[test_id] = "failed"
+            else:
+                outcome[test_id] = "error"
+                errors.append(f"{test_id} ({report.when}): {message}")
             text = report.longreprtext
             if GOLDEN_MISSING in text:
                 missing += 1
@@ -121,7 +144,7 @@ def detection_from_reports(variant, dtype: str, exit_code: int, test_reports, co
     by_outcome = {state: [t for t, s in outcome.items() if s == state] for state in ("passed", "failed", "skipped")}
     return Detection(
         variant=variant.name, kind=variant.kind, side=variant.side, dtype=dtype, exit_code=int(exit_code),
-        passed=by_outcome["passed"], failed=by_outcome["failed"], skipped=by_outcome["skipped"],
+        passed=by_outcome["passed"], failed=by_outcome["failed"], skipped=by_outcome["skipped"], errors=errors,
         collection_errors=[r.nodeid for r in collect_reports if r.failed],
         parity_min_cos=_worst([row.get("min_cos") for row in rows]),
         parity_max_abs=_largest([row.get("max_abs") for row in rows]),
@@ -145,7 +168,8 @@ COLUMNS = ("variant", "kind", "dtype", "failed", "tests failed", "parity min cos
 
 def _cells(d: Detection) -> tuple[str, ...]:
     return (
-        d.variant, d.kind, d.dtype, f"{len(d.failed)}/{d.total}", d.failed_groups(), _cos(d.parity_min_cos),
+        d.variant, d.kind, d.dtype, f"{len(d.failed)}/{d.total}" + (f" +{len(d.errors)} errors" if d.errors else ""),
+        d.failed_groups(), _cos(d.parity_min_cos),
         _golden(d), "yes" if d.detected else "no", "yes" if d.as_required else "NO",
     )
 
