@@ -16,34 +16,7 @@ from safetensors.torch import load_file, save_file
 from vitparity.builtin import BUILTIN_PACKING
 from vitparity.loading import weight_files
 
-pytest_plugins = ["pytester"]
-
-REPO = Path(__file__).resolve().parent.parent
-GOLDEN = REPO / "fixtures" / "golden"
-ROW = re.compile(r"^((?:packed/)?(?:image|video)-\S+)\s+\d+\s+\S+\s+\S+\s+\S+\s+\S+\s+(PASS|FAIL)", re.M)
-
-
-@pytest.fixture
-def suite(pytester: pytest.Pytester):
-    """A copy of the parity suite (conftest, parity_tests, ini, goldens) in a scratch folder; returns a runner."""
-    for name in ("conftest.py", "pyproject.toml"):
-        shutil.copy(REPO / name, pytester.path / name)
-    shutil.copytree(REPO / "parity_tests", pytester.path / "parity_tests")
-    shutil.copytree(GOLDEN, pytester.path / "fixtures" / "golden")
-
-    def run(*args: str) -> pytest.RunResult:
-        return pytester.runpytest_inprocess("-p", "no:cacheprovider", "--device", "cpu", *args)
-
-    return run
-
-
-def goldens(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.npz"))}
-
-
-def verdicts(output: str) -> dict[str, str]:
-    """case -> PASS / FAIL from the summary table."""
-    return {m.group(1): m.group(2) for m in ROW.finditer(output)}
+from conftest import GOLDEN, golden_files, verdicts
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +35,7 @@ def faulty_packing(tmp_path_factory) -> Path:
 
 
 def test_default_suite_passes_and_loads_each_model_once(suite) -> None:
-    result = suite()
+    result = suite.run()
     result.assert_outcomes(passed=36)
     out = result.stdout.str()
     assert "model loads (main): hf 1, packing 1" in out
@@ -72,14 +45,14 @@ def test_default_suite_passes_and_loads_each_model_once(suite) -> None:
 
 
 def test_k_video_selects_only_video_cases_and_xdist_agrees(suite) -> None:
-    collected = suite("--collect-only", "-q", "-k", "video").stdout.lines
+    collected = suite.run("--collect-only", "-q", "-k", "video").stdout.lines
     ids = [line for line in collected if "::" in line]
     assert ids and all("video-" in line for line in ids)
     assert {re.search(r"video-\w+\.mp4", line).group(0) for line in ids} == {
         "video-astronaut_pan.mp4", "video-chelsea_pan.mp4", "video-coffee_zoom.mp4", "video-rocket_tilt.mp4"
     }
-    serial = suite("-k", "video")
-    parallel = suite("-k", "video", "-n", "2")
+    serial = suite.run("-k", "video")
+    parallel = suite.run("-k", "video", "-n", "2")
     assert serial.ret == parallel.ret == 0
     assert verdicts(serial.stdout.str()) == verdicts(parallel.stdout.str())
     assert len(verdicts(serial.stdout.str())) == 4
@@ -87,19 +60,19 @@ def test_k_video_selects_only_video_cases_and_xdist_agrees(suite) -> None:
         assert re.search(rf"model loads \({worker}\): hf 1, packing 1", parallel.stdout.str())
 
 
-def test_planted_fault_fails_with_table_and_heat_maps(suite, pytester, faulty_packing) -> None:
-    result = suite(f"--packing-model={faulty_packing}", "-m", "not golden", "--report-dir=report")
+def test_planted_fault_fails_with_table_and_heat_maps(suite, faulty_packing) -> None:
+    result = suite.run(f"--packing-model={faulty_packing}", "-m", "not golden", "--report-dir=report")
     assert result.ret == 1
     found = verdicts(result.stdout.str())
     assert len(found) == 16 and set(found.values()) == {"FAIL"}
     outcomes = result.parseoutcomes()
     assert outcomes["failed"] >= 9  # 8 cases, the packed batch
-    heat_maps = sorted(p.name for p in (pytester.path / "report").glob("*.png"))
+    heat_maps = sorted(p.name for p in (suite.path / "report").glob("*.png"))
     assert len(heat_maps) == 8 and all(name.startswith(("image-", "video-")) for name in heat_maps)
 
 
-def test_modified_golden_fails(suite, pytester) -> None:
-    root = pytester.path / "fixtures" / "golden"
+def test_modified_golden_fails(suite) -> None:
+    root = suite.golden_root
     target = next(root.glob("onevision_encoder_packing-*-float32/test_golden/test_golden[[]video-chelsea_pan.mp4-packing].npz"))
     with np.load(target) as archive:
         arrays = dict(archive)
@@ -108,49 +81,49 @@ def test_modified_golden_fails(suite, pytester) -> None:
     np.savez(buffer, **arrays)
     target.write_bytes(buffer.getvalue())
 
-    result = suite("-m", "golden")
+    result = suite.run("-m", "golden")
     result.assert_outcomes(passed=15, failed=1)
     out = result.stdout.str()
     assert "test_golden[video-chelsea_pan.mp4-packing]" in out
     assert "golden features differ" in out
 
 
-def test_missing_golden_fails_without_the_update_flag(suite, pytester) -> None:
-    shutil.rmtree(pytester.path / "fixtures" / "golden")
-    result = suite("-m", "golden", "-k", "coffee")
+def test_missing_golden_fails_without_the_update_flag(suite) -> None:
+    shutil.rmtree(suite.golden_root)
+    result = suite.run("-m", "golden", "-k", "coffee")
     result.assert_outcomes(failed=4)
     assert "no golden for this case and model" in result.stdout.str()
-    assert not (pytester.path / "fixtures" / "golden").exists() or not goldens(pytester.path / "fixtures" / "golden")
+    assert not (suite.golden_root).exists() or not golden_files(suite.golden_root)
 
 
 @pytest.mark.parametrize("flag", ["--snapshot-update", "--regenerate-goldens"])
-def test_broken_pair_is_never_blessed(suite, pytester, faulty_packing, flag) -> None:
-    root = pytester.path / "fixtures" / "golden"
-    before = goldens(root)
-    result = suite(f"--packing-model={faulty_packing}", flag)
+def test_broken_pair_is_never_blessed(suite, faulty_packing, flag) -> None:
+    root = suite.golden_root
+    before = golden_files(root)
+    result = suite.run(f"--packing-model={faulty_packing}", flag)
     assert result.ret == 1
-    assert goldens(root) == before  # nothing written for the faulty model, nothing rewritten for the other
+    assert golden_files(root) == before  # nothing written for the faulty model, nothing rewritten for the other
     assert "refused" in result.stdout.str().lower()
 
 
-def test_regenerate_rewrites_every_golden_and_orphans_fail_the_full_run(suite, pytester) -> None:
-    root = pytester.path / "fixtures" / "golden"
+def test_regenerate_rewrites_every_golden_and_orphans_fail_the_full_run(suite) -> None:
+    root = suite.golden_root
     shutil.rmtree(root)
-    result = suite("--regenerate-goldens", "--dtype", "float32")
+    result = suite.run("--regenerate-goldens", "--dtype", "float32")
     assert result.ret == 0
-    assert set(goldens(root)) == {name for name in goldens(GOLDEN) if "-float32" in name}
+    assert set(golden_files(root)) == {name for name in golden_files(GOLDEN) if "-float32" in name}
 
-    assert suite().ret == 0
+    assert suite.run().ret == 0
     orphan = next(root.rglob("*.npz"))
     shutil.copy(orphan, orphan.with_name("test_golden[image-removed.jpg-hf].npz"))
-    full = suite()
+    full = suite.run()
     assert full.ret == 1 and "1 snapshot unused" in full.stdout.str()
-    assert suite("-k", "video").ret == 0  # a narrowed run does not judge the goldens it did not select
+    assert suite.run("-k", "video").ret == 0  # a narrowed run does not judge the goldens it did not select
 
 
-def test_record_in_junit_xml(suite, pytester) -> None:
-    result = suite("-k", "image-coffee", "--junitxml=junit.xml")
+def test_record_in_junit_xml(suite) -> None:
+    result = suite.run("-k", "image-coffee", "--junitxml=junit.xml")
     assert result.ret == 0
-    xml = (pytester.path / "junit.xml").read_text()
+    xml = (suite.path / "junit.xml").read_text()
     rows = [json.loads(m.replace("&quot;", '"')) for m in re.findall(r'name="vitparity" value="([^"]*)"', xml)]
     assert rows and rows[0]["name"] == "image-coffee_small.jpg" and rows[0]["passed"] is True

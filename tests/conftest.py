@@ -1,0 +1,62 @@
+"""Shared fixtures of the project's tests: a scratch copy of the parity suite to run end to end."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = REPO / "fixtures" / "golden"
+ROW = re.compile(r"^((?:packed/)?(?:image|video)-\S+)\s+\d+\s+\S+\s+\S+\s+\S+\s+\S+\s+(PASS|FAIL)", re.M)
+
+
+@dataclass
+class SuiteCopy:
+    """The parity suite (conftest, parity_tests, ini, goldens) copied into a pytester folder."""
+
+    pytester: pytest.Pytester
+
+    @property
+    def path(self) -> Path:
+        return self.pytester.path
+
+    @property
+    def golden_root(self) -> Path:
+        return self.path / "fixtures" / "golden"
+
+    def run(self, *args: str) -> pytest.RunResult:
+        """The suite in this process, on the CPU; write path options as --option=PATH."""
+        return self.pytester.runpytest_inprocess("-p", "no:cacheprovider", "--device", "cpu", *args)
+
+    def goldens(self) -> dict[str, bytes]:
+        return golden_files(self.golden_root)
+
+
+def golden_files(root: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every golden under root."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.npz"))}
+
+
+def verdicts(output: str) -> dict[str, str]:
+    """Case -> PASS / FAIL, read from the suite's summary table."""
+    return {m.group(1): m.group(2) for m in ROW.finditer(output)}
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> SuiteCopy:
+    # The inner run is a session of its own: not an xdist worker (syrupy would leave its report to a
+    # controller that does not exist) and not configured by the caller's VITPARITY_* variables.
+    for name in [n for n in os.environ if n.startswith(("PYTEST_XDIST_", "VITPARITY_"))]:
+        monkeypatch.delenv(name)
+    for name in ("conftest.py", "pyproject.toml"):
+        shutil.copy(REPO / name, pytester.path / name)
+    shutil.copytree(REPO / "parity_tests", pytester.path / "parity_tests")
+    shutil.copytree(GOLDEN, pytester.path / "fixtures" / "golden")
+    return SuiteCopy(pytester)

@@ -1,0 +1,122 @@
+"""Bad inputs to the parity suite: each gives a clear message naming the thing and the cause, writes nothing,
+and loses no other case's result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA
+from vitparity.loading import weight_files
+
+from conftest import verdicts
+
+
+def broken_checkpoint(tmp_path: Path, kind: str) -> Path:
+    """A copy of the built-in HF checkpoint broken in one way."""
+    folder = tmp_path / kind
+    if kind == "missing":
+        return folder
+    shutil.copytree(BUILTIN_HF, folder)
+    weights = weight_files(folder)
+    if kind == "no-weights":
+        for path in weights:
+            path.unlink()
+    elif kind == "truncated":
+        data = weights[0].read_bytes()
+        weights[0].write_bytes(data[: len(data) // 2])
+    elif kind == "remote-code":
+        config = json.loads((folder / "config.json").read_text())
+        config["model_type"] = "someone_elses_encoder"
+        config["auto_map"] = {"AutoModel": "modeling_someone.SomeoneModel"}
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("missing", "model path does not exist"),
+        ("no-weights", "no weight"),
+        ("truncated", "cannot read safetensors weights"),
+        ("remote-code", "--trust-remote-code"),
+    ],
+)
+def test_unloadable_model_fails_every_test_with_one_clear_message(suite, tmp_path, kind, words) -> None:
+    folder = broken_checkpoint(tmp_path, kind)
+    before = suite.goldens()
+    result = suite.run(f"--hf-model={folder}", "-k", "coffee or packed")
+    assert result.ret == 1
+    out = result.stdout.str()
+    assert "INTERNALERROR" not in out and "Traceback" not in out
+    outcomes = result.parseoutcomes()
+    assert "passed" not in outcomes
+    assert out.count(f"{folder}") >= outcomes.get("failed", 0) + outcomes.get("errors", 0) >= 10
+    assert words in out
+    assert suite.goldens() == before
+
+
+def media_folder(tmp_path: Path) -> Path:
+    """Extra media: one good image plus a corrupt image, a corrupt video and an empty video."""
+    folder = tmp_path / "media"
+    folder.mkdir()
+    shutil.copy(BUILTIN_MEDIA / "coffee_small.jpg", folder / "good_copy.jpg")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    (folder / "corrupt.mp4").write_bytes(bytes(range(256)) * 8)
+    (folder / "empty.mp4").write_bytes(b"")
+    return folder
+
+
+def test_unreadable_media_fail_their_own_cases_only(suite, tmp_path) -> None:
+    before = suite.goldens()
+    result = suite.run(f"--media={media_folder(tmp_path)}", "-m", "not golden", "-W", "default")
+    out = result.stdout.str()
+    assert result.ret == 1 and "INTERNALERROR" not in out
+    failed = {line.split()[1] for line in result.outlines if line.startswith(("FAILED", "ERROR"))}
+    broken = {"image-corrupt.jpg", "video-corrupt.mp4", "video-empty.mp4"}
+    assert {node.split("[")[1].rstrip("]") for node in failed} == broken  # per-case tests of the broken files
+    for name in ("corrupt.jpg", "corrupt.mp4", "empty.mp4"):
+        assert name in out
+    assert "left out of the packed batch" in out  # the packed batch names what it could not include
+    found = verdicts(out)
+    assert found["image-good_copy.jpg"] == "PASS" and found["packed/image-good_copy.jpg"] == "PASS"
+    assert sum(v == "PASS" for v in found.values()) == 18 and "FAIL" not in found.values()
+    assert suite.goldens() == before
+
+
+def test_missing_media_folder_is_a_usage_error(suite, tmp_path) -> None:
+    result = suite.run(f"--media={tmp_path / 'nowhere'}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "nowhere" in result.stderr.str() and "not a folder" in result.stderr.str()
+
+
+def test_float16_on_cpu_is_a_usage_error(suite) -> None:
+    result = suite.run("--dtype", "float16")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "float16" in result.stderr.str() and "CPU" in result.stderr.str()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu_skips_with_a_reason_unless_required(suite) -> None:
+    before = suite.goldens()
+    skipped = suite.run("-k", "coffee", "--device", "cuda", "-rs")
+    assert skipped.ret == 0
+    assert skipped.parseoutcomes().get("skipped", 0) > 0 and "passed" not in skipped.parseoutcomes()
+    assert "CUDA is not available" in skipped.stdout.str()
+    required = suite.run("-k", "coffee", "--device", "cuda", "--require-device")
+    assert required.ret == 1 and "CUDA is not available" in required.stdout.str()
+    assert suite.goldens() == before
+
+
+def test_corrupted_golden_fails_its_test_only(suite) -> None:
+    target = next(suite.golden_root.glob("*-float32/test_golden/test_golden[[]image-coffee_small.jpg-hf].npz"))
+    target.write_bytes(b"PK\x03\x04 not really a zip")
+    result = suite.run("-m", "golden")
+    result.assert_outcomes(passed=15, failed=1)
+    out = result.stdout.str()
+    assert "test_golden[image-coffee_small.jpg-hf]" in out and "not a readable vitparity npz" in out
+    assert target.read_bytes() == b"PK\x03\x04 not really a zip"  # reported, never silently rewritten
