@@ -11,8 +11,10 @@ run into DIR, rendered by `python -m tests.faults.detection DIR` (docs/detection
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -20,8 +22,10 @@ import pytest
 import torch
 import transformers.dynamic_module_utils
 
-from faults import VARIANTS, build_variant, suite_args
+from faults import VARIANTS, build_variant, builtin_folder, suite_args
 from faults.detection import detection_from_reports, format_text_table
+from vitparity.loading import load_model
+from vitparity.snapshots import model_fingerprint
 
 pytest_plugins = ["pytester"]
 
@@ -43,7 +47,7 @@ def modules_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("hf_modules")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """The forward passes are tiny; several torch threads on a busy or shared CPU (or under -n) are far slower."""
     threads = torch.get_num_threads()
@@ -52,13 +56,28 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def _isolate(monkeypatch, modules_cache: Path) -> None:
-    """No suite option from the environment, and remote code cached under tmp."""
+def _is_remote_code_module(name: str) -> bool:
+    return name == "transformers_modules" or name.startswith("transformers_modules.")
+
+
+@pytest.fixture
+def isolated(monkeypatch, modules_cache: Path):
+    """No suite option from the environment; checkpoint code copied to and imported from a tmp cache only.
+
+    transformers imports checkpoint code as `transformers_modules.*` from HF_MODULES_CACHE (a constant read at
+    import): point it at tmp, hide any such modules imported before, and drop the ones imported here afterwards.
+    """
     for name in list(os.environ):
         if name.startswith("VITPARITY_") or name == "PYTEST_ADDOPTS":
             monkeypatch.delenv(name)
     monkeypatch.setenv("HF_MODULES_CACHE", str(modules_cache))
     monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(modules_cache))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [name for name in sys.modules if _is_remote_code_module(name)]:
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in [name for name in sys.modules if _is_remote_code_module(name)]:
+        del sys.modules[name]
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:
@@ -67,9 +86,9 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
-def test_suite_verdict_on_variant(variant, dtype, pytester, monkeypatch, tmp_path, golden_copy, modules_cache) -> None:
-    out_dir = os.environ.get("VITPARITY_FAULTS_OUT")
-    _isolate(monkeypatch, modules_cache)
+def test_suite_verdict_on_variant(variant, dtype, request, pytester, tmp_path, golden_copy) -> None:
+    out_dir = os.environ.get("VITPARITY_FAULTS_OUT")  # read before `isolated` clears VITPARITY_*
+    request.getfixturevalue("isolated")
     folder = build_variant(variant, tmp_path / "checkpoints")
     goldens_before = _tree(golden_copy)
 
@@ -108,11 +127,8 @@ def test_suite_verdict_on_variant(variant, dtype, pytester, monkeypatch, tmp_pat
             assert detection.parity_max_abs, f"benign {variant.name} changed no feature: was it planted?"
 
 
-def test_variants_run_their_own_code(monkeypatch, tmp_path, modules_cache) -> None:
+def test_variants_run_their_own_code(isolated, tmp_path) -> None:
     """Every code variant loads as its planted class (not the project's) and only with trust_remote_code."""
-    from vitparity.loading import ModelLoadError, load_model
-
-    _isolate(monkeypatch, modules_cache)
     for variant in VARIANTS:
         folder = build_variant(variant, tmp_path)
         loaded = load_model(folder, trust_remote_code=True)
@@ -128,11 +144,6 @@ def test_variants_run_their_own_code(monkeypatch, tmp_path, modules_cache) -> No
 
 def test_code_variants_keep_the_golden_fingerprint(tmp_path) -> None:
     """Code variants change no architecture field and no weight byte, so the committed goldens apply to them."""
-    import json
-
-    from faults import builtin_folder
-    from vitparity.snapshots import model_fingerprint
-
     for variant in VARIANTS:
         folder = build_variant(variant, tmp_path)
         reference = builtin_folder(variant.side)
