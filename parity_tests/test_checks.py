@@ -41,20 +41,25 @@ def test_deterministic(parity, parity_case, case_features) -> None:
                         f"between two passes ({parity.settings.dtype}, {parity.settings.device})", pytrace=False)
 
 
+def compare_packed(parity, side: str, threshold: float, prefix: str, labels: tuple[str, str]) -> list:
+    """Each readable case's packed-batch features against its features from `side` run alone."""
+    packed, unreadable = parity.packed_features()
+    warn_unreadable(unreadable)
+    return [
+        compare_features(getattr(parity.features(case), side), packed[case.id], name=f"{prefix}{case.id}",
+                         threshold=threshold, labels=labels)
+        for case in parity.settings.cases
+        if case.id in packed
+    ]
+
+
 @pytest.mark.packed
 def test_packed_batch(parity, record_comparison) -> None:
     """All cases in one packing forward equal the non-packing features (catches cross-sample attention)."""
-    packed, unreadable = parity.packed_features()
-    warn_unreadable(unreadable)
-    failed = []
-    for case in parity.settings.cases:
-        if case.id in packed:
-            comparison = compare_features(
-                parity.features(case).hf, packed[case.id], name=f"packed/{case.id}", threshold=parity.settings.threshold
-            )
-            record_comparison(comparison)
-            if not comparison.passed:
-                failed.append(comparison)
+    comparisons = compare_packed(parity, "hf", parity.settings.threshold, "packed/", ("hf", "packing"))
+    for comparison in comparisons:
+        record_comparison(comparison)
+    failed = [c for c in comparisons if not c.passed]
     if failed:
         pytest.fail(format_report(failed, title="packed batch vs non-packing"), pytrace=False)
 
@@ -63,17 +68,8 @@ def test_packed_batch(parity, record_comparison) -> None:
 def test_packing_independent_of_neighbours(parity) -> None:
     """A sample's packing features do not depend on what else is packed with it."""
     threshold = NEIGHBOUR_MIN_COS[parity.settings.dtype]
-    packed, unreadable = parity.packed_features()
-    warn_unreadable(unreadable)
-    failed = []
-    for case in parity.settings.cases:
-        if case.id in packed:
-            comparison = compare_features(
-                parity.features(case).packing, packed[case.id], name=f"alone vs packed/{case.id}",
-                threshold=threshold, labels=("alone", "packed"),
-            )
-            if not comparison.passed:
-                failed.append(comparison)
+    comparisons = compare_packed(parity, "packing", threshold, "alone vs packed/", ("alone", "packed"))
+    failed = [c for c in comparisons if not c.passed]
     if failed:
         pytest.fail(format_report(failed, title=f"packing model, alone vs packed (min cos > {threshold})"),
                     pytrace=False)
