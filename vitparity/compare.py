@@ -73,7 +73,7 @@ def _as_real_array(x: ArrayLike) -> np.ndarray:
 def _to_float32(arr: np.ndarray) -> np.ndarray:
     """Cast to float32; values beyond the float32 range become Inf."""
     with np.errstate(over="ignore"):
-        return arr.astype(np.float32)
+        return arr.astype(np.float32, copy=False)
 
 
 def _row_normalised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,10 +95,17 @@ def cosine_per_token(a: ArrayLike, b: ArrayLike) -> np.ndarray:
         raise ValueError(f"shapes differ: {xa.shape} vs {xb.shape}")
     if xa.ndim == 0:
         raise ValueError("expected at least one axis (the hidden dimension)")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        na_rows, na = _row_normalised(xa)
-        nb_rows, nb = _row_normalised(xb)
-        dot = np.sum(na_rows * nb_rows, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        dot = np.einsum("...d,...d->...", xa, xb)
+        na = np.sqrt(np.einsum("...d,...d->...", xa, xa))
+        nb = np.sqrt(np.einsum("...d,...d->...", xb, xb))
+        overflow = ~(np.isfinite(dot) & np.isfinite(na) & np.isfinite(nb))
+        if overflow.any():  # only rows with huge or non-finite values pay for the max-abs rescaling
+            rows_a, scaled_na = _row_normalised(xa[overflow])
+            rows_b, scaled_nb = _row_normalised(xb[overflow])
+            dot, na, nb = dot.copy(), na.copy(), nb.copy()
+            dot[overflow] = np.einsum("...d,...d->...", rows_a, rows_b)
+            na[overflow], nb[overflow] = scaled_na, scaled_nb
         cos = np.clip(dot / (na * nb), -1.0, 1.0)
     zero_a, zero_b = na == 0, nb == 0
     cos = np.where(zero_a & zero_b, 1.0, np.where(zero_a | zero_b, 0.0, cos))
@@ -119,6 +126,8 @@ def _squeeze_batch(arr: np.ndarray, label: str) -> tuple[np.ndarray | None, str]
 
 def _non_finite_reasons(raw: np.ndarray, cast: np.ndarray, label: str) -> list[str]:
     """Describe NaN/Inf values in ``raw`` and finite values that overflow in ``cast``."""
+    if np.isfinite(cast.sum(dtype=np.float64) if cast.size else 0.0):  # fast path: a sum is finite only when all are
+        return []
     inf_cast = np.isinf(cast)
     counts = (
         ("NaN in", int(np.count_nonzero(np.isnan(cast)))),
@@ -128,9 +137,9 @@ def _non_finite_reasons(raw: np.ndarray, cast: np.ndarray, label: str) -> list[s
     return [f"{what} {label} features ({n} value{'s' * (n != 1)})" for what, n in counts if n]
 
 
-def _nan_stat(func: Callable[[np.ndarray], Any], values: np.ndarray) -> float:
+def _nan_stat(func: Callable[[np.ndarray], Any], values: np.ndarray, all_finite: bool = False) -> float:
     """Apply ``func`` over the finite entries of ``values``; nan if there are none."""
-    finite = values[np.isfinite(values)]
+    finite = values if all_finite else values[np.isfinite(values)]
     return float(func(finite)) if finite.size else math.nan
 
 
@@ -182,12 +191,13 @@ def compare_features(
     token_cos.setflags(write=False)
     with np.errstate(invalid="ignore", over="ignore"):
         abs_diff = np.abs(xa - xb)
+    finite = not reasons  # no NaN, Inf or overflow in either input
     stats = (
         _nan_stat(np.min, token_cos),
         _nan_stat(lambda v: np.mean(v, dtype=np.float64), token_cos),
         _nan_stat(np.max, token_cos),
-        _nan_stat(np.max, abs_diff),
-        _nan_stat(lambda v: np.mean(v, dtype=np.float64), abs_diff),
+        _nan_stat(np.max, abs_diff, finite),
+        _nan_stat(lambda v: np.mean(v, dtype=np.float64), abs_diff, finite),
     )
     min_cos = stats[0]
     if not reasons and not min_cos > threshold:
