@@ -602,7 +602,7 @@ def run_overhead(args, device, dtype, hf, packing, workdir: Path, results: dict)
     """The suite's work around the forwards for one video file, each step timed on its own."""
     from vitparity.compare import compare_features
     from vitparity.media import load_media
-    from vitparity.snapshots import file_sha256
+    from vitparity.snapshots import file_sha256, reduce_features
 
     config = hf.config
     t, height, width = args.media_video
@@ -640,13 +640,15 @@ def run_overhead(args, device, dtype, hf, packing, workdir: Path, results: dict)
         total = time.perf_counter() - t0
         steps[f"{side}: extraction outside the model forward"] = total - clock.total()
         clock.remove()
-        arr = timed(f"{side}: features device-to-host (.cpu().numpy())", lambda: feats.cpu().numpy())
         if side == "hf":
-            a = arr
+            a = feats
         else:
-            b = arr
+            b = feats
         del feats
-    timed("compare_features (CPU, numpy)", lambda: compare_features(a, b, name="overhead"), repeats=1)
+    # as the suite does: features stay on the device; comparison and golden reduction copy per-token results only
+    timed("compare_features (torch tensors, on the device)", lambda: compare_features(a, b, name="overhead"))
+    timed("golden reduction of both sides (on the device)", lambda: (reduce_features(a), reduce_features(b)))
+    del a, b
     # alternatives the suite does not use (for reference): comparison on the device, copy into pinned memory
     ga = extract_hf(hf, sample, temporal_context=config.rope_temporal_size)
     gb = extract_packing(packing, [sample])[0]
@@ -683,7 +685,7 @@ def parity_run_child(args) -> dict:
     from vitparity.compare import compare_features
     from vitparity.loading import load_model
     from vitparity.media import load_media
-    from vitparity.snapshots import file_sha256
+    from vitparity.snapshots import file_sha256, reduce_features
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     workdir = Path(args.parity_run_child)
@@ -699,8 +701,8 @@ def parity_run_child(args) -> dict:
     sync(device)
     parts["model load (2 checkpoints)"] = time.perf_counter() - t0
     clocks = {"hf": ForwardClock(hf, device), "packing": ForwardClock(packing, device)}
-    per_case, steps = [], {"decode": 0.0, "sha256": 0.0, "prepare": 0.0, "extract": 0.0, "to host": 0.0,
-                           "compare": 0.0}
+    per_case, steps = [], {"decode": 0.0, "sha256": 0.0, "prepare": 0.0, "extract": 0.0, "compare": 0.0,
+                           "golden reduction": 0.0}
 
     def step(name, fn):
         t = time.perf_counter()
@@ -717,12 +719,11 @@ def parity_run_child(args) -> dict:
             temporal_context=hf.config.rope_temporal_size, name=path.name))
         fa = step("extract", lambda: extract_hf(hf, sample, temporal_context=hf.config.rope_temporal_size))
         fb = step("extract", lambda: extract_packing(packing, [sample])[0])
-        a, b = step("to host", lambda: (fa.cpu().numpy(), fb.cpu().numpy()))
-        del fa, fb
-        comparison = step("compare", lambda: compare_features(a, b, name=path.name))
+        comparison = step("compare", lambda: compare_features(fa, fb, name=path.name))
+        step("golden reduction", lambda: (reduce_features(fa), reduce_features(fb)))
         per_case.append({"file": path.name, "tokens": sample.num_tokens, "min_cos": comparison.min_cos,
                          "mean_cos": comparison.mean_cos, "max_abs": comparison.max_abs})
-        del sample, a, b
+        del sample, fa, fb
     forward = {side: clock.total() for side, clock in clocks.items()}
     total = time.perf_counter() - t_start
     parts.update(steps)
@@ -766,7 +767,7 @@ def run_parity(args, device, dtype, hf, packing, workdir: Path, results: dict) -
     child["media"] = [list(s) for s in specs]
     results["parity_run"] = child
     overhead = sum(v for k, v in child["parts_s"].items() if k in
-                   ("decode", "sha256", "prepare", "protocol outside forwards", "to host", "compare"))
+                   ("decode", "sha256", "prepare", "protocol outside forwards", "compare", "golden reduction"))
     child["suite_overhead_s"] = overhead
     child["suite_overhead_fraction"] = overhead / child["total_s"]
     log(f"\nWhole parity run: {len(specs)} files ({', '.join(s[0] for s in specs)}), both models, "
@@ -776,7 +777,7 @@ def run_parity(args, device, dtype, hf, packing, workdir: Path, results: dict) -
     rows += [["total, in process (after imports)", f"{child['total_s']:.3f}"],
              ["imports (python, torch, transformers, vitparity) before the run", f"{child['imports_s']:.3f}"],
              ["process wall (python start to exit)", f"{wall:.3f}"],
-             ["suite overhead (decode, hash, prepare, protocol, to host, compare)",
+             ["suite overhead (decode, hash, prepare, protocol, compare, golden reduction)",
               f"{overhead:.3f} ({100 * child['suite_overhead_fraction']:.1f}%)"],
              ["extra: packed batch of all files, one packing forward", f"{child['packed_batch_forward_s']:.3f}"]]
     print_table(["part", "seconds"], rows)

@@ -208,3 +208,34 @@ def test_invalid_arguments() -> None:
         compare_features(a, a, threshold=math.nan)
     with pytest.raises(TypeError):
         compare_features(np.array([["x"]]), np.array([["x"]]))
+
+
+def test_torch_tensors_give_the_numpy_verdict_and_figures() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((50, 32)).astype(np.float32)
+    b = a + 0.3 * rng.standard_normal((50, 32)).astype(np.float32)
+    b[7] = -a[7]
+    host = compare_features(a, b, name="x", threshold=0.5)
+    device = compare_features(torch.from_numpy(a)[None], torch.from_numpy(b), name="x", threshold=0.5)
+    assert device.passed is host.passed is False and device.reason == host.reason
+    assert device.shape_a == (1, 50, 32) and device.shape_b == (50, 32)
+    np.testing.assert_allclose(device.token_cos, host.token_cos, atol=1e-6)
+    for stat in ("min_cos", "mean_cos", "max_cos", "max_abs", "mean_abs"):
+        assert getattr(device, stat) == pytest.approx(getattr(host, stat), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "shape"])
+def test_torch_tensors_with_bad_values_or_shapes_get_the_full_diagnostics(bad) -> None:
+    torch = pytest.importorskip("torch")
+    a = torch.ones(4, 8)
+    b = torch.ones(4, 8)
+    if bad == "nan":
+        b[1, 2] = float("nan")
+    elif bad == "inf":
+        b[0, 0] = float("inf")
+    else:
+        b = torch.ones(3, 8)
+    result = compare_features(a, b)
+    assert not result.passed
+    assert {"nan": "NaN in packing", "inf": "Inf in packing", "shape": "token count differs"}[bad] in result.reason

@@ -160,6 +160,11 @@ def compare_features(
     threshold = float(threshold)
     if math.isnan(threshold):
         raise ValueError("threshold must not be NaN")
+    if _is_tensor(a) and _is_tensor(b):
+        fast = _compare_on_device(a, b, name=name, threshold=threshold, labels=labels)
+        if fast is not None:
+            return fast
+        a, b = a.detach().float().cpu().numpy(), b.detach().float().cpu().numpy()
     raw_a, raw_b = _as_real_array(a), _as_real_array(b)
     cast_a, cast_b = _to_float32(raw_a), _to_float32(raw_b)
     label_a, label_b = labels
@@ -203,6 +208,47 @@ def compare_features(
     if not reasons and not min_cos > threshold:
         reasons.append(f"min cosine {min_cos:.6f} <= threshold {threshold}")
     return result(reasons, stats, token_cos)
+
+
+def _is_tensor(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "device")
+
+
+def _compare_on_device(a, b, *, name: str, threshold: float, labels: tuple[str, str]) -> Comparison | None:
+    """`compare_features` of two torch tensors where they are (e.g. on the GPU), copying only per-token cosines.
+
+    Covers the common case: equal (N, D) or (1, N, D) shapes with every value finite in float32. Returns None
+    for anything else, and the caller compares host copies with the full set of diagnostics.
+    """
+    import torch
+
+    shape_a, shape_b = tuple(a.shape), tuple(b.shape)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if b.ndim == 3 and b.shape[0] == 1:
+        b = b[0]
+    if a.ndim != 2 or a.shape != b.shape or a.numel() == 0:
+        return None
+    xa, xb = a.detach().float(), b.detach().to(device=a.device, dtype=torch.float32)
+    dot = torch.linalg.vecdot(xa, xb)
+    na, nb = torch.linalg.vector_norm(xa, dim=-1), torch.linalg.vector_norm(xb, dim=-1)
+    abs_diff = (xa - xb).abs()
+    summary = torch.stack([dot.sum(), na.sum(), nb.sum(), abs_diff.max(), abs_diff.mean(dtype=torch.float64).float()])
+    summary = summary.cpu().tolist()
+    if not all(math.isfinite(v) for v in summary):  # NaN, Inf or overflow somewhere: full diagnostics on the host
+        return None
+    cos = (dot / (na * nb)).clamp(-1.0, 1.0)
+    zero_a, zero_b = na == 0, nb == 0
+    cos = torch.where(zero_a & zero_b, 1.0, torch.where(zero_a | zero_b, 0.0, cos))
+    token_cos = cos.cpu().numpy().astype(np.float32)
+    token_cos.setflags(write=False)
+    min_cos = float(token_cos.min())
+    reasons = [] if min_cos > threshold else [f"min cosine {min_cos:.6f} <= threshold {threshold}"]
+    return Comparison(
+        name, shape_a, shape_b, threshold, not reasons, "; ".join(reasons),
+        min_cos, float(np.mean(token_cos, dtype=np.float64)), float(token_cos.max()), summary[3], summary[4],
+        token_cos=token_cos, labels=labels,
+    )
 
 
 def comparison_from_row(row: dict[str, Any]) -> Comparison:

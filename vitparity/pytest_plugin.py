@@ -189,11 +189,14 @@ def resolve_settings(config: pytest.Config) -> Settings:
 
 @dataclass
 class CaseFeatures:
-    """Features of one case from both models (float32 numpy, (N, D)) and their comparison."""
+    """Features of one case from both models (float32 torch tensors (N, D), where the models run) and their comparison.
+
+    They stay on the device: comparisons and golden reductions run there and copy only per-token results.
+    """
 
     case: ParityCase
-    hf: np.ndarray
-    packing: np.ndarray
+    hf: torch.Tensor
+    packing: torch.Tensor
     grid: tuple[int, int, int]
     metadata: dict
     comparison: Comparison
@@ -207,7 +210,7 @@ class ParitySession:
     load_counts: dict[str, int] = field(default_factory=lambda: {"hf": 0, "packing": 0})
     _models: dict[str, LoadedModel] = field(default_factory=dict)
     _features: dict[str, CaseFeatures] = field(default_factory=dict)
-    _packed: tuple[dict[str, np.ndarray], dict[str, str]] | None = None
+    _packed: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
     _model_error: str | None = None
     _media_errors: dict[str, str] = field(default_factory=dict)
 
@@ -264,8 +267,8 @@ class ParitySession:
         """Both models' penultimate features of one case, each run alone (a fresh forward pass each call)."""
         hf, packing = self.models()
         sample = self._sample(case, hf)
-        a = extract_hf(hf.model, sample, temporal_context=hf.model.config.rope_temporal_size).cpu().numpy()
-        b = extract_packing(packing.model, [sample])[0].cpu().numpy()
+        a = extract_hf(hf.model, sample, temporal_context=hf.model.config.rope_temporal_size)
+        b = extract_packing(packing.model, [sample])[0]
         comparison = compare_features(a, b, name=case.id, threshold=self.settings.threshold)
         return CaseFeatures(case, a, b, sample.grid, sample.metadata, comparison)
 
@@ -283,7 +286,7 @@ class ParitySession:
             pytest.fail(f"{case.id}: {self._media_errors[case.id]}", pytrace=False)
         return self._features[case.id]
 
-    def packed_features(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    def packed_features(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Packing-model features of every readable case packed into one forward pass, split back per case.
 
         Returns (case id -> features, case id -> media error of the cases left out); computed once.
@@ -297,7 +300,7 @@ class ParitySession:
                 except MediaError as err:
                     errors[case.id] = str(err)
             features = extract_packing(packing.model, samples) if samples else []
-            self._packed = ({s.name: f.cpu().numpy() for s, f in zip(samples, features)}, errors)
+            self._packed = ({s.name: f for s, f in zip(samples, features)}, errors)
         return self._packed
 
     def golden_folder(self, side: str) -> Path:

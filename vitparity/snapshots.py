@@ -60,8 +60,17 @@ def projection_matrix(width: int, k: int = PROJECTION_DIM) -> np.ndarray:
     return (rng.standard_normal((width, k)) / np.sqrt(k)).astype(np.float32)
 
 
-def reduce_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) float32 -> (projection (N, k) float16, norms (N,) float32)."""
+def reduce_features(features) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) float32 -> (projection (N, k) float16, norms (N,) float32).
+
+    A torch tensor is reduced where it is (e.g. on the GPU): only the (N, k) and (N,) results are copied.
+    """
+    if type(features).__module__.startswith("torch"):
+        import torch
+
+        x = features.detach().float()
+        matrix = torch.from_numpy(projection_matrix(x.shape[1])).to(x.device)
+        return (x @ matrix).cpu().numpy().astype(np.float16), torch.linalg.vector_norm(x, dim=1).cpu().numpy()
     x = np.asarray(features, dtype=np.float32)
     return (x @ projection_matrix(x.shape[1])).astype(np.float16), np.linalg.norm(x, axis=1).astype(np.float32)
 
@@ -85,7 +94,7 @@ class GoldenData:
     case: str = ""
 
     @classmethod
-    def from_features(cls, features: np.ndarray, meta: dict, *, blessable: bool = True, case: str = "") -> "GoldenData":
+    def from_features(cls, features, meta: dict, *, blessable: bool = True, case: str = "") -> "GoldenData":
         projection, norms = reduce_features(features)
         meta = {**meta, "feature_shape": list(np.shape(features)), "projection_seed": PROJECTION_SEED}
         return cls(projection, norms, meta, blessable, case)
