@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_onevision_encoder import LlavaViTConfig, OneVisionEncoderConfig, _EncoderConfigBase
 from .layers import EncoderLayer, PoolingHead, VisionRotary3D, apply_rope, make_norm, patch_grid_positions
-from .packed_attention import SDPA_KERNELS, host_to_device, sdpa_attention
+from .packed_attention import SDPA_KERNELS, choice_property, host_to_device, sdpa_attention
 
 
 class OneVisionEncoderPreTrainedModel(PreTrainedModel):
@@ -113,16 +113,9 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         self.attention_kernel = "auto"
         self.post_init()
 
-    @property
-    def attention_kernel(self) -> str:
-        """SDPA kernel preference of every layer: one of packed_attention.SDPA_KERNELS ("auto" by default)."""
-        return self._attention_kernel
-
-    @attention_kernel.setter
-    def attention_kernel(self, value: str) -> None:
-        if value not in SDPA_KERNELS:
-            raise ValueError(f"unknown attention kernel {value!r}; choose one of {SDPA_KERNELS}")
-        self._attention_kernel = value
+    attention_kernel = choice_property(
+        "attention_kernel", SDPA_KERNELS, "SDPA kernel preference of every layer (\"auto\" by default)."
+    )
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Validate and return (B, C, T, H, W)."""

@@ -10,7 +10,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .configuration_onevision_encoder import LlavaViTPackingConfig, OneVisionEncoderPackingConfig, _EncoderConfigBase
 from .layers import EncoderLayer, PoolingHead, VisionRotary3D, apply_rope, make_norm, patch_grid_positions
 from .modeling_onevision_encoder import OneVisionEncoderPreTrainedModel
-from .packed_attention import BACKENDS, SDPA_KERNELS, PackedSegments, host_to_device, packed_attention
+from .packed_attention import BACKENDS, SDPA_KERNELS, PackedSegments, choice_property, host_to_device, packed_attention
 
 
 class OneVisionEncoderPatchEmbed(nn.Module):
@@ -77,27 +77,12 @@ class OneVisionEncoderPackingModel(OneVisionEncoderPreTrainedModel):
         self.attention_kernel = "auto"
         self.post_init()
 
-    @property
-    def packed_attention_backend(self) -> str:
-        """Block-diagonal attention backend: one of packed_attention.BACKENDS ("auto" by default)."""
-        return self._packed_attention_backend
-
-    @packed_attention_backend.setter
-    def packed_attention_backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"unknown packed attention backend {value!r}; choose one of {BACKENDS}")
-        self._packed_attention_backend = value
-
-    @property
-    def attention_kernel(self) -> str:
-        """SDPA kernel preference of the "sdpa" and "nested" backends: one of packed_attention.SDPA_KERNELS."""
-        return self._attention_kernel
-
-    @attention_kernel.setter
-    def attention_kernel(self, value: str) -> None:
-        if value not in SDPA_KERNELS:
-            raise ValueError(f"unknown attention kernel {value!r}; choose one of {SDPA_KERNELS}")
-        self._attention_kernel = value
+    packed_attention_backend = choice_property(
+        "packed_attention_backend", BACKENDS, "Block-diagonal attention backend (\"auto\" by default)."
+    )
+    attention_kernel = choice_property(
+        "attention_kernel", SDPA_KERNELS, "SDPA kernel preference of the \"sdpa\" and \"nested\" backends."
+    )
 
     def _segments(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor) -> tuple[list[list[int]], PackedSegments]:
         """Validate the packed input against grid_thw and return the grid rows and sample boundaries."""

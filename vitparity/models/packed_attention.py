@@ -28,6 +28,20 @@ import torch.nn.functional as F
 BACKENDS = ("auto", "sdpa", "varlen", "nested", "flash_attn")
 SDPA_KERNELS = ("auto", "default", "cudnn", "flash", "efficient", "math")
 
+
+def choice_property(name: str, choices: tuple[str, ...], doc: str) -> property:
+    """A model attribute that only takes one of `choices` (stored as `_<name>`); others raise ValueError."""
+
+    def get(self) -> str:
+        return getattr(self, f"_{name}")
+
+    def set_(self, value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of {choices}")
+        setattr(self, f"_{name}", value)
+
+    return property(get, set_, doc=doc)
+
 # Chosen from H100 measurements (docs/benchmarks.md); "auto" resolves to these on CUDA in fp16 / bf16.
 AUTO_SDPA_KERNEL = "cudnn"
 AUTO_PACKED_BACKEND = "sdpa"
