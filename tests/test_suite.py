@@ -127,3 +127,69 @@ def test_record_in_junit_xml(suite) -> None:
     xml = (suite.path / "junit.xml").read_text()
     rows = [json.loads(m.replace("&quot;", '"')) for m in re.findall(r'name="vitparity" value="([^"]*)"', xml)]
     assert rows and rows[0]["name"] == "image-coffee_small.jpg" and rows[0]["passed"] is True
+
+
+CHECK_FAULTS = '''
+import torch
+
+from vitparity.models import OneVisionEncoderPackingModel
+
+
+class StaleRopePackingModel(OneVisionEncoderPackingModel):
+    """Keeps RoPE inverse frequencies in a non-persistent buffer, as the release code does; its values are wrong
+    (and, built on the meta device, not even initialised). The forward does not read it: parity holds."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rotary.register_buffer("inv_freq", torch.full((8,), 0.3), persistent=False)
+
+
+class NoisyPackingModel(OneVisionEncoderPackingModel):
+    """Adds fresh noise (1e-3) to its outputs on every forward: parity holds, determinism does not."""
+
+    def forward(self, hidden_states, grid_thw, patch_positions=None, output_hidden_states=None, return_dict=None):
+        out = super().forward(hidden_states, grid_thw, patch_positions, output_hidden_states, return_dict=True)
+        out.hidden_states = tuple(h + 1e-3 * torch.randn_like(h) for h in out.hidden_states)
+        return out
+'''
+
+
+def code_variant(folder: Path, class_name: str, **config_changes) -> Path:
+    """The built-in packing checkpoint (same weight bytes) run by a class of CHECK_FAULTS, or with config changes."""
+    shutil.copytree(BUILTIN_PACKING, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    if class_name:
+        (folder / "modeling_check_faults.py").write_text(CHECK_FAULTS)
+        config["auto_map"] = {"AutoModel": f"modeling_check_faults.{class_name}"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def failed_tests(result: pytest.RunResult) -> set[str]:
+    return {line.split()[1].split("::")[1] for line in result.outlines if line.startswith(("FAILED", "ERROR"))}
+
+
+def test_stale_rope_buffer_is_caught_by_the_loading_check_alone(suite, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = code_variant(tmp_path / "stale-rope", "StaleRopePackingModel")
+    result = suite.run(f"--packing-model={folder}", "--trust-remote-code", "-m", "not golden")
+    assert failed_tests(result) == {"test_loaded_weights[packing]"}
+    assert "rotary.inv_freq" in result.stdout.str() and "not RoPE inverse frequencies" in result.stdout.str()
+
+
+def test_nondeterministic_model_is_caught_by_the_determinism_check(suite, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = code_variant(tmp_path / "noisy", "NoisyPackingModel")
+    result = suite.run(f"--packing-model={folder}", "--trust-remote-code", "-m", "not golden and not packed")
+    found = verdicts(result.stdout.str())
+    assert len(found) == 8 and set(found.values()) == {"PASS"}  # parity alone cannot see it
+    assert failed_tests(result) == {f"test_deterministic[{case}]" for case in found}
+    assert "packing model not deterministic" in result.stdout.str()
+
+
+def test_configs_that_disagree_are_refused_before_any_forward(suite, tmp_path) -> None:
+    folder = code_variant(tmp_path / "one-head", "", num_attention_heads=1)
+    result = suite.run(f"--packing-model={folder}", "-k", "coffee")
+    assert result.ret == 1 and "passed" not in result.parseoutcomes()
+    assert "do not describe the same architecture: num_attention_heads: hf 2 vs packing 1" in result.stdout.str()
