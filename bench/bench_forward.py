@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -712,19 +711,8 @@ def parity_run_child(args) -> dict:
         steps[name] += time.perf_counter() - t
         return out
 
-    # as the suite does: media of the next cases decode in background threads while the GPU runs; "decode" is
-    # the time the run waits for a decode to finish
-    decoder = ThreadPoolExecutor(max_workers=2)
-    decoding = {}
-
-    def decode(index: int):
-        for ahead in media[index:index + 3]:
-            if ahead not in decoding:
-                decoding[ahead] = decoder.submit(load_media, ahead, num_frames=8, patch_size=hf.config.patch_size)
-        return decoding.pop(media[index]).result()
-
-    for index, path in enumerate(media):
-        m = step("decode", lambda: decode(index))
+    for path in media:
+        m = step("decode", lambda: load_media(path, num_frames=8, patch_size=hf.config.patch_size))
         step("sha256", lambda: file_sha256(path))
         sample = step("prepare", lambda: prepare_sample(
             m, patch_size=hf.config.patch_size, dtype=dtype, device=device,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from .report import format_table, write_cosine_heatmap  # noqa: E402
 from .snapshots import GoldenData, file_sha256, golden_extension, model_fingerprint  # noqa: E402
 
 PROPERTY = "vitparity"
-PREFETCH = 2  # cases whose media are decoded ahead of the test that needs them
 LOADS_KEY = "vitparity_model_loads"
 
 
@@ -214,9 +212,6 @@ class ParitySession:
     _features: dict[str, CaseFeatures] = field(default_factory=dict)
     _packed: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
     _model_error: str | None = None
-    run_order: list[ParityCase] = field(default_factory=list)  # cases in the order the selected tests use them
-    _decoder: ThreadPoolExecutor | None = None
-    _decoding: dict[str, Future] = field(default_factory=dict)
     _media_errors: dict[str, str] = field(default_factory=dict)
 
     def check_device(self) -> None:
@@ -258,37 +253,9 @@ class ParitySession:
             )
         return models
 
-    def _decode(self, case: ParityCase, patch_size: int) -> Future:
-        """Decode a case's media in a background thread (OpenCV releases the GIL): decode overlaps the forwards."""
-        if case.id not in self._decoding:
-            if self._decoder is None:
-                self._decoder = ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="vitparity-decode")
-            s = self.settings
-            self._decoding[case.id] = self._decoder.submit(
-                load_media, case.path, num_frames=s.num_frames, patch_size=patch_size, align=s.align
-            )
-        return self._decoding[case.id]
-
-    def _media(self, case: ParityCase, patch_size: int):
-        """The decoded media of a case; starts decoding the next PREFETCH cases of the run meanwhile."""
-        order = self.run_order or list(self.settings.cases)
-        if case in order:
-            start = order.index(case) + 1
-            for upcoming in order[start:start + PREFETCH]:
-                if upcoming.id not in self._features:
-                    self._decode(upcoming, patch_size)
-        return self._decode(case, patch_size).result()
-
-    def close(self) -> None:
-        if self._decoder is not None:
-            self._decoder.shutdown(wait=True, cancel_futures=True)
-
     def _sample(self, case: ParityCase, hf: LoadedModel):
         s = self.settings
-        try:
-            media = self._media(case, hf.model.config.patch_size)
-        finally:
-            self._decoding.pop(case.id, None)  # decoded frames are not kept once used; a later call decodes afresh
+        media = load_media(case.path, num_frames=s.num_frames, patch_size=hf.model.config.patch_size, align=s.align)
         sample = prepare_sample(
             media, patch_size=hf.model.config.patch_size, dtype=s.torch_dtype, device=s.device,
             temporal_context=hf.model.config.rope_temporal_size, name=case.id,
@@ -369,20 +336,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def parity_session(config: pytest.Config) -> ParitySession:
     return config.stash[SESSION_KEY]
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Remember the selected cases in run order, so media decode can run ahead of the tests that need it."""
-    order = parity_session(session.config).run_order
-    for item in session.items:
-        case = getattr(getattr(item, "callspec", None), "params", {}).get("parity_case")
-        if case is not None and case not in order:
-            order.append(case)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if SESSION_KEY in config.stash:
-        config.stash[SESSION_KEY].close()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
