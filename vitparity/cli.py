@@ -9,10 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
-import transformers
 
 from . import __version__
 from .builtin import builtin_paths
@@ -21,7 +19,9 @@ from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
 from .convert import ConversionError, convert_checkpoint
 from .extract import extract_hf, extract_packing, prepare_sample
 from .features_io import HF_FILE, PACKING_FILE, read_features, write_features
-from .loading import DTYPES, LoadedModel, ModelLoadError, load_model, read_config, resolve_device_dtype
+from .loading import (
+    DTYPES, LoadedModel, ModelLoadError, library_versions, load_model, read_config, resolve_device_dtype,
+)
 from .media import ALIGN_POLICIES, Media, MediaError, load_image, load_video, media_kind
 from .models import OneVisionEncoderConfig
 from .report import format_report
@@ -136,16 +136,6 @@ def _check_models(hf: LoadedModel, packing: LoadedModel, patch_size: int) -> Non
         raise ValueError(f"{hf.path}: patch_size {hf.model.config.patch_size} differs from config.json ({patch_size})")
 
 
-def _versions() -> dict[str, str]:
-    return {
-        "vitparity": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "cv2": cv2.__version__,
-    }
-
-
 def run_extract(args: argparse.Namespace) -> int:
     """The extract command: load inputs, then both models, extract, write the folder, verify it."""
     if args.num_frames < 1:
@@ -196,7 +186,7 @@ def run_extract(args: argparse.Namespace) -> int:
             side: {"class_name": loaded.class_name, "source": loaded.source, "path": loaded.path}
             for side, loaded in (("hf", hf), ("packing", packing))
         },
-        "versions": _versions(),
+        "versions": library_versions(),
         "inputs": {
             sample.name: {
                 **sample.metadata,

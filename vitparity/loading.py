@@ -35,6 +35,18 @@ class LoadedModel:
         return f"{self.class_name} ({self.source}, {self.side}) from {self.path}"
 
 
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the features, recorded with every features folder and golden."""
+    import cv2
+    import numpy
+    import transformers
+
+    from . import __version__
+
+    return {"vitparity": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": numpy.__version__, "cv2": cv2.__version__}
+
+
 def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     """Resolve `auto` (cuda when available; bfloat16 on cuda, float32 on cpu) and refuse what cannot run.
 

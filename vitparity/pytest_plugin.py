@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from .gpu_pinning import pin_xdist_worker_gpu
@@ -27,7 +26,9 @@ from .builtin import BUILTIN_MEDIA, builtin_paths  # noqa: E402
 from .checks import config_differences  # noqa: E402
 from .compare import Comparison, compare_features, comparison_from_row  # noqa: E402
 from .extract import extract_hf, extract_packing, prepare_sample  # noqa: E402
-from .loading import DTYPES, LoadedModel, ModelLoadError, load_model, resolve_device_dtype  # noqa: E402
+from .loading import (  # noqa: E402
+    DTYPES, LoadedModel, ModelLoadError, library_versions, load_model, resolve_device_dtype,
+)
 from .media import ALIGN_POLICIES, MediaError, discover_media, load_media, media_kind  # noqa: E402
 from .report import format_table, write_cosine_heatmap  # noqa: E402
 from .snapshots import GoldenData, file_sha256, golden_extension, model_fingerprint  # noqa: E402
@@ -213,6 +214,7 @@ class ParitySession:
     _packed: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
     _model_error: str | None = None
     _media_errors: dict[str, str] = field(default_factory=dict)
+    _golden_folders: dict[str, Path] = field(default_factory=dict)
 
     def check_device(self) -> None:
         """Skip (or fail with --require-device) when the requested CUDA device is not there."""
@@ -304,11 +306,18 @@ class ParitySession:
         return self._packed
 
     def golden_folder(self, side: str) -> Path:
-        """fixtures/golden/<model_type>-<fingerprint>-<dtype>: goldens of one model in one dtype."""
-        loaded = self.models()[0 if side == "hf" else 1]
-        config = loaded.model.config.to_dict()
-        fingerprint = model_fingerprint(loaded.path, config)
-        return self.settings.golden_dir / f"{config['model_type']}-{fingerprint[:12]}-{self.settings.dtype}"
+        """fixtures/golden/<model_type>-<fingerprint>-<dtype>: goldens of one model in one dtype.
+
+        The fingerprint hashes the weight files (GBs for real checkpoints): done once per side and session.
+        """
+        if side not in self._golden_folders:
+            loaded = self.models()[0 if side == "hf" else 1]
+            config = loaded.model.config.to_dict()
+            fingerprint = model_fingerprint(loaded.path, config)
+            self._golden_folders[side] = (
+                self.settings.golden_dir / f"{config['model_type']}-{fingerprint[:12]}-{self.settings.dtype}"
+            )
+        return self._golden_folders[side]
 
 
 SESSION_KEY = pytest.StashKey[ParitySession]()
@@ -391,9 +400,6 @@ def golden(request: pytest.FixtureRequest, parity: ParitySession, snapshot):
 
 def golden_meta(parity: ParitySession, features: CaseFeatures, side: str) -> dict:
     """Provenance stored in a golden."""
-    import cv2
-    import transformers
-
     loaded = parity.models()[0 if side == "hf" else 1]
     return {
         "case": features.case.id,
@@ -405,8 +411,7 @@ def golden_meta(parity: ParitySession, features: CaseFeatures, side: str) -> dic
         "media_sha256": features.metadata["media_sha256"],
         "num_frames": parity.settings.num_frames,
         "align": parity.settings.align,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "numpy": np.__version__, "opencv": cv2.__version__},
+        "versions": library_versions(),
     }
 
 
