@@ -186,6 +186,28 @@ def test_nondeterministic_model_is_caught_by_the_determinism_check(suite, tmp_pa
     assert len(found) == 8 and set(found.values()) == {"PASS"}  # parity alone cannot see it
     assert failed_tests(result) == {f"test_deterministic[{case}]" for case in found}
     assert "packing model not deterministic" in result.stdout.str()
+    assert "between two passes on the same pixels" in result.stdout.str() and "decoding" not in result.stdout.str()
+
+
+def test_nondeterministic_decoding_is_told_apart_from_the_models(suite, monkeypatch) -> None:
+    """A decoder that changes one pixel value on every call after the first fails the check, named as decoding."""
+    import vitparity.pytest_plugin as plugin
+
+    load_media, calls = plugin.load_media, []
+
+    def drifting_load_media(path, **options):
+        media = load_media(path, **options)
+        if calls:
+            media.frames = media.frames.copy()
+            media.frames.flat[0] ^= 1
+        calls.append(path)
+        return media
+
+    monkeypatch.setattr(plugin, "load_media", drifting_load_media)
+    result = suite.run("-k", "deterministic and coffee_small")
+    assert failed_tests(result) == {"test_deterministic[image-coffee_small.jpg]"}
+    assert "decoding the media twice gave different pixels (1 of" in result.stdout.str()
+    assert "model not deterministic" not in result.stdout.str()
 
 
 def test_configs_that_disagree_are_refused_before_any_forward(suite, tmp_path) -> None:

@@ -29,7 +29,7 @@ from .extract import extract_hf, extract_packing, prepare_sample  # noqa: E402
 from .loading import (  # noqa: E402
     DTYPES, LoadedModel, ModelLoadError, library_versions, load_model, resolve_device_dtype,
 )
-from .media import ALIGN_POLICIES, MediaError, discover_media, load_media, media_kind  # noqa: E402
+from .media import ALIGN_POLICIES, Media, MediaError, discover_media, load_media, media_kind  # noqa: E402
 from .report import format_table, write_cosine_heatmap  # noqa: E402
 from .snapshots import GoldenData, file_sha256, golden_extension, model_fingerprint  # noqa: E402
 
@@ -193,6 +193,7 @@ class CaseFeatures:
     """Features of one case from both models (float32 torch tensors (N, D), where the models run) and their comparison.
 
     They stay on the device: comparisons and golden reductions run there and copy only per-token results.
+    The decoded media (uint8 frames, on the host) is kept so that later passes can reuse the same pixels.
     """
 
     case: ParityCase
@@ -201,6 +202,7 @@ class CaseFeatures:
     grid: tuple[int, int, int]
     metadata: dict
     comparison: Comparison
+    media: Media
 
 
 @dataclass
@@ -255,24 +257,33 @@ class ParitySession:
             )
         return models
 
-    def _sample(self, case: ParityCase, hf: LoadedModel):
+    def load_case_media(self, case: ParityCase) -> Media:
+        """Decode the case's image or video (frames sampled and aligned to the models' patch size)."""
+        s, patch_size = self.settings, self.models()[0].model.config.patch_size
+        return load_media(case.path, num_frames=s.num_frames, patch_size=patch_size, align=s.align)
+
+    def _sample(self, case: ParityCase, media: Media):
         s = self.settings
-        media = load_media(case.path, num_frames=s.num_frames, patch_size=hf.model.config.patch_size, align=s.align)
+        hf_config = self.models()[0].model.config
         sample = prepare_sample(
-            media, patch_size=hf.model.config.patch_size, dtype=s.torch_dtype, device=s.device,
-            temporal_context=hf.model.config.rope_temporal_size, name=case.id,
+            media, patch_size=hf_config.patch_size, dtype=s.torch_dtype, device=s.device,
+            temporal_context=hf_config.rope_temporal_size, name=case.id,
         )
         sample.metadata["media_sha256"] = file_sha256(case.path)
         return sample
 
-    def extract(self, case: ParityCase) -> CaseFeatures:
-        """Both models' penultimate features of one case, each run alone (a fresh forward pass each call)."""
+    def extract(self, case: ParityCase, media: Media | None = None) -> CaseFeatures:
+        """Both models' penultimate features of one case, each run alone (a fresh forward pass each call).
+
+        `media`: the case's already decoded pixels; decoded now when None.
+        """
         hf, packing = self.models()
-        sample = self._sample(case, hf)
+        media = self.load_case_media(case) if media is None else media
+        sample = self._sample(case, media)
         a = extract_hf(hf.model, sample, temporal_context=hf.model.config.rope_temporal_size)
         b = extract_packing(packing.model, [sample])[0]
         comparison = compare_features(a, b, name=case.id, threshold=self.settings.threshold)
-        return CaseFeatures(case, a, b, sample.grid, sample.metadata, comparison)
+        return CaseFeatures(case, a, b, sample.grid, sample.metadata, comparison, media)
 
     def features(self, case: ParityCase) -> CaseFeatures:
         """`extract(case)`, done once per session and shared by every test of the case.
@@ -294,11 +305,12 @@ class ParitySession:
         Returns (case id -> features, case id -> media error of the cases left out); computed once.
         """
         if self._packed is None:
-            hf, packing = self.models()
+            packing = self.models()[1]
             samples, errors = [], {}
             for case in self.settings.cases:
                 try:
-                    samples.append(self._sample(case, hf))
+                    known = self._features.get(case.id)
+                    samples.append(self._sample(case, known.media if known else self.load_case_media(case)))
                 except MediaError as err:
                     errors[case.id] = str(err)
             features = extract_packing(packing.model, samples) if samples else []
