@@ -58,12 +58,12 @@ def pixel_difference(a: np.ndarray, b: np.ndarray) -> str:
 
 
 def feature_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    comparison = compare_features(a, b, labels=("first pass", "second pass"))
     if a.shape != b.shape:
-        return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    rows = int((a != b).any(dim=-1).sum())
-    diff = float((a - b).abs().nan_to_num(nan=float("inf")).max())
-    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
-    return f"max abs difference {diff:.3e}, {rows} of {a.shape[0]} tokens differ, min cos {cos:.7f}"
+        return comparison.reason
+    tokens = int((a != b).any(dim=-1).sum())
+    return (f"max abs difference {comparison.max_abs:.3e}, {tokens} of {a.shape[0]} tokens differ, "
+            f"min cos {comparison.min_cos:.7f}")
 
 
 def compare_packed(parity, side: str, threshold: float, prefix: str, labels: tuple[str, str]) -> list:

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from .builtin import BUILTIN_MEDIA, builtin_paths  # noqa: E402
 from .checks import config_differences  # noqa: E402
 from .compare import Comparison, compare_features, comparison_from_row  # noqa: E402
-from .extract import extract_hf, extract_packing, prepare_sample  # noqa: E402
+from .extract import Sample, extract_hf, extract_packing, prepare_sample  # noqa: E402
 from .loading import (  # noqa: E402
     DTYPES, LoadedModel, ModelLoadError, library_versions, load_model, resolve_device_dtype,
 )
@@ -258,19 +258,20 @@ class ParitySession:
         return models
 
     def load_case_media(self, case: ParityCase) -> Media:
-        """Decode the case's image or video (frames sampled and aligned to the models' patch size)."""
+        """Decode the case's image or video (frames sampled and aligned to the models' patch size); the
+        metadata carries the file's sha256."""
         s, patch_size = self.settings, self.models()[0].model.config.patch_size
-        return load_media(case.path, num_frames=s.num_frames, patch_size=patch_size, align=s.align)
+        media = load_media(case.path, num_frames=s.num_frames, patch_size=patch_size, align=s.align)
+        media.metadata["media_sha256"] = file_sha256(case.path)
+        return media
 
-    def _sample(self, case: ParityCase, media: Media):
+    def _sample(self, case: ParityCase, media: Media) -> Sample:
         s = self.settings
         hf_config = self.models()[0].model.config
-        sample = prepare_sample(
+        return prepare_sample(
             media, patch_size=hf_config.patch_size, dtype=s.torch_dtype, device=s.device,
             temporal_context=hf_config.rope_temporal_size, name=case.id,
         )
-        sample.metadata["media_sha256"] = file_sha256(case.path)
-        return sample
 
     def extract(self, case: ParityCase, media: Media | None = None) -> CaseFeatures:
         """Both models' penultimate features of one case, each run alone (a fresh forward pass each call).
