@@ -34,3 +34,12 @@ def test_bench_small_runs_every_section_on_cpu(tmp_path: Path) -> None:
     run = results["parity_run"]
     assert [case["tokens"] for case in run["cases"]] == [20, 20, 96, 96]
     assert all(case["min_cos"] > 0.9999 for case in run["cases"])
+
+
+def test_bench_decode_small_runs_and_both_modes_agree() -> None:
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "bench_decode.py"), "--small", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("clip-")]
+    assert [row[0] for row in rows] == ["clip-48f-small.mp4", "clip-240f-small.mp4"]
+    assert all(row[-1] == "yes" and float(row[3]) > 0 and float(row[4]) > 0 for row in rows)

@@ -313,8 +313,11 @@ def test_bundled_media_loads(path: Path) -> None:
     assert set(meta) == (IMAGE_KEYS if loaded.kind == "image" else VIDEO_KEYS)
 
 
+@pytest.mark.parametrize("forward_limit", [0, media.FORWARD_DECODE_LIMIT, 10_000], ids=["seek-only", "default", "decode-through"])
 @pytest.mark.parametrize("name", sorted(BUNDLED_VIDEO_FRAMES))
-def test_bundled_video_seeking_matches_sequential_decode(name: str) -> None:
+def test_bundled_video_seeking_matches_sequential_decode(name: str, forward_limit: int, monkeypatch) -> None:
+    """Seeking, decoding through gaps, or the default mix of both: the frames of a sequential decode."""
+    monkeypatch.setattr(media, "FORWARD_DECODE_LIMIT", forward_limit)
     path = MEDIA_DIR / name
     loaded = load_video(path, num_frames=8, patch_size=1)
     total = BUNDLED_VIDEO_FRAMES[name]
