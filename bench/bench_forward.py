@@ -362,7 +362,7 @@ def run_forward(args, device, dtype, hf, packing, results: dict) -> None:
         p = entry["parity"]
         prow.append([case, f"{tokens}", f"{p['min_cos']:.6f}", f"{p['mean_cos']:.6f}", f"{p['max_abs']:.4g}",
                      f"{p['mean_abs']:.4g}"])
-        del sample
+        sample = None
     results["forward_table"] = rows
     log(f"\nForward (extraction protocol), {results['machine']['device']}, {args.dtype}, config {args.config}, "
         f"init {args.init}, median of {args.repeats} after {args.warmup} warm-up; floor at {args.floor_tflops} TFLOP/s")
@@ -482,7 +482,7 @@ def run_variants(args, device, dtype, hf, packing, results: dict) -> None:
                 packing.attention_kernel = "auto"
                 model_layers.ROPE_IMPL = "auto"
             results["variants"].append(entry)
-        del sample
+        sample = None
     log("\nWhole forwards per variant (hf:<sdpa kernel>, packing:<backend>[:<sdpa kernel>]; rope:<impl> = both models "
         "one after the other, FLOPs of both)")
     print_table(["case", "variant", "time s", "TFLOP/s", "x floor"], rows)
@@ -648,7 +648,7 @@ def run_overhead(args, device, dtype, hf, packing, workdir: Path, results: dict)
     # as the suite does: features stay on the device; comparison and golden reduction copy per-token results only
     timed("compare_features (torch tensors, on the device)", lambda: compare_features(a, b, name="overhead"))
     timed("golden reduction of both sides (on the device)", lambda: (reduce_features(a), reduce_features(b)))
-    del a, b
+    a = b = None
     # alternatives the suite does not use (for reference): comparison on the device, copy into pinned memory
     ga = extract_hf(hf, sample, temporal_context=config.rope_temporal_size)
     gb = extract_packing(packing, [sample])[0]
@@ -668,7 +668,7 @@ def run_overhead(args, device, dtype, hf, packing, workdir: Path, results: dict)
             sync(device)
             values.append(time.perf_counter() - t0)
         alternatives[name] = statistics.median(values)
-    del ga, gb
+    ga = gb = None
     results["overhead"] = {"tokens": sample.num_tokens, "file": str(path.name), "steps_s": steps,
                            "total_s": sum(steps.values()), "alternatives_s": alternatives}
     log(f"\nSuite overhead for one {width}x{height} {t}-frame video ({sample.num_tokens} tokens), "
@@ -723,7 +723,7 @@ def parity_run_child(args) -> dict:
         step("golden reduction", lambda: (reduce_features(fa), reduce_features(fb)))
         per_case.append({"file": path.name, "tokens": sample.num_tokens, "min_cos": comparison.min_cos,
                          "mean_cos": comparison.mean_cos, "max_abs": comparison.max_abs})
-        del sample, fa, fb
+        sample = fa = fb = None
     forward = {side: clock.total() for side, clock in clocks.items()}
     total = time.perf_counter() - t_start
     parts.update(steps)
