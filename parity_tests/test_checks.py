@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitparity.checks import loaded_model_problems
+from vitparity.checks import feature_difference, loaded_model_problems, pixel_difference
 from vitparity.compare import NEIGHBOUR_MIN_COS, compare_features
 from vitparity.report import format_report
 
@@ -48,22 +48,6 @@ def test_deterministic(parity, parity_case, case_features) -> None:
     if problems:
         pytest.fail(f"{parity_case.id}: " + "; ".join(problems)
                     + f" ({parity.settings.dtype}, {parity.settings.device})", pytrace=False)
-
-
-def pixel_difference(a: np.ndarray, b: np.ndarray) -> str:
-    if a.shape != b.shape:
-        return f"shape {a.shape} vs {b.shape}"
-    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    return f"{np.count_nonzero(diff)} of {diff.size} values differ, by up to {int(diff.max())}"
-
-
-def feature_difference(a: torch.Tensor, b: torch.Tensor) -> str:
-    comparison = compare_features(a, b, labels=("first pass", "second pass"))
-    if a.shape != b.shape:
-        return comparison.reason
-    tokens = int((a != b).any(dim=-1).sum())
-    return (f"max abs difference {comparison.max_abs:.3e}, {tokens} of {a.shape[0]} tokens differ, "
-            f"min cos {comparison.min_cos:.7f}")
 
 
 def compare_packed(parity, side: str, threshold: float, prefix: str, labels: tuple[str, str]) -> list:

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from vitparity.compare import DEFAULT_THRESHOLD, Comparison, compare_features, cosine_per_token
 
@@ -239,3 +240,18 @@ def test_torch_tensors_with_bad_values_or_shapes_get_the_full_diagnostics(bad) -
     result = compare_features(a, b)
     assert not result.passed
     assert {"nan": "NaN in packing", "inf": "Inf in packing", "shape": "token count differs"}[bad] in result.reason
+
+
+def test_descriptions_of_a_pass_that_did_not_repeat() -> None:
+    from vitparity.checks import feature_difference, pixel_difference
+
+    frames = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    changed = frames.copy()
+    changed[1, 2, 3] = (0, 5, 255)
+    assert pixel_difference(frames, changed) == "2 of 96 values differ, by up to 255"
+    assert pixel_difference(frames, frames[:1]) == "shape (2, 4, 4, 3) vs (1, 4, 4, 3)"
+    first = torch.ones(3, 4)
+    second = first.clone()
+    second[2, 0] = 1.5
+    assert feature_difference(first, second).startswith("max abs difference 5.000e-01, 1 of 3 tokens differ, min cos 0.99")
+    assert "shape" in feature_difference(first, first[:2])

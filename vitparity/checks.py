@@ -1,11 +1,14 @@
-"""Checks made before trusting a pair of loaded models: configs agree, weights and RoPE tables are sane."""
+"""Checks made before trusting a pair of loaded models (configs agree, weights and RoPE tables are sane), and
+the descriptions of a pass that did not repeat (decode or features)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from .compare import compare_features
 from .models import ARCHITECTURE_FIELDS
 from .models.layers import rope_axis_dims
 
@@ -63,3 +66,21 @@ def _inv_freq_problems(name: str, values: torch.Tensor, dtype: torch.dtype, conf
         return [f"{name}: {wrong} of {flat.numel()} values are not RoPE inverse frequencies 1/theta**(j/n) "
                 f"(theta {config.rope_theta}; e.g. {worst if math.isfinite(worst) else 'non-finite'})"]
     return []
+
+
+def pixel_difference(a: np.ndarray, b: np.ndarray) -> str:
+    """How two decodes of the same media differ: values that differ and by how much, or the shapes."""
+    if a.shape != b.shape:
+        return f"shape {a.shape} vs {b.shape}"
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return f"{np.count_nonzero(diff)} of {diff.size} values differ, by up to {int(diff.max())}"
+
+
+def feature_difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How two passes' features (N, D) differ: max abs difference, tokens that differ, min per-token cosine."""
+    comparison = compare_features(a, b, labels=("first pass", "second pass"))
+    if a.shape != b.shape:
+        return comparison.reason
+    tokens = int((a != b).any(dim=-1).sum())
+    return (f"max abs difference {comparison.max_abs:.3e}, {tokens} of {a.shape[0]} tokens differ, "
+            f"min cos {comparison.min_cos:.7f}")
