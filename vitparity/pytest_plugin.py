@@ -258,12 +258,9 @@ class ParitySession:
         return models
 
     def load_case_media(self, case: ParityCase) -> Media:
-        """Decode the case's image or video (frames sampled and aligned to the models' patch size); the
-        metadata carries the file's sha256."""
+        """Decode the case's image or video (frames sampled and aligned to the models' patch size)."""
         s, patch_size = self.settings, self.models()[0].model.config.patch_size
-        media = load_media(case.path, num_frames=s.num_frames, patch_size=patch_size, align=s.align)
-        media.metadata["media_sha256"] = file_sha256(case.path)
-        return media
+        return load_media(case.path, num_frames=s.num_frames, patch_size=patch_size, align=s.align)
 
     def _sample(self, case: ParityCase, media: Media) -> Sample:
         s = self.settings
@@ -276,10 +273,13 @@ class ParitySession:
     def extract(self, case: ParityCase, media: Media | None = None) -> CaseFeatures:
         """Both models' penultimate features of one case, each run alone (a fresh forward pass each call).
 
-        `media`: the case's already decoded pixels; decoded now when None.
+        `media`: the case's already decoded pixels (from an earlier call); decoded and its file hashed (for the
+        golden metadata) when None.
         """
         hf, packing = self.models()
-        media = self.load_case_media(case) if media is None else media
+        if media is None:
+            media = self.load_case_media(case)
+            media.metadata["media_sha256"] = file_sha256(case.path)
         sample = self._sample(case, media)
         a = extract_hf(hf.model, sample, temporal_context=hf.model.config.rope_temporal_size)
         b = extract_packing(packing.model, [sample])[0]
