@@ -10,7 +10,8 @@ Packed (packing model) `packed_attention`, never with an N x N mask, backends (`
 - "varlen": torch.nn.attention.varlen.varlen_attn (CUDA, fp16 / bf16, torch >= 2.10);
 - "nested": SDPA on a jagged nested tensor (CUDA, fp16 / bf16);
 - "flash_attn": flash-attn's flash_attn_varlen_func, when that package is installed (CUDA, fp16 / bf16);
-- "auto": flash_attn when installed, else `AUTO_PACKED_BACKEND`, on CUDA in half precision; "sdpa" otherwise.
+- "auto": `AUTO_PACKED_BACKEND` on CUDA in half precision, "sdpa" otherwise. flash_attn runs only when named:
+  it was not measured, and torch's own FA2 kernel ran slower than cuDNN at head_dim 64 (docs/benchmarks.md).
 
 Nothing here reads a device tensor back to the host: sample lengths live on the host (`PackedSegments`).
 """
@@ -163,10 +164,12 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend != "auto":
         if backend in ("varlen", "nested", "flash_attn") and not _fast_cuda(q):
             raise ValueError(f"packed attention backend {backend!r} needs a CUDA tensor in float16 / bfloat16")
+        if backend == "flash_attn" and not _has_flash_attn():
+            raise ValueError("packed attention backend 'flash_attn' needs the flash-attn package, which is not installed")
+        if backend == "varlen" and not _has_varlen():
+            raise ValueError(f"packed attention backend 'varlen' needs torch.nn.attention.varlen (torch {torch.__version__})")
         return backend
     if _fast_cuda(q):
-        if _has_flash_attn():
-            return "flash_attn"
         if AUTO_PACKED_BACKEND == "varlen" and not _has_varlen():
             return "sdpa"
         return AUTO_PACKED_BACKEND
