@@ -14,8 +14,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
-
 CHECK = r"""
 import json
 import torch
@@ -47,6 +45,7 @@ print(json.dumps(results))
 
 
 def test_triton_rope_kernel_matches_the_formula() -> None:
+    pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -60,3 +59,10 @@ def test_triton_rope_kernel_matches_the_formula() -> None:
         # bfloat16: the interpreter converts float32 to bfloat16 by truncation, so up to one step apart.
         if r["dtype"] != "bfloat16":
             assert r["equal_to_reference"], r
+
+
+def test_unknown_rope_choice_is_refused() -> None:
+    env = {**os.environ, "VITPARITY_ROPE": "tritn"}
+    run = subprocess.run([sys.executable, "-c", "import vitparity.models"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "VITPARITY_ROPE='tritn' is not one of ('auto', 'torch', 'triton')" in run.stderr

@@ -70,6 +70,8 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 # "torch": always the torch version below; "triton": like auto (kept for explicit benchmarks).
 ROPE_IMPLS = ("auto", "torch", "triton")
 ROPE_IMPL = os.environ.get("VITPARITY_ROPE", "auto")
+if ROPE_IMPL not in ROPE_IMPLS:
+    raise ValueError(f"VITPARITY_ROPE={ROPE_IMPL!r} is not one of {ROPE_IMPLS}")
 _triton_state: dict[str, object] = {}
 
 
