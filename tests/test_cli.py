@@ -295,6 +295,18 @@ def test_write_features_is_atomic(tmp_path: Path) -> None:
         write_features(tmp_path, {"image1": features["image1"][None]}, {}, {})
 
 
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    features = {"image1": np.ones((3, 4), np.float32)}
+    old = os.umask(0o022)
+    try:
+        write_features(tmp_path, {"image1": features["image1"][None]}, features, {})
+    finally:
+        os.umask(old)
+    assert {name: (tmp_path / name).stat().st_mode & 0o777 for name in os.listdir(tmp_path)} == {
+        name: 0o644 for name in (HF_FILE, PACKING_FILE, METADATA_FILE)
+    }
+
+
 def test_convert_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(capsys, "convert", BUILTIN_HF, tmp_path / "packing")
     assert code == 0, err

@@ -54,7 +54,7 @@ def write_features(
     written: dict[str, str] = {}
     try:
         for name, write in writers.items():
-            fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            fd, temp = temporary_file(folder, name)
             written[name] = temp
             with os.fdopen(fd, "wb") as handle:
                 write(handle)
@@ -66,6 +66,16 @@ def write_features(
         for temp in written.values():
             if os.path.exists(temp):
                 os.unlink(temp)
+
+
+def temporary_file(folder: Path, name: str) -> tuple[int, str]:
+    """A hidden temporary file beside `folder / name` (to be renamed over it), with the permissions a plain
+    `open()` would give (mkstemp's are 0600 whatever the umask)."""
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, temp
 
 
 def _existing_file(folder: Path, name: str) -> Path:

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 from .compare import cosine_per_token
+from .features_io import temporary_file
 
 PROJECTION_SEED = 20261122
 PROJECTION_DIM = 16
@@ -165,7 +165,7 @@ def compare_golden(current: bytes, golden: bytes) -> GoldenDiff:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temporary_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
