@@ -1,4 +1,4 @@
-"""Each model's features against its committed golden snapshot (fixtures/golden/<model>-<fingerprint>-<dtype>/)."""
+"""Each model's features against its committed golden snapshot (fixtures/golden/<model>-<fingerprint>-<dtype>-<frames>of<context>-<align>/)."""
 
 from __future__ import annotations
 

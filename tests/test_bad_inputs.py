@@ -88,10 +88,21 @@ def test_unreadable_media_fail_their_own_cases_only(suite, tmp_path) -> None:
     assert suite.goldens() == before
 
 
-def test_missing_media_folder_is_a_usage_error(suite, tmp_path) -> None:
-    result = suite.run(f"--media={tmp_path / 'nowhere'}")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "nowhere" in result.stderr.str() and "not a folder" in result.stderr.str()
+def test_media_folder_problems_are_usage_errors(suite, tmp_path) -> None:
+    """A missing, empty or mixed --media folder stops the run before any case: no file is skipped silently."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "clip.gif").write_bytes(b"GIF89a")
+    (mixed / "sub").mkdir()
+    (tmp_path / "empty").mkdir()
+    for folder, words in (
+        ("nowhere", "media folder not found"),
+        ("empty", "no image or video files"),
+        ("mixed", "2 entries are not image or video files: clip.gif, sub/"),
+    ):
+        result = suite.run(f"--media={tmp_path / folder}")
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        assert f"--media: {tmp_path / folder}: {words}" in result.stderr.str()
 
 
 def test_float16_on_cpu_is_a_usage_error(suite) -> None:

@@ -519,13 +519,24 @@ def test_media_kind() -> None:
 
 
 def test_discover_media(tmp_path: Path) -> None:
-    for name in ("b.png", "a.mp4", "C.JPG", "notes.txt"):
+    for name in ("b.png", "a.mp4", "C.JPG", ".DS_Store"):
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "nested").mkdir()
-    (tmp_path / "nested" / "inner.jpg").write_bytes(b"x")
-    (tmp_path / "dir.png").mkdir()
     assert [path.name for path in discover_media(tmp_path)] == ["C.JPG", "a.mp4", "b.png"]
     assert discover_media(str(tmp_path)) == discover_media(tmp_path)
+
+
+def test_discover_media_names_what_it_cannot_use(tmp_path: Path) -> None:
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_bytes(b"x")
+    (tmp_path / "clip.gif").write_bytes(b"x")
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "inner.jpg").write_bytes(b"x")
+    with pytest.raises(MediaError, match=r"3 entries are not image or video files: clip.gif, nested/, notes.txt"):
+        discover_media(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MediaError, match="no image or video files"):
+        discover_media(empty)
 
 
 def test_discover_media_missing_folder(tmp_path: Path) -> None:

@@ -215,3 +215,27 @@ def test_configs_that_disagree_are_refused_before_any_forward(suite, tmp_path) -
     result = suite.run(f"--packing-model={folder}", "-k", "coffee")
     assert result.ret == 1 and "passed" not in result.parseoutcomes()
     assert "do not describe the same architecture: num_attention_heads: hf 2 vs packing 1" in result.stdout.str()
+
+
+def test_default_folders_resolve_against_the_repository_root(suite, monkeypatch) -> None:
+    """Run from a subfolder: the default golden folder is still the repository's, nothing is created here."""
+    monkeypatch.chdir(suite.path / "parity_tests")
+    result = suite.pytester.runpytest_inprocess("-p", "no:cacheprovider", "--device", "cpu", "-k", "golden and coffee")
+    result.assert_outcomes(passed=4)
+    assert not (suite.path / "parity_tests" / "fixtures").exists()
+
+
+def test_goldens_of_other_settings_are_neither_used_nor_replaced(suite) -> None:
+    """Goldens made with 8 frames are never compared with 4-frame features, nor rewritten by a 4-frame update."""
+    before = suite.goldens()
+    missing = suite.run("--num-frames=4", "-k", "golden and coffee_zoom")
+    missing.assert_outcomes(failed=2)
+    assert "no golden for this case and model in" in missing.stdout.str() and "-float32-4of64-crop" in missing.stdout.str()
+    updated = suite.run("--num-frames=4", "--snapshot-update", "-k", "golden and coffee_zoom")
+    assert updated.ret == 0
+    after = suite.goldens()
+    assert {name: data for name, data in after.items() if name in before} == before
+    assert sorted(set(after) - set(before)) == [
+        f"{folder}-float32-4of64-crop/test_golden/test_golden[video-coffee_zoom.mp4-{side}].npz"
+        for folder, side in (("onevision_encoder-41bbf9a8a5e4", "hf"), ("onevision_encoder_packing-0a8da2050499", "packing"))
+    ]

@@ -67,14 +67,28 @@ def media_kind(path: StrPath) -> str:
 
 
 def discover_media(directory: StrPath) -> list[Path]:
-    """List the image and video files directly inside ``directory``, sorted by name."""
+    """The image and video files directly inside ``directory``, sorted by name.
+
+    Nothing is skipped silently: a folder that holds anything else (a subfolder, a file of another type) or no
+    media at all is an error naming those entries. Hidden entries (names starting with ".") are ignored.
+    """
     folder = Path(directory)
     if not folder.exists():
         raise MediaError(directory, "media folder not found")
     if not folder.is_dir():
         raise MediaError(directory, "not a folder")
     known = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
-    files = [entry for entry in folder.iterdir() if entry.is_file() and entry.suffix.lower() in known]
+    entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+    files = [entry for entry in entries if entry.is_file() and entry.suffix.lower() in known]
+    others = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in entries if entry not in files)
+    if others:
+        raise MediaError(
+            directory,
+            f"{len(others)} entries are not image or video files: {', '.join(others)} "
+            f"(readable: {', '.join(sorted(known))}; subfolders are not searched)",
+        )
+    if not files:
+        raise MediaError(directory, "no image or video files in the folder")
     return sorted(files, key=lambda entry: entry.name)
 
 

@@ -84,17 +84,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             parser.addini(f"vitparity_{option.name}", option.help, default=None)
 
 
-def _raw(config: pytest.Config, option: Option):
+@dataclass(frozen=True)
+class RawValue:
+    """An option's value and where it came from (named in error messages; relative paths resolve by it)."""
+
+    value: str | bool | None
+    source: str  # "cli", "env", "ini" or "default"
+    label: str  # how the user spelled it: --num-frames, VITPARITY_NUM_FRAMES, ini vitparity_num_frames
+
+
+def _raw(config: pytest.Config, option: Option) -> RawValue:
     value = config.getoption(f"vitparity_{option.name}")
-    if value is None:
-        value = os.environ.get(option.env)
-        if value is not None and option.flag:
-            value = value.strip().lower() in TRUE
-    if value is None:
-        value = config.getini(f"vitparity_{option.name}")
-    if value is None or value == "":
-        value = option.default
-    return bool(value) if option.flag else value
+    if value is not None:
+        return RawValue(value, "cli", option.cli)
+    value = os.environ.get(option.env)
+    if value is not None:
+        return RawValue(value.strip().lower() in TRUE if option.flag else value, "env", option.env)
+    value = config.getini(f"vitparity_{option.name}")
+    if value is not None and value != "":
+        return RawValue(bool(value) if option.flag else value, "ini", f"ini vitparity_{option.name}")
+    return RawValue(bool(option.default) if option.flag else option.default, "default", option.cli)
 
 
 @dataclass(frozen=True)
@@ -127,9 +136,15 @@ class Settings:
         return DTYPES[self.dtype]
 
 
-def _resolve_path(config: pytest.Config, value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else Path(config.invocation_params.dir) / path
+def _resolve_path(config: pytest.Config, raw: RawValue) -> Path:
+    """A path option: relative paths from the command line or environment resolve against the current
+    folder, those from the ini file or the defaults against the ini file's folder (the repository root)."""
+    path = Path(str(raw.value)).expanduser()
+    if path.is_absolute():
+        return path
+    if raw.source in ("cli", "env"):
+        return Path(config.invocation_params.dir) / path
+    return (config.inipath.parent if config.inipath else config.rootpath) / path
 
 
 def collect_cases(media_dirs: list[Path]) -> tuple[ParityCase, ...]:
@@ -146,45 +161,58 @@ def collect_cases(media_dirs: list[Path]) -> tuple[ParityCase, ...]:
 
 
 def resolve_settings(config: pytest.Config) -> Settings:
-    """Read and validate every option once; errors name the option and the value."""
+    """Read and validate every option once; errors name the option as it was given (flag, variable or ini key)."""
     raw = {option.name: _raw(config, option) for option in OPTIONS}
-    default_hf, default_packing = (None, None)
-    if not raw["hf_model"] or not raw["packing_model"]:
-        default_hf, default_packing = builtin_paths()
+
+    def bad(name: str, problem: str) -> pytest.UsageError:
+        return pytest.UsageError(f"{raw[name].label}={raw[name].value}: {problem}")
+
+    def path(name: str) -> Path | None:
+        return _resolve_path(config, raw[name]) if raw[name].value else None
+
     try:
-        device, dtype = resolve_device_dtype(raw["device"], raw["dtype"])
+        device, dtype = resolve_device_dtype(raw["device"].value, raw["dtype"].value)
     except ValueError as err:
-        raise pytest.UsageError(f"--device / --dtype: {err}") from err
-    if raw["align"] not in ALIGN_POLICIES:
-        raise pytest.UsageError(f"--align {raw['align']!r}: use one of {ALIGN_POLICIES}")
+        raise pytest.UsageError(f"{raw['device'].label} / {raw['dtype'].label}: {err}") from err
+    if raw["align"].value not in ALIGN_POLICIES:
+        raise bad("align", f"use one of {ALIGN_POLICIES}")
     try:
-        num_frames, threshold = int(raw["num_frames"]), float(raw["threshold"])
-    except ValueError as err:
-        raise pytest.UsageError(f"--num-frames / --threshold: {err}") from err
+        num_frames = int(raw["num_frames"].value)
+    except ValueError:
+        raise bad("num_frames", "not a whole number") from None
     if num_frames < 1:
-        raise pytest.UsageError(f"--num-frames must be >= 1, got {num_frames}")
+        raise bad("num_frames", "must be >= 1")
+    try:
+        threshold = float(raw["threshold"].value)
+    except ValueError:
+        raise bad("threshold", "not a number") from None
     if not 0.0 < threshold < 1.0:
-        raise pytest.UsageError(f"--threshold must be in (0, 1), got {threshold}")
+        raise bad("threshold", "must be in (0, 1)")
     media_dirs = [BUILTIN_MEDIA]
-    if raw["media"]:
-        extra = _resolve_path(config, raw["media"])
-        if not extra.is_dir():
-            raise pytest.UsageError(f"--media {extra}: not a folder")
-        media_dirs.append(extra)
+    if raw["media"].value:
+        media_dirs.append(path("media"))
+    try:
+        cases = collect_cases(media_dirs)
+    except MediaError as err:
+        raise pytest.UsageError(f"{raw['media'].label}: {err}") from err
+    hf_model, packing_model = path("hf_model"), path("packing_model")
+    if hf_model is None or packing_model is None:
+        default_hf, default_packing = builtin_paths()
+        hf_model, packing_model = hf_model or default_hf, packing_model or default_packing
     return Settings(
-        hf_model=_resolve_path(config, raw["hf_model"]) if raw["hf_model"] else default_hf,
-        packing_model=_resolve_path(config, raw["packing_model"]) if raw["packing_model"] else default_packing,
+        hf_model=hf_model,
+        packing_model=packing_model,
         device=device,
         dtype=dtype,
         num_frames=num_frames,
-        align=raw["align"],
+        align=raw["align"].value,
         threshold=threshold,
-        golden_dir=_resolve_path(config, raw["golden_dir"]),
-        report_dir=_resolve_path(config, raw["report_dir"]),
-        trust_remote_code=raw["trust_remote_code"],
-        regenerate_goldens=raw["regenerate_goldens"],
-        require_device=raw["require_device"],
-        cases=collect_cases(media_dirs),
+        golden_dir=path("golden_dir"),
+        report_dir=path("report_dir"),
+        trust_remote_code=raw["trust_remote_code"].value,
+        regenerate_goldens=raw["regenerate_goldens"].value,
+        require_device=raw["require_device"].value,
+        cases=cases,
     )
 
 
@@ -319,16 +347,22 @@ class ParitySession:
         return self._packed
 
     def golden_folder(self, side: str) -> Path:
-        """fixtures/golden/<model_type>-<fingerprint>-<dtype>: goldens of one model in one dtype.
+        """<golden_dir>/<model_type>-<fingerprint>-<dtype>-<frames>of<context>-<align>: the goldens of one model
+        under every setting that changes its features (dtype, frames sampled per video, the temporal context
+        they are placed in, the patch alignment), so a golden is only compared with, or replaced by, features
+        made the same way.
 
         The fingerprint hashes the weight files (GBs for real checkpoints): done once per side and session.
         """
         if side not in self._golden_folders:
-            loaded = self.models()[0 if side == "hf" else 1]
+            s = self.settings
+            hf, packing = self.models()
+            loaded = hf if side == "hf" else packing
             config = loaded.model.config.to_dict()
             fingerprint = model_fingerprint(loaded.path, config)
-            self._golden_folders[side] = (
-                self.settings.golden_dir / f"{config['model_type']}-{fingerprint[:12]}-{self.settings.dtype}"
+            context = hf.model.config.rope_temporal_size or s.num_frames
+            self._golden_folders[side] = s.golden_dir / (
+                f"{config['model_type']}-{fingerprint[:12]}-{s.dtype}-{s.num_frames}of{context}-{s.align}"
             )
         return self._golden_folders[side]
 

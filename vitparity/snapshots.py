@@ -141,7 +141,7 @@ def compare_golden(current: bytes, golden: bytes) -> GoldenDiff:
     proj_a, norms_a, meta_a = load_golden(current)
     proj_b, norms_b, meta_b = load_golden(golden)
     problems = []
-    for key in ("feature_shape", "grid_thw", "media_sha256", "dtype"):
+    for key in ("feature_shape", "grid_thw", "media_sha256", "dtype", "num_frames", "align"):
         if meta_a.get(key) != meta_b.get(key):
             problems.append(f"{key} differs: current {meta_a.get(key)} vs golden {meta_b.get(key)}")
     if proj_a.shape != proj_b.shape:
@@ -200,7 +200,8 @@ class NpzGoldenExtension(SingleFileSnapshotExtension):
 
     def diff_lines(self, serialized_data, snapshot_data):
         if not snapshot_data:
-            yield "no golden for this case and model: run with --snapshot-update to create it"
+            yield (f"no golden for this case and model in {self.golden_dir} (the folder names the model, dtype, "
+                   "frames and alignment): run with --snapshot-update to create it")
             return
         try:
             diff = compare_golden(serialized_data, snapshot_data)
