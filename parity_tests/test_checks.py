@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitparity.checks import feature_difference, loaded_model_problems, pixel_difference
+from vitparity.checks import feature_difference, pixel_difference
 from vitparity.compare import NEIGHBOUR_MIN_COS, compare_features
 from vitparity.report import format_report
 
@@ -27,7 +27,7 @@ def test_loaded_weights(parity, side) -> None:
     The two configs are compared before any forward pass when the models load.
     """
     loaded = parity.models()[0 if side == "hf" else 1]
-    problems = loaded_model_problems(loaded.model)
+    problems = parity.weight_problems()[side]
     if problems:
         pytest.fail(f"{loaded.describe()}:\n  " + "\n  ".join(problems), pytrace=False)
 
@@ -42,7 +42,9 @@ def test_deterministic(parity, parity_case, case_features) -> None:
         problems.append(f"decoding the media twice gave different pixels ({pixel_difference(first_pixels, pixels)})")
     again = parity.extract(parity_case, media=case_features.media)
     for side, first, second in (("hf", case_features.hf, again.hf), ("packing", case_features.packing, again.packing)):
-        if not torch.equal(first, second):
+        if not (torch.isfinite(first).all() and torch.isfinite(second).all()):
+            problems.append(f"{side} model gives NaN or Inf features (test_parity reports where)")
+        elif not torch.equal(first, second):
             problems.append(f"{side} model not deterministic: {feature_difference(first, second)} between two "
                             f"passes on the same pixels")
     if problems:

@@ -239,3 +239,43 @@ def test_goldens_of_other_settings_are_neither_used_nor_replaced(suite) -> None:
         f"{folder}-float32-4of64-crop/test_golden/test_golden[video-coffee_zoom.mp4-{side}].npz"
         for folder, side in (("onevision_encoder-41bbf9a8a5e4", "hf"), ("onevision_encoder_packing-0a8da2050499", "packing"))
     ]
+
+
+def poisoned_hf(folder: Path, key: str) -> Path:
+    """The built-in non-packing checkpoint with one NaN in `key`."""
+    from vitparity.builtin import BUILTIN_HF
+
+    shutil.copytree(BUILTIN_HF, folder)
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    return folder
+
+
+def test_nan_weights_outside_the_features_fail_and_are_never_blessed(suite, tmp_path) -> None:
+    """A NaN in the pooling head leaves hidden_states[-2] (and so parity) intact: the weight check fails, and
+    no golden is written for the pair even with --snapshot-update."""
+    folder = poisoned_hf(tmp_path / "nan-head", "head.probe")
+    before = suite.goldens()
+    result = suite.run(f"--hf-model={folder}", "--snapshot-update", "-k", "coffee or loaded_weights")
+    assert failed_tests(result) == {"test_loaded_weights[hf]"} | {
+        f"test_golden[{case}-{side}]" for case in ("image-coffee_small.jpg", "video-coffee_zoom.mp4")
+        for side in ("hf", "packing")
+    }
+    assert "head.probe: 1 of" in result.stdout.str() and "the loaded weights are not sane" in result.stdout.str()
+    assert suite.goldens() == before
+
+
+def test_nan_features_are_not_called_nondeterminism(suite, tmp_path) -> None:
+    folder = poisoned_hf(tmp_path / "nan-layer", "encoder.layers.0.mlp.fc1.weight")
+    result = suite.run(f"--hf-model={folder}", "-k", "deterministic and coffee_small")
+    assert failed_tests(result) == {"test_deterministic[image-coffee_small.jpg]"}
+    assert "hf model gives NaN or Inf features" in result.stdout.str() and "not deterministic" not in result.stdout.str()
+
+
+def test_more_frames_than_the_temporal_context_is_one_clear_error(suite) -> None:
+    result = suite.run("--num-frames=65", "-m", "not golden", "-k", "coffee or packed")
+    assert result.ret == 1 and "passed" not in result.parseoutcomes()
+    message = "--num-frames=65 does not fit the temporal context of"
+    assert message in result.stdout.str() and "Traceback" not in result.stdout.str()

@@ -23,7 +23,7 @@ pin_xdist_worker_gpu()
 import torch  # noqa: E402
 
 from .builtin import BUILTIN_MEDIA, builtin_paths  # noqa: E402
-from .checks import config_differences  # noqa: E402
+from .checks import config_differences, loaded_model_problems  # noqa: E402
 from .compare import Comparison, compare_features, comparison_from_row  # noqa: E402
 from .extract import Sample, extract_hf, extract_packing, prepare_sample  # noqa: E402
 from .loading import (  # noqa: E402
@@ -245,6 +245,7 @@ class ParitySession:
     _model_error: str | None = None
     _media_errors: dict[str, str] = field(default_factory=dict)
     _golden_folders: dict[str, Path] = field(default_factory=dict)
+    _weight_problems: dict[str, list[str]] | None = None
 
     def check_device(self) -> None:
         """Skip (or fail with --require-device) when the requested CUDA device is not there."""
@@ -283,7 +284,20 @@ class ParitySession:
             raise ModelLoadError(
                 f"{s.hf_model} and {s.packing_model} do not describe the same architecture: {'; '.join(diffs)}"
             )
+        context = models["hf"].model.config.rope_temporal_size
+        if context is not None and s.num_frames > context:
+            raise ModelLoadError(
+                f"--num-frames={s.num_frames} does not fit the temporal context of {s.hf_model} "
+                f"(rope_temporal_size={context}): sample at most {context} frames per video"
+            )
         return models
+
+    def weight_problems(self) -> dict[str, list[str]]:
+        """Side -> problems of its loaded parameters and buffers (`loaded_model_problems`), found once."""
+        if self._weight_problems is None:
+            hf, packing = self.models()
+            self._weight_problems = {"hf": loaded_model_problems(hf.model), "packing": loaded_model_problems(packing.model)}
+        return self._weight_problems
 
     def load_case_media(self, case: ParityCase) -> Media:
         """Decode the case's image or video (frames sampled and aligned to the models' patch size)."""

@@ -46,7 +46,7 @@ GOLDEN_TOLERANCES = {
 
 
 class GoldenRefused(RuntimeError):
-    """Raised instead of writing a golden for a case whose packing-vs-non-packing parity fails."""
+    """Raised instead of writing a golden of a broken pair (parity fails for the case, or weights are not sane)."""
 
 
 class GoldenCorrupt(ValueError):
@@ -90,14 +90,14 @@ class GoldenData:
     projection: np.ndarray = field(repr=False)
     norms: np.ndarray = field(repr=False)
     meta: dict = field(repr=False)
-    blessable: bool = True  # False when parity fails: the extension then refuses to serialise (and so to write)
+    refusal: str = ""  # why these features must never become a golden (the extension then refuses to write)
     case: str = ""
 
     @classmethod
-    def from_features(cls, features, meta: dict, *, blessable: bool = True, case: str = "") -> "GoldenData":
+    def from_features(cls, features, meta: dict, *, refusal: str = "", case: str = "") -> "GoldenData":
         projection, norms = reduce_features(features)
         meta = {**meta, "feature_shape": list(np.shape(features)), "projection_seed": PROJECTION_SEED}
-        return cls(projection, norms, meta, blessable, case)
+        return cls(projection, norms, meta, refusal, case)
 
     def __repr__(self) -> str:  # short: pytest -l prints fixture and local reprs
         return f"GoldenData({self.case!r}, tokens={len(self.norms)}, dtype={self.meta.get('dtype')})"
@@ -186,10 +186,8 @@ class NpzGoldenExtension(SingleFileSnapshotExtension):
     def serialize(self, data, **kwargs) -> bytes:
         if not isinstance(data, GoldenData):
             raise TypeError(f"{type(self).__name__} stores GoldenData, got {type(data).__name__}")
-        if not data.blessable:
-            raise GoldenRefused(
-                f"refusing to write the golden of {data.case}: packing vs non-packing parity fails for this case"
-            )
+        if data.refusal:
+            raise GoldenRefused(f"refusing to write the golden of {data.case}: {data.refusal}")
         meta = np.frombuffer(json.dumps(data.meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
         return _npz_bytes({"projection": data.projection, "norms": data.norms, "meta": meta})
 
