@@ -131,3 +131,16 @@ def test_corrupted_golden_fails_its_test_only(suite) -> None:
     out = result.stdout.str()
     assert "test_golden[image-coffee_small.jpg-hf]" in out and "not a readable vitparity npz" in out
     assert target.read_bytes() == b"PK\x03\x04 not really a zip"  # reported, never silently rewritten
+
+
+@pytest.mark.parametrize("first, second", [("astronaut.jpg", "astronaut.jpg"), ("\u00fc.jpg", "xfc.jpg")])
+def test_media_that_would_share_a_golden_is_a_usage_error(suite, tmp_path, first, second) -> None:
+    """Two files whose cases would share a test id or a golden file name (pytest escapes non-ASCII ids)."""
+    folder = tmp_path / "extra"
+    folder.mkdir()
+    source = BUILTIN_MEDIA / "coffee_small.jpg"
+    for name in {first, second}:
+        shutil.copy(source, folder / name)
+    result = suite.run(f"--media={folder}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "would share the case id or golden file image-" in result.stderr.str()

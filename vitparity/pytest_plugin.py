@@ -31,7 +31,7 @@ from .loading import (  # noqa: E402
 )
 from .media import ALIGN_POLICIES, Media, MediaError, discover_media, load_media, media_kind  # noqa: E402
 from .report import format_table, write_cosine_heatmap  # noqa: E402
-from .snapshots import GoldenData, file_sha256, golden_extension, model_fingerprint  # noqa: E402
+from .snapshots import GoldenData, file_sha256, golden_extension, golden_file_stem, model_fingerprint  # noqa: E402
 
 PROPERTY = "vitparity"
 LOADS_KEY = "vitparity_model_loads"
@@ -154,9 +154,13 @@ def collect_cases(media_dirs: list[Path]) -> tuple[ParityCase, ...]:
         for path in discover_media(folder):
             kind = media_kind(path)
             case = ParityCase(f"{kind}-{path.name}", kind, path)
-            if case.id in cases:
-                raise pytest.UsageError(f"two media files give the case id {case.id}: {cases[case.id].path} and {path}")
-            cases[case.id] = case
+            stem = golden_file_stem(case.id)
+            if stem in cases:
+                raise pytest.UsageError(
+                    f"two media files would share the case id or golden file {stem}: {cases[stem].path} and {path} "
+                    "(rename one)"
+                )
+            cases[stem] = case
     return tuple(cases.values())
 
 

@@ -103,6 +103,14 @@ class GoldenData:
         return f"GoldenData({self.case!r}, tokens={len(self.norms)}, dtype={self.meta.get('dtype')})"
 
 
+def golden_file_stem(case_id: str) -> str:
+    """The part of a golden's file name that comes from a case id: pytest writes non-ASCII characters of test
+    ids as escapes (ü -> \\xfc) and syrupy drops characters that file names cannot hold (\\ / ? * : | " < >
+    and control characters), so two different ids can share one golden file; cases are checked against this."""
+    escaped = case_id.encode("unicode_escape").decode("ascii")
+    return "".join(c for c in escaped if c not in '\\/?*:|"<>' and c.isprintable())
+
+
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """An .npz archive with fixed timestamps and order, so equal data gives equal bytes."""
     buffer = io.BytesIO()
