@@ -144,3 +144,13 @@ def test_media_that_would_share_a_golden_is_a_usage_error(suite, tmp_path, first
     result = suite.run(f"--media={folder}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "would share the case id or golden file image-" in result.stderr.str()
+
+
+def test_cuda_index_beyond_the_visible_devices_skips_unless_required(suite, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    skipped = suite.run("-k", "coffee", "--device=cuda:3", "-rs")
+    assert skipped.ret == 0 and "passed" not in skipped.parseoutcomes()
+    assert "device cuda:3 requested but 2 CUDA device(s) are visible" in skipped.stdout.str()
+    required = suite.run("-k", "coffee", "--device=cuda:3", "--require-device")
+    assert required.ret == 1 and "device cuda:3 requested but 2 CUDA device(s) are visible" in required.stdout.str()

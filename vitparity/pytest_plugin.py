@@ -253,11 +253,20 @@ class ParitySession:
 
     def check_device(self) -> None:
         """Skip (or fail with --require-device) when the requested CUDA device is not there."""
-        if self.settings.device.startswith("cuda") and not torch.cuda.is_available():
-            message = f"device {self.settings.device} requested but CUDA is not available"
-            if self.settings.require_device:
-                pytest.fail(message, pytrace=False)
-            pytest.skip(message)
+        device = self.settings.device
+        if not device.startswith("cuda"):
+            return
+        message = None
+        if not torch.cuda.is_available():
+            message = f"device {device} requested but CUDA is not available"
+        elif device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+            message = (f"device {device} requested but {torch.cuda.device_count()} CUDA device(s) are visible "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}; under -n each worker sees one)")
+        if message is None:
+            return
+        if self.settings.require_device:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
 
     def models(self) -> tuple[LoadedModel, LoadedModel]:
         """Both models, loaded once; their configs must agree before any forward pass.
