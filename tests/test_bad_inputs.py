@@ -124,7 +124,7 @@ def test_cuda_without_gpu_skips_with_a_reason_unless_required(suite) -> None:
 
 
 def test_corrupted_golden_fails_its_test_only(suite) -> None:
-    target = next(suite.golden_root.glob("*-float32/test_golden/test_golden[[]image-coffee_small.jpg-hf].npz"))
+    target = next(suite.golden_root.glob("*-float32-*/test_golden/test_golden[[]image-coffee_small.jpg-hf].npz"))
     target.write_bytes(b"PK\x03\x04 not really a zip")
     result = suite.run("-m", "golden")
     result.assert_outcomes(passed=15, failed=1)

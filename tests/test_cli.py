@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
-from vitparity.cli import main, resolve_inputs
+from vitparity.cli import _device_and_dtype, main, resolve_inputs
 from vitparity.features_io import HF_FILE, METADATA_FILE, PACKING_FILE, read_features, write_features
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,10 +125,45 @@ def test_verify_fails_on_nan(copy_dir: Path, capsys: pytest.CaptureFixture[str])
 def test_verify_fails_on_key_missing_from_one_side(
     copy_dir: Path, capsys: pytest.CaptureFixture[str], name: str
 ) -> None:
+    """Without a list of inputs in metadata.json, a key on one side only is a failed comparison."""
+    metadata = json.loads((copy_dir / METADATA_FILE).read_text())
+    del metadata["inputs"]
+    (copy_dir / METADATA_FILE).write_text(json.dumps(metadata))
     _rewrite(copy_dir, name, lambda arrays: arrays.pop("video1"))
     code, out, _ = _run(capsys, "verify", "--features_dir", copy_dir)
     assert code == 1
     assert "video1" in out and f"missing from {name}" in out and "1 passed, 1 failed" in out
+
+
+@pytest.mark.parametrize("change", ["missing from both", "missing from one", "unlisted"])
+def test_verify_checks_the_inputs_listed_in_metadata(
+    copy_dir: Path, capsys: pytest.CaptureFixture[str], change: str
+) -> None:
+    if change == "unlisted":
+        for name in (HF_FILE, PACKING_FILE):
+            _rewrite(copy_dir, name, lambda arrays: arrays.update(image2=arrays["image1"]))
+    else:
+        for name in (HF_FILE, PACKING_FILE) if change == "missing from both" else (PACKING_FILE,):
+            _rewrite(copy_dir, name, lambda arrays: arrays.pop("video1"))
+    code, out, err = _run(capsys, "verify", "--features_dir", copy_dir)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert METADATA_FILE in err and PACKING_FILE in err
+    assert ("image2" if change == "unlisted" else "video1") in err
+    assert (HF_FILE in err) == (change != "missing from one")
+
+
+@pytest.mark.parametrize("threshold", ["-1", "0", "1", "1.5", "nan"])
+def test_threshold_out_of_range_is_a_usage_error(
+    features_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], threshold: str
+) -> None:
+    code, out, err = _run(capsys, "verify", "--features_dir", features_dir, "--threshold", threshold)
+    assert code == 2 and out == "" and "--threshold" in err
+    code, _, err = _run(
+        capsys, "extract", "--hf_model_path", tmp_path / "absent", "--packing_model_path", tmp_path / "absent",
+        "--image1", IMAGE, "--threshold", threshold, "--output_dir", tmp_path / "o",
+    )
+    assert code == 2 and "--threshold" in err and "absent" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_verify_fails_on_empty_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -284,6 +319,74 @@ def test_architecture_mismatch_lists_fields(tmp_path: Path, capsys: pytest.Captu
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("key", ["head.probe", "encoder.layers.3.mlp.fc2.weight"])
+def test_non_finite_weights_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str) -> None:
+    """A NaN where the penultimate features cannot see it (head, last layer) still stops extract."""
+    hf = Path(shutil.copytree(BUILTIN_HF, tmp_path / "hf"))
+    state = load_file(str(hf / "model.safetensors"))
+    state[key].view(-1)[0] = float("nan")
+    save_file(state, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    code, out, err = _run(
+        capsys, "extract", "--hf_model_path", hf, "--packing_model_path", BUILTIN_PACKING,
+        "--image1", IMAGE, "--output_dir", tmp_path / "o",
+    )
+    assert code == 2 and out == ""
+    assert str(hf) in err and key in err and "NaN or Inf" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_num_frames_beyond_rope_temporal_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("media decoded before --num_frames was checked")
+
+    monkeypatch.setattr("vitparity.cli.load_video", no_decoding)
+    code, _, err = _run(capsys, "extract", "--video1", VIDEO, "--num_frames", 65, "--output_dir", tmp_path / "o")
+    assert code == 2 and "--num_frames 65" in err and "rope_temporal_size 64" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_num_frames_unlimited_without_rope_temporal_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hf = Path(shutil.copytree(BUILTIN_HF, tmp_path / "hf"))
+    config = json.loads((hf / "config.json").read_text())
+    config["rope_temporal_size"] = None
+    (hf / "config.json").write_text(json.dumps(config))
+    code, out, err = _run(
+        capsys, "extract", "--hf_model_path", hf, "--packing_model_path", BUILTIN_PACKING,
+        "--video1", VIDEO, "--num_frames", 65, "--output_dir", tmp_path / "o",
+    )
+    assert code == 0, out + err
+    assert "1 passed, 0 failed" in out
+
+
+def test_cuda_device_index(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _device_and_dtype("cuda:1", "auto") == ("cuda:1", torch.bfloat16)
+    code, _, err = _run(capsys, "extract", "--image1", IMAGE, "--device", "cuda:2", "--output_dir", tmp_path / "o")
+    assert code == 2 and "--device cuda:2" in err and "2 CUDA device" in err
+    code, _, err = _run(capsys, "extract", "--image1", IMAGE, "--device", "gpu", "--output_dir", tmp_path / "o")
+    assert code == 2 and "--device" in err and "cuda:N" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_output_dir_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("model loaded before --output_dir was checked")
+
+    monkeypatch.setattr("vitparity.cli.load_model", no_loading)
+    existing = tmp_path / "features"
+    existing.write_text("not a folder\n")
+    output = existing if where == "file" else existing / "sub"
+    code, out, err = _run(capsys, "extract", "--image1", IMAGE, "--output_dir", output)
+    assert code == 2 and out == "" and "--output_dir" in err and str(existing) in err
+    assert existing.read_text() == "not a folder\n"
+
+
 def test_write_features_is_atomic(tmp_path: Path) -> None:
     features = {"image1": np.ones((3, 4), np.float32)}
     write_features(tmp_path, {"image1": features["image1"][None]}, features, {"note": "first"})
@@ -326,6 +429,17 @@ def test_convert_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert code == 2 and err.startswith("vitparity: error: ") and str(tmp_path / "absent") in err
     code, _, err = _run(capsys, "convert", BUILTIN_HF, BUILTIN_HF)
     assert code == 2 and "must differ" in err
+
+
+def test_convert_refuses_an_output_folder_with_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    stale = {"model-00001-of-00002.safetensors": b"old", "model.safetensors.index.json": b"{}"}
+    for name, data in stale.items():
+        (output / name).write_bytes(data)
+    code, out, err = _run(capsys, "convert", BUILTIN_HF, output)
+    assert code == 2 and out == "" and str(output) in err and "model.safetensors.index.json" in err
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == stale
 
 
 def test_python_dash_m(features_dir: Path) -> None:

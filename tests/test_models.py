@@ -203,3 +203,14 @@ def test_bad_inputs_are_named(models) -> None:
 def test_tiny_model_is_deterministic() -> None:
     a, b = make_tiny_hf_model(0), make_tiny_hf_model(0)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_single_file_beside_an_index_is_ambiguous(tmp_path) -> None:
+    """A stale index beside model.safetensors (a sharded checkpoint overwritten in place) is refused by name."""
+    folder = _copy_checkpoint(tmp_path, lambda s: None)
+    index = {"metadata": {}, "weight_map": {"head.probe": "model-00001-of-00009.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors and model\.safetensors\.index\.json"):
+        load_model(folder)
+    with pytest.raises(ConversionError, match="ambiguous"):
+        convert_checkpoint(folder, tmp_path / "out")

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .builtin import builtin_paths
-from .checks import config_differences
+from .checks import config_differences, loaded_model_problems
 from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
 from .convert import ConversionError, convert_checkpoint
 from .extract import extract_hf, extract_packing, prepare_sample
@@ -28,6 +28,7 @@ from .report import format_report
 
 ROOT_DEFAULTS = {"image1": "1.jpg", "image2": "2.jpg", "video1": "1.mp4", "video2": "2.mp4"}
 NAMED_INPUTS = ("image1", "image2", "video1", "video2")
+OUTPUT_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json")
 
 
 def _progress(message: str) -> None:
@@ -58,7 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(extract, "num_frames", type=int, default=8, help="frames sampled per video (default 8)")
     _option(extract, "output_dir", metavar="DIR", default="./features", help="default ./features")
     _option(extract, "threshold", type=float, default=DEFAULT_THRESHOLD, help="minimum per-token cosine")
-    _option(extract, "device", choices=("auto", "cpu", "cuda"), default="auto")
+    _option(extract, "device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     _option(extract, "dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on cuda, else float32")
     _option(extract, "align", choices=ALIGN_POLICIES, default="crop", help="how sizes become multiples of the patch")
     _option(extract, "trust_remote_code", action="store_true", help="allow a checkpoint's own model code")
@@ -99,12 +100,49 @@ def resolve_inputs(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     return inputs
 
 
+def _check_threshold(threshold: float) -> None:
+    """The suite's rule: a minimum cosine strictly between 0 and 1 (NaN refused)."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"--threshold must be in (0, 1), got {threshold}")
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """Refuse an --output_dir that is, or lies under, an existing non-folder, before any work is done."""
+    output = Path(output_dir)
+    for folder in (output, *output.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--output_dir {output}: {folder} exists and is not a folder")
+            return
+
+
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    """Resolve 'auto' choices and reject combinations that cannot run, a missing GPU included."""
-    device, dtype = resolve_device_dtype(device, dtype)
+    """Resolve 'auto' choices and reject combinations that cannot run, a missing GPU or GPU index included."""
+    try:
+        device, dtype = resolve_device_dtype(device, dtype)
+    except ValueError as err:
+        raise ValueError(f"--device / --dtype: {err}") from err
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device, DTYPES[dtype]
+
+
+def _check_num_frames(num_frames: int, hf_config: dict, hf_path: str) -> None:
+    """Refuse more frames per video than the HF model's temporal RoPE context (None: no limit)."""
+    limit = hf_config.get("rope_temporal_size", OneVisionEncoderConfig().rope_temporal_size)
+    if limit is not None and num_frames > limit:
+        raise ValueError(f"--num_frames {num_frames} exceeds rope_temporal_size {limit} of {hf_path}")
+
+
+def _load_sane_model(path: str, *, dtype: torch.dtype, device: str, trust_remote_code: bool) -> LoadedModel:
+    """load_model, then refuse weights that cannot be meant: NaN / Inf, all-zero matrices, wrong RoPE tables."""
+    loaded = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    problems = loaded_model_problems(loaded.model)
+    if problems:
+        raise ModelLoadError(f"{path}: unusable weights after loading: " + "; ".join(problems))
+    return loaded
 
 
 def _load_inputs(
@@ -140,8 +178,8 @@ def run_extract(args: argparse.Namespace) -> int:
     """The extract command: load inputs, then both models, extract, write the folder, verify it."""
     if args.num_frames < 1:
         raise ValueError(f"--num_frames must be >= 1, got {args.num_frames}")
-    if not math.isfinite(args.threshold):
-        raise ValueError(f"--threshold must be a finite number, got {args.threshold}")
+    _check_threshold(args.threshold)
+    _check_output_dir(args.output_dir)
     if (args.hf_model_path is None) != (args.packing_model_path is None):
         raise ValueError("give both --hf_model_path and --packing_model_path, or neither for the built-in tiny models")
     if args.hf_model_path is None:
@@ -151,14 +189,17 @@ def run_extract(args: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype(args.device, args.dtype)
     inputs = resolve_inputs(args)
     read_config(packing_path)  # a wrong model path fails here, before any media is decoded
-    patch_size = int(read_config(hf_path).get("patch_size", OneVisionEncoderConfig().patch_size))
+    hf_config = read_config(hf_path)
+    if any(kind == "video" for kind, _ in inputs.values()):
+        _check_num_frames(args.num_frames, hf_config, hf_path)
+    patch_size = int(hf_config.get("patch_size", OneVisionEncoderConfig().patch_size))
 
     _progress(f"loading {len(inputs)} inputs ...")
     media = _load_inputs(inputs, num_frames=args.num_frames, patch_size=patch_size, align=args.align)
     _progress(f"loading HF model {hf_path} ...")
-    hf = load_model(hf_path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
+    hf = _load_sane_model(hf_path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     _progress(f"loading packing model {packing_path} ...")
-    packing = load_model(packing_path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
+    packing = _load_sane_model(packing_path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     _check_models(hf, packing, patch_size)
 
     context = getattr(hf.model.config, "rope_temporal_size", None)
@@ -212,8 +253,7 @@ def _one_sided(name: str, shape: tuple[int, ...], missing_from: str, threshold: 
 
 def verify_folder(features_dir: str, threshold: float) -> int:
     """Compare every key of a features folder, print the report; 0 when all pass, 1 otherwise."""
-    if not math.isfinite(threshold):
-        raise ValueError(f"--threshold must be a finite number, got {threshold}")
+    _check_threshold(threshold)
     hf, packing, metadata = read_features(features_dir)
     comparisons = []
     for key in [*hf, *(key for key in packing if key not in hf)]:
@@ -236,6 +276,10 @@ def run_convert(args: argparse.Namespace) -> int:
     source, output = Path(args.source), Path(args.output)
     if output.resolve() == source.resolve():
         raise ValueError(f"{output}: the output folder must differ from the source checkpoint")
+    existing = sorted(path.name for pattern in OUTPUT_WEIGHT_PATTERNS for path in output.glob(pattern))
+    if existing:
+        raise ValueError(f"{output}: the output folder already holds weights ({', '.join(existing)}); "
+                         "convert into a new or empty folder")
     before = {path: path.stat().st_mtime_ns for path in output.iterdir()} if output.is_dir() else {}
     convert_checkpoint(source, output)
     model_type = read_config(output).get("model_type")

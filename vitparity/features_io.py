@@ -110,8 +110,9 @@ def read_features(
     """(hf features, packing features, metadata) of a features folder.
 
     A missing folder or file raises FileNotFoundError; an unreadable npz, a non-numeric array or invalid
-    metadata raises FeaturesError. Keys present on one side only are returned as they are: callers
-    report them.
+    metadata raises FeaturesError. When metadata.json lists its inputs, both files must hold exactly those
+    keys (FeaturesError naming the files and keys otherwise); without that list, keys present on one side
+    only are returned as they are: callers report them.
     """
     folder = Path(features_dir)
     if not folder.is_dir():
@@ -125,4 +126,22 @@ def read_features(
         raise FeaturesError(f"{metadata_path}: not valid JSON ({err})") from err
     if not isinstance(metadata, dict):
         raise FeaturesError(f"{metadata_path}: expected a JSON object, got {type(metadata).__name__}")
+    if "inputs" in metadata:
+        _check_listed_inputs(folder, metadata["inputs"], {HF_FILE: hf, PACKING_FILE: packing})
     return hf, packing, metadata
+
+
+def _check_listed_inputs(folder: Path, listed: Any, files: dict[str, dict[str, np.ndarray]]) -> None:
+    """FeaturesError unless every feature file holds exactly the inputs metadata.json lists."""
+    if not isinstance(listed, dict):
+        raise FeaturesError(f"{folder / METADATA_FILE}: 'inputs' must be an object, got {type(listed).__name__}")
+    problems = []
+    for name, arrays in files.items():
+        missing = [key for key in listed if key not in arrays]
+        unlisted = [key for key in arrays if key not in listed]
+        if missing:
+            problems.append(f"{folder / name} lacks {', '.join(missing)}")
+        if unlisted:
+            problems.append(f"{folder / name} has {', '.join(unlisted)}, not listed")
+    if problems:
+        raise FeaturesError(f"{folder / METADATA_FILE}: its inputs do not match the features: " + "; ".join(problems))

@@ -82,8 +82,14 @@ def read_config(path: str | Path) -> dict:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder (sharded through model.safetensors.index.json or not)."""
+    """The safetensors files of a checkpoint folder (sharded through model.safetensors.index.json or not).
+
+    A folder holding both model.safetensors and the index is ambiguous (ModelLoadError): each names other weights.
+    """
     index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file() and single.is_file():
+        raise ModelLoadError(f"{folder}: ambiguous weights, both {single.name} and {index.name}; remove the stale one")
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [folder / name for name in names]

@@ -466,8 +466,15 @@ def golden(request: pytest.FixtureRequest, parity: ParitySession, snapshot):
     """`golden(side, data)` asserts GoldenData against the committed golden of that side's model."""
 
     def check(side: str, data: GoldenData) -> None:
-        extension = golden_extension(parity.golden_folder(side), force_rewrite=parity.settings.regenerate_goldens)
-        assert snapshot.with_defaults(extension_class=extension) == data
+        folder = parity.golden_folder(side)
+        assertion = snapshot.with_defaults(
+            extension_class=golden_extension(folder, force_rewrite=parity.settings.regenerate_goldens)
+        )
+        if not assertion == data:  # syrupy records the result (and, when updating, queues the write) here
+            lines = assertion.get_assert_diff()
+            if any(line.startswith("Traceback") for line in lines):  # an error: its message comes first
+                lines = lines[:1]
+            pytest.fail(f"{data.case}: golden in {folder}\n" + "\n".join(lines), pytrace=False)
 
     return check
 
