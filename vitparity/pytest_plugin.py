@@ -75,12 +75,13 @@ TRUE = {"1", "true", "yes", "on"}
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vitparity", "packing vs non-packing parity suite (write paths as --option=PATH)")
     for option in OPTIONS:
-        text = f"{option.help} [env {option.env}; ini vitparity_{option.name}]"
+        default = f"; default {option.default}" if option.default else ""
+        text = f"{option.help} [env {option.env}; ini vitparity_{option.name}{default}]"
         if option.flag:
             group.addoption(option.cli, action="store_const", const=True, default=None, dest=f"vitparity_{option.name}", help=text)
             parser.addini(f"vitparity_{option.name}", option.help, type="bool", default=None)
         else:
-            group.addoption(option.cli, default=None, dest=f"vitparity_{option.name}", help=text)
+            group.addoption(option.cli, default=None, dest=f"vitparity_{option.name}", metavar=option.name.upper(), help=text)
             parser.addini(f"vitparity_{option.name}", option.help, default=None)
 
 
