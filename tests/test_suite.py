@@ -118,6 +118,7 @@ def test_regenerate_rewrites_every_golden_and_orphans_fail_the_full_run(suite) -
     shutil.copy(orphan, orphan.with_name("test_golden[image-removed.jpg-hf].npz"))
     full = suite.run()
     assert full.ret == 1 and "1 snapshot unused" in full.stdout.str()
+    assert "FAILED although no test failed: unused goldens" in full.stdout.str()
     assert suite.run("-k", "video").ret == 0  # a narrowed run does not judge the goldens it did not select
 
 

@@ -414,6 +414,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = session
     reporter = ParityReporter(session)
     config.pluginmanager.register(reporter, "vitparity-reporter")
+    config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")
     if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
         config.pluginmanager.register(XdistLoadCounts(reporter), "vitparity-xdist-loads")
 
@@ -533,6 +534,25 @@ class ParityReporter:
         terminalreporter.write_line(format_table([comparison_from_row(r) for r in self.rows]))
         failed = sum(not r["passed"] for r in self.rows)
         terminalreporter.write_line(f"{len(self.rows)} comparisons, {len(self.rows) - failed} passed, {failed} failed")
+
+
+class FailureWithoutFailedTest:
+    """Says why a run failed when no test did (syrupy fails a full run on unused goldens, after every test)."""
+
+    exitstatus: int = 0
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.exitstatus = session.exitstatus  # after syrupy's own sessionfinish has set it
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.exitstatus == pytest.ExitCode.TESTS_FAILED and not terminalreporter.stats.get("failed") \
+                and not terminalreporter.stats.get("error"):
+            terminalreporter.write_sep(
+                "=", "FAILED although no test failed: unused goldens (orphans; -v lists them) fail a full run; "
+                "delete them on purpose with --snapshot-update", red=True,
+            )
 
 
 class XdistLoadCounts:
