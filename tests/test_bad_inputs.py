@@ -154,3 +154,12 @@ def test_cuda_index_beyond_the_visible_devices_skips_unless_required(suite, monk
     assert "device cuda:3 requested but 2 CUDA device(s) are visible" in skipped.stdout.str()
     required = suite.run("-k", "coffee", "--device=cuda:3", "--require-device")
     assert required.ret == 1 and "device cuda:3 requested but 2 CUDA device(s) are visible" in required.stdout.str()
+
+
+def test_bad_option_values_name_where_they_came_from(suite, monkeypatch) -> None:
+    monkeypatch.setenv("VITPARITY_NUM_FRAMES", "eight")
+    result = suite.run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "VITPARITY_NUM_FRAMES=eight: not a whole number" in result.stderr.str()
+    result = suite.run("--threshold=1.5")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "--threshold=1.5: must be in (0, 1)" in result.stderr.str()
