@@ -161,5 +161,6 @@ def test_bad_option_values_name_where_they_came_from(suite, monkeypatch) -> None
     result = suite.run()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "VITPARITY_NUM_FRAMES=eight: not a whole number" in result.stderr.str()
+    monkeypatch.delenv("VITPARITY_NUM_FRAMES")
     result = suite.run("--threshold=1.5")
     assert result.ret == pytest.ExitCode.USAGE_ERROR and "--threshold=1.5: must be in (0, 1)" in result.stderr.str()
