@@ -20,7 +20,8 @@ from .convert import ConversionError, convert_checkpoint
 from .extract import extract_hf, extract_packing, prepare_sample
 from .features_io import HF_FILE, PACKING_FILE, read_features, write_features
 from .loading import (
-    DTYPES, LoadedModel, ModelLoadError, library_versions, load_model, read_config, resolve_device_dtype,
+    DTYPES, LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device, read_config,
+    resolve_device_dtype,
 )
 from .media import ALIGN_POLICIES, Media, MediaError, load_image, load_video, media_kind
 from .models import OneVisionEncoderConfig
@@ -122,10 +123,9 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
         device, dtype = resolve_device_dtype(device, dtype)
     except ValueError as err:
         raise ValueError(f"--device / --dtype: {err}") from err
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    problem = missing_cuda_device(device)
+    if problem:
+        raise ValueError(f"--device {device}: {problem}")
     return device, DTYPES[dtype]
 
 

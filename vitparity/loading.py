@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def library_versions() -> dict[str, str]:
 def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     """Resolve `auto` (cuda when available; bfloat16 on cuda, float32 on cpu) and refuse what cannot run.
 
-    Does not check that a requested CUDA device exists: callers decide whether that is an error or a skip.
+    Does not check that a requested CUDA device exists (`missing_cuda_device`): callers decide whether that
+    is an error or a skip.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,6 +65,18 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     if device == "cpu" and dtype == "float16":
         raise ValueError("unsupported dtype on CPU: float16 (use float32 or bfloat16 on CPU, or a cuda device)")
     return device, dtype
+
+
+def missing_cuda_device(device: str) -> str | None:
+    """Why a resolved CUDA `device` cannot be used on this machine (None when it can, or for the CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    count = torch.cuda.device_count()
+    if device.startswith("cuda:") and int(device[5:]) >= count:
+        return f"{count} CUDA device(s) are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+    return None
 
 
 def read_config(path: str | Path) -> dict:

@@ -27,7 +27,7 @@ from .checks import config_differences, loaded_model_problems  # noqa: E402
 from .compare import Comparison, compare_features, comparison_from_row  # noqa: E402
 from .extract import Sample, extract_hf, extract_packing, prepare_sample  # noqa: E402
 from .loading import (  # noqa: E402
-    DTYPES, LoadedModel, ModelLoadError, library_versions, load_model, resolve_device_dtype,
+    DTYPES, LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device, resolve_device_dtype,
 )
 from .media import ALIGN_POLICIES, Media, MediaError, discover_media, load_media, media_kind  # noqa: E402
 from .report import format_table, write_cosine_heatmap  # noqa: E402
@@ -254,17 +254,10 @@ class ParitySession:
 
     def check_device(self) -> None:
         """Skip (or fail with --require-device) when the requested CUDA device is not there."""
-        device = self.settings.device
-        if not device.startswith("cuda"):
+        problem = missing_cuda_device(self.settings.device)
+        if problem is None:
             return
-        message = None
-        if not torch.cuda.is_available():
-            message = f"device {device} requested but CUDA is not available"
-        elif device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-            message = (f"device {device} requested but {torch.cuda.device_count()} CUDA device(s) are visible "
-                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}; under -n each worker sees one)")
-        if message is None:
-            return
+        message = f"device {self.settings.device} requested but {problem}"
         if self.settings.require_device:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
