@@ -84,3 +84,12 @@ def feature_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     tokens = int((a != b).any(dim=-1).sum())
     return (f"max abs difference {comparison.max_abs:.3e}, {tokens} of {a.shape[0]} tokens differ, "
             f"min cos {comparison.min_cos:.7f}")
+
+
+def odd_pass(first: torch.Tensor, second: torch.Tensor, third: torch.Tensor) -> str:
+    """Which of three passes on the same input disagrees with the other two (first and second already differ)."""
+    if torch.equal(first, third):
+        return "a third pass equals the first: the second pass was the odd one"
+    if torch.equal(second, third):
+        return "a third pass equals the second: the first pass was the odd one"
+    return f"a third pass differs from both ({feature_difference(second, third)} from the second): every pass differs"

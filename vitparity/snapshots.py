@@ -96,7 +96,13 @@ class GoldenData:
     @classmethod
     def from_features(cls, features, meta: dict, *, refusal: str = "", case: str = "") -> "GoldenData":
         projection, norms = reduce_features(features)
-        meta = {**meta, "feature_shape": list(np.shape(features)), "projection_seed": PROJECTION_SEED}
+        return cls.from_reduction(projection, norms, list(np.shape(features)), meta, refusal=refusal, case=case)
+
+    @classmethod
+    def from_reduction(cls, projection: np.ndarray, norms: np.ndarray, feature_shape: list[int], meta: dict, *,
+                       refusal: str = "", case: str = "") -> "GoldenData":
+        """From features already reduced by `reduce_features` (the features themselves need not be kept)."""
+        meta = {**meta, "feature_shape": list(feature_shape), "projection_seed": PROJECTION_SEED}
         return cls(projection, norms, meta, refusal, case)
 
     def __repr__(self) -> str:  # short: pytest -l prints fixture and local reprs

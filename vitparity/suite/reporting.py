@@ -1,0 +1,134 @@
+"""What the run says at its end: the per-case table, the cost of the run per worker and in total, and why a run
+failed when no test did. Works in one process and under xdist (workers send their cost to the controller)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ..compare import comparison_from_row
+from ..report import format_table
+from .session import SIDES, Cost, ParitySession
+
+PROPERTY = "vitparity"  # user property of a test: one Comparison row (JSON)
+COST_KEY = "vitparity_cost"  # xdist workeroutput: this worker's Cost (JSON)
+
+
+def cost_line(cost: dict) -> str:
+    forwards, tokens = cost["forwards"], cost["tokens"]
+    return (f"forwards: hf {forwards['hf']} ({tokens['hf']} tokens), "
+            f"packing {forwards['packing']} ({tokens['packing']} tokens)")
+
+
+def cost_details(cost: dict) -> str:
+    loads = cost["loads"]
+    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; pack groups {cost['groups']}; "
+            f"determinism re-runs {cost['determinism_cases']}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
+            f"({cost['peak_kind']})")
+
+
+def total_cost(costs: dict[str, dict]) -> dict:
+    """The sum of several processes' costs (peak memory: the largest)."""
+    total = Cost().to_dict()
+    for cost in costs.values():
+        for key in ("forwards", "tokens", "loads"):
+            for side in SIDES:
+                total[key][side] += cost[key][side]
+        total["groups"] += cost["groups"]
+        total["determinism_cases"] += cost["determinism_cases"]
+        total["over_budget"] += cost["over_budget"]
+        if cost["peak_bytes"] >= total["peak_bytes"]:
+            total["peak_bytes"], total["peak_kind"] = cost["peak_bytes"], cost["peak_kind"]
+    return total
+
+
+class ParityReporter:
+    """Collects comparisons (from this process or the workers) and costs, prints the summary, fills JUnit."""
+
+    def __init__(self, session: ParitySession) -> None:
+        self.session = session
+        self.rows: list[dict] = []
+        self.costs: dict[str, dict] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            self.rows.extend(json.loads(value) for name, value in report.user_properties if name == PROPERTY)
+
+    def pytest_testnodedown(self, node, error) -> None:
+        """Under xdist, on the controller: a worker's cost as it shuts down."""
+        cost = getattr(node, "workeroutput", {}).get(COST_KEY)
+        if cost:
+            self.costs[node.gateway.id] = json.loads(cost)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """This process's cost: sent to the controller by a worker; kept, and put in the JUnit XML, otherwise.
+
+        tryfirst: the JUnit XML is written in the junitxml plugin's own sessionfinish.
+        """
+        cost = self.session.cost
+        cost.measure_peak(self.session.settings.device)
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:
+            workeroutput[COST_KEY] = json.dumps(cost.to_dict())
+            return
+        if any(cost.forwards.values()) or any(cost.loads.values()):
+            self.costs["main"] = cost.to_dict()
+        self._junit_properties(session.config)
+
+    def _junit_properties(self, config: pytest.Config) -> None:
+        from _pytest.junitxml import xml_key  # the key pytest's record_testsuite_property fixture uses
+
+        xml = config.stash.get(xml_key, None)
+        if xml is None or not self.costs:
+            return
+        for worker, cost in sorted(self.costs.items()):
+            xml.add_global_property(f"vitparity_cost_{worker}", json.dumps(cost, sort_keys=True))
+        xml.add_global_property("vitparity_cost", cost_line(total_cost(self.costs)))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        s, plan = self.session.settings, self.session.plan
+        if not self.rows and not self.costs:
+            return
+        terminalreporter.write_sep("=", "vitparity parity summary")
+        terminalreporter.write_line(
+            f"hf: {s.hf_model}  packing: {s.packing_model}  device: {s.device}  dtype: {s.dtype}  "
+            f"threshold: min cos > {s.threshold}  (figures: float32 comparisons)"
+        )
+        shard = f"shard {s.shard}: " if s.shard else ""
+        terminalreporter.write_line(
+            f"{shard}{len(plan.groups)} of {len(plan.all_groups)} pack groups (budget {s.pack_tokens} tokens), "
+            f"{sum(len(g.cases) for g in plan.groups)} cases; determinism {s.determinism}: "
+            f"{len(plan.determinism)} cases re-run"
+        )
+        for worker, cost in sorted(self.costs.items()):
+            terminalreporter.write_line(f"{worker}: {cost_line(cost)}; {cost_details(cost)}")
+            for group in cost["over_budget"]:
+                terminalreporter.write_line(f"{worker}: over the token budget: {group}", yellow=True)
+        if len(self.costs) > 1:
+            total = total_cost(self.costs)
+            terminalreporter.write_line(f"total: {cost_line(total)}; {cost_details(total)}")
+        if self.rows:
+            terminalreporter.write_line(format_table([comparison_from_row(r) for r in self.rows]))
+            failed = sum(not r["passed"] for r in self.rows)
+            terminalreporter.write_line(f"{len(self.rows)} comparisons, {len(self.rows) - failed} passed, {failed} failed")
+
+
+class FailureWithoutFailedTest:
+    """Says why a run failed when no test did (syrupy fails a full run on unused goldens, after every test)."""
+
+    exitstatus: int = 0
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.exitstatus = session.exitstatus  # after syrupy's own sessionfinish has set it
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.exitstatus == pytest.ExitCode.TESTS_FAILED and not terminalreporter.stats.get("failed") \
+                and not terminalreporter.stats.get("error"):
+            terminalreporter.write_sep(
+                "=", "FAILED although no test failed: unused goldens (orphans; -v lists them) fail a full run; "
+                "delete them on purpose with --snapshot-update", red=True,
+            )

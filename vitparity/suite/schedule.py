@@ -1,0 +1,178 @@
+"""The run's plan (cases, pack groups, this shard's share, each worker's groups) and how test items follow it:
+grouped in order, a whole group on one xdist worker, other shards' groups deselected."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pytest
+from xdist.scheduler import LoadScopeScheduling
+
+from ..media import MediaError
+from .cases import CaseError, PackGroup, ParityCase, collect_cases, determinism_cases, make_groups, plan_workers
+from .options import Settings, option_label
+
+DEFAULT_PATCH_SIZE = 14
+CASE_PARAM = "parity_case"
+GROUP_PARAM = "parity_group"
+_PARAM_ID = re.compile(r"\[(.*)\]$")
+
+
+def _patch_size(model: Path) -> int:
+    """The checkpoint's patch size, read from its config.json only (a model that cannot load fails later)."""
+    try:
+        return int(json.loads((Path(model) / "config.json").read_text())["patch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_PATCH_SIZE
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every case and pack group of the run, this shard's groups and which worker runs each of them."""
+
+    cases: tuple[ParityCase, ...]
+    all_groups: tuple[PackGroup, ...]
+    groups: tuple[PackGroup, ...]  # this shard's
+    owner: dict[str, int]  # group id -> worker index
+    workers: int
+    determinism: frozenset[str]  # case ids re-run to check determinism
+
+    def group_of(self, case_id: str) -> PackGroup:
+        return self._groups_by_id[self._case_group[case_id]]
+
+    @cached_property
+    def _groups_by_id(self) -> dict[str, PackGroup]:
+        return {group.id: group for group in self.all_groups}
+
+    def scope_of(self, nodeid: str) -> str:
+        """The pack group a test belongs to, read from its id (the xdist controller sees only ids)."""
+        match = _PARAM_ID.search(nodeid)
+        if match:
+            param = match.group(1)
+            if param in self._group_ids:
+                return param
+            for case_id in self._case_ids_longest_first:
+                if param == case_id or param.startswith(case_id + "-"):
+                    return self._case_group[case_id]
+        return nodeid
+
+    @cached_property
+    def _group_ids(self) -> set[str]:
+        return {group.id for group in self.all_groups}
+
+    @cached_property
+    def _case_ids_longest_first(self) -> list[str]:
+        return sorted((case.id for case in self.cases), key=len, reverse=True)
+
+    @cached_property
+    def _case_group(self) -> dict[str, str]:
+        return {case.id: group.id for group in self.all_groups for case in group.cases}
+
+
+def worker_count() -> int:
+    """Workers of this xdist run as a worker sees it (1 outside xdist)."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def build_plan(config: pytest.Config, settings: Settings, workers: int) -> Plan:
+    """Cases from the media folders, their groups, this shard's share and its split over `workers`."""
+    try:
+        cases = collect_cases(
+            list(settings.media_dirs), patch_size=_patch_size(settings.hf_model), align=settings.align,
+            num_frames=settings.num_frames,
+        )
+    except (MediaError, CaseError) as err:
+        raise pytest.UsageError(f"{option_label(config, 'media')}: {err}") from err
+    groups = make_groups(cases, settings.pack_tokens)
+    mine = tuple(g for g in groups if settings.shard is None or settings.shard.holds(g.id))
+    owner = plan_workers(mine, workers)
+    chosen = determinism_cases(settings.determinism, settings.device, mine, owner)
+    return Plan(cases, groups, mine, owner, workers, frozenset(chosen))
+
+
+def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
+    """The case and the group of a test item (None for tests outside any case)."""
+    params = getattr(item, "callspec", None)
+    params = params.params if params is not None else {}
+    return params.get(CASE_PARAM), params.get(GROUP_PARAM)
+
+
+def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
+    """(kept, deselected): other shards' work and determinism tests the policy does not run are deselected;
+    the kept items are ordered group by group (a group's case tests, then its packed tests)."""
+    mine = {group.id for group in plan.groups}
+    rank = {group.id: index for index, group in enumerate(plan.groups)}
+    kept, deselected = [], []
+    for item in items:
+        case, group = item_scope(item)
+        group_id = group.id if group else plan.group_of(case.id).id if case else None
+        if group_id is not None:
+            wanted = group_id in mine
+        else:
+            wanted = settings.shard is None or settings.shard.holds(item.nodeid)
+        if case is not None and item.originalname == "test_deterministic" and case.id not in plan.determinism:
+            wanted = False
+        (kept if wanted else deselected).append(item)
+
+    def order(item: pytest.Item) -> tuple[int, int]:
+        case, group = item_scope(item)
+        if group is not None:
+            return rank[group.id] + 1, 1
+        if case is not None:
+            return rank[plan.group_of(case.id).id] + 1, 0
+        return 0, 0
+
+    return sorted(kept, key=order), deselected  # sorted() is stable: collection order within a group stays
+
+
+def worker_index(node) -> int:
+    name = node.gateway.id
+    return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else 0
+
+
+class PackGroupScheduling(LoadScopeScheduling):
+    """xdist scheduling by pack group: each group's tests go, whole and in order, to the worker the plan names.
+
+    A group whose worker is gone (crashed or never started) goes to any worker that asks for work.
+    """
+
+    def __init__(self, config: pytest.Config, plan: Plan, log=None) -> None:
+        super().__init__(config, log)
+        self.plan = plan
+
+    def _split_scope(self, nodeid: str) -> str:
+        return self.plan.scope_of(nodeid)
+
+    def _next_scope(self, node) -> str | None:
+        live = {worker_index(n) for n in self.nodes}
+        index = worker_index(node)
+        for scope in self.workqueue:
+            owner = self.plan.owner.get(scope)
+            if owner is None or owner == index or owner not in live:
+                return scope
+        return None
+
+    def _assign_work_unit(self, node) -> None:
+        scope = self._next_scope(node)
+        if scope is None:
+            return
+        work_unit = self.workqueue.pop(scope)
+        self.assigned_work.setdefault(node, {})[scope] = work_unit
+        collection = self.registered_collections[node]
+        node.send_runtest_some([collection.index(nodeid) for nodeid, done in work_unit.items() if not done])
+
+    def _reschedule(self, node) -> None:
+        if node.shutting_down:
+            return
+        pending = self._pending_of(self.assigned_work[node])
+        if pending > 2:
+            return
+        if self._next_scope(node) is not None:
+            self._assign_work_unit(node)
+        elif not pending:
+            node.shutdown()

@@ -1,0 +1,334 @@
+"""The suite's state in one process (one per xdist worker): the two models, the pack group being worked on,
+and what the run cost.
+
+A pack group is computed in one go when its first test asks for it: its packed forward, each needed case's
+forwards alone, the determinism re-runs the policy asks for, and from them only what the tests read (comparisons,
+golden reductions, determinism verdicts). Features are dropped as soon as they are compared, and the group's
+results after its last test, so memory does not grow with the number of cases.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ..checks import config_differences, feature_difference, loaded_model_problems, odd_pass, pixel_difference
+from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
+from ..extract import Sample, extract_hf, extract_packing, prepare_sample
+from ..loading import LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device
+from ..media import Media, MediaError, load_media
+from ..report import format_report, write_cosine_heatmap
+from ..snapshots import GoldenData, file_sha256, model_fingerprint, reduce_features
+from .cases import PackGroup, ParityCase
+from .options import Settings
+from .schedule import Plan
+
+SIDES = ("hf", "packing")
+
+
+@dataclass
+class GroupNeeds:
+    """What the selected tests of one group need: cases to extract, determinism re-runs, goldens, the pack."""
+
+    cases: set[str] = field(default_factory=set)
+    determinism: set[str] = field(default_factory=set)
+    goldens: set[str] = field(default_factory=set)
+    packed: bool = False
+
+
+@dataclass
+class Cost:
+    """Forwards, tokens and model loads of this process."""
+
+    forwards: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
+    loads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
+    groups: int = 0
+    determinism_cases: int = 0
+    over_budget: list[str] = field(default_factory=list)
+    peak_bytes: int = 0
+    peak_kind: str = "RSS"
+
+    def count(self, side: str, tokens: int) -> None:
+        self.forwards[side] += 1
+        self.tokens[side] += tokens
+
+    def measure_peak(self, device: str) -> None:
+        """Peak memory so far: CUDA max allocated on a GPU, the process's max RSS on the CPU."""
+        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.peak_bytes, self.peak_kind = int(torch.cuda.max_memory_allocated()), "CUDA max allocated"
+        else:
+            self.peak_bytes, self.peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS"
+
+    def to_dict(self) -> dict:
+        return {
+            "forwards": self.forwards, "tokens": self.tokens, "loads": self.loads, "groups": self.groups,
+            "determinism_cases": self.determinism_cases, "over_budget": self.over_budget,
+            "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind,
+        }
+
+
+@dataclass
+class CaseResult:
+    """What the tests of one case read: its comparison, golden reductions and determinism verdict."""
+
+    case: ParityCase
+    error: str | None = None  # the media cannot be read: every test of the case fails with this
+    comparison: Comparison | None = None
+    grid: tuple[int, int, int] = (0, 0, 0)
+    metadata: dict = field(default_factory=dict)
+    reductions: dict[str, tuple[np.ndarray, np.ndarray, list[int]]] = field(default_factory=dict)
+    determinism: list[str] | None = None  # problems found; None when the policy did not re-run the case
+
+
+@dataclass
+class GroupResult:
+    """The group's cases, and its packed forward compared with each case run alone through each model."""
+
+    group: PackGroup
+    cases: dict[str, CaseResult]
+    packed_vs_hf: list[Comparison]
+    packed_vs_alone: list[Comparison]
+    left_out: dict[str, str]  # case id -> why its media could not join the pack
+
+
+class ParitySession:
+    """Per-process state: settings, plan, models, the current group's results and the cost of the run."""
+
+    def __init__(self, settings: Settings, plan: Plan) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.needs: dict[str, GroupNeeds] = {}
+        self.cost = Cost()
+        self._models: dict[str, LoadedModel] = {}
+        self._model_error: str | None = None
+        self._weight_problems: dict[str, list[str]] | None = None
+        self._golden_folders: dict[str, Path] = {}
+        self._current: GroupResult | None = None
+
+    # models
+
+    def check_device(self) -> None:
+        """Skip (or fail with --require-device) when the requested CUDA device is not there."""
+        problem = missing_cuda_device(self.settings.device)
+        if problem is None:
+            return
+        message = f"device {self.settings.device} requested but {problem}"
+        if self.settings.require_device:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+    def models(self) -> tuple[LoadedModel, LoadedModel]:
+        """Both models, loaded once; their configs must agree before any forward pass.
+
+        A pair that cannot be loaded fails every test that needs it with the same clear message (tried once).
+        """
+        self.check_device()
+        if self._model_error is None and not self._models:
+            try:
+                self._models = self._load_pair()
+            except ModelLoadError as err:
+                self._model_error = str(err)
+        if self._model_error is not None:
+            pytest.fail(self._model_error, pytrace=False)
+        return self._models["hf"], self._models["packing"]
+
+    def model(self, side: str) -> LoadedModel:
+        return self.models()[SIDES.index(side)]
+
+    def _load_pair(self) -> dict[str, LoadedModel]:
+        s = self.settings
+        models = {}
+        for side, path in (("hf", s.hf_model), ("packing", s.packing_model)):
+            loaded = load_model(path, dtype=s.torch_dtype, device=s.device, trust_remote_code=s.trust_remote_code)
+            self.cost.loads[side] += 1
+            if loaded.side != side:
+                raise ModelLoadError(f"{path}: given as the {side} model, but it is {loaded.describe()}")
+            models[side] = loaded
+        diffs = config_differences(models["hf"].model.config, models["packing"].model.config)
+        if diffs:
+            raise ModelLoadError(
+                f"{s.hf_model} and {s.packing_model} do not describe the same architecture: {'; '.join(diffs)}"
+            )
+        context = models["hf"].model.config.rope_temporal_size
+        if context is not None and s.num_frames > context:
+            raise ModelLoadError(
+                f"--num-frames={s.num_frames} does not fit the temporal context of {s.hf_model} "
+                f"(rope_temporal_size={context}): sample at most {context} frames per video"
+            )
+        return models
+
+    def weight_problems(self) -> dict[str, list[str]]:
+        """Side -> problems of its loaded parameters and buffers (`loaded_model_problems`), found once."""
+        if self._weight_problems is None:
+            self._weight_problems = {side: loaded_model_problems(self.model(side).model) for side in SIDES}
+        return self._weight_problems
+
+    # cases and groups
+
+    def load_case_media(self, case: ParityCase) -> Media:
+        """Decode the case's image or video (frames sampled and aligned to the models' patch size)."""
+        s, patch_size = self.settings, self.model("hf").model.config.patch_size
+        return load_media(case.path, num_frames=s.num_frames, patch_size=patch_size, align=s.align)
+
+    def _sample(self, case: ParityCase, media: Media) -> Sample:
+        s, hf_config = self.settings, self.model("hf").model.config
+        return prepare_sample(
+            media, patch_size=hf_config.patch_size, dtype=s.torch_dtype, device=s.device,
+            temporal_context=hf_config.rope_temporal_size, name=case.id,
+        )
+
+    def _forward(self, side: str, sample: Sample) -> torch.Tensor:
+        model = self.model(side).model
+        self.cost.count(side, sample.num_tokens)
+        if side == "hf":
+            return extract_hf(model, sample, temporal_context=model.config.rope_temporal_size)
+        return extract_packing(model, [sample])[0]
+
+    def group_result(self, group: PackGroup) -> GroupResult:
+        """The group's results, computed when its first test asks (the previous group's are dropped first)."""
+        if self._current is None or self._current.group.id != group.id:
+            self._current = None
+            self._current = self._compute(group)
+        return self._current
+
+    def release(self, group_id: str) -> None:
+        """Drop the results of a group after its last test."""
+        if self._current is not None and self._current.group.id == group_id:
+            self._current = None
+
+    def case_result(self, case: ParityCase) -> CaseResult:
+        """The results of one case; a media file that cannot be read fails the case's own tests, naming it."""
+        result = self.group_result(self.plan.group_of(case.id)).cases.get(case.id)
+        if result is None:  # only when the needs were computed for another selection of tests
+            raise RuntimeError(f"{case.id}: not extracted with its group")
+        if result.error is not None:
+            pytest.fail(f"{case.id}: {result.error}", pytrace=False)
+        return result
+
+    def _compute(self, group: PackGroup) -> GroupResult:
+        needs = self.needs.get(group.id) or GroupNeeds({case.id for case in group.cases}, packed=True)
+        self.models()
+        self.cost.groups += 1
+        if group.over_budget:
+            self.cost.over_budget.append(f"{group.id} ({group.tokens} tokens)")
+        media: dict[str, Media] = {}
+        results: dict[str, CaseResult] = {}
+        for case in group.cases:
+            if case.id in needs.cases:
+                try:
+                    media[case.id] = self.load_case_media(case)
+                except MediaError as err:
+                    results[case.id] = CaseResult(case, error=str(err))
+        packed = self._packed_forward(group, media) if needs.packed else {}
+        packed_vs_hf, packed_vs_alone = [], []
+        for case in group.cases:
+            if case.id not in media:
+                continue
+            sample = self._sample(case, media[case.id])
+            first = {side: self._forward(side, sample) for side in SIDES}
+            result = CaseResult(
+                case, comparison=compare_features(first["hf"], first["packing"], name=case.id,
+                                                  threshold=self.settings.threshold),
+                grid=sample.grid, metadata=sample.metadata,
+            )
+            if case.id in needs.goldens:
+                result.metadata["media_sha256"] = file_sha256(case.path)
+                result.reductions = {side: (*reduce_features(first[side]), list(first[side].shape)) for side in SIDES}
+            if case.id in packed:
+                packed_vs_hf.append(compare_features(
+                    first["hf"], packed[case.id], name=f"packed/{case.id}", threshold=self.settings.threshold,
+                    labels=("hf", "packing"),
+                ))
+                packed_vs_alone.append(compare_features(
+                    first["packing"], packed[case.id], name=f"alone vs packed/{case.id}",
+                    threshold=NEIGHBOUR_MIN_COS[self.settings.dtype], labels=("alone", "packed"),
+                ))
+            if case.id in needs.determinism:
+                self.cost.determinism_cases += 1
+                result.determinism = self._determinism_problems(case, media[case.id], sample, first)
+            results[case.id] = result
+            del sample, first
+        left_out = {case.id: results[case.id].error for case in group.cases
+                    if case.id in results and results[case.id].error}
+        return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out)
+
+    def _packed_forward(self, group: PackGroup, media: dict[str, Media]) -> dict[str, torch.Tensor]:
+        """Every readable case of the group in one forward of the packing model, split back per case."""
+        samples = [self._sample(case, media[case.id]) for case in group.cases if case.id in media]
+        if not samples:
+            return {}
+        self.cost.count("packing", sum(sample.num_tokens for sample in samples))
+        features = extract_packing(self.model("packing").model, samples)
+        return {sample.name: feature for sample, feature in zip(samples, features)}
+
+    def _determinism_problems(self, case: ParityCase, media: Media, sample: Sample,
+                              first: dict[str, torch.Tensor]) -> list[str]:
+        """Decode again and compare pixels; run each model again on the same pixels and compare bit for bit.
+
+        A second pass that differs gets a third, and the message says which pass was the odd one.
+        """
+        problems = []
+        pixels = self.load_case_media(case).frames
+        if not np.array_equal(media.frames, pixels):
+            problems.append(f"decoding the media twice gave different pixels ({pixel_difference(media.frames, pixels)})")
+        for side in SIDES:
+            second = self._forward(side, sample)
+            if not (torch.isfinite(first[side]).all() and torch.isfinite(second).all()):
+                problems.append(f"{side} model gives NaN or Inf features (test_parity reports where)")
+            elif not torch.equal(first[side], second):
+                third = self._forward(side, sample)
+                problems.append(f"{side} model not deterministic: {feature_difference(first[side], second)} between "
+                                f"two passes on the same pixels; {odd_pass(first[side], second, third)}")
+        return problems
+
+    # goldens and failure reports
+
+    def golden_folder(self, side: str) -> Path:
+        """<golden_dir>/<model_type>-<fingerprint>-<dtype>-<frames>of<context>-<align>: the goldens of one model
+        under every setting that changes its features, so a golden is only compared with, or replaced by,
+        features made the same way. The fingerprint hashes the weight files: done once per side and session.
+        """
+        if side not in self._golden_folders:
+            s = self.settings
+            loaded = self.model(side)
+            config = loaded.model.config.to_dict()
+            fingerprint = model_fingerprint(loaded.path, config)
+            context = self.model("hf").model.config.rope_temporal_size or s.num_frames
+            self._golden_folders[side] = s.golden_dir / (
+                f"{config['model_type']}-{fingerprint[:12]}-{s.dtype}-{s.num_frames}of{context}-{s.align}"
+            )
+        return self._golden_folders[side]
+
+    def golden_data(self, result: CaseResult, side: str, *, updating: bool) -> GoldenData:
+        """The golden of one case and side, with its provenance; when updating, a broken pair is refused."""
+        refusal = ""
+        if updating:
+            if not result.comparison.passed:
+                refusal = "packing vs non-packing parity fails for this case"
+            elif any(self.weight_problems().values()):
+                refusal = "the loaded weights are not sane (see test_loaded_weights)"
+        projection, norms, shape = result.reductions[side]
+        s = self.settings
+        meta = {
+            "case": result.case.id, "side": side, "model_class": self.model(side).class_name, "dtype": s.dtype,
+            "device": s.device, "grid_thw": list(result.grid), "media_sha256": result.metadata["media_sha256"],
+            "num_frames": s.num_frames, "align": s.align, "versions": library_versions(),
+        }
+        return GoldenData.from_reduction(projection, norms, shape, meta, refusal=refusal,
+                                         case=f"{side}/{result.case.id}")
+
+    def parity_failure(self, result: CaseResult) -> str:
+        """The failure text of a case whose packing and non-packing features differ, with its heat map."""
+        comparison = result.comparison
+        text = format_report([comparison])
+        t, h, w = result.grid
+        if comparison.token_cos is not None and comparison.token_cos.size == t * h * w:
+            path = self.settings.report_dir / f"{comparison.name}.png"
+            text += f"\nheat map: {write_cosine_heatmap(comparison.token_cos, result.grid, path, title=comparison.name)}"
+        return text
