@@ -34,14 +34,35 @@ def faulty_packing(tmp_path_factory) -> Path:
     return folder
 
 
+COST = re.compile(r"^(main|gw\d+|total): forwards: hf (\d+) \((\d+) tokens\), packing (\d+) \((\d+) tokens\); "
+                  r"model loads: hf (\d+), packing (\d+)", re.M)
+
+
+def costs(output: str) -> dict[str, tuple[int, ...]]:
+    """Worker (or main, total) -> (hf forwards, hf tokens, packing forwards, packing tokens, hf loads, packing loads)."""
+    return {m.group(1): tuple(int(g) for g in m.groups()[1:]) for m in COST.finditer(output)}
+
+
+def run_total(output: str) -> tuple[int, ...]:
+    found = costs(output)
+    return found.get("total", found.get("main"))
+
+
 def test_default_suite_passes_and_loads_each_model_once(suite) -> None:
     result = suite.run()
-    result.assert_outcomes(passed=36)
+    result.assert_outcomes(passed=38)
     out = result.stdout.str()
-    assert "model loads (main): hf 1, packing 1" in out
     assert "16 snapshots passed" in out
     found = verdicts(out)
     assert len(found) == 16 and set(found.values()) == {"PASS"}
+    # 8 cases: each model once per case, once more for the determinism check (every case on the CPU), and one
+    # packed forward per group holding every case once.
+    tokens = sum(found_tokens(out, case) for case in found if not case.startswith("packed/"))
+    assert costs(out)["main"] == (16, 2 * tokens, 16 + 2, 3 * tokens, 1, 1)
+
+
+def found_tokens(output: str, case: str) -> int:
+    return int(re.search(rf"^{re.escape(case)}\s+(\d+)", output, re.M).group(1))
 
 
 def test_k_video_selects_only_video_cases_and_xdist_agrees(suite) -> None:
@@ -56,8 +77,10 @@ def test_k_video_selects_only_video_cases_and_xdist_agrees(suite) -> None:
     assert serial.ret == parallel.ret == 0
     assert verdicts(serial.stdout.str()) == verdicts(parallel.stdout.str())
     assert len(verdicts(serial.stdout.str())) == 4
-    for worker in ("gw0", "gw1"):
-        assert re.search(rf"model loads \({worker}\): hf 1, packing 1", parallel.stdout.str())
+    assert run_total(serial.stdout.str())[:4] == run_total(parallel.stdout.str())[:4]  # no forward done twice
+    assert costs(serial.stdout.str())["main"][:4] == (8, 2 * 4448, 8, 2 * 4448)  # 4 videos, no packed forward
+    for worker, cost in costs(parallel.stdout.str()).items():
+        assert worker == "total" or cost[4:] in ((1, 1), (0, 0))  # a worker with no group loads nothing
 
 
 def test_planted_fault_fails_with_table_and_heat_maps(suite, faulty_packing) -> None:
@@ -192,9 +215,9 @@ def test_nondeterministic_model_is_caught_by_the_determinism_check(suite, tmp_pa
 
 def test_nondeterministic_decoding_is_told_apart_from_the_models(suite, monkeypatch) -> None:
     """A decoder that changes one pixel value on every call after the first fails the check, named as decoding."""
-    import vitparity.pytest_plugin as plugin
+    import vitparity.suite.session as session
 
-    load_media, calls = plugin.load_media, []
+    load_media, calls = session.load_media, []
 
     def drifting_load_media(path, **options):
         media = load_media(path, **options)
@@ -204,7 +227,7 @@ def test_nondeterministic_decoding_is_told_apart_from_the_models(suite, monkeypa
         calls.append(path)
         return media
 
-    monkeypatch.setattr(plugin, "load_media", drifting_load_media)
+    monkeypatch.setattr(session, "load_media", drifting_load_media)
     result = suite.run("-k", "deterministic and coffee_small")
     assert failed_tests(result) == {"test_deterministic[image-coffee_small.jpg]"}
     assert "decoding the media twice gave different pixels (1 of" in result.stdout.str()
