@@ -97,30 +97,55 @@ def _group(cases: list[ParityCase], budget: int) -> PackGroup:
     return PackGroup(f"pack-{hashlib.sha256(ids.encode('utf-8')).hexdigest()[:8]}", tuple(cases), budget)
 
 
+def _split_under_budget(chunk: list[ParityCase], budget: int) -> list[list[ParityCase]]:
+    """Consecutive pieces of `chunk`, each of two or more cases, closed before the budget would be passed."""
+    pieces: list[list[ParityCase]] = []
+    current: list[ParityCase] = []
+    for case in chunk:
+        if len(current) >= 2 and sum(c.tokens for c in current) + case.tokens > budget:
+            pieces.append(current)
+            current = []
+        current.append(case)
+    if len(current) == 1 and pieces:  # a case too large for the budget: packed with its neighbour alone
+        previous = pieces[-1]
+        if len(previous) > 2:
+            current.insert(0, previous.pop())
+            pieces.append(current)
+        else:
+            previous.extend(current)
+    elif current:
+        pieces.append(current)
+    return pieces
+
+
 def make_groups(cases: tuple[ParityCase, ...], budget: int) -> tuple[PackGroup, ...]:
     """Split cases into pack groups of at least two cases under `budget` tokens.
 
-    Cases go in the order of a hash of their id (which mixes images and videos); a group closes when the next
-    case would take it over the budget, or after a case whose hash marks a boundary. A case larger than the
-    budget is packed with its next neighbour; a single case left at the end joins the group before it.
+    Cases go in the order of a hash of their id (which mixes images and videos) and are cut into chunks after
+    each case whose hash marks a boundary; a chunk of one case joins the next. Each chunk is then split under the
+    budget. A group depends only on the cases between two boundaries, so adding or removing a media file re-cuts
+    only the groups next to it. A case larger than the budget is packed with a neighbour anyway.
     """
     ordered = sorted(cases, key=lambda case: (stable_key(case.id), case.id))
-    groups: list[list[ParityCase]] = []
+    chunks: list[list[ParityCase]] = []
     current: list[ParityCase] = []
     for case in ordered:
-        if len(current) >= 2 and sum(c.tokens for c in current) + case.tokens > budget:
-            groups.append(current)
-            current = []
         current.append(case)
-        if len(current) >= 2 and stable_key(case.id) % BOUNDARY_EVERY == 0:
-            groups.append(current)
+        if stable_key(case.id) % BOUNDARY_EVERY == 0:
+            chunks.append(current)
             current = []
     if current:
-        if len(current) == 1 and groups:
-            groups[-1].extend(current)
+        chunks.append(current)
+    merged: list[list[ParityCase]] = []
+    for chunk in chunks:
+        if merged and len(merged[-1]) == 1:
+            merged[-1].extend(chunk)
         else:
-            groups.append(current)
-    return tuple(_group(members, budget) for members in groups)
+            merged.append(chunk)
+    if len(merged) > 1 and len(merged[-1]) == 1:
+        merged[-2].extend(merged.pop())
+    chunks = merged
+    return tuple(_group(piece, budget) for chunk in chunks for piece in _split_under_budget(chunk, budget))
 
 
 @dataclass(frozen=True)
