@@ -89,8 +89,6 @@ class ParityReporter:
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         s, plan = self.session.settings, self.session.plan
-        if not self.rows and not self.costs:
-            return
         terminalreporter.write_sep("=", "vitparity parity summary")
         terminalreporter.write_line(
             f"hf: {s.hf_model}  packing: {s.packing_model}  device: {s.device}  dtype: {s.dtype}  "

@@ -1,0 +1,113 @@
+"""The suite's work split end to end: pack-group budgets, shards, xdist workers, the determinism policy."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from conftest import golden_files, verdicts
+from faults import build_variant
+from test_suite import costs, run_total
+
+SMALL_BUDGET = "--pack-tokens=1500"  # splits the 8 bundled cases into several groups
+
+
+def junit_tests(path: Path) -> list[str]:
+    """classname::name of every test case a JUnit XML file reports as run (passed or failed, not skipped)."""
+    cases = ET.parse(path).getroot().iter("testcase")
+    return sorted(f"{c.get('classname')}::{c.get('name')}" for c in cases if c.find("skipped") is None)
+
+
+def test_shards_are_disjoint_and_together_exactly_the_full_run(suite) -> None:
+    full = suite.run(SMALL_BUDGET, "--junitxml=full.xml")
+    assert full.ret == 0
+    everything = junit_tests(suite.path / "full.xml")
+    shards = []
+    for k in (1, 2, 3):
+        result = suite.run(SMALL_BUDGET, f"--shard={k}/3", f"--junitxml=shard{k}.xml")
+        assert result.ret == 0, result.stdout.str()[-3000:]  # the goldens of other shards are not unused
+        assert f"shard {k}/3: " in result.stdout.str()
+        shards.append(junit_tests(suite.path / f"shard{k}.xml"))
+    assert sum(len(s) for s in shards) == len(everything)
+    assert sorted(t for s in shards for t in s) == everything
+    assert sum(bool(s) for s in shards) >= 2
+
+
+def test_snapshot_update_in_a_shard_writes_only_its_own_goldens(suite) -> None:
+    before = suite.goldens()
+    for path in suite.golden_root.rglob("*.npz"):
+        path.unlink()
+    result = suite.run(SMALL_BUDGET, "--shard=2/3", "--snapshot-update", "--junitxml=shard.xml")
+    assert result.ret == 0
+    ran = {re.search(r"test_golden\[(.*)\]", t).group(1) for t in junit_tests(suite.path / "shard.xml")
+           if "test_golden[" in t}
+    written = golden_files(suite.golden_root)
+    assert ran and {re.search(r"test_golden\[(.*)\]", name).group(1) for name in written} == ran
+    assert set(written) < set(before)  # the same model's folders, only this shard's cases
+
+
+def test_shards_without_work_pass(suite) -> None:
+    """More shards than groups (a CI matrix larger than the media set): the empty shards pass."""
+    results = [suite.run("--shard={}/4".format(k), "-m", "not golden") for k in range(1, 5)]
+    assert [r.ret for r in results] == [0, 0, 0, 0]
+    assert sum("0 of 2 pack groups" in r.stdout.str() for r in results) >= 2
+
+
+def test_forwards_and_tokens_are_the_same_serial_and_under_xdist(suite) -> None:
+    serial = suite.run(SMALL_BUDGET, "-m", "not golden")
+    parallel = suite.run(SMALL_BUDGET, "-m", "not golden", "-n", "3")
+    assert serial.ret == parallel.ret == 0
+    assert verdicts(serial.stdout.str()) == verdicts(parallel.stdout.str())
+    assert run_total(serial.stdout.str())[:4] == run_total(parallel.stdout.str())[:4]
+    workers = {w: c for w, c in costs(parallel.stdout.str()).items() if w.startswith("gw")}
+    assert len(workers) == 3 and sum(c[0] > 0 for c in workers.values()) >= 2  # the groups were spread
+
+
+def test_over_budget_cases_still_pack_in_pairs_and_are_named(suite) -> None:
+    result = suite.run("--pack-tokens=100", "-m", "not golden")
+    assert result.ret == 0
+    out = result.stdout.str()
+    assert re.search(r"main: over the token budget: pack-[0-9a-f]{8} \(\d+ tokens\)", out)
+    assert len(verdicts(out)) == 16
+
+
+@pytest.mark.parametrize("policy, reruns", [("off", 0), ("all", 8), ("auto", 8)])
+def test_determinism_policy_on_the_cpu(suite, policy, reruns) -> None:
+    result = suite.run(f"--determinism={policy}", "-m", "not golden")
+    assert result.ret == 0
+    out = result.stdout.str()
+    assert f"determinism {policy}: {reruns} cases re-run" in out
+    assert len(re.findall(r"test_deterministic\[", suite.run(f"--determinism={policy}", "--collect-only", "-q")
+                          .stdout.str())) == reruns
+    hf_forwards = costs(out)["main"][0]
+    assert hf_forwards == 8 + reruns
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--pack-tokens=0", "--pack-tokens=0: must be >= 1"),
+    ("--pack-tokens=1.5", "--pack-tokens=1.5: not a whole number"),
+    ("--pack-tokens=lots", "--pack-tokens=lots: not a whole number"),
+    ("--shard=0/2", "--shard=0/2: K must be between 1 and N"),
+    ("--shard=3/2", "--shard=3/2: K must be between 1 and N"),
+    ("--shard=x", "--shard=x: use K/N"),
+    ("--determinism=sometimes", "--determinism=sometimes: use one of"),
+])
+def test_bad_work_options_are_usage_errors(suite, option, message) -> None:
+    result = suite.run(option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+
+
+@pytest.mark.parametrize("budget", ["--pack-tokens=1", "--pack-tokens=1000000"])
+def test_cross_sample_attention_is_caught_in_groups_of_every_size(suite, tmp_path, monkeypatch, budget) -> None:
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = build_variant("cross_sample_attention", tmp_path / "checkpoints")
+    collected = suite.run(budget, "--collect-only", "-q").stdout.str()
+    groups = set(re.findall(r"test_packed\[(pack-[0-9a-f]{8})\]", collected))
+    result = suite.run(f"--packing-model={folder}", "--trust-remote-code", budget, "-m", "packed")
+    failed = {line.split("[")[1].rstrip("]").split()[0].rstrip("]") for line in result.outlines
+              if line.startswith("FAILED") and "test_packed[" in line}
+    assert groups and failed == groups
