@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -91,7 +92,7 @@ def run_suite(opts, hf, packing, workdir: Path, results: dict, *, label: str, fi
         log(f"\n({label}: {len(files)} media files written in {time.perf_counter() - t0:.1f} s)")
     checkpoints = write_checkpoints(hf, packing, workdir / f"checkpoints-{opts.dtype_name}")
     command = suite_command(opts, checkpoints, media, select)
-    entry = {"command": " ".join(command), "files": [list(f) for f in files], "runs": {}}
+    entry = {"command": shlex.join(command), "files": [list(f) for f in files], "runs": {}}
     results["suite_run"][label] = entry
     for run in runs:
         entry["runs"][run] = run_suite_once(command, workdir / f"probe-{label}-{run}.json", opts.suite_timeout)
