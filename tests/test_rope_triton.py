@@ -66,3 +66,21 @@ def test_unknown_rope_choice_is_refused() -> None:
     run = subprocess.run([sys.executable, "-c", "import vitparity.models"], env=env, capture_output=True, text=True)
     assert run.returncode != 0
     assert "VITPARITY_ROPE='tritn' is not one of ('auto', 'torch', 'triton')" in run.stderr
+
+
+def test_rope_implementation_context_sets_and_restores() -> None:
+    from vitparity.models import layers
+
+    before = layers.ROPE_IMPL
+    with layers.rope_implementation("torch"):
+        assert layers.ROPE_IMPL == "torch" and layers.rope_status("cuda")["path"] == "torch"
+    assert layers.ROPE_IMPL == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with layers.rope_implementation("triton"):
+            assert layers.ROPE_IMPL == "triton"
+            raise RuntimeError("inside")
+    assert layers.ROPE_IMPL == before  # restored after an error too
+    with pytest.raises(ValueError, match="RoPE implementation 'tritn' is not one of"):
+        with layers.rope_implementation("tritn"):
+            pass
+    assert layers.rope_status("cpu") == {"setting": before, "path": "torch", "triton_error": None}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -73,6 +75,30 @@ ROPE_IMPL = os.environ.get("VITPARITY_ROPE", "auto")
 if ROPE_IMPL not in ROPE_IMPLS:
     raise ValueError(f"VITPARITY_ROPE={ROPE_IMPL!r} is not one of {ROPE_IMPLS}")
 _triton_state: dict[str, object] = {}
+
+
+@contextmanager
+def rope_implementation(name: str) -> Iterator[None]:
+    """Run the RoPE of both models as `name` ("auto", "torch" or "triton") inside the block, then restore.
+
+    Process-wide, like the VITPARITY_ROPE variable it overrides; not meant for concurrent threads.
+    """
+    global ROPE_IMPL
+    if name not in ROPE_IMPLS:
+        raise ValueError(f"RoPE implementation {name!r} is not one of {ROPE_IMPLS}")
+    before, ROPE_IMPL = ROPE_IMPL, name
+    try:
+        yield
+    finally:
+        ROPE_IMPL = before
+
+
+def rope_status(device: torch.device | str) -> dict[str, object]:
+    """Which RoPE path runs for tensors on `device` ("triton" or "torch"), the setting, and why Triton is off."""
+    module = _rope_triton_module() if torch.device(device).type == "cuda" and ROPE_IMPL != "torch" else None
+    error = _triton_state.get("error")
+    return {"setting": ROPE_IMPL, "path": "triton" if module is not None else "torch",
+            "triton_error": None if error is None else f"{type(error).__name__}: {error}"}
 
 
 def _rope_triton_module():

@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_onevision_encoder import LlavaViTConfig, OneVisionEncoderConfig, _EncoderConfigBase
 from .layers import EncoderLayer, PoolingHead, VisionRotary3D, apply_rope, make_norm, patch_grid_positions
-from .packed_attention import SDPA_KERNELS, choice_property, host_to_device, sdpa_attention
+from .packed_attention import SDPA_KERNELS, choice_property, dense_attention, host_to_device
 
 
 class OneVisionEncoderPreTrainedModel(PreTrainedModel):
@@ -20,8 +20,18 @@ class OneVisionEncoderPreTrainedModel(PreTrainedModel):
     config_class = OneVisionEncoderConfig
     base_model_prefix = ""
     supports_gradient_checkpointing = False
+    # transformers' attn_implementation names these models run (packed_attention.ATTN_IMPLEMENTATIONS): "eager",
+    # "sdpa" (default), "flex_attention", "flash_attention_2" (flash-attn) and "flash_attention_4" (flash-attn-4).
+    # "flash_attention_3" passes transformers' check (one flag covers all versions) and is refused at the forward.
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
     _no_split_modules = ["EncoderLayer"]
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """The attention layers read `config._attn_implementation` at every forward, so it may change at any time."""
+        return True
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -75,9 +85,15 @@ class OneVisionEncoderAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
 
     def forward(
-        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: str = "auto"
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        implementation: str = "sdpa",
+        kernel: str = "auto",
     ) -> torch.Tensor:
-        """hidden_states (B, N, D); cos / sin (B or 1, 1, N, head_dim); kernel: the SDPA kernel preference."""
+        """hidden_states (B, N, D); cos / sin (B or 1, 1, N, head_dim); implementation: transformers'
+        attn_implementation name; kernel: the SDPA kernel preference (implementation "sdpa")."""
         b, n, d = hidden_states.shape
 
         def heads(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +105,7 @@ class OneVisionEncoderAttention(nn.Module):
         if self.training and self.dropout > 0:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, scale=self.scale)
         else:
-            out = sdpa_attention(q, k, v, self.scale, kernel)
+            out = dense_attention(q, k, v, self.scale, implementation, kernel)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -114,7 +130,9 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         self.post_init()
 
     attention_kernel = choice_property(
-        "attention_kernel", SDPA_KERNELS, "SDPA kernel preference of every layer (\"auto\" by default)."
+        "attention_kernel",
+        SDPA_KERNELS,
+        "SDPA kernel preference of every layer (\"auto\" by default) when config._attn_implementation is \"sdpa\".",
     )
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -185,7 +203,9 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         hidden_states = self.layernorm_pre(hidden_states)
         all_hidden = [hidden_states] if output_hidden_states else None
         for layer in self.encoder.layers:
-            hidden_states = layer(hidden_states, cos, sin, kernel=self.attention_kernel)
+            hidden_states = layer(
+                hidden_states, cos, sin, implementation=self.config._attn_implementation, kernel=self.attention_kernel
+            )
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
 

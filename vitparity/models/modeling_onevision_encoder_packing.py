@@ -10,7 +10,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .configuration_onevision_encoder import LlavaViTPackingConfig, OneVisionEncoderPackingConfig, _EncoderConfigBase
 from .layers import EncoderLayer, PoolingHead, VisionRotary3D, apply_rope, make_norm, patch_grid_positions
 from .modeling_onevision_encoder import OneVisionEncoderPreTrainedModel
-from .packed_attention import BACKENDS, SDPA_KERNELS, PackedSegments, choice_property, host_to_device, packed_attention
+from .packed_attention import (
+    BACKENDS,
+    SDPA_KERNELS,
+    PackedSegments,
+    choice_property,
+    host_to_device,
+    model_backend,
+    packed_attention,
+)
 
 
 class OneVisionEncoderPatchEmbed(nn.Module):
@@ -78,7 +86,10 @@ class OneVisionEncoderPackingModel(OneVisionEncoderPreTrainedModel):
         self.post_init()
 
     packed_attention_backend = choice_property(
-        "packed_attention_backend", BACKENDS, "Block-diagonal attention backend (\"auto\" by default)."
+        "packed_attention_backend",
+        BACKENDS,
+        "Block-diagonal attention backend (\"auto\" by default); with config._attn_implementation other than "
+        "\"sdpa\" it must be \"auto\" or that implementation's backend.",
     )
     attention_kernel = choice_property(
         "attention_kernel", SDPA_KERNELS, "SDPA kernel preference of the \"sdpa\" and \"nested\" backends."
@@ -131,10 +142,11 @@ class OneVisionEncoderPackingModel(OneVisionEncoderPreTrainedModel):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 
         x = self.layernorm_pre(self.patch_embed(hidden_states))
+        backend = model_backend(self.config._attn_implementation, self.packed_attention_backend, x)
         all_hidden = [x] if output_hidden_states else None
         for layer in self.encoder.layers:
             x = layer(
-                x, cos, sin, segments=segments, backend=self.packed_attention_backend, kernel=self.attention_kernel
+                x, cos, sin, segments=segments, backend=backend, kernel=self.attention_kernel
             )
             if all_hidden is not None:
                 all_hidden.append(x)

@@ -3,6 +3,8 @@
 Dense (non-packing model) `sdpa_attention`, kernel choices (`SDPA_KERNELS`):
 - "default": torch's own order (on CUDA: flash, efficient, math, cuDNN last);
 - "cudnn", "flash", "efficient", "math": that kernel first, the others after it as fallbacks;
+- "fa3", "fa4": flash first, with torch's flash kernel switched to FlashAttention-3 / -4
+  (`torch.nn.attention.activate_flash_attention_impl`; CUDA only, needs the flash-attn-3 / flash-attn-4 package);
 - "auto": `AUTO_SDPA_KERNEL` on CUDA in half precision (measured fastest, docs/benchmarks.md), "default" otherwise.
 
 Packed (packing model) `packed_attention`, never with an N x N mask, backends (`BACKENDS`):
@@ -10,8 +12,16 @@ Packed (packing model) `packed_attention`, never with an N x N mask, backends (`
 - "varlen": torch.nn.attention.varlen.varlen_attn (CUDA, fp16 / bf16, torch >= 2.10);
 - "nested": SDPA on a jagged nested tensor (CUDA, fp16 / bf16);
 - "flash_attn": flash-attn's flash_attn_varlen_func, when that package is installed (CUDA, fp16 / bf16);
+- "flash_attn_4": FlashAttention-4's `flash_attn.cute.flash_attn_varlen_func` (flash-attn-4, CUDA, fp16 / bf16);
+- "flex": torch's FlexAttention with a block-diagonal block mask (any device; compiled on CUDA, eager and slow
+  elsewhere);
+- "eager": softmax(q k^T) v per sample, written out (transformers' "eager"; float32 softmax);
 - "auto": `AUTO_PACKED_BACKEND` on CUDA in half precision, "sdpa" otherwise. flash_attn runs only when named:
   it was not measured, and torch's own FA2 kernel ran slower than cuDNN at head_dim 64 (docs/benchmarks.md).
+  flash_attn_4, flex, fa3 and fa4 await a GPU measurement before "auto" may choose them.
+
+The models also follow transformers' `config._attn_implementation` (`ATTN_IMPLEMENTATIONS`): "sdpa" (the default)
+uses the knobs above, the other names pick the matching kernel (`model_backend`, `dense_attention`).
 
 Nothing here reads a device tensor back to the host: sample lengths live on the host (`PackedSegments`).
 """
@@ -26,8 +36,17 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "varlen", "nested", "flash_attn")
-SDPA_KERNELS = ("auto", "default", "cudnn", "flash", "efficient", "math")
+BACKENDS = ("auto", "sdpa", "varlen", "nested", "flash_attn", "flash_attn_4", "flex", "eager")
+SDPA_KERNELS = ("auto", "default", "cudnn", "flash", "efficient", "math", "fa3", "fa4")
+# transformers' attn_implementation name -> packed backend of that kernel (None: the model's own knobs)
+ATTN_IMPLEMENTATIONS = {
+    "eager": "eager",
+    "sdpa": None,
+    "flex_attention": "flex",
+    "flash_attention_2": "flash_attn",
+    "flash_attention_4": "flash_attn_4",
+}
+_CUDA_HALF_ONLY = ("varlen", "nested", "flash_attn", "flash_attn_4")
 
 
 def choice_property(name: str, choices: tuple[str, ...], doc: str) -> property:
@@ -101,6 +120,22 @@ def _has_flash_attn() -> bool:
     return _has_module("flash_attn")
 
 
+def _has_flash_attn_4() -> bool:
+    return _has_flash_attn() and _has_module("flash_attn.cute")
+
+
+def _has_flex() -> bool:
+    return _has_module("torch.nn.attention.flex_attention")
+
+
+def _torch_flash_impls() -> tuple[str, ...]:
+    """torch's switchable flash kernels (e.g. ("FA3", "FA4") in torch 2.14), () in a torch without the switch."""
+    import torch.nn.attention as attention
+
+    lister = getattr(attention, "list_flash_attention_impls", None)
+    return tuple(lister()) if lister is not None else ()
+
+
 @lru_cache(maxsize=None)
 def _accepts_scale(func) -> bool:
     import inspect
@@ -121,7 +156,29 @@ def resolve_sdpa_kernel(kernel: str, q: torch.Tensor) -> str:
         raise ValueError(f"unknown SDPA kernel {kernel!r}; choose one of {SDPA_KERNELS}")
     if kernel == "auto":
         return AUTO_SDPA_KERNEL if _fast_cuda(q) else "default"
+    if kernel in ("fa3", "fa4"):
+        if not _fast_cuda(q):
+            raise ValueError(f"SDPA kernel {kernel!r} needs a CUDA tensor in float16 / bfloat16")
+        if kernel.upper() not in _torch_flash_impls():
+            raise ValueError(f"SDPA kernel {kernel!r}: torch {torch.__version__} has no {kernel.upper()} flash kernel")
     return kernel
+
+
+def _use_torch_flash_impl(impl: str | None) -> None:
+    """Route SDPA's flash kernel to torch's `impl` ("FA3" / "FA4"), or back to its built-in FA2 for None.
+
+    The switch is process-wide (torch's dispatcher); it is changed only when it differs from what is asked.
+    """
+    import torch.nn.attention as attention
+
+    if not hasattr(attention, "current_flash_attention_impl"):
+        return
+    if attention.current_flash_attention_impl() == impl:
+        return
+    if impl is None:
+        attention.restore_flash_attention_impl()
+    else:
+        attention.activate_flash_attention_impl(impl)
 
 
 def _sdpa_order(kernel: str) -> list:
@@ -133,7 +190,7 @@ def _sdpa_order(kernel: str) -> list:
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH,
     }
-    first = names[kernel]
+    first = names["flash" if kernel in ("fa3", "fa4") else kernel]
     return [first] + [b for b in names.values() if b != first]
 
 
@@ -153,8 +210,144 @@ def _sdpa_context(kernel: str, q: torch.Tensor):
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, kernel: str = "auto") -> torch.Tensor:
     """Bidirectional attention of (B, H, N, head_dim) tensors on the chosen SDPA kernel."""
     chosen = resolve_sdpa_kernel(kernel, q)
+    if chosen in ("flash", "fa3", "fa4") and q.is_cuda:
+        _use_torch_flash_impl(chosen.upper() if chosen != "flash" else None)
     with _sdpa_context(chosen, q):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v of (..., N, head_dim) tensors, the softmax in float32 (transformers' "eager")."""
+    weights = torch.matmul(q, k.transpose(-1, -2)) * scale
+    return torch.matmul(weights.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _flex_function(device: torch.device):
+    """torch's flex_attention, compiled on CUDA (fused kernel), as is elsewhere (unfused, for checks only)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if "compiled" not in _FLEX:
+        _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["compiled"]
+
+
+_FLEX: dict[str, object] = {}
+
+
+def _flex_call(q, k, v, scale: float, block_mask=None) -> torch.Tensor:
+    """flex_attention on (B, H, N, head_dim) tensors (the CPU path warns that it is unfused: expected there)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return _flex_function(q.device)(q, k, v, block_mask=block_mask, scale=scale)
+
+
+@lru_cache(maxsize=8)
+def _document_block_mask(lengths: tuple[int, ...], device: torch.device):
+    """FlexAttention block mask letting token i attend to token j only inside the same sample."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sample = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    n = sum(lengths)
+
+    def same_sample(b, h, q_idx, kv_idx):
+        return sample[q_idx] == sample[kv_idx]
+
+    return create_block_mask(same_sample, None, None, n, n, device=device)
+
+
+def _flash_attn_4_module():
+    from flash_attn import cute
+
+    return cute
+
+
+def _first(out):
+    """flash-attn-4 returns (out, lse); flash-attn 2 returns out."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def dense_attention(q, k, v, scale: float, implementation: str = "sdpa", kernel: str = "auto") -> torch.Tensor:
+    """Bidirectional attention of (B, H, N, head_dim) tensors by transformers' attn_implementation name."""
+    backend = model_backend(implementation, "auto", q)
+    if backend == "eager":
+        return eager_attention(q, k, v, scale)
+    if backend == "flex":
+        return _flex_call(q, k, v, scale)
+    if backend in ("flash_attn", "flash_attn_4"):
+        func = _flash_attn_4_module().flash_attn_func if backend == "flash_attn_4" else _flash_attn_2().flash_attn_func
+        out = _first(func(*(x.transpose(1, 2) for x in (q, k, v)), softmax_scale=scale, causal=False))
+        return out.transpose(1, 2)
+    return sdpa_attention(q, k, v, scale, kernel)
+
+
+def _flash_attn_2():
+    import flash_attn
+
+    return flash_attn
+
+
+def model_backend(implementation: str, backend: str, q: torch.Tensor) -> str:
+    """The packed backend for a model whose config says `implementation` and whose knob says `backend`.
+
+    "sdpa" (transformers' default) leaves the choice to the knob; any other implementation picks its own kernel,
+    and a knob set to a different backend at the same time is refused.
+    """
+    if implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation {implementation!r} is not supported by these models; use one of "
+            f"{tuple(ATTN_IMPLEMENTATIONS)}"
+        )
+    wanted = ATTN_IMPLEMENTATIONS[implementation]
+    if wanted is None:
+        return resolve_backend(backend, q)
+    if backend not in ("auto", wanted):
+        raise ValueError(
+            f"attn_implementation {implementation!r} runs backend {wanted!r}, but packed_attention_backend is "
+            f"{backend!r}; set attn_implementation 'sdpa' to choose the backend by name"
+        )
+    return resolve_backend(wanted, q)
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype) -> tuple[str, ...]:
+    """Packed backends (not "auto") that can run on tensors of this device and dtype in this environment."""
+    found = []
+    cuda_half = torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    for name in BACKENDS[1:]:
+        try:
+            _check_backend(name, cuda_half)
+        except ValueError:
+            continue
+        found.append(name)
+    return tuple(found)
+
+
+def available_sdpa_kernels(device: torch.device | str, dtype: torch.dtype) -> tuple[str, ...]:
+    """SDPA kernel preferences (not "auto") that are meaningful on this device and dtype."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ("default", "math")
+    kernels = ["default", "cudnn", "flash", "efficient", "math"]
+    if dtype in (torch.float16, torch.bfloat16):
+        kernels += [name.lower() for name in _torch_flash_impls() if name in ("FA3", "FA4")]
+    return tuple(kernels)
+
+
+def _check_backend(backend: str, cuda_half: bool) -> None:
+    """Raise ValueError when `backend` cannot run here on tensors that are (or are not) CUDA fp16 / bf16."""
+    if backend in _CUDA_HALF_ONLY and not cuda_half:
+        raise ValueError(f"packed attention backend {backend!r} needs a CUDA tensor in float16 / bfloat16")
+    if backend == "flash_attn" and not _has_flash_attn():
+        raise ValueError("packed attention backend 'flash_attn' needs the flash-attn package, which is not installed")
+    if backend == "flash_attn_4" and not _has_flash_attn_4():
+        raise ValueError("packed attention backend 'flash_attn_4' needs flash_attn.cute (pip install -e '.[gpu]')")
+    if backend == "varlen" and not _has_varlen():
+        raise ValueError(f"packed attention backend 'varlen' needs torch.nn.attention.varlen (torch {torch.__version__})")
+    if backend == "flex" and not _has_flex():
+        raise ValueError(f"packed attention backend 'flex' needs torch.nn.attention.flex_attention (torch {torch.__version__})")
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -162,12 +355,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown packed attention backend {backend!r}; choose one of {BACKENDS}")
     if backend != "auto":
-        if backend in ("varlen", "nested", "flash_attn") and not _fast_cuda(q):
-            raise ValueError(f"packed attention backend {backend!r} needs a CUDA tensor in float16 / bfloat16")
-        if backend == "flash_attn" and not _has_flash_attn():
-            raise ValueError("packed attention backend 'flash_attn' needs the flash-attn package, which is not installed")
-        if backend == "varlen" and not _has_varlen():
-            raise ValueError(f"packed attention backend 'varlen' needs torch.nn.attention.varlen (torch {torch.__version__})")
+        _check_backend(backend, _fast_cuda(q))
         return backend
     if _fast_cuda(q):
         if AUTO_PACKED_BACKEND == "varlen" and not _has_varlen():
@@ -176,20 +364,20 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     return "sdpa"
 
 
-def _per_sample_sdpa(q, k, v, segments: PackedSegments, scale: float, kernel: str) -> torch.Tensor:
-    """One SDPA call per sample on (1, H, n, head_dim) views of the packed tensors."""
+def _per_sample(q, k, v, segments: PackedSegments, attend) -> torch.Tensor:
+    """`attend` once per sample on (1, H, n, head_dim) views of the packed tensors."""
 
     def heads(x: torch.Tensor, sl: slice) -> torch.Tensor:
         return x[sl].transpose(0, 1).unsqueeze(0)
 
     if len(segments.lengths) == 1:
         whole = slice(None)
-        return sdpa_attention(heads(q, whole), heads(k, whole), heads(v, whole), scale, kernel)[0].transpose(0, 1)
+        return attend(heads(q, whole), heads(k, whole), heads(v, whole))[0].transpose(0, 1)
     out = q.new_empty(q.shape)
     start = 0
     for n in segments.lengths:
         sl = slice(start, start + n)
-        out[sl] = sdpa_attention(heads(q, sl), heads(k, sl), heads(v, sl), scale, kernel)[0].transpose(0, 1)
+        out[sl] = attend(heads(q, sl), heads(k, sl), heads(v, sl))[0].transpose(0, 1)
         start += n
     return out
 
@@ -223,6 +411,18 @@ def packed_attention(
         from flash_attn import flash_attn_varlen_func
 
         return flash_attn_varlen_func(q, k, v, segments.cu_seqlens, segments.cu_seqlens, m, m, softmax_scale=scale)
+    if chosen == "flash_attn_4":
+        cu = segments.cu_seqlens
+        out = _flash_attn_4_module().flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m, softmax_scale=scale, causal=False
+        )
+        return _first(out)
+    if chosen == "flex":
+        block_mask = _document_block_mask(segments.lengths, q.device) if len(segments.lengths) > 1 else None
+        out = _flex_call(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)), scale, block_mask)
+        return out[0].transpose(0, 1)
+    if chosen == "eager":
+        return _per_sample(q, k, v, segments, lambda a, b, c: eager_attention(a, b, c, scale))
     if chosen == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
@@ -234,4 +434,4 @@ def packed_attention(
         return varlen_attn(q, k, v, segments.cu_seqlens, segments.cu_seqlens, m, m, **kwargs)
     if chosen == "nested":
         return _nested_sdpa(q, k, v, segments, scale, sdpa_kernel)
-    return _per_sample_sdpa(q, k, v, segments, scale, sdpa_kernel)
+    return _per_sample(q, k, v, segments, lambda a, b, c: sdpa_attention(a, b, c, scale, sdpa_kernel))

@@ -1,0 +1,155 @@
+"""Options and the order of sections: `python -m bench [SECTION ...] [options]`.
+
+Sections: forward, cross-parity, attention, rope, variants, overhead, suite, scale, sharp-parity, decode.
+Without section names: every section but scale and decode. `--small` uses the tiny config and inputs (CPU,
+seconds). Figures are printed and, with --json, written to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vitparity.loading import DTYPES
+from vitparity.models import OneVisionEncoderConfig
+
+from .common import DEFAULT_FLOOR_TFLOPS, log, machine_info, sync
+from .sections import decode, forward, kernels, overhead, suite_run
+from .workloads import CASES, CONFIGS, REAL_CASES, SMALL_CASES, SUITE_FILES, build_models
+
+SECTIONS = ("forward", "cross-parity", "attention", "rope", "variants", "overhead", "suite", "scale",
+            "sharp-parity", "decode")
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("scale", "decode"))
+NEEDS_MODELS = {"forward", "cross-parity", "variants", "overhead", "suite", "scale"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sections", nargs="*", metavar="SECTION", help=", ".join(SECTIONS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--config", default="vit-l", choices=[c for c in CONFIGS if c != "small"])
+    p.add_argument("--cases", nargs="+", default=None, choices=sorted(CASES))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--small", action="store_true", help="tiny config and inputs (a CPU smoke test)")
+    p.add_argument("--init", default="hf", choices=["hf", "sharp"],
+                   help="hf: the models' initializer (normal, std 0.02); sharp: fan-in scale, q/k x2.5")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--floor-tflops", type=float, default=DEFAULT_FLOOR_TFLOPS)
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="whole-forward variants: hf:<sdpa kernel or attn_implementation>, "
+                        "packing:<backend>[:<sdpa kernel>], rope:<torch|triton|auto>")
+    p.add_argument("--variant-cases", nargs="*", default=None, choices=sorted(CASES))
+    p.add_argument("--packed-setup", nargs="*", default=None, choices=sorted(CASES),
+                   help="cases packed together in the attention section")
+    p.add_argument("--scale-videos", type=int, default=100, help="8-frame videos in the scale section")
+    p.add_argument("--suite-timeout", type=float, default=900, help="seconds per suite process")
+    p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
+    p.add_argument("--workdir", type=Path, default=None, help="checkpoints and media (default: a temp dir)")
+    return p
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = parser()
+    opts = p.parse_args(argv)
+    unknown = [s for s in opts.sections if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+    opts.sections = tuple(opts.sections) or DEFAULT_SECTIONS
+    opts.dtype_name = opts.dtype or ("bfloat16" if opts.device.startswith("cuda") else "float32")
+    opts.dtype, opts.device = DTYPES[opts.dtype_name], torch.device(opts.device)
+    cuda = opts.device.type == "cuda"
+    if opts.small:
+        opts.config, opts.cases = "small", opts.cases or SMALL_CASES
+        opts.overhead_video, opts.suite_files = (12, 42, 56), SUITE_FILES["small"]
+        opts.scale_video = (42, 56)
+    else:
+        opts.cases = opts.cases or REAL_CASES
+        opts.overhead_video, opts.suite_files = (48, 1080, 1920), SUITE_FILES["real"]
+        opts.scale_video = (1080, 1920)
+    opts.variant_cases = opts.variant_cases or opts.cases[:2]
+    if opts.packed_setup is None:
+        opts.packed_setup = SMALL_CASES if opts.small else ["image-1080p", "image-1080p", "video-1080p", "video-1080p"]
+    if opts.variants is None:
+        opts.variants = (["hf:default", "hf:flash", "hf:cudnn", "hf:fa4", "hf:flex_attention", "hf:flash_attention_4",
+                          "packing:sdpa:cudnn", "packing:varlen", "packing:flex", "packing:flash_attn_4",
+                          "rope:torch", "rope:auto"]
+                         if cuda else ["hf:default", "hf:eager", "hf:flex_attention", "packing:sdpa:default",
+                                       "packing:flex", "rope:torch"])
+    return opts
+
+
+def run(opts: argparse.Namespace, workdir: Path) -> dict:
+    """Every requested section in order; the results dict holds all figures."""
+    results = {"machine": machine_info(opts.device), "sections": list(opts.sections), "forward": [],
+               "cross_parity": [], "attention": [], "attention_check": {}, "variants": [], "sharp_parity": [],
+               "suite_run": {}, "seconds_per_section": {}}
+    m = results["machine"]
+    log(f"device {m['device']}  torch {m['torch']}  transformers {m['transformers']}  python {m['python']}  "
+        f"cuda {m.get('cuda')}  cudnn {m.get('cudnn')}  commit {m['commit']}  date {m['date_utc']} UTC\n"
+        f"packed backends here {m['packed_backends']}; SDPA kernels {m['sdpa_kernels']}; RoPE {m['rope']}")
+    hf = packing = None
+    if NEEDS_MODELS & set(opts.sections):
+        t0 = time.perf_counter()
+        hf, packing = build_models(opts.config, opts.device, opts.dtype, opts.seed, opts.init)
+        sync(opts.device)
+        c = hf.config
+        log(f"config {opts.config}: hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads "
+            f"{c.num_attention_heads} (head_dim {c.head_dim}), intermediate {c.intermediate_size}, patch "
+            f"{c.patch_size}; {sum(p.numel() for p in hf.parameters()) / 1e6:.1f} M parameters; {opts.dtype_name} "
+            f"on {opts.device}; built in {time.perf_counter() - t0:.1f} s")
+    config = hf.config if hf is not None else OneVisionEncoderConfig(**CONFIGS[opts.config], rope_temporal_size=64)
+    height, width = opts.scale_video
+    steps = {
+        "forward": lambda: forward.run_forward(opts, hf, packing, results),
+        "cross-parity": lambda: forward.run_cross_parity(opts, hf, packing, results),
+        "attention": lambda: kernels.run_attention(opts, config, results),
+        "rope": lambda: kernels.run_rope_check(opts, config, results),
+        "variants": lambda: kernels.run_variants(opts, hf, packing, results),
+        "overhead": lambda: overhead.run_overhead(opts, hf, packing, workdir, results),
+        "suite": lambda: suite_run.run_suite(opts, hf, packing, workdir, results, label="four-files",
+                                             files=opts.suite_files, select="benchfile_", runs=("cold", "warm")),
+        "scale": lambda: suite_run.run_suite(
+            opts, hf, packing, workdir, results, label=f"scale-{opts.scale_videos}",
+            files=[(f"scalevid_{i:03d}.mp4", 8, height, width) for i in range(opts.scale_videos)],
+            select="scalevid_ and test_parity", runs=("warm",)),
+        "sharp-parity": lambda: forward.run_sharp_parity(opts, results),
+        "decode": lambda: decode.run_decode(opts, workdir / "decode", results),
+    }
+    for name in opts.sections:
+        t0 = time.perf_counter()
+        if name in ("suite", "scale", "decode"):
+            steps[name]()
+        else:
+            with torch.inference_mode():
+                steps[name]()
+        results["seconds_per_section"][name] = time.perf_counter() - t0
+        if opts.json:  # after every section, so a run cut short keeps what it measured
+            write_json(opts.json, results)
+    return results
+
+
+def write_json(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
+
+
+def main(argv=None) -> int:
+    opts = parse(argv)
+    if opts.device.type == "cuda" and not torch.cuda.is_available():
+        log("CUDA requested but not available; use --device cpu (and --small)")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="vitparity-bench-") as tmp:
+        workdir = opts.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        run(opts, workdir)
+    if opts.json:
+        log(f"\nwrote {opts.json}")
+    return 0

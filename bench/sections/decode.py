@@ -1,0 +1,56 @@
+"""Video decode time of the suite's media loader: seeking to every sampled frame vs the default, which decodes
+through gaps of up to `vitparity.media.FORWARD_DECODE_LIMIT` frames and seeks over longer ones.
+
+Clips are written with OpenCV (mp4v, 24 fps, the bench's synthetic frames); 8 frames are sampled from each with
+the release formula. Prints the median wall time of `load_media` per clip and mode, and checks that both modes
+return the same pixels (a difference is an error).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitparity import media
+
+from ..common import Timer, print_table
+from ..workloads import write_media
+
+CLIPS = [("clip-48f-1080p.mp4", 48, 1080, 1920), ("clip-240f-1080p.mp4", 240, 1080, 1920),
+         ("clip-1200f-480p.mp4", 1200, 480, 854)]
+SMALL_CLIPS = [("clip-48f-small.mp4", 48, 64, 96), ("clip-240f-small.mp4", 240, 64, 96)]
+MODES = {"seek-only": 0, "default": None}  # FORWARD_DECODE_LIMIT: 0 seeks to every sampled frame
+
+
+def time_load(path: Path, forward_limit: int | None, repeats: int) -> tuple[float, np.ndarray]:
+    """Median seconds of load_media over `repeats` calls with the given forward-decode limit, and its frames."""
+    default = media.FORWARD_DECODE_LIMIT
+    media.FORWARD_DECODE_LIMIT = default if forward_limit is None else forward_limit
+    try:
+        median, _, loaded = Timer(torch.device("cpu")).measure(
+            lambda: media.load_media(path, num_frames=8, patch_size=14), 0, repeats)
+    finally:
+        media.FORWARD_DECODE_LIMIT = default
+    return median, loaded.frames
+
+
+def run_decode(opts, workdir: Path, results: dict) -> None:
+    clips = SMALL_CLIPS if opts.small else CLIPS
+    write_media(workdir, [spec for spec in clips if not (workdir / spec[0]).exists()])
+    rows, entries = [], []
+    for name, t, height, width in clips:
+        timed = {mode: time_load(workdir / name, limit, opts.repeats) for mode, limit in MODES.items()}
+        same = all(np.array_equal(timed["seek-only"][1], frames) for _, frames in timed.values())
+        entries.append({"clip": name, "frames": t, "size": f"{width}x{height}", "same_pixels": same,
+                        **{f"{mode}_s": seconds for mode, (seconds, _) in timed.items()}})
+        rows.append([name, str(t), f"{width}x{height}", *(f"{s:.3f}" for s, _ in timed.values()),
+                     "yes" if same else "NO"])
+    results["decode"] = entries
+    print_table(f"Decode of 8 sampled frames, median of {opts.repeats}; default = decode through gaps of up to "
+                f"{media.FORWARD_DECODE_LIMIT} frames", ["clip", "frames", "size", "seek-only s", "default s",
+                                                         "same pixels"], rows)
+    if not all(e["same_pixels"] for e in entries):
+        raise RuntimeError("decode modes returned different pixels: " + ", ".join(
+            e["clip"] for e in entries if not e["same_pixels"]))
