@@ -209,7 +209,7 @@ def test_images_and_videos_lists_with_dashed_flags(
     assert [metadata["inputs"][key]["path"] for key in hf] == [str(IMAGE), str(OTHER_IMAGE), str(IMAGE), str(VIDEO)]
     assert packing["image1"].shape == packing["image3"].shape == (5 * 8, HIDDEN)  # 105x70 padded to 112x70
     assert packing["video1"].shape == (8 * 12, HIDDEN)
-    assert "loading HF model" in err and "[4/4] video1 coffee_zoom.mp4: 96 tokens" in err
+    assert "loading HF model" in err and "loading packing model" in err and "[4/4] video1 coffee_zoom.mp4: 96 tokens" in err
     assert "4 passed, 0 failed" in out
 
 
@@ -301,22 +301,121 @@ def test_swapped_model_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         capsys, "extract", "--hf_model_path", BUILTIN_PACKING, "--packing_model_path", BUILTIN_HF,
         "--image1", IMAGE, "--output_dir", tmp_path / "o",
     )
-    assert code == 2 and "--hf_model_path is a packing model" in err
+    assert code == 2 and "given as the hf model but it is a packing model" in err
     assert not (tmp_path / "o").exists()
 
 
+def _edited_copy(source: Path, folder: Path, **fields: object) -> Path:
+    """A copy of a checkpoint folder with config.json fields changed, as a release's config would differ."""
+    folder = Path(shutil.copytree(source, folder))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def test_architecture_mismatch_lists_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    packing = Path(shutil.copytree(BUILTIN_PACKING, tmp_path / "packing"))
-    config = json.loads((packing / "config.json").read_text())
-    config.update(layer_norm_eps=1e-5, rope_theta=500.0)
-    (packing / "config.json").write_text(json.dumps(config))
+    packing = _edited_copy(BUILTIN_PACKING, tmp_path / "packing", layer_norm_eps=1e-5, rope_theta=500.0)
     code, _, err = _run(
         capsys, "extract", "--hf_model_path", BUILTIN_HF, "--packing_model_path", packing,
         "--image1", IMAGE, "--output_dir", tmp_path / "o",
     )
-    assert code == 2 and "different architectures" in err
-    assert "layer_norm_eps" in err and "rope_theta" in err and "hidden_size" not in err
+    assert code == 2 and "do not describe the same model" in err
+    assert "rope_theta" in err and "hidden_size" not in err
+    assert "layer_norm_eps" not in err  # numerics only: a warning, not the cause of the error
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("strict_flag", ["--strict_config", "--strict-config"])
+def test_numeric_config_differences_warn_and_fail_when_strict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], strict_flag: str
+) -> None:
+    """A packing config with a tanh GELU and another norm epsilon passes with warnings; strict mode refuses it."""
+    packing = _edited_copy(BUILTIN_PACKING, tmp_path / "packing", hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-5)
+    argv = ["extract", "--hf_model_path", BUILTIN_HF, "--packing_model_path", packing, "--image1", IMAGE]
+    code, out, err = _run(capsys, *argv, "--output_dir", tmp_path / "o")
+    assert code == 0, out + err
+    warnings = [line for line in out.splitlines() if line.startswith("WARNING: config difference")]
+    assert len(warnings) == 2
+    assert "hidden_act: hf 'gelu' vs packing 'gelu_pytorch_tanh'" in warnings[0]
+    assert "layer_norm_eps: hf 1e-06 vs packing 1e-05" in warnings[1]
+    metadata = read_features(tmp_path / "o")[2]
+    assert len(metadata["config_warnings"]) == 2 and metadata["strict_config"] is False
+    hf, packing_features, _ = read_features(tmp_path / "o")
+    assert not np.array_equal(hf["image1"][0], packing_features["image1"])  # the planted change reached the features
+    code, out, err = _run(capsys, "verify", "--features_dir", tmp_path / "o")
+    assert code == 0 and out.count("WARNING: config difference") == 2
+    code, out, err = _run(capsys, *argv, strict_flag, "--output_dir", tmp_path / "strict")
+    assert code == 2 and out == "" and "--strict-config" in err
+    assert "hidden_act" in err and "layer_norm_eps" in err
+    assert not (tmp_path / "strict").exists()
+
+
+def _write_processor(folder: Path, **fields: object) -> None:
+    processor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 448},
+                 "do_center_crop": True, "crop_size": 448, "rescale_factor": 1 / 255, **fields}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+
+
+def test_preprocessor_normalization_is_used_and_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hf = Path(shutil.copytree(BUILTIN_HF, tmp_path / "hf"))
+    packing = Path(shutil.copytree(BUILTIN_PACKING, tmp_path / "packing"))
+    for folder in (hf, packing):
+        _write_processor(folder, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    argv = ["extract", "--image1", IMAGE, "--video1", VIDEO, "--num_frames", NUM_FRAMES]
+    code, out, err = _run(capsys, *argv, "--hf_model_path", hf, "--packing_model_path", packing,
+                          "--output_dir", tmp_path / "o")
+    assert code == 0, out + err
+    features, _, metadata = read_features(tmp_path / "o")
+    assert metadata["normalization"]["mean"] == metadata["normalization"]["std"] == [0.5, 0.5, 0.5]
+    assert metadata["normalization"]["rescale"] == 1 / 255
+    assert str(hf / "preprocessor_config.json") in metadata["normalization"]["source"]
+    clip = read_features(_clip_features(capsys, tmp_path, argv))[0]
+    assert features["image1"].shape == clip["image1"].shape  # native resolution: no resize, no crop
+    assert not np.allclose(features["image1"], clip["image1"], atol=1e-3)
+
+
+def _clip_features(capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list) -> Path:
+    """The same extraction on the built-in models (no preprocessor_config.json: CLIP defaults)."""
+    code, out, err = _run(capsys, *argv, "--output_dir", tmp_path / "clip")
+    assert code == 0, out + err
+    assert read_features(tmp_path / "clip")[2]["normalization"]["source"] == "CLIP defaults"
+    return tmp_path / "clip"
+
+
+def test_disagreeing_preprocessors_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    packing = Path(shutil.copytree(BUILTIN_PACKING, tmp_path / "packing"))
+    _write_processor(packing, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    code, out, err = _run(
+        capsys, "extract", "--hf_model_path", BUILTIN_HF, "--packing_model_path", packing,
+        "--image1", IMAGE, "--output_dir", tmp_path / "o",
+    )
+    assert code == 2 and out == "" and "normalise their input differently" in err
+    assert "0.48145466" in err and "[0.5, 0.5, 0.5]" in err and "CLIP defaults" in err
+    assert str(packing / "preprocessor_config.json") in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_seed_metadata_and_verify_blocks(features_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What a script written against the seed tools reads: the features map, per-input shapes, verify's blocks."""
+    metadata = json.loads((features_dir / METADATA_FILE).read_text())
+    image_tokens, video_tokens = 5 * 7, NUM_FRAMES * 8 * 12
+    assert metadata["features"] == {
+        "hf": {"image1": [1, image_tokens, HIDDEN], "video1": [1, video_tokens, HIDDEN]},
+        "packing": {"image1": [image_tokens, HIDDEN], "video1": [video_tokens, HIDDEN]},
+    }
+    assert metadata["inputs"]["image1"]["shape"] == [1, 3, 70, 98]
+    assert metadata["inputs"]["video1"]["shape"] == [1, 3, NUM_FRAMES, 112, 168]
+    assert metadata["tf32"] == "n/a on cpu"
+    code, out, _ = _run(capsys, "verify", "--features_dir", features_dir)
+    assert code == 0
+    expected = [
+        "Metadata", f"  HF model: {BUILTIN_HF}", f"  Packing model: {BUILTIN_PACKING}", "  Device: cpu",
+        f"  Num frames: {NUM_FRAMES}", "Inputs", f"  image1: {IMAGE}", "    Resolution: 105x70",
+        f"  video1: {VIDEO}", "    Resolution: 168x112", f"    Frames: {NUM_FRAMES}/5",
+    ]
+    assert out.splitlines()[: len(expected)] == expected
+    assert out.index("Frames:") < out.index("[1] image1")
 
 
 @pytest.mark.parametrize("key", ["head.probe", "encoder.layers.3.mlp.fc2.weight"])
@@ -343,7 +442,7 @@ def test_num_frames_beyond_rope_temporal_size(
 
     monkeypatch.setattr("vitparity.cli.load_video", no_decoding)
     code, _, err = _run(capsys, "extract", "--video1", VIDEO, "--num_frames", 65, "--output_dir", tmp_path / "o")
-    assert code == 2 and "--num_frames 65" in err and "rope_temporal_size 64" in err
+    assert code == 2 and "--num_frames=65" in err and "rope_temporal_size=64" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -378,7 +477,7 @@ def test_output_dir_that_is_a_file(
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("model loaded before --output_dir was checked")
 
-    monkeypatch.setattr("vitparity.cli.load_model", no_loading)
+    monkeypatch.setattr("vitparity.pair.load_model", no_loading)
     existing = tmp_path / "features"
     existing.write_text("not a folder\n")
     output = existing if where == "file" else existing / "sub"
@@ -418,6 +517,10 @@ def test_convert_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     committed = load_file(str(BUILTIN_PACKING / "model.safetensors"))
     assert converted.keys() == committed.keys()
     assert all(torch.equal(converted[key], committed[key]) for key in committed)
+    processor = json.loads((tmp_path / "packing" / "preprocessor_config.json").read_text())
+    assert (processor["image_mean"], processor["image_std"]) == ([0.48145466, 0.4578275, 0.40821073],
+                                                                 [0.26862954, 0.26130258, 0.27577711])
+    assert processor["rescale_factor"] == 1 / 255 and not processor["do_resize"] and not processor["do_center_crop"]
     assert _run(capsys, "convert", tmp_path / "packing", tmp_path / "hf")[0] == 0
     back = load_file(str(tmp_path / "hf" / "model.safetensors"))
     original = load_file(str(BUILTIN_HF / "model.safetensors"))

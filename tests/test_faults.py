@@ -18,13 +18,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers.dynamic_module_utils
 
-from faults import VARIANTS, build_variant, builtin_folder, suite_args
+from faults import CONFIG_VARIANTS, VARIANTS, build_variant, builtin_folder, suite_args
 from faults.detection import detection_from_reports, format_text_table
+from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA
+from vitparity.cli import main
+from vitparity.features_io import read_features
 from vitparity.loading import load_model
+from vitparity.pair import PairError, load_pair
 from vitparity.snapshots import model_fingerprint
 
 pytest_plugins = ["pytester"]
@@ -84,8 +89,13 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
+# Config variants are judged by the model-pair rules (vitparity.pair, test below); the suite runs them once it
+# loads its pair through vitparity.pair (its own check refuses any architecture-field difference today).
+SUITE_VARIANTS = tuple(variant for variant in VARIANTS if variant.mechanism != "config")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+@pytest.mark.parametrize("variant", SUITE_VARIANTS, ids=lambda v: v.name)
 def test_suite_verdict_on_variant(variant, dtype, request, pytester, tmp_path, golden_copy) -> None:
     out_dir = os.environ.get("VITPARITY_FAULTS_OUT")  # read before `isolated` clears VITPARITY_*
     request.getfixturevalue("isolated")
@@ -150,4 +160,28 @@ def test_code_variants_keep_the_golden_fingerprint(tmp_path) -> None:
         same = model_fingerprint(folder, json.loads((folder / "config.json").read_text())) == model_fingerprint(
             reference, json.loads((reference / "config.json").read_text())
         )
-        assert same == (variant.mechanism == "code"), variant.name
+        assert same == (variant.mechanism == "code"), variant.name  # config variants: every architecture field hashed
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS, ids=lambda v: v.name)
+def test_config_variant_passes_with_a_warning_and_fails_when_strict(variant, dtype, tmp_path, capsys) -> None:
+    """A release config differing only in numerics fields: the pair loads with one warning per field, the features
+    move but pass parity (CLI extract on the built-in media), and --strict_config refuses the pair."""
+    folder = build_variant(variant, tmp_path / "checkpoints")
+    pair = load_pair(BUILTIN_HF, folder, dtype=dtype)
+    assert [line.split(":")[0] for line in pair.config_warnings] == [name for name, _ in variant.config]
+    with pytest.raises(PairError, match=variant.config[0][0]):
+        load_pair(BUILTIN_HF, folder, dtype=dtype, strict_config=True)
+    argv = ["extract", "--hf_model_path", str(BUILTIN_HF), "--packing_model_path", str(folder), "--dtype", dtype,
+            "--device", "cpu", "--images", *(str(p) for p in sorted(BUILTIN_MEDIA.glob("*.jpg"))),
+            "--video1", str(sorted(BUILTIN_MEDIA.glob("*.mp4"))[0])]
+    code = main([*argv, "--output_dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    print(f"\n{variant.kind} {variant.name} ({dtype}): {variant.description}\n{out}")
+    assert code == 0, out + err
+    assert out.count("WARNING: config difference") == len(variant.config)
+    hf, packing, _ = read_features(tmp_path / "out")
+    assert any(not np.array_equal(hf[key][0], packing[key]) for key in hf), f"{variant.name} changed no feature"
+    assert main([*argv, "--strict_config", "--output_dir", str(tmp_path / "strict")]) == 2
+    assert variant.config[0][0] in capsys.readouterr().err

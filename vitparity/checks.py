@@ -13,13 +13,39 @@ from .models import ARCHITECTURE_FIELDS
 from .models.layers import rope_axis_dims
 
 
-def config_differences(hf_config, packing_config) -> list[str]:
-    """Architecture fields whose values differ between the two configs, as readable lines."""
+# Fields that define the shapes of the weights or what they mean: two checkpoints that differ in one of them
+# are not the same model, so a difference is an error.
+WEIGHT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "patch_size",
+    "layer_norm_type",
+    "rope_theta",
+    "use_head",
+)
+# Fields that only change the numerics (a GELU variant, a norm epsilon) or nothing at inference (dropout,
+# initialisation, the nominal image size): a difference is reported and feature parity gives the verdict.
+NUMERIC_FIELDS = ("hidden_act", "layer_norm_eps", "attention_dropout", "initializer_range", "image_size")
+
+
+def config_differences(hf_config, packing_config, fields: tuple[str, ...] = ARCHITECTURE_FIELDS) -> list[str]:
+    """Fields (by default the architecture fields) whose values differ between the two configs, as readable lines."""
     return [
         f"{name}: hf {getattr(hf_config, name, None)!r} vs packing {getattr(packing_config, name, None)!r}"
-        for name in ARCHITECTURE_FIELDS
+        for name in fields
         if getattr(hf_config, name, None) != getattr(packing_config, name, None)
     ]
+
+
+def split_config_differences(hf_config, packing_config, *, strict: bool = False) -> tuple[list[str], list[str]]:
+    """(errors, warnings): differences in WEIGHT_FIELDS are errors, those in NUMERIC_FIELDS warnings;
+    `strict` makes every difference an error."""
+    errors = config_differences(hf_config, packing_config, WEIGHT_FIELDS)
+    warnings = config_differences(hf_config, packing_config, NUMERIC_FIELDS)
+    return (errors + warnings, []) if strict else (errors, warnings)
 
 
 def expected_inv_freqs(config) -> torch.Tensor:

@@ -14,17 +14,14 @@ import torch
 
 from . import __version__
 from .builtin import builtin_paths
-from .checks import config_differences, loaded_model_problems
 from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
 from .convert import ConversionError, convert_checkpoint
 from .extract import extract_hf, extract_packing, prepare_sample
-from .features_io import HF_FILE, PACKING_FILE, read_features, write_features
-from .loading import (
-    DTYPES, LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device, read_config,
-    resolve_device_dtype,
-)
+from .features_io import HF_FILE, PACKING_FILE, describe_metadata, read_features, seed_features_map, write_features
+from .loading import DTYPES, ModelLoadError, library_versions, missing_cuda_device, read_config, resolve_device_dtype
 from .media import ALIGN_POLICIES, Media, MediaError, load_image, load_video, media_kind
-from .models import OneVisionEncoderConfig
+from .numerics import pinned_float32
+from .pair import check_num_frames, check_threshold, preflight_pair
 from .report import format_report
 
 ROOT_DEFAULTS = {"image1": "1.jpg", "image2": "2.jpg", "video1": "1.mp4", "video2": "2.mp4"}
@@ -50,8 +47,10 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     extract = commands.add_parser("extract", help="extract penultimate features with both models and verify them")
-    _option(extract, "hf_model_path", metavar="DIR", help="non-packing checkpoint (default: built-in tiny model)")
-    _option(extract, "packing_model_path", metavar="DIR", help="packing checkpoint (default: built-in tiny model)")
+    _option(extract, "hf_model_path", metavar="DIR|ORG/NAME[@REV]",
+            help="non-packing checkpoint folder or hub id (default: built-in tiny model)")
+    _option(extract, "packing_model_path", metavar="DIR|ORG/NAME[@REV]",
+            help="packing checkpoint folder or hub id (default: built-in tiny model)")
     _option(extract, "root", metavar="DIR", help="default inputs <root>/1.jpg, 2.jpg, 1.mp4, 2.mp4")
     for name in NAMED_INPUTS:
         _option(extract, name, metavar="PATH")
@@ -64,6 +63,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(extract, "dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on cuda, else float32")
     _option(extract, "align", choices=ALIGN_POLICIES, default="crop", help="how sizes become multiples of the patch")
     _option(extract, "trust_remote_code", action="store_true", help="allow a checkpoint's own model code")
+    _option(extract, "strict_config", action="store_true",
+            help="any config difference is an error (default: only fields that define the weights)")
 
     verify = commands.add_parser("verify", help="compare the features of a features folder")
     _option(verify, "features_dir", metavar="DIR", required=True)
@@ -101,12 +102,6 @@ def resolve_inputs(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     return inputs
 
 
-def _check_threshold(threshold: float) -> None:
-    """The suite's rule: a minimum cosine strictly between 0 and 1 (NaN refused)."""
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"--threshold must be in (0, 1), got {threshold}")
-
-
 def _check_output_dir(output_dir: str) -> None:
     """Refuse an --output_dir that is, or lies under, an existing non-folder, before any work is done."""
     output = Path(output_dir)
@@ -129,22 +124,6 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
     return device, DTYPES[dtype]
 
 
-def _check_num_frames(num_frames: int, hf_config: dict, hf_path: str) -> None:
-    """Refuse more frames per video than the HF model's temporal RoPE context (None: no limit)."""
-    limit = hf_config.get("rope_temporal_size", OneVisionEncoderConfig().rope_temporal_size)
-    if limit is not None and num_frames > limit:
-        raise ValueError(f"--num_frames {num_frames} exceeds rope_temporal_size {limit} of {hf_path}")
-
-
-def _load_sane_model(path: str, *, dtype: torch.dtype, device: str, trust_remote_code: bool) -> LoadedModel:
-    """load_model, then refuse weights that cannot be meant: NaN / Inf, all-zero matrices, wrong RoPE tables."""
-    loaded = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    problems = loaded_model_problems(loaded.model)
-    if problems:
-        raise ModelLoadError(f"{path}: unusable weights after loading: " + "; ".join(problems))
-    return loaded
-
-
 def _load_inputs(
     inputs: dict[str, tuple[str, str]], *, num_frames: int, patch_size: int, align: str
 ) -> dict[str, Media]:
@@ -160,25 +139,10 @@ def _load_inputs(
     return media
 
 
-def _check_models(hf: LoadedModel, packing: LoadedModel, patch_size: int) -> None:
-    """Sides as flagged, the same architecture, and the patch size the media were aligned to."""
-    if hf.side != "hf" or packing.side != "packing":
-        raise ValueError(
-            f"--hf_model_path is a {hf.side} model ({hf.describe()}) and --packing_model_path a {packing.side} "
-            f"model ({packing.describe()}); the HF path must be a non-packing model and the other a packing one"
-        )
-    differing = config_differences(hf.model.config, packing.model.config)
-    if differing:
-        raise ValueError("the two models have different architectures: " + "; ".join(differing))
-    if hf.model.config.patch_size != patch_size:
-        raise ValueError(f"{hf.path}: patch_size {hf.model.config.patch_size} differs from config.json ({patch_size})")
-
-
 def run_extract(args: argparse.Namespace) -> int:
-    """The extract command: load inputs, then both models, extract, write the folder, verify it."""
-    if args.num_frames < 1:
-        raise ValueError(f"--num_frames must be >= 1, got {args.num_frames}")
-    _check_threshold(args.threshold)
+    """The extract command: check the pair's config files, load inputs, then both models, extract, write the
+    folder, verify it."""
+    check_threshold(args.threshold, "--threshold")
     _check_output_dir(args.output_dir)
     if (args.hf_model_path is None) != (args.packing_model_path is None):
         raise ValueError("give both --hf_model_path and --packing_model_path, or neither for the built-in tiny models")
@@ -188,49 +152,54 @@ def run_extract(args: argparse.Namespace) -> int:
         hf_path, packing_path = args.hf_model_path, args.packing_model_path
     device, dtype = _device_and_dtype(args.device, args.dtype)
     inputs = resolve_inputs(args)
-    read_config(packing_path)  # a wrong model path fails here, before any media is decoded
-    hf_config = read_config(hf_path)
-    if any(kind == "video" for kind, _ in inputs.values()):
-        _check_num_frames(args.num_frames, hf_config, hf_path)
-    patch_size = int(hf_config.get("patch_size", OneVisionEncoderConfig().patch_size))
+    # Wrong model paths, too many frames or disagreeing processors fail here, before any media is decoded.
+    files = preflight_pair(hf_path, packing_path)
+    has_video = any(kind == "video" for kind, _ in inputs.values())
+    check_num_frames(args.num_frames, files.temporal_context if has_video else None, hf_path, "--num_frames")
 
     _progress(f"loading {len(inputs)} inputs ...")
-    media = _load_inputs(inputs, num_frames=args.num_frames, patch_size=patch_size, align=args.align)
-    _progress(f"loading HF model {hf_path} ...")
-    hf = _load_sane_model(hf_path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
-    _progress(f"loading packing model {packing_path} ...")
-    packing = _load_sane_model(packing_path, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
-    _check_models(hf, packing, patch_size)
+    media = _load_inputs(inputs, num_frames=args.num_frames, patch_size=files.patch_size, align=args.align)
+    pair = files.load(
+        dtype=dtype, device=device, trust_remote_code=args.trust_remote_code, strict_config=args.strict_config,
+        on_load=lambda side, ref: _progress(f"loading {'HF' if side == 'hf' else side} model {ref.spec} ..."),
+    )
 
-    context = getattr(hf.model.config, "rope_temporal_size", None)
+    context = pair.temporal_context
     samples = [
-        prepare_sample(item, patch_size=patch_size, dtype=dtype, device=device, temporal_context=context, name=key)
+        prepare_sample(item, patch_size=pair.patch_size, dtype=dtype, device=device, temporal_context=context,
+                       name=key, normalization=pair.normalization)
         for key, item in media.items()
     ]
     hf_features: dict[str, np.ndarray] = {}
-    for index, sample in enumerate(samples, start=1):
-        _progress(f"[{index}/{len(samples)}] {sample.name} {Path(media[sample.name].path).name}: {sample.num_tokens} tokens")
-        hf_features[sample.name] = extract_hf(hf.model, sample, temporal_context=context).cpu().numpy()[None]
-    _progress(f"packing model: {len(samples)} inputs in one pass ...")
-    packed = extract_packing(packing.model, samples)
+    with pinned_float32(device, dtype):
+        for index, sample in enumerate(samples, start=1):
+            _progress(f"[{index}/{len(samples)}] {sample.name} {Path(media[sample.name].path).name}: {sample.num_tokens} tokens")
+            hf_features[sample.name] = extract_hf(pair.hf.model, sample, temporal_context=context).cpu().numpy()[None]
+        _progress(f"packing model: {len(samples)} inputs in one pass ...")
+        packed = extract_packing(pair.packing.model, samples)
     packing_features = {sample.name: part.cpu().numpy() for sample, part in zip(samples, packed)}
 
+    provenance = pair.provenance()
     metadata = {
         "hf_model_path": hf_path,
         "packing_model_path": packing_path,
         "num_frames": args.num_frames,
         "device": device,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": provenance["dtype"],
+        "tf32": provenance["tf32"],
         "align": args.align,
         "threshold": args.threshold,
-        "models": {
-            side: {"class_name": loaded.class_name, "source": loaded.source, "path": loaded.path}
-            for side, loaded in (("hf", hf), ("packing", packing))
-        },
+        "strict_config": args.strict_config,
+        "config_warnings": provenance["config_warnings"],
+        "normalization": provenance["normalization"],
+        "models": provenance["models"],
         "versions": library_versions(),
+        "features": seed_features_map(hf_features, packing_features),
         "inputs": {
             sample.name: {
                 **sample.metadata,
+                "shape": [1, *sample.pixels.shape[:1], *sample.pixels.shape[2:]] if sample.kind == "image"
+                else [1, *sample.pixels.shape],
                 "hf_feature_shape": list(hf_features[sample.name].shape),
                 "packing_feature_shape": list(packing_features[sample.name].shape),
             }
@@ -252,9 +221,11 @@ def _one_sided(name: str, shape: tuple[int, ...], missing_from: str, threshold: 
 
 
 def verify_folder(features_dir: str, threshold: float) -> int:
-    """Compare every key of a features folder, print the report; 0 when all pass, 1 otherwise."""
-    _check_threshold(threshold)
+    """Print the folder's Metadata and Inputs blocks and any config warning, compare every key, print the report;
+    0 when all pass, 1 otherwise."""
+    check_threshold(threshold, "--threshold")
     hf, packing, metadata = read_features(features_dir)
+    print("\n".join(describe_metadata(metadata)) + "\n")
     comparisons = []
     for key in [*hf, *(key for key in packing if key not in hf)]:
         if key not in packing:

@@ -7,13 +7,14 @@ into `self_attn.qkv` (concatenated in that order along the output dimension) and
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .loading import ModelLoadError, read_config, weight_files, weight_problems
+from .loading import ModelLoadError, read_config, rope_buffer_keys, saved_rope_buffer_problems, weight_files, weight_problems
 from .models import MODEL_TYPES, OneVisionEncoderConfig, OneVisionEncoderModel, OneVisionEncoderPackingConfig
 from .models import OneVisionEncoderPackingModel
 
@@ -104,7 +105,13 @@ def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, whe
 
 
 def convert_checkpoint(source: str | Path, output: str | Path) -> Path:
-    """Convert a checkpoint folder to the other layout and save it (config.json + model.safetensors)."""
+    """Convert a checkpoint folder to the other layout and save it (config.json, model.safetensors and
+    preprocessor_config.json: the source's own, checked, or one with the CLIP defaults when it has none).
+
+    Saved RoPE buffers of the release (`loading.rope_buffer_keys`) are checked against the formula and left out.
+    """
+    from .pair import PREPROCESSOR_FILE, PairError, preprocessor_config, read_normalization
+
     source, output = Path(source), Path(output)
     config_fields, state = read_checkpoint(source)
     model_type = config_fields.get("model_type")
@@ -112,6 +119,15 @@ def convert_checkpoint(source: str | Path, output: str | Path) -> Path:
         raise ConversionError(f"{source}: model_type {model_type!r} is not one of {sorted(MODEL_TYPES)}")
     config_cls, model_cls, side = MODEL_TYPES[model_type]
     config = config_cls.from_dict({k: v for k, v in config_fields.items() if k != "auto_map"})
+    rope_keys = [key for key in rope_buffer_keys(side) if key in state]
+    problems = saved_rope_buffer_problems(source, rope_keys, config)
+    if problems:
+        raise ConversionError(f"{source}: saved RoPE buffers refused: " + "; ".join(problems))
+    state = {key: value for key, value in state.items() if key not in rope_keys}
+    try:
+        normalization = read_normalization(source)
+    except PairError as err:
+        raise ConversionError(str(err)) from err
     with torch.device("meta"):
         check_state_dict(state, model_cls(config), str(source))
     target_config = convert_config(config)
@@ -123,4 +139,9 @@ def convert_checkpoint(source: str | Path, output: str | Path) -> Path:
     target.load_state_dict(target_state, strict=True, assign=True)
     output.mkdir(parents=True, exist_ok=True)
     target.save_pretrained(output)
+    if (source / PREPROCESSOR_FILE).is_file():  # kept byte for byte: its other settings belong to the release
+        text = (source / PREPROCESSOR_FILE).read_text()
+    else:
+        text = json.dumps(preprocessor_config(normalization), indent=2) + "\n"
+    (output / PREPROCESSOR_FILE).write_text(text)
     return output

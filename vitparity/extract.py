@@ -51,14 +51,46 @@ class Sample:
         return t * h * w
 
 
-def normalize(frames: np.ndarray, *, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """uint8 RGB (H, W, 3) or (T, H, W, 3) -> (C, T, H, W): RGB / 255, CLIP mean / std, in `dtype`."""
+@dataclass(frozen=True)
+class Normalization:
+    """How uint8 RGB becomes model input: `value * rescale`, then `(x - mean) / std` per channel.
+
+    `source` says where the values came from (a preprocessor_config.json, or the CLIP defaults).
+    """
+
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    rescale: float = 1 / 255
+    source: str = "CLIP defaults"
+
+    def same_values(self, other: "Normalization") -> bool:
+        return (self.mean, self.std, self.rescale) == (other.mean, other.std, other.rescale)
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "rescale": self.rescale, "source": self.source}
+
+
+CLIP_NORMALIZATION = Normalization()
+
+
+def normalize(
+    frames: np.ndarray,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    normalization: Normalization = CLIP_NORMALIZATION,
+) -> torch.Tensor:
+    """uint8 RGB (H, W, 3) or (T, H, W, 3) -> (C, T, H, W): rescaled, then mean / std per channel, in `dtype`.
+
+    The rescale goes through a 256-entry table computed in float64, so that 1/255 gives exactly RGB / 255 in float32.
+    """
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
     if x.dim() == 3:
         x = x.unsqueeze(0)
-    x = x.permute(3, 0, 1, 2).to(torch.float32) / 255.0
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(3, 1, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(3, 1, 1, 1)
+    table = (torch.arange(256, dtype=torch.float64) * normalization.rescale).to(torch.float32).to(x.device)
+    x = table[x.permute(3, 0, 1, 2).int()]
+    mean = torch.tensor(normalization.mean, device=x.device).view(3, 1, 1, 1)
+    std = torch.tensor(normalization.std, device=x.device).view(3, 1, 1, 1)
     return ((x - mean) / std).to(dtype)
 
 
@@ -70,12 +102,13 @@ def prepare_sample(
     device: str | torch.device = "cpu",
     temporal_context: int | None = TEMPORAL_CONTEXT,
     name: str | None = None,
+    normalization: Normalization = CLIP_NORMALIZATION,
 ) -> Sample:
     """Normalise a loaded image or video and compute its patch grid and frame positions.
 
     temporal_context None places the frames at 0..T-1 (a model whose RoPE uses the frame count).
     """
-    pixels = normalize(media.frames, dtype=dtype, device=device)
+    pixels = normalize(media.frames, dtype=dtype, device=device, normalization=normalization)
     _, t, height, width = pixels.shape
     if height % patch_size or width % patch_size:
         raise ValueError(f"{media.path}: {height}x{width} is not aligned to patch size {patch_size}")

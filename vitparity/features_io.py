@@ -145,3 +145,33 @@ def _check_listed_inputs(folder: Path, listed: Any, files: dict[str, dict[str, n
             problems.append(f"{folder / name} has {', '.join(unlisted)}, not listed")
     if problems:
         raise FeaturesError(f"{folder / METADATA_FILE}: its inputs do not match the features: " + "; ".join(problems))
+
+
+def seed_features_map(hf: dict[str, np.ndarray], packing: dict[str, np.ndarray]) -> dict[str, dict[str, list[int]]]:
+    """The seed tools' top-level `features` entry of metadata.json: side -> input -> feature shape."""
+    return {"hf": {key: list(value.shape) for key, value in hf.items()},
+            "packing": {key: list(value.shape) for key, value in packing.items()}}
+
+
+def describe_metadata(metadata: dict[str, Any]) -> list[str]:
+    """The `Metadata` and `Inputs` blocks `verify` prints before its comparisons (the seed tools' screen layout),
+    then one line per config difference recorded as a warning. Missing entries print as `?`."""
+    lines = [
+        "Metadata",
+        f"  HF model: {metadata.get('hf_model_path', '?')}",
+        f"  Packing model: {metadata.get('packing_model_path', '?')}",
+        f"  Device: {metadata.get('device', '?')}",
+        f"  Num frames: {metadata.get('num_frames', '?')}",
+    ]
+    inputs = metadata.get("inputs")
+    if isinstance(inputs, dict) and inputs:
+        lines.append("Inputs")
+        for key, item in inputs.items():
+            item = item if isinstance(item, dict) else {}
+            lines += [f"  {key}: {item.get('path', '?')}",
+                      f"    Resolution: {item.get('width', '?')}x{item.get('height', '?')}"]
+            if "sampled_frames" in item or "total_frames" in item:
+                lines.append(f"    Frames: {item.get('sampled_frames', '?')}/{item.get('total_frames', '?')}")
+    lines += [f"WARNING: config difference (not a field that defines the weights): {warning}"
+              for warning in metadata.get("config_warnings") or ()]
+    return lines

@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -13,9 +14,18 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.utils import logging as hf_logging
 
 from .models import MODEL_TYPES
+from .models.layers import rope_axis_dims
+
+if TYPE_CHECKING:
+    from .hub import ModelRef
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Module holding the release's RoPE inverse-frequency buffers, per side. The release keeps them non-persistent;
+# checkpoints saved from copies patched to make them persistent carry `<module>.inv_freq_{t,h,w}`.
+ROPE_BUFFER_MODULES = {"hf": "video_rope", "packing": "rotary_emb"}
+ROPE_AXES = ("t", "h", "w")
+ROPE_BUFFER_RTOL = 1e-6
 
 
 class ModelLoadError(RuntimeError):
@@ -31,6 +41,7 @@ class LoadedModel:
     side: str  # "hf" (pixel_values) or "packing" (flat patches + grid_thw)
     class_name: str
     source: str  # "vitparity" or "remote code"
+    ref: ModelRef | None = None  # the spec given and, for hub ids, the repo and resolved commit
 
     def describe(self) -> str:
         return f"{self.class_name} ({self.source}, {self.side}) from {self.path}"
@@ -137,6 +148,42 @@ def weight_problems(shapes: dict[str, tuple[int, ...]], model: torch.nn.Module) 
     return [f"{label} {items}" for label, items in named if items]
 
 
+def rope_buffer_keys(side: str) -> tuple[str, ...]:
+    """The checkpoint keys of the release's RoPE buffers on one side: `video_rope.inv_freq_t`, ..."""
+    return tuple(f"{ROPE_BUFFER_MODULES[side]}.inv_freq_{axis}" for axis in ROPE_AXES)
+
+
+def saved_rope_buffer_problems(folder: Path, keys: list[str], config) -> list[str]:
+    """Saved RoPE buffers (`keys`, from `rope_buffer_keys`) that are not the formula 1 / theta ** (j / n) of
+    their axis, computed in float32, within relative ROPE_BUFFER_RTOL; one line per key naming the largest
+    difference. Empty when every saved buffer is the formula."""
+    expected = {
+        axis: 1.0 / float(config.rope_theta) ** (torch.arange(n, dtype=torch.float32) / n)
+        for axis, n in zip(ROPE_AXES, rope_axis_dims(config.hidden_size // config.num_attention_heads))
+    }
+    saved = {}
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            saved.update({key: handle.get_tensor(key) for key in keys if key in handle.keys()})
+    problems = []
+    for key in keys:
+        want = expected[key.rsplit("_", 1)[1]]
+        got = saved[key]
+        if tuple(got.shape) != tuple(want.shape):
+            problems.append(f"{key}: shape {tuple(got.shape)}, the formula gives {tuple(want.shape)}")
+            continue
+        got = got.float()
+        difference = (got - want).abs()
+        if not torch.isfinite(got).all() or bool((difference > ROPE_BUFFER_RTOL * want.abs()).any()):
+            worst = int(torch.nan_to_num(difference, nan=float("inf")).argmax())
+            problems.append(
+                f"{key}: not the RoPE inverse frequencies 1/theta**(j/n) (theta {config.rope_theta}, n {want.numel()}, "
+                f"relative tolerance {ROPE_BUFFER_RTOL:g}): largest difference {float(difference[worst]):.3e} at "
+                f"j={worst} ({float(got[worst])!r} vs {float(want[worst])!r}, saved as {saved[key].dtype})"
+            )
+    return problems
+
+
 def _side_of(model_type: str | None, model: torch.nn.Module) -> str:
     if model_type in MODEL_TYPES:
         return MODEL_TYPES[model_type][2]
@@ -165,13 +212,21 @@ def load_model(
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a checkpoint folder: the project's class chosen by `model_type`, or the checkpoint's own code
-    (`auto_map`) only when `trust_remote_code` is set. Missing, unexpected or mismatched weights are errors."""
-    folder = Path(path)
+    """Load a checkpoint folder or hub id (`org/name[@revision]`, see `vitparity.hub`): the project's class chosen
+    by `model_type`, or the checkpoint's own code (`auto_map`) only when `trust_remote_code` is set.
+
+    Missing, unexpected or mismatched weights are errors, except the release's RoPE buffers
+    (`rope_buffer_keys`) when they hold the RoPE formula: they are checked, then left out.
+    """
+    from .hub import resolve_model
+
+    ref = resolve_model(path)
+    folder = ref.path
     config = read_config(folder)
     if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
         raise ModelLoadError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin) in the model folder")
     model_type = config.get("model_type")
+    rope_keys: list[str] = []
     if trust_remote_code and "auto_map" in config:
         loader, source = _remote_model_class(folder, config), "remote code"
         kwargs = {"trust_remote_code": True}
@@ -179,9 +234,15 @@ def load_model(
         config_cls, loader, _ = MODEL_TYPES[model_type]
         source, kwargs = "vitparity", {}
         if weight_files(folder):
+            model_config = config_cls.from_dict({k: v for k, v in config.items() if k != "auto_map"})
             with torch.device("meta"):
-                skeleton = loader(config_cls.from_dict({k: v for k, v in config.items() if k != "auto_map"}))
-            problems = weight_problems(checkpoint_shapes(folder), skeleton)
+                skeleton = loader(model_config)
+            shapes = checkpoint_shapes(folder)
+            rope_keys = [key for key in rope_buffer_keys(MODEL_TYPES[model_type][2]) if key in shapes]
+            rope_problems = saved_rope_buffer_problems(folder, rope_keys, model_config)
+            if rope_problems:
+                raise ModelLoadError(f"{folder}: saved RoPE buffers refused: " + "; ".join(rope_problems))
+            problems = weight_problems({k: v for k, v in shapes.items() if k not in rope_keys}, skeleton)
             if problems:
                 raise ModelLoadError(f"{folder}: weights do not match {loader.__name__}: " + "; ".join(problems))
     elif "auto_map" in config:
@@ -191,15 +252,19 @@ def load_model(
         )
     else:
         raise ModelLoadError(f"{folder}: unknown model_type {model_type!r}; known: {sorted(MODEL_TYPES)}")
-    bars = hf_logging.is_progress_bar_enabled()
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    if rope_keys:  # transformers would print a load report listing the checked RoPE keys as unexpected
+        hf_logging.set_verbosity_error()
     try:
         model, info = loader.from_pretrained(str(folder), dtype=dtype, output_loading_info=True, **kwargs)
     except Exception as err:  # transformers and safetensors raise many types for unreadable checkpoints
         raise ModelLoadError(f"{folder}: cannot load the checkpoint ({type(err).__name__}: {err})") from err
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    info["unexpected_keys"] = [key for key in info.get("unexpected_keys") or () if key not in rope_keys]
     problems = [f"{name} {sorted(info[name])}" for name in ("missing_keys", "unexpected_keys") if info.get(name)]
     if info.get("mismatched_keys"):
         problems.append(f"mismatched_keys {sorted(str(k) for k in info['mismatched_keys'])}")
@@ -208,4 +273,4 @@ def load_model(
     if problems:
         raise ModelLoadError(f"{folder}: weights do not match the model: " + "; ".join(problems))
     model = model.to(device).eval()
-    return LoadedModel(model, str(folder), _side_of(model_type, model), type(model).__name__, source)
+    return LoadedModel(model, str(folder), _side_of(model_type, model), type(model).__name__, source, ref)

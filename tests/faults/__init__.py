@@ -4,7 +4,10 @@ Every variant is a checkpoint folder the suite loads by path:
 - code variants: the built-in checkpoint's config.json (plus `auto_map` and `planted_variant`) and byte-identical
   weight files, plus `modeling_planted.py`, whose model subclass plants the change. The architecture fields and
   weight bytes are unchanged, so the model fingerprint, and hence the golden folder, is that of the built-in model;
-- weight variants: the built-in config and converted weights edited in place (a new fingerprint: no golden).
+- weight variants: the built-in config and converted weights edited in place (a new fingerprint: no golden);
+- config variants: the built-in weights with config.json fields changed, as a release's config would differ
+  (`hidden_act`, `layer_norm_eps`: fields that change only the numerics, reported as warnings). They change the
+  fingerprint, which hashes every architecture field, so no committed golden applies to them.
 The suite runs code variants only with `--trust-remote-code`.
 """
 
@@ -32,8 +35,9 @@ class Variant:
     name: str
     kind: str  # FAULT: at least one test must fail; BENIGN: every test must pass
     side: str  # "packing" or "hf": which checkpoint is replaced
-    mechanism: str  # "code" (planted in modeling_planted.py) or "weights" (edited tensors)
+    mechanism: str  # "code" (planted in modeling_planted.py), "weights" (edited tensors) or "config" (config.json)
     description: str
+    config: tuple[tuple[str, object], ...] = ()  # config.json fields a "config" variant sets
 
 
 VARIANTS = (
@@ -65,8 +69,14 @@ VARIANTS = (
             "RoPE applied in the input dtype instead of float32"),
     Variant("layer_norm_eps_1e-5", BENIGN, "packing", "code",
             "every norm with eps 1e-5 instead of the config's 1e-6 (config.json unchanged)"),
+    Variant("config_gelu_tanh", BENIGN, "packing", "config",
+            "config.json says hidden_act gelu_pytorch_tanh (hf: gelu), as a release with a fused tanh GELU would",
+            config=(("hidden_act", "gelu_pytorch_tanh"),)),
+    Variant("config_layer_norm_eps_1e-5", BENIGN, "packing", "config",
+            "config.json says layer_norm_eps 1e-5 (hf: 1e-6)", config=(("layer_norm_eps", 1e-5),)),
 )
 VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
+CONFIG_VARIANTS = tuple(variant for variant in VARIANTS if variant.mechanism == "config")
 
 
 def builtin_folder(side: str) -> Path:
@@ -102,6 +112,10 @@ def build_variant(variant: Variant | str, root: Path) -> Path:
         if variant.name != "qk_swapped":
             raise ValueError(f"no weight edit for {variant.name}")
         _swap_q_and_k(folder)
+        return folder
+    if variant.mechanism == "config":
+        config.update(dict(variant.config))
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return folder
     shutil.copyfile(PLANTED_MODULE, folder / PLANTED_MODULE.name)
     config["auto_map"] = {"AutoModel": f"{PLANTED_MODULE.stem}.{PLANTED_CLASSES[variant.side]}"}

@@ -1,0 +1,93 @@
+"""Hub ids resolved offline from a HuggingFace cache laid out in a temporary folder: no network, ever."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
+from vitparity.cli import main
+from vitparity.features_io import read_features
+from vitparity.hub import hub_id, resolve_model
+from vitparity.loading import ModelLoadError, load_model
+from vitparity.pair import load_pair
+
+COMMITS = {"hf": "1" * 40, "packing": "2" * 40}
+REPOS = {"hf": "example-org/tiny-encoder", "packing": "example-org/tiny-encoder-packing"}
+
+
+def _cache_repo(hub: Path, repo_id: str, commit: str, source: Path, refs: tuple[str, ...] = ("main",)) -> Path:
+    """models--org--name/snapshots/<commit>/ holding a copy of `source`, and refs/<name> -> commit."""
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    snapshot = Path(shutil.copytree(source, repo / "snapshots" / commit))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HF_HOME in tmp_path with both built-in checkpoints cached; HF_HUB_OFFLINE=1."""
+    home = tmp_path / "hf-home"
+    for side, source in (("hf", BUILTIN_HF), ("packing", BUILTIN_PACKING)):
+        _cache_repo(home / "hub", REPOS[side], COMMITS[side], source, refs=("main", "v1"))
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    return home
+
+
+def test_hub_id_spelling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert hub_id("org/name") == ("org/name", None)
+    assert hub_id("org/name@v1.0") == ("org/name", "v1.0")
+    assert hub_id("org/name@" + "a" * 40) == ("org/name", "a" * 40)
+    for local in ("/abs/path", "./org/name", "name", "a/b/c", Path("org/name")):
+        assert hub_id(local) is None, local
+
+
+def test_load_model_from_an_offline_cache(offline_cache: Path) -> None:
+    loaded = load_model(REPOS["hf"])
+    assert loaded.side == "hf" and loaded.class_name == "OneVisionEncoderModel"
+    snapshot = offline_cache / "hub" / "models--example-org--tiny-encoder" / "snapshots" / COMMITS["hf"]
+    assert Path(loaded.path) == snapshot
+    assert (loaded.ref.repo_id, loaded.ref.revision, loaded.ref.commit) == (REPOS["hf"], None, COMMITS["hf"])
+    pinned = resolve_model(f"{REPOS['hf']}@v1")
+    assert (pinned.revision, pinned.commit) == ("v1", COMMITS["hf"])
+
+
+def test_unknown_hub_id_offline_names_the_cache(offline_cache: Path) -> None:
+    with pytest.raises(ModelLoadError) as error:
+        load_model("example-org/absent")
+    message = str(error.value)
+    assert "example-org/absent" in message and "HF_HUB_OFFLINE=1" in message and str(offline_cache / "hub") in message
+    with pytest.raises(ModelLoadError, match="revision nope"):
+        resolve_model(f"{REPOS['hf']}@nope")
+
+
+def test_a_local_folder_wins_over_a_hub_id(offline_cache: Path, tmp_path: Path) -> None:
+    shutil.copytree(BUILTIN_PACKING, tmp_path / REPOS["hf"])  # a packing model where the hub id points at an hf one
+    loaded = load_model(REPOS["hf"])
+    assert loaded.side == "packing" and loaded.ref.repo_id is None and loaded.ref.commit is None
+
+
+def test_pair_and_cli_record_repo_and_commit(offline_cache: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    pair = load_pair(REPOS["hf"], REPOS["packing"])
+    models = pair.provenance()["models"]
+    for side in ("hf", "packing"):
+        assert (models[side]["repo_id"], models[side]["commit"]) == (REPOS[side], COMMITS[side])
+    code = main(["extract", "--hf_model_path", REPOS["hf"], "--packing_model_path", f"{REPOS['packing']}@v1",
+                 "--image1", str(BUILTIN_MEDIA / "coffee_small.jpg"), "--output_dir", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    metadata = read_features(tmp_path / "o")[2]
+    assert metadata["hf_model_path"] == REPOS["hf"]
+    assert metadata["models"]["hf"]["commit"] == COMMITS["hf"]
+    assert (metadata["models"]["packing"]["revision"], metadata["models"]["packing"]["commit"]) == ("v1", COMMITS["packing"])
+    json.dumps(metadata)  # everything recorded is plain JSON

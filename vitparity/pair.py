@@ -1,0 +1,271 @@
+"""The model pair: every rule that two checkpoints must follow before their features are compared, in one place.
+
+Rules, each with one message (PairError):
+- threshold: a minimum cosine strictly between 0 and 1;
+- frames: at least one frame per video, and no more than the hf model's temporal RoPE context;
+- normalisation: both checkpoints' preprocessor_config.json (or the CLIP defaults) normalise alike;
+- sides: the hf model is a non-packing model and the packing model a packing one;
+- config: the two configs agree on every field that defines the weights (`checks.WEIGHT_FIELDS`); other
+  differences (`checks.NUMERIC_FIELDS`) are warnings, or errors with `strict_config`;
+- weights: no NaN / Inf, no all-zero matrix, RoPE tables that are the formula (`checks.loaded_model_problems`).
+
+`preflight_pair` applies the rules that need only the config files (cheap: run it before decoding media);
+`PairFiles.load` / `load_pair` load both models and apply the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checks import loaded_model_problems, split_config_differences
+from .extract import CLIP_NORMALIZATION, Normalization
+from .hub import ModelRef, resolve_model
+from .loading import DTYPES, LoadedModel, ModelLoadError, load_model, read_config
+from .models import OneVisionEncoderConfig
+from .numerics import tf32_setting
+
+SIDES = ("hf", "packing")
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+class PairError(ModelLoadError):
+    """Two checkpoints (or a setting) that break a model-pair rule; the message names the inputs and the rule."""
+
+
+def check_threshold(value: float, name: str = "threshold") -> float:
+    """The threshold rule: a minimum per-token cosine strictly between 0 and 1 (NaN refused)."""
+    if not 0.0 < value < 1.0:
+        raise PairError(f"{name}={value}: must be in (0, 1)")
+    return value
+
+
+def temporal_context(hf_config: dict) -> int | None:
+    """rope_temporal_size of an hf config.json (the release default 64 when absent; None: no limit)."""
+    return hf_config.get("rope_temporal_size", OneVisionEncoderConfig().rope_temporal_size)
+
+
+def check_num_frames(num_frames: int, context: int | None, hf_where: str, name: str = "num_frames") -> int:
+    """The frames rule: at least one frame, and no more than the hf model's temporal RoPE context (None: no limit)."""
+    if num_frames < 1:
+        raise PairError(f"{name}={num_frames}: must be >= 1")
+    if context is not None and num_frames > context:
+        raise PairError(
+            f"{name}={num_frames} does not fit the temporal context of {hf_where} (rope_temporal_size={context}): "
+            f"sample at most {context} frames per video"
+        )
+    return num_frames
+
+
+def _three_numbers(value: Any, key: str, path: Path) -> tuple[float, float, float]:
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+        raise PairError(f"{path}: {key} must be a list of 3 numbers, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def read_normalization(folder: str | Path) -> Normalization:
+    """The normalisation of a checkpoint folder: image_mean, image_std and rescale_factor of its
+    preprocessor_config.json (honouring do_normalize / do_rescale), the CLIP defaults when the file is absent.
+    Resize and crop settings are ignored: the protocol runs at native resolution."""
+    path = Path(folder) / PREPROCESSOR_FILE
+    if not path.is_file():
+        return CLIP_NORMALIZATION
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PairError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise PairError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if data.get("do_normalize", True):
+        mean = _three_numbers(data.get("image_mean", list(CLIP_NORMALIZATION.mean)), "image_mean", path)
+        std = _three_numbers(data.get("image_std", list(CLIP_NORMALIZATION.std)), "image_std", path)
+    else:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    rescale = data.get("rescale_factor", CLIP_NORMALIZATION.rescale) if data.get("do_rescale", True) else 1.0
+    if not isinstance(rescale, (int, float)) or not math.isfinite(rescale) or rescale <= 0:
+        raise PairError(f"{path}: rescale_factor must be a positive number, got {rescale!r}")
+    if not all(math.isfinite(v) for v in mean) or not all(math.isfinite(v) and v > 0 for v in std):
+        raise PairError(f"{path}: image_mean must be finite and image_std positive, got {list(mean)} / {list(std)}")
+    return Normalization(mean, std, float(rescale), str(path))
+
+
+def preprocessor_config(normalization: Normalization) -> dict:
+    """A CLIPImageProcessor preprocessor_config.json that normalises as `normalization`, at native resolution."""
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": False,
+        "do_center_crop": False,
+        "do_rescale": True,
+        "rescale_factor": normalization.rescale,
+        "do_normalize": True,
+        "image_mean": list(normalization.mean),
+        "image_std": list(normalization.std),
+    }
+
+
+def pair_normalization(hf: Normalization, packing: Normalization) -> Normalization:
+    """The normalisation rule: both sides normalise alike; the shared values, with both sources named."""
+    if not hf.same_values(packing):
+        raise PairError(
+            "the two checkpoints normalise their input differently: "
+            f"hf mean {list(hf.mean)} std {list(hf.std)} rescale {hf.rescale} ({hf.source}) vs "
+            f"packing mean {list(packing.mean)} std {list(packing.std)} rescale {packing.rescale} ({packing.source})"
+        )
+    source = hf.source if hf.source == packing.source else f"hf: {hf.source}; packing: {packing.source}"
+    return Normalization(hf.mean, hf.std, hf.rescale, source)
+
+
+@dataclass
+class ModelPair:
+    """Two loaded models that passed the pair rules, with what a run records about them."""
+
+    hf: LoadedModel
+    packing: LoadedModel
+    normalization: Normalization
+    config_warnings: list[str]
+    dtype: torch.dtype
+    device: str
+    _weight_problems: dict[str, list[str]] | None = field(default=None, repr=False)
+
+    def side(self, name: str) -> LoadedModel:
+        """The loaded model of side `name` ("hf" or "packing")."""
+        if name not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {name!r}")
+        return self.hf if name == "hf" else self.packing
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.hf.model.config.patch_size)
+
+    @property
+    def temporal_context(self) -> int | None:
+        return getattr(self.hf.model.config, "rope_temporal_size", None)
+
+    def weight_problems(self) -> dict[str, list[str]]:
+        """Side -> problems of its loaded parameters and buffers (`checks.loaded_model_problems`), found once."""
+        if self._weight_problems is None:
+            self._weight_problems = {side: loaded_model_problems(self.side(side).model) for side in SIDES}
+        return self._weight_problems
+
+    def provenance(self) -> dict[str, Any]:
+        """What a features folder or golden records about the pair: origins (repo ids and resolved commits),
+        classes, normalisation, config warnings, dtype, device and the TF32 setting."""
+        models = {}
+        for side in SIDES:
+            loaded = self.side(side)
+            ref = loaded.ref or ModelRef(loaded.path, Path(loaded.path))
+            models[side] = {**ref.provenance(), "class_name": loaded.class_name, "source": loaded.source}
+        return {
+            "models": models,
+            "normalization": self.normalization.to_dict(),
+            "config_warnings": list(self.config_warnings),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device,
+            "tf32": tf32_setting(self.device, self.dtype),
+        }
+
+
+@dataclass
+class PairFiles:
+    """Two resolved checkpoint folders whose config files passed the rules that need no weights."""
+
+    hf: ModelRef
+    packing: ModelRef
+    hf_config: dict
+    packing_config: dict
+    normalization: Normalization
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.hf_config.get("patch_size", OneVisionEncoderConfig().patch_size))
+
+    @property
+    def temporal_context(self) -> int | None:
+        return temporal_context(self.hf_config)
+
+    def load(
+        self,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+        strict_config: bool = False,
+        check_weights: bool = True,
+        on_load: Callable[[str, ModelRef], None] | None = None,
+    ) -> ModelPair:
+        """Load both models (in eval mode) and apply the sides, config and (with `check_weights`) weights rules.
+
+        `on_load(side, ref)` is called just before each side's model is loaded (progress lines, load counts).
+        """
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        loaded: dict[str, LoadedModel] = {}
+        for side, ref in (("hf", self.hf), ("packing", self.packing)):
+            if on_load is not None:
+                on_load(side, ref)
+            loaded[side] = load_model(ref.path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            loaded[side].ref = ref
+            if loaded[side].side != side:
+                raise PairError(
+                    f"{ref.spec}: given as the {side} model but it is a {loaded[side].side} model "
+                    f"({loaded[side].describe()}); the hf model must be a non-packing model and the packing model a "
+                    "packing one"
+                )
+        hf, packing = loaded["hf"], loaded["packing"]
+        errors, warnings = split_config_differences(hf.model.config, packing.model.config, strict=strict_config)
+        if errors:
+            rule = "(--strict-config: every difference counts)" if strict_config else "(fields that define the weights)"
+            raise PairError(
+                f"{self.hf.spec} and {self.packing.spec} do not describe the same model {rule}: " + "; ".join(errors)
+            )
+        if hf.model.config.patch_size != self.patch_size:
+            raise PairError(
+                f"{self.hf.spec}: the loaded model has patch_size {hf.model.config.patch_size}, config.json "
+                f"says {self.patch_size}"
+            )
+        pair = ModelPair(hf, packing, self.normalization, warnings, dtype, device)
+        if check_weights:
+            for side, problems in pair.weight_problems().items():
+                if problems:
+                    raise PairError(f"{pair.side(side).path}: unusable weights after loading: " + "; ".join(problems))
+        return pair
+
+
+def preflight_pair(
+    hf: str | os.PathLike[str], packing: str | os.PathLike[str], *, num_frames: int | None = None,
+    num_frames_name: str = "num_frames",
+) -> PairFiles:
+    """Resolve both checkpoints (local folders or hub ids), read their config files and apply the rules that need
+    no weights: frames (when `num_frames` is given) and normalisation."""
+    refs = {side: resolve_model(spec) for side, spec in (("hf", hf), ("packing", packing))}
+    configs = {side: read_config(ref.path) for side, ref in refs.items()}
+    if num_frames is not None:
+        check_num_frames(num_frames, temporal_context(configs["hf"]), refs["hf"].spec, num_frames_name)
+    normalization = pair_normalization(read_normalization(refs["hf"].path), read_normalization(refs["packing"].path))
+    return PairFiles(refs["hf"], refs["packing"], configs["hf"], configs["packing"], normalization)
+
+
+def load_pair(
+    hf: str | os.PathLike[str],
+    packing: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str = "cpu",
+    num_frames: int | None = None,
+    trust_remote_code: bool = False,
+    strict_config: bool = False,
+    check_weights: bool = True,
+    on_load: Callable[[str, ModelRef], None] | None = None,
+) -> ModelPair:
+    """`preflight_pair` then `PairFiles.load`: both models loaded, every pair rule applied (PairError otherwise)."""
+    return preflight_pair(hf, packing, num_frames=num_frames).load(
+        dtype=dtype, device=device, trust_remote_code=trust_remote_code, strict_config=strict_config,
+        check_weights=check_weights, on_load=on_load,
+    )
