@@ -55,6 +55,8 @@ VARIANTS = (
             "hidden_states one layer late (entry -2 is the last layer's output)"),
     Variant("layer_missing", FAULT, "packing", "code",
             "layer 1 never runs although its weights load"),
+    Variant("layer_removed", FAULT, "packing", "code",
+            "layer 1 never runs and is left out of hidden_states (one hidden state fewer)"),
     Variant("clip_mean_std_swapped", FAULT, "hf", "code",
             "CLIP mean and std swapped on the non-packing side"),
     Variant("temporal_off_by_one", FAULT, "packing", "code",
@@ -66,7 +68,13 @@ VARIANTS = (
     Variant("layer_norm_eps_1e-5", BENIGN, "packing", "code",
             "every norm with eps 1e-5 instead of the config's 1e-6 (config.json unchanged)"),
 )
-VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
+# Faults below any cosine threshold, caught only by the bit-exact companion swap (vitparity.independence);
+# not in VARIANTS, whose every fault the threshold suite must catch.
+BIT_EXACT_VARIANTS = (
+    Variant("neighbour_leak_1e-6", FAULT, "packing", "code",
+            "every hidden state of a packed sample gets 1e-6 x the mean of the other samples' tokens"),
+)
+VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS + BIT_EXACT_VARIANTS}
 
 
 def builtin_folder(side: str) -> Path:
