@@ -10,7 +10,7 @@ common patterns are named in plain words:
 - "layer count differs": the tuples have different lengths (the common prefix is still compared), or one
   side has a layer that returns its input unchanged (a skipped layer) where the other's does not;
 - "temporal positions": a video diverges after an embedding output that agrees, while its first frame
-  traced alone (temporal position 0, spatial positions unchanged) agrees at every layer. The tokens of the
+  traced in its place (temporal position 0, spatial positions unchanged, the same pack) agrees at every layer. The tokens of the
   first frame of the video itself diverge too: attention spans all frames, so wrong positions of later
   frames reach the first frame's tokens at the first layer (docs/detection.md, "Per-layer trace").
 """
@@ -246,10 +246,11 @@ def trace_layers(
         patterns += _layer_count(hf, packing)
         if sample.kind == "video" and sample.grid[0] > 1 and first > 0 and not patterns:
             frame = _first_frame(sample)
-            alone = _rows(*_hidden_pair(hf_model, packing_model, frame, None, temporal_context), threshold)
-            if all(row.passed for row in alone):
+            frame_pack = [frame if other is sample else other for other in pack or [sample]]
+            frame_rows = _rows(*_hidden_pair(hf_model, packing_model, frame, frame_pack, temporal_context), threshold)
+            if all(row.passed for row in frame_rows):
                 patterns.append(Pattern(TEMPORAL, (
-                    f"the video diverges from hidden_states[{first}] while its first frame alone (temporal "
+                    f"the video diverges from hidden_states[{first}] while its first frame in its place (temporal "
                     f"position 0) agrees at every layer: the frames' temporal positions differ"
                 )))
     parameter = next(packing_model.parameters())
