@@ -130,16 +130,21 @@ class LayerTrace:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "LayerTrace":
+        """The trace `to_json` wrote; ValueError naming the missing or malformed field otherwise."""
+
         def num(value: float | None) -> float:
             return math.nan if value is None else float(value)
 
-        rows = tuple(
-            LayerRow(r["index"], num(r["min_cos"]), num(r["mean_cos"]), num(r["max_abs"]), r["passed"])
-            for r in data["layers"]
-        )
-        patterns = tuple(Pattern(p["name"], p["detail"]) for p in data["patterns"])
-        return cls(data["name"], data["threshold"], data["dtype"], data["device"], data["hf_count"],
-                   data["packing_count"], rows, data["first_divergence"], patterns)
+        try:
+            rows = tuple(
+                LayerRow(r["index"], num(r["min_cos"]), num(r["mean_cos"]), num(r["max_abs"]), r["passed"])
+                for r in data["layers"]
+            )
+            patterns = tuple(Pattern(p["name"], p["detail"]) for p in data["patterns"])
+            return cls(data["name"], data["threshold"], data["dtype"], data["device"], data["hf_count"],
+                       data["packing_count"], rows, data["first_divergence"], patterns)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"malformed layer trace record ({type(error).__name__}: {error})") from None
 
 
 def _num(value: float, spec: str) -> str:
