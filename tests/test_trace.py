@@ -16,8 +16,7 @@ import pytest
 import torch
 import transformers.dynamic_module_utils
 
-from faults import FAULT, VARIANTS, VARIANTS_BY_NAME, build_variant
-from faults.modeling_planted import PlantedHFModel, PlantedPackingModel
+from faults import FAULT, VARIANTS, build_variant, load_variant_models
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.compare import DEFAULT_THRESHOLD
 from vitparity.extract import TEMPORAL_CONTEXT, prepare_sample
@@ -54,16 +53,7 @@ def _sample(path: Path, dtype: torch.dtype, name: str):
 
 
 def _variant_models(name: str, dtype: torch.dtype, root: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(hf, packing) with the variant in place of its side's built-in model (planted classes used directly)."""
-    variant = VARIANTS_BY_NAME[name]
-    folder = build_variant(variant, root)
-    if variant.mechanism == "code":
-        planted = PlantedPackingModel if variant.side == "packing" else PlantedHFModel
-        model = planted.from_pretrained(folder, dtype=dtype).eval()
-    else:
-        model = load_model(folder, dtype=dtype).model
-    other = load_model(BUILTIN_HF if variant.side == "packing" else BUILTIN_PACKING, dtype=dtype).model
-    return (other, model) if variant.side == "packing" else (model, other)
+    return load_variant_models(name, root, dtype)
 
 
 def _trace(hf, packing, sample, **kwargs) -> LayerTrace:

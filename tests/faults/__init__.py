@@ -126,3 +126,24 @@ def suite_args(variant: Variant, folder: Path, dtype: str, *, golden_dir: Path, 
         "--hf-model", str(hf), "--packing-model", str(packing), "--trust-remote-code",
         "--dtype", dtype, "--device", "cpu", "--golden-dir", str(golden_dir), "--report-dir", str(report_dir),
     ]
+
+
+def load_variant_models(variant: Variant | str, root: Path, dtype: torch.dtype = torch.float32):
+    """(hf, packing) models with the variant in place of its side's built-in model, on the CPU.
+
+    Code variants are built from their planted classes directly (the code their checkpoint folder runs by
+    remote code), so no checkpoint code is copied into the transformers modules cache.
+    """
+    from vitparity.loading import load_model
+
+    from .modeling_planted import PlantedHFModel, PlantedPackingModel
+
+    variant = VARIANTS_BY_NAME[variant] if isinstance(variant, str) else variant
+    folder = build_variant(variant, root)
+    if variant.mechanism == "code":
+        planted = PlantedPackingModel if variant.side == "packing" else PlantedHFModel
+        model = planted.from_pretrained(folder, dtype=dtype).eval()
+    else:
+        model = load_model(folder, dtype=dtype).model
+    other = load_model(builtin_folder("hf" if variant.side == "packing" else "packing"), dtype=dtype).model
+    return (other, model) if variant.side == "packing" else (model, other)
