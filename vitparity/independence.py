@@ -37,12 +37,18 @@ class SwapResult:
         return self.identical and self.companions_changed
 
     def format(self) -> str:
-        where = f"{self.name} (index {self.index} of a pack of {self.pack_size}; {self.backend}, {self.dtype}, {self.device})"
+        where = (
+            f"{self.name} (index {self.index} of a pack of {self.pack_size}; "
+            f"{self.backend}, {self.dtype}, {self.device})"
+        )
         if not self.companions_changed:
             return f"companion swap of {where}: FAIL: the swap did not change the other samples' features"
         if self.identical:
             return f"companion swap of {where}: PASS: features bit-identical"
-        return f"companion swap of {where}: FAIL: features changed by up to {self.max_abs:.3e} when only the other samples' pixels changed"
+        return (
+            f"companion swap of {where}: FAIL: features changed by up to {self.max_abs:.3e} "
+            "when only the other samples' pixels changed"
+        )
 
     def properties(self) -> list[tuple[str, str]]:
         """Name / value pairs for JUnit."""

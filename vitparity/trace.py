@@ -10,9 +10,10 @@ common patterns are named in plain words:
 - "layer count differs": the tuples have different lengths (the common prefix is still compared), or one
   side has a layer that returns its input unchanged (a skipped layer) where the other's does not;
 - "temporal positions": a video diverges after an embedding output that agrees, while its first frame
-  traced in its place (temporal position 0, spatial positions unchanged, the same pack) agrees at every layer. The tokens of the
-  first frame of the video itself diverge too: attention spans all frames, so wrong positions of later
-  frames reach the first frame's tokens at the first layer (docs/detection.md, "Per-layer trace").
+  traced in its place (temporal position 0, spatial positions unchanged, the same pack) agrees at every
+  layer. The tokens of the first frame of the video itself diverge too: attention spans all frames, so wrong
+  positions of later frames reach the first frame's tokens at the first layer (docs/detection.md,
+  "Per-layer trace").
 """
 
 from __future__ import annotations
@@ -214,7 +215,9 @@ def _hidden_pair(hf_model, packing_model, sample: Sample, pack: list[Sample] | N
     pack = pack or [sample]
     matches = [i for i, other in enumerate(pack) if other is sample]
     if len(matches) != 1:
-        raise ValueError(f"{sample.name}: the pack must hold the traced sample exactly once, found it {len(matches)} times")
+        raise ValueError(
+            f"{sample.name}: the pack must hold the traced sample exactly once, found it {len(matches)} times"
+        )
     start = sum(s.num_tokens for s in pack[: matches[0]])
     packing = tuple(h[start:start + sample.num_tokens] for h in packing_hidden_states(packing_model, pack))
     for label, hidden in (("hf", hf), ("packing", packing)):
