@@ -553,3 +553,60 @@ def test_python_dash_m(features_dir: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Summary: 2 inputs, 2 passed, 0 failed" in result.stdout
+
+
+# ---------------------------------------------------------------- per-layer trace
+
+
+def test_extract_trace_layers_stores_the_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "traced"
+    code, stdout, _ = _run(capsys, "extract", "--image1", IMAGE, "--video1", VIDEO, "--num_frames", NUM_FRAMES,
+                           "--output_dir", out, "--trace-layers")
+    assert code == 0, stdout
+    _, _, metadata = read_features(out)
+    for key in ("image1", "video1"):
+        trace = metadata["inputs"][key]["layer_trace"]
+        assert (trace["name"], trace["first_divergence"], trace["patterns"]) == (key, None, [])
+        assert (trace["hf_count"], trace["packing_count"], trace["dtype"], trace["device"]) == (5, 5, "float32", "cpu")
+        assert [layer["index"] for layer in trace["layers"]] == [0, 1, 2, 3, 4]
+        assert all(layer["min_cos"] > 0.99 and layer["passed"] for layer in trace["layers"])
+    assert "first divergence" not in stdout  # every input passed: nothing to trace in the report
+
+
+def test_extract_without_trace_layers_stores_no_trace(features_dir: Path) -> None:
+    _, _, metadata = read_features(features_dir)
+    assert all("layer_trace" not in entry for entry in metadata["inputs"].values())
+
+
+def _qk_swapped_packing(root: Path) -> Path:
+    """The built-in packing checkpoint with q and k swapped (a weight fault: no checkpoint code to trust)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from faults import build_variant
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    return build_variant("qk_swapped", root)
+
+
+def test_verify_prints_the_trace_of_failing_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    packing = _qk_swapped_packing(tmp_path / "checkpoints")
+    traced, plain = tmp_path / "traced", tmp_path / "plain"
+    common = ["extract", "--hf_model_path", BUILTIN_HF, "--packing_model_path", packing, "--image1", IMAGE,
+              "--video1", VIDEO, "--num_frames", NUM_FRAMES]
+    code, stdout, _ = _run(capsys, *common, "--output_dir", traced, "--trace_layers")
+    assert code == 1
+    assert stdout.count("\nfirst divergence: hidden_states[1]\n") == 2, stdout
+    assert "per-layer trace of image1" in stdout and "per-layer trace of video1" in stdout
+    code, again, _ = _run(capsys, "verify", "--features_dir", traced)
+    assert code == 1 and again.count("\nfirst divergence: hidden_states[1]\n") == 2
+    code, stdout, _ = _run(capsys, *common, "--output_dir", plain)
+    assert code == 1 and "first divergence" not in stdout
+
+
+def test_verify_refuses_a_malformed_trace(copy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _rewrite(copy_dir, PACKING_FILE, lambda arrays: arrays.update(image1=-arrays["image1"]))
+    metadata = json.loads((copy_dir / METADATA_FILE).read_text())
+    metadata["inputs"]["image1"]["layer_trace"] = {"name": "image1"}
+    (copy_dir / METADATA_FILE).write_text(json.dumps(metadata))
+    code, _, err = _run(capsys, "verify", "--features_dir", copy_dir)
+    assert code == 2 and "malformed layer trace record (KeyError: 'layers')" in err

@@ -27,13 +27,19 @@ from vitparity.media import (
     load_media,
     load_video,
     media_kind,
+    check_scale,
     sample_frame_indices,
+    scale_suffix,
+    scaled_size,
 )
 
 MEDIA_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "media"
 BUNDLED = discover_media(MEDIA_DIR)
 BUNDLED_VIDEO_FRAMES = {"astronaut_pan.mp4": 48, "chelsea_pan.mp4": 16, "coffee_zoom.mp4": 5, "rocket_tilt.mp4": 240}
-IMAGE_KEYS = {"path", "kind", "width", "height", "aligned_width", "aligned_height", "align", "patch_size"}
+IMAGE_KEYS = {
+    "path", "kind", "width", "height", "scale", "scaled_width", "scaled_height", "aligned_width", "aligned_height",
+    "align", "patch_size",
+}
 VIDEO_KEYS = IMAGE_KEYS | {"fps", "total_frames", "sampled_frames", "frame_indices", "decode"}
 
 
@@ -276,6 +282,9 @@ def test_image_alignment_and_metadata() -> None:
         "kind": "image",
         "width": 105,
         "height": 70,
+        "scale": 1.0,
+        "scaled_width": 105,
+        "scaled_height": 70,
         "aligned_width": 98,
         "aligned_height": 70,
         "align": "crop",
@@ -554,3 +563,66 @@ def test_load_media_dispatches_by_extension(tmp_path: Path) -> None:
     assert video.kind == "video" and video.frames.shape[0] == 3
     shutil.copy(MEDIA_DIR / "coffee_small.jpg", tmp_path / "upper.JPG")
     assert load_media(tmp_path / "upper.JPG").kind == "image"
+
+
+# ---------------------------------------------------------------- resolution scale
+
+
+def test_scaled_image_is_area_resized_then_aligned() -> None:
+    path = MEDIA_DIR / "chelsea_cat.png"
+    native = load_image(path, patch_size=1).frames
+    height, width = native.shape[:2]
+    half = load_image(path, scale=0.5)
+    new_width, new_height = scaled_size(width, height, 0.5)
+    expected = cv2.resize(native, (new_width, new_height), interpolation=cv2.INTER_AREA)
+    aligned = (new_height - new_height % 14, new_width - new_width % 14)
+    np.testing.assert_array_equal(half.frames, expected[: aligned[0], : aligned[1]])
+    meta = half.metadata
+    assert (meta["scale"], meta["scaled_width"], meta["scaled_height"]) == (0.5, new_width, new_height)
+    assert (meta["width"], meta["height"]) == (width, height)
+    assert (meta["aligned_height"], meta["aligned_width"]) == aligned
+    assert load_image(path, scale=0.5, align="pad").frames.shape[:2] == tuple(-(-n // 14) * 14 for n in (new_height, new_width))
+
+
+def test_scale_one_is_the_native_case() -> None:
+    path = MEDIA_DIR / "coffee_small.jpg"
+    np.testing.assert_array_equal(load_image(path, scale=1.0).frames, load_image(path).frames)
+    assert load_image(path).metadata["scale"] == 1.0
+
+
+def test_scaled_video_resizes_every_frame() -> None:
+    path = MEDIA_DIR / "coffee_zoom.mp4"  # 168x112
+    native = load_video(path, num_frames=2, patch_size=1).frames
+    scaled = load_video(path, num_frames=2, scale=0.5)
+    expected = np.stack([cv2.resize(frame, (84, 56), interpolation=cv2.INTER_AREA) for frame in native])
+    np.testing.assert_array_equal(scaled.frames, expected[:, :56, :84])
+    assert scaled.frames.shape == (2, 56, 84, 3) and scaled.metadata["scale"] == 0.5
+    assert load_media(path, num_frames=2, scale=0.5).frames.shape == (2, 56, 84, 3)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, 1.5, float("nan"), float("inf"), "half"])
+def test_scale_outside_zero_one_is_refused(scale: object) -> None:
+    path = MEDIA_DIR / "coffee_small.jpg"
+    with pytest.raises(MediaError, match=r"coffee_small\.jpg: scale must be .*\(0, 1\]"):
+        load_media(path, scale=scale)
+    with pytest.raises(MediaError, match=r"coffee_zoom\.mp4: scale must be"):
+        load_video(MEDIA_DIR / "coffee_zoom.mp4", scale=scale)
+
+
+@pytest.mark.parametrize("align", ALIGN_POLICIES)
+def test_scale_below_one_patch_names_the_file(align: str) -> None:
+    path = MEDIA_DIR / "coffee_small.jpg"  # 105x70: at 0.1, 11x7 pixels
+    with pytest.raises(MediaError, match=r"coffee_small\.jpg: scale 0\.1 turns 105x70 into 11x7 pixels, less than one 14x14 patch"):
+        load_image(path, scale=0.1, align=align)
+    assert load_image(path, scale=0.2, align=align).frames.shape[0] == 14  # 21x14: still one patch high
+
+
+def test_scale_suffix() -> None:
+    assert (scale_suffix(1.0), scale_suffix(1), scale_suffix(0.5), scale_suffix(0.25)) == ("", "", "@0.5", "@0.25")
+    assert scale_suffix(0.333) == "@0.333"
+    for bad in (0.0, 2.0, float("nan")):
+        with pytest.raises(ValueError, match="scale must be"):
+            scale_suffix(bad)
+    with pytest.raises(ValueError, match="more than 6 decimals"):
+        scale_suffix(1 / 3)
+    assert check_scale(0.5) == 0.5 and scaled_size(105, 70, 0.5) == (53, 35)

@@ -23,6 +23,7 @@ from .media import ALIGN_POLICIES, Media, MediaError, load_image, load_video, me
 from .numerics import pinned_float32
 from .pair import check_num_frames, check_threshold, preflight_pair
 from .report import format_report
+from .trace import LayerTrace, trace_layers
 
 ROOT_DEFAULTS = {"image1": "1.jpg", "image2": "2.jpg", "video1": "1.mp4", "video2": "2.mp4"}
 NAMED_INPUTS = ("image1", "image2", "video1", "video2")
@@ -65,6 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(extract, "trust_remote_code", action="store_true", help="allow a checkpoint's own model code")
     _option(extract, "strict_config", action="store_true",
             help="any config difference is an error (default: only fields that define the weights)")
+    _option(extract, "trace_layers", action="store_true",
+            help="compare every hidden state of every input too and store the figures in metadata.json")
 
     verify = commands.add_parser("verify", help="compare the features of a features folder")
     _option(verify, "features_dir", metavar="DIR", required=True)
@@ -206,6 +209,13 @@ def run_extract(args: argparse.Namespace) -> int:
             for sample in samples
         },
     }
+    if args.trace_layers:
+        for sample in samples:
+            _progress(f"tracing {sample.name} layer by layer ...")
+            trace = trace_layers(
+                hf.model, packing.model, sample, pack=samples, threshold=args.threshold, temporal_context=context
+            )
+            metadata["inputs"][sample.name]["layer_trace"] = trace.to_json()
     write_features(args.output_dir, hf_features, packing_features, metadata)
     _progress(f"wrote {HF_FILE}, {PACKING_FILE} and metadata.json to {args.output_dir}")
     return verify_folder(args.output_dir, args.threshold)
@@ -236,6 +246,11 @@ def verify_folder(features_dir: str, threshold: float) -> int:
             comparisons.append(compare_features(hf[key], packing[key], name=key, threshold=threshold))
     title = f"{metadata.get('hf_model_path', '?')} vs {metadata.get('packing_model_path', '?')}"
     print(format_report(comparisons, title=title))
+    inputs = metadata.get("inputs", {})
+    for comparison in comparisons:
+        recorded = inputs.get(comparison.name, {}).get("layer_trace") if isinstance(inputs, dict) else None
+        if not comparison.passed and recorded is not None:
+            print("\n" + LayerTrace.from_json(recorded).format())
     if not comparisons:
         print(f"FAIL: no features in {features_dir}")
         return 1

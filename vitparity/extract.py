@@ -138,32 +138,70 @@ def token_positions(sample: Sample) -> torch.Tensor:
     return torch.stack(grids, dim=-1).reshape(-1, 3)
 
 
-def _penultimate(outputs) -> torch.Tensor:
+def hf_inputs(sample: Sample, dtype: torch.dtype, *, temporal_context: int | None = TEMPORAL_CONTEXT) -> dict:
+    """Keyword arguments of the non-packing model's forward for one sample (without output flags).
+
+    Images: pixel_values (1, C, H, W). Videos: the model interface takes all `context` frames; only the T
+    sampled ones are written and only their tokens are listed as visible (the model embeds visible patches
+    only). Indices are built on the host so that the model checks their range without reading the device.
+    """
+    pixels = sample.pixels.to(dtype)
+    if sample.kind == "image":
+        return {"pixel_values": pixels[:, 0].unsqueeze(0)}
+    c, t, height, width = pixels.shape
+    context = temporal_context or t
+    frame_tokens = sample.grid[1] * sample.grid[2]
+    where = torch.tensor(sample.frame_positions)
+    full = pixels.new_zeros(1, c, context, height, width)
+    full[0, :, host_to_device(where, pixels.device)] = pixels
+    visible = (where[:, None] * frame_tokens + torch.arange(frame_tokens)).reshape(1, -1)
+    return {"pixel_values": full, "visible_indices": visible}
+
+
+def packing_inputs(samples: list[Sample], patch_size: int, dtype: torch.dtype) -> dict:
+    """Keyword arguments of the packing model's forward for samples packed in this order (without output flags)."""
+    patches = torch.cat([patchify(s.pixels, patch_size) for s in samples]).to(dtype)
+    positions = torch.cat([token_positions(s) for s in samples])
+    grid_thw = torch.tensor([s.grid for s in samples], dtype=torch.long)
+    return {"hidden_states": patches, "grid_thw": grid_thw, "patch_positions": positions}
+
+
+def hidden_states_of(outputs) -> tuple[torch.Tensor, ...]:
+    """The `hidden_states` tuple of a model output (a ModelOutput or a plain tuple ending with it)."""
     hidden = outputs.hidden_states if hasattr(outputs, "hidden_states") else outputs[-1]
     if hidden is None or len(hidden) < 2:
         raise RuntimeError("the model returned no hidden_states; it must support output_hidden_states=True")
-    return hidden[FEATURE_LAYER]
+    return tuple(hidden)
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def hf_hidden_states(
+    model: torch.nn.Module, sample: Sample, *, temporal_context: int | None = TEMPORAL_CONTEXT
+) -> tuple[torch.Tensor, ...]:
+    """Every hidden state (0: embedding output) of the non-packing model for one sample, each (N, D), model dtype."""
+    inputs = hf_inputs(sample, model_dtype(model), temporal_context=temporal_context)
+    hidden = hidden_states_of(model(**inputs, output_hidden_states=True))
+    return tuple(h[0] for h in hidden)
+
+
+def packing_hidden_states(model: torch.nn.Module, samples: list[Sample]) -> tuple[torch.Tensor, ...]:
+    """Every hidden state of the packing model for samples packed into one pass, each (sum of N, D), model dtype."""
+    inputs = packing_inputs(samples, model.config.patch_size, model_dtype(model))
+    hidden = hidden_states_of(model(**inputs, output_hidden_states=True))
+    total = inputs["hidden_states"].shape[0]
+    for index, h in enumerate(hidden):
+        if h.shape[0] != total:
+            raise RuntimeError(f"packing model returned {h.shape[0]} tokens in hidden_states[{index}] for {total} input patches")
+    return hidden
 
 
 @torch.inference_mode()
 def extract_hf(model: torch.nn.Module, sample: Sample, *, temporal_context: int | None = TEMPORAL_CONTEXT) -> torch.Tensor:
     """Penultimate features (N, D) float32 of the non-packing model for one sample."""
-    pixels = sample.pixels.to(next(model.parameters()).dtype)
-    if sample.kind == "image":
-        features = _penultimate(model(pixels[:, 0].unsqueeze(0), output_hidden_states=True))
-        return features[0].float()
-    c, t, height, width = pixels.shape
-    context = temporal_context or t
-    frame_tokens = sample.grid[1] * sample.grid[2]
-    # The model interface takes all `context` frames; only the T sampled ones are written and only their
-    # tokens are listed as visible (the model embeds visible patches only). Indices are built on the host
-    # so that the model checks their range without reading the device.
-    where = torch.tensor(sample.frame_positions)
-    full = pixels.new_zeros(1, c, context, height, width)
-    full[0, :, host_to_device(where, pixels.device)] = pixels
-    visible = (where[:, None] * frame_tokens + torch.arange(frame_tokens)).reshape(1, -1)
-    features = _penultimate(model(full, visible_indices=visible, output_hidden_states=True))
-    return features[0].float()
+    return hf_hidden_states(model, sample, temporal_context=temporal_context)[FEATURE_LAYER].float()
 
 
 @torch.inference_mode()
@@ -171,12 +209,5 @@ def extract_packing(model: torch.nn.Module, samples: list[Sample]) -> list[torch
     """Penultimate features of the packing model for several samples packed into one forward pass."""
     if not samples:
         return []
-    p = model.config.patch_size
-    dtype = next(model.parameters()).dtype
-    patches = torch.cat([patchify(s.pixels, p) for s in samples]).to(dtype)
-    positions = torch.cat([token_positions(s) for s in samples])
-    grid_thw = torch.tensor([s.grid for s in samples], dtype=torch.long)
-    features = _penultimate(model(patches, grid_thw=grid_thw, patch_positions=positions, output_hidden_states=True))
-    if features.shape[0] != patches.shape[0]:
-        raise RuntimeError(f"packing model returned {features.shape[0]} tokens for {patches.shape[0]} input patches")
+    features = packing_hidden_states(model, samples)[FEATURE_LAYER]
     return [part.float() for part in features.split([s.num_tokens for s in samples])]

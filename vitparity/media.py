@@ -1,6 +1,6 @@
 """Load images and videos as patch-aligned uint8 RGB arrays for feature extraction.
 
-Images are decoded at native resolution with EXIF orientation applied; any
+Images are decoded at native resolution (or a given fraction of it) with EXIF orientation applied; any
 colour layout (grayscale, alpha, palette) and 16-bit depth becomes 8-bit RGB.
 Videos are sampled uniformly with the release's frame-index formula, reaching
 the sampled frames by seeking (or decoding through short gaps) when the
@@ -138,9 +138,9 @@ def align_to_patch(frames: np.ndarray, patch_size: int, policy: str = "crop") ->
     return np.stack([cv2.resize(frame, (new_width, new_height), interpolation=cv2.INTER_CUBIC) for frame in frames])
 
 
-def load_image(path: StrPath, *, patch_size: int = 14, align: str = "crop") -> Media:
-    """Decode an image file to patch-aligned uint8 RGB (H, W, 3) at native resolution."""
-    _check_options(path, patch_size, align)
+def load_image(path: StrPath, *, patch_size: int = 14, align: str = "crop", scale: float = 1.0) -> Media:
+    """Decode an image file to patch-aligned uint8 RGB (H, W, 3) at native resolution times ``scale``."""
+    _check_options(path, patch_size, align, scale)
     data = np.fromfile(_existing_file(path), dtype=np.uint8)
     if data.size == 0:
         raise MediaError(path, "file is empty")
@@ -151,19 +151,24 @@ def load_image(path: StrPath, *, patch_size: int = 14, align: str = "crop") -> M
     if decoded is None:
         raise MediaError(path, "not a decodable image")
     native = cv2.cvtColor(_to_uint8(path, decoded), cv2.COLOR_BGR2RGB)
-    frames = _align(path, native, patch_size, align)
-    return Media(os.fspath(path), "image", frames, _metadata(path, "image", native, frames, patch_size, align))
+    scaled = _scale(path, native, scale, patch_size)
+    frames = _align(path, scaled, patch_size, align)
+    return Media(
+        os.fspath(path), "image", frames, _metadata(path, "image", native, scaled, frames, patch_size, align, scale)
+    )
 
 
-def load_video(path: StrPath, *, num_frames: int = 8, patch_size: int = 14, align: str = "crop") -> Media:
-    """Decode ``num_frames`` uniformly sampled frames to patch-aligned uint8 RGB (T, H, W, 3).
+def load_video(
+    path: StrPath, *, num_frames: int = 8, patch_size: int = 14, align: str = "crop", scale: float = 1.0
+) -> Media:
+    """Decode ``num_frames`` uniformly sampled frames to patch-aligned uint8 RGB (T, H, W, 3), at ``scale``.
 
     Seeks to the sampled frames when the container's frame count checks out
     (every sampled frame decodes and nothing follows the last one); otherwise
     decodes the whole file sequentially, counts the real frames and samples
     from that count.
     """
-    _check_options(path, patch_size, align)
+    _check_options(path, patch_size, align, scale)
     if num_frames < 1:
         raise MediaError(path, f"num_frames must be >= 1, got {num_frames}")
     if _existing_file(path).stat().st_size == 0:
@@ -179,8 +184,9 @@ def load_video(path: StrPath, *, num_frames: int = 8, patch_size: int = 14, alig
         sampled = _sample_sequentially(path, num_frames)
         decode = "sequential"
     total_frames, indices, native = sampled
-    frames = _align(path, native, patch_size, align)
-    metadata = _metadata(path, "video", native, frames, patch_size, align)
+    scaled = _scale(path, native, scale, patch_size)
+    frames = _align(path, scaled, patch_size, align)
+    metadata = _metadata(path, "video", native, scaled, frames, patch_size, align, scale)
     metadata.update(
         fps=float(fps) if math.isfinite(fps) and fps > 0 else 0.0,
         total_frames=total_frames,
@@ -191,19 +197,75 @@ def load_video(path: StrPath, *, num_frames: int = 8, patch_size: int = 14, alig
     return Media(os.fspath(path), "video", frames, metadata)
 
 
-def load_media(path: StrPath, *, num_frames: int = 8, patch_size: int = 14, align: str = "crop") -> Media:
-    """Load an image or a video, chosen by file extension."""
+def load_media(
+    path: StrPath, *, num_frames: int = 8, patch_size: int = 14, align: str = "crop", scale: float = 1.0
+) -> Media:
+    """Load an image or a video, chosen by file extension, at ``scale`` times its native size (see scaled_size)."""
     if media_kind(path) == "image":
-        return load_image(path, patch_size=patch_size, align=align)
-    return load_video(path, num_frames=num_frames, patch_size=patch_size, align=align)
+        return load_image(path, patch_size=patch_size, align=align, scale=scale)
+    return load_video(path, num_frames=num_frames, patch_size=patch_size, align=align, scale=scale)
 
 
-def _check_options(path: StrPath, patch_size: int, align: str) -> None:
-    """Reject an unknown align policy or a non-positive patch size."""
+def check_scale(scale: float) -> float:
+    """A resolution scale as a float in (0, 1]; ValueError otherwise (NaN, zero, negative, above 1).
+
+    Only fractions of the native size: upscaling adds no information and would test the interpolation.
+    """
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a number in (0, 1], got {scale!r}") from None
+    if not 0.0 < value <= 1.0:  # also refuses NaN
+        raise ValueError(f"scale must be in (0, 1] (a fraction of the native size), got {scale!r}")
+    return value
+
+
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """(width, height) times ``scale``, each rounded to the nearest pixel, halves up (the size before alignment)."""
+    return math.floor(width * scale + 0.5), math.floor(height * scale + 0.5)
+
+
+def scale_suffix(scale: float) -> str:
+    """A case-id suffix for a scale: "" for native size, "@0.5" otherwise (file-name safe: digits, '.', '@')."""
+    value = check_scale(scale)
+    if value == 1.0:
+        return ""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    if float(text) != value:
+        raise ValueError(f"scale {scale!r} needs more than 6 decimals to be named; use a shorter fraction")
+    return "@" + text
+
+
+def _check_options(path: StrPath, patch_size: int, align: str, scale: float = 1.0) -> None:
+    """Reject an unknown align policy, a non-positive patch size or a scale outside (0, 1]."""
     if align not in ALIGN_POLICIES:
         raise MediaError(path, f"unknown align policy {align!r}; expected one of {', '.join(ALIGN_POLICIES)}")
     if patch_size < 1:
         raise MediaError(path, f"patch_size must be >= 1, got {patch_size}")
+    try:
+        check_scale(scale)
+    except ValueError as error:
+        raise MediaError(path, str(error)) from None
+
+
+def _scale(path: StrPath, frames: np.ndarray, scale: float, patch_size: int) -> np.ndarray:
+    """Resize (H, W, 3) or (T, H, W, 3) frames to ``scale`` times their size with INTER_AREA (1.0: unchanged).
+
+    A result smaller than one patch in either direction is an error naming the file, whatever the align policy.
+    """
+    if scale == 1.0:
+        return frames
+    height, width = frames.shape[-3], frames.shape[-2]
+    new_width, new_height = scaled_size(width, height, scale)
+    if new_width < patch_size or new_height < patch_size:
+        raise MediaError(
+            path,
+            f"scale {scale} turns {width}x{height} into {new_width}x{new_height} pixels, "
+            f"less than one {patch_size}x{patch_size} patch",
+        )
+    if frames.ndim == 3:
+        return cv2.resize(frames, (new_width, new_height), interpolation=cv2.INTER_AREA)
+    return np.stack([cv2.resize(frame, (new_width, new_height), interpolation=cv2.INTER_AREA) for frame in frames])
 
 
 def _existing_file(path: StrPath) -> Path:
@@ -234,7 +296,14 @@ def _align(path: StrPath, frames: np.ndarray, patch_size: int, align: str) -> np
 
 
 def _metadata(
-    path: StrPath, kind: str, native: np.ndarray, frames: np.ndarray, patch_size: int, align: str
+    path: StrPath,
+    kind: str,
+    native: np.ndarray,
+    scaled: np.ndarray,
+    frames: np.ndarray,
+    patch_size: int,
+    align: str,
+    scale: float,
 ) -> dict[str, Any]:
     """Metadata shared by images and videos (plain JSON-serialisable values)."""
     return {
@@ -242,6 +311,9 @@ def _metadata(
         "kind": kind,
         "width": int(native.shape[-2]),
         "height": int(native.shape[-3]),
+        "scale": float(scale),
+        "scaled_width": int(scaled.shape[-2]),
+        "scaled_height": int(scaled.shape[-3]),
         "aligned_width": int(frames.shape[-2]),
         "aligned_height": int(frames.shape[-3]),
         "align": align,

@@ -223,3 +223,87 @@ def write_cosine_heatmap(token_cos: np.ndarray, grid_thw: tuple[int, int, int],
         raise OSError(f"could not encode heatmap PNG for {out}")
     out.write_bytes(encoded.tobytes())
     return out
+
+
+# Layer-trace plot layout, in pixels.
+TRACE_PLOT_SIZE = (640, 360)  # width, height
+TRACE_PLOT_MARGINS = (70, 16, 32, 40)  # left, right, top, bottom
+TRACE_LEGEND_LINE = 16
+# Distinct BGR line colours, cycled over the cases.
+TRACE_COLOURS_BGR = (
+    (255, 160, 60), (60, 200, 255), (90, 220, 90), (220, 100, 255), (80, 80, 255), (255, 255, 120),
+)
+
+
+def cosine_to_height(cos: float) -> float:
+    """Plot height of a cosine in [0, 1]: 0 at cos <= 0, 1 at cos >= 1 - 1e-6, linear in log10(1 - cos)."""
+    low, high = HEATMAP_LOG_RANGE
+    err = min(max(1.0 - cos, 10.0**low), 10.0**high)
+    return (high - math.log10(err)) / (high - low)
+
+
+def write_layer_trace_plot(traces: Sequence, path: str | os.PathLike[str], *, title: str = "") -> Path:
+    """Write a PNG of min cosine per hidden state, one line per trace (vitparity.trace.LayerTrace); return its path.
+
+    x: hidden_states index (0 = embedding output); y: min per-token cosine on the heat map's scale (log10 of
+    1 - cos, from 1.0 at the top to <= 0 at the bottom). The threshold is a grey line, the first divergence of
+    each case a filled dot, NaN rows a gap in the line.
+    """
+    if not traces:
+        raise ValueError("no traces to plot")
+    width, plot_height = TRACE_PLOT_SIZE
+    height = plot_height + TRACE_LEGEND_LINE * len(traces)  # one legend line per case below the axes
+    left, right, top, bottom = TRACE_PLOT_MARGINS
+    x0, x1, y0, y1 = left, width - right, top, plot_height - bottom
+    count = max(len(trace.rows) for trace in traces)
+    canvas = np.full((height, width, 3), _BACKGROUND_BGR, dtype=np.uint8)
+
+    def x_of(index: int) -> int:
+        return x0 + round(index * (x1 - x0) / max(count - 1, 1))
+
+    def y_of(cos: float) -> int:
+        return y1 - round(cosine_to_height(cos) * (y1 - y0))
+
+    grey = (120, 120, 120)
+    cv2.rectangle(canvas, (x0, y0), (x1, y1), grey, 1)
+    for label, cos in (("1.0", 1.0), ("0.9999", 0.9999), ("0.99", 0.99), ("<=0", 0.0)):
+        y = y_of(cos)
+        cv2.line(canvas, (x0 - 4, y), (x0, y), _TEXT_BGR, 1)
+        text_w = cv2.getTextSize(label, _FONT, 0.4, 1)[0][0]
+        cv2.putText(canvas, label, (x0 - 8 - text_w, y + 4), _FONT, 0.4, _TEXT_BGR, 1, cv2.LINE_AA)
+    for index in range(count):
+        x = x_of(index)
+        cv2.line(canvas, (x, y1), (x, y1 + 4), _TEXT_BGR, 1)
+        text_w = cv2.getTextSize(str(index), _FONT, 0.4, 1)[0][0]
+        cv2.putText(canvas, str(index), (x - text_w // 2, y1 + 18), _FONT, 0.4, _TEXT_BGR, 1, cv2.LINE_AA)
+    cv2.putText(canvas, "hidden_states index (0 = embedding output)", (x0, plot_height - 8), _FONT, 0.4, _TEXT_BGR, 1,
+                cv2.LINE_AA)
+    threshold = traces[0].threshold
+    cv2.line(canvas, (x0, y_of(threshold)), (x1, y_of(threshold)), grey, 1)
+
+    for number, trace in enumerate(traces):
+        colour = TRACE_COLOURS_BGR[number % len(TRACE_COLOURS_BGR)]
+        points = [(x_of(row.index), y_of(row.min_cos)) if math.isfinite(row.min_cos) else None for row in trace.rows]
+        for a, b in zip(points, points[1:]):
+            if a is not None and b is not None:
+                cv2.line(canvas, a, b, colour, 2, cv2.LINE_AA)
+        for row, point in zip(trace.rows, points):
+            if point is not None:
+                cv2.circle(canvas, point, 5 if row.index == trace.first_divergence else 3, colour,
+                           -1 if row.index == trace.first_divergence else 1, cv2.LINE_AA)
+        first = "none" if trace.first_divergence is None else f"hidden_states[{trace.first_divergence}]"
+        y = height - TRACE_LEGEND_LINE * (len(traces) - number) + 4
+        cv2.line(canvas, (x0, y - 4), (x0 + 14, y - 4), colour, 2)
+        legend = _fit_text(f"{trace.name}: first divergence {first}", x1 - x0 - 20, 0.4)
+        cv2.putText(canvas, legend, (x0 + 20, y), _FONT, 0.4, colour, 1, cv2.LINE_AA)
+    header = title or "min cosine per hidden state"
+    cv2.putText(canvas, _fit_text(f"{header}  (threshold {threshold})", width - 2 * HEATMAP_MARGIN, 0.45),
+                (HEATMAP_MARGIN, 17), _FONT, 0.45, _TEXT_BGR, 1, cv2.LINE_AA)
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ok, encoded = cv2.imencode(".png", canvas)
+    if not ok:
+        raise OSError(f"could not encode layer-trace PNG for {out}")
+    out.write_bytes(encoded.tobytes())
+    return out

@@ -59,6 +59,8 @@ VARIANTS = (
             "hidden_states one layer late (entry -2 is the last layer's output)"),
     Variant("layer_missing", FAULT, "packing", "code",
             "layer 1 never runs although its weights load"),
+    Variant("layer_removed", FAULT, "packing", "code",
+            "layer 1 never runs and is left out of hidden_states (one hidden state fewer)"),
     Variant("clip_mean_std_swapped", FAULT, "hf", "code",
             "CLIP mean and std swapped on the non-packing side"),
     Variant("temporal_off_by_one", FAULT, "packing", "code",
@@ -75,7 +77,13 @@ VARIANTS = (
     Variant("config_layer_norm_eps_1e-5", BENIGN, "packing", "config",
             "config.json says layer_norm_eps 1e-5 (hf: 1e-6)", config=(("layer_norm_eps", 1e-5),)),
 )
-VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
+# Faults below any cosine threshold, caught only by the bit-exact companion swap (vitparity.independence);
+# not in VARIANTS, whose every fault the threshold suite must catch.
+BIT_EXACT_VARIANTS = (
+    Variant("neighbour_leak_1e-6", FAULT, "packing", "code",
+            "every hidden state of a packed sample gets 1e-6 x the mean of the other samples' tokens"),
+)
+VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS + BIT_EXACT_VARIANTS}
 CONFIG_VARIANTS = tuple(variant for variant in VARIANTS if variant.mechanism == "config")
 
 
@@ -132,3 +140,24 @@ def suite_args(variant: Variant, folder: Path, dtype: str, *, golden_dir: Path, 
         "--hf-model", str(hf), "--packing-model", str(packing), "--trust-remote-code",
         "--dtype", dtype, "--device", "cpu", "--golden-dir", str(golden_dir), "--report-dir", str(report_dir),
     ]
+
+
+def load_variant_models(variant: Variant | str, root: Path, dtype: torch.dtype = torch.float32):
+    """(hf, packing) models with the variant in place of its side's built-in model, on the CPU.
+
+    Code variants are built from their planted classes directly (the code their checkpoint folder runs by
+    remote code), so no checkpoint code is copied into the transformers modules cache.
+    """
+    from vitparity.loading import load_model
+
+    from .modeling_planted import PlantedHFModel, PlantedPackingModel
+
+    variant = VARIANTS_BY_NAME[variant] if isinstance(variant, str) else variant
+    folder = build_variant(variant, root)
+    if variant.mechanism == "code":
+        planted = PlantedPackingModel if variant.side == "packing" else PlantedHFModel
+        model = planted.from_pretrained(folder, dtype=dtype).eval()
+    else:
+        model = load_model(folder, dtype=dtype).model
+    other = load_model(builtin_folder("hf" if variant.side == "packing" else "packing"), dtype=dtype).model
+    return (other, model) if variant.side == "packing" else (model, other)

@@ -144,11 +144,15 @@ MODULE_PLANTS = {
     "rope_axes_swapped": _swap_axes,
     "attention_scale": _wrong_scale,
     "layer_missing": _skip_layer,
+    "layer_removed": _skip_layer,
     "gelu_tanh": _gelu_tanh,
     "layer_norm_eps_1e-5": _norm_eps,
 }
 # Changes to the inputs or outputs of forward, made by the model classes below.
-PACKING_IO_PLANTS = ("positions_ignored", "temporal_off_by_one", "channels_last", "hidden_states_shifted")
+PACKING_IO_PLANTS = (
+    "positions_ignored", "temporal_off_by_one", "channels_last", "hidden_states_shifted", "neighbour_leak_1e-6",
+)
+NEIGHBOUR_LEAK = 1e-6
 HF_IO_PLANTS = ("clip_mean_std_swapped", "hidden_states_shifted")
 
 
@@ -165,6 +169,31 @@ def _shift_hidden_states(outputs):
     """hidden_states one layer late: entry i holds what entry i+1 should, the final (post-norm) output last."""
     if outputs.hidden_states is not None:
         outputs.hidden_states = tuple(outputs.hidden_states[1:]) + (outputs.last_hidden_state,)
+    return outputs
+
+
+def _remove_skipped_layer(outputs):
+    """hidden_states without the skipped layer's entry, as if the model had one layer fewer."""
+    if outputs.hidden_states is not None:
+        hidden = outputs.hidden_states
+        outputs.hidden_states = tuple(hidden[:SKIPPED_LAYER + 1]) + tuple(hidden[SKIPPED_LAYER + 2:])
+    return outputs
+
+
+def _leak_neighbours(outputs, lengths: list[int]):
+    """Add NEIGHBOUR_LEAK x the mean of the other samples' tokens to every token of each sample."""
+
+    def leak(x: torch.Tensor) -> torch.Tensor:
+        if len(lengths) < 2:
+            return x
+        parts = x.split(lengths)
+        total = x.sum(dim=0)
+        leaked = [part + NEIGHBOUR_LEAK * (total - part.sum(dim=0)) / (x.shape[0] - part.shape[0]) for part in parts]
+        return torch.cat(leaked)
+
+    outputs.last_hidden_state = leak(outputs.last_hidden_state)
+    if outputs.hidden_states is not None:
+        outputs.hidden_states = tuple(leak(h) for h in outputs.hidden_states)
     return outputs
 
 
@@ -207,6 +236,10 @@ class PlantedPackingModel(OneVisionEncoderPackingModel):
             outputs = super().forward(hidden_states, grid_thw, patch_positions, output_hidden_states, return_dict=True)
         if variant == "hidden_states_shifted":
             outputs = _shift_hidden_states(outputs)
+        elif variant == "layer_removed":
+            outputs = _remove_skipped_layer(outputs)
+        elif variant == "neighbour_leak_1e-6":
+            outputs = _leak_neighbours(outputs, [t * h * w for t, h, w in grid])
         return _finish(outputs, return_dict, self.config)
 
 

@@ -1,0 +1,101 @@
+"""Companion swap: a packed sample's features must not depend, by a single bit, on the other samples.
+
+The packing model runs a pack twice: as given, and with every other sample's pixels replaced by different
+pixels of the same shapes (seeded random frames, normalised like real media). Same model, dtype, device,
+kernels and token counts, so the queried sample's computation is the same sequence of operations on the
+same values: its features must be bit-identical (torch.equal). A cosine threshold cannot see a leak of
+1e-6 of the neighbours' values; this can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from .extract import Sample, extract_packing, normalize
+from .models.packed_attention import resolve_backend
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    """Outcome of one companion swap for the sample at `index` of a pack."""
+
+    name: str
+    index: int
+    pack_size: int
+    identical: bool  # torch.equal of the queried sample's features before and after the swap
+    max_abs: float  # largest absolute difference of those features (0.0 when identical)
+    companions_changed: bool  # the swap changed the other samples' features (it did swap something)
+    backend: str  # the packed attention backend that ran ("n/a" for a model without the attribute)
+    dtype: str
+    device: str
+
+    @property
+    def passed(self) -> bool:
+        return self.identical and self.companions_changed
+
+    def format(self) -> str:
+        where = (
+            f"{self.name} (index {self.index} of a pack of {self.pack_size}; "
+            f"{self.backend}, {self.dtype}, {self.device})"
+        )
+        if not self.companions_changed:
+            return f"companion swap of {where}: FAIL: the swap did not change the other samples' features"
+        if self.identical:
+            return f"companion swap of {where}: PASS: features bit-identical"
+        return (
+            f"companion swap of {where}: FAIL: features changed by up to {self.max_abs:.3e} "
+            "when only the other samples' pixels changed"
+        )
+
+    def properties(self) -> list[tuple[str, str]]:
+        """Name / value pairs for JUnit."""
+        prefix = f"companion_swap[{self.name}]"
+        return [
+            (f"{prefix} identical", "yes" if self.identical else "no"),
+            (f"{prefix} max_abs", f"{self.max_abs:.3e}"),
+            (f"{prefix} backend", f"{self.backend}, {self.dtype}, {self.device}"),
+        ]
+
+
+def replacement_pixels(sample: Sample, seed: int) -> torch.Tensor:
+    """Seeded random uint8 frames of the sample's shape, normalised like media, in its dtype and device."""
+    _, t, height, width = sample.pixels.shape
+    frames = np.random.default_rng(seed).integers(0, 256, size=(t, height, width, 3), dtype=np.uint8)
+    return normalize(frames, dtype=sample.pixels.dtype, device=sample.pixels.device)
+
+
+def swap_companions(samples: list[Sample], index: int, *, seed: int = 0) -> list[Sample]:
+    """The pack with every sample but `samples[index]` given replacement pixels (shapes and positions kept)."""
+    return [
+        sample if i == index else replace(sample, pixels=replacement_pixels(sample, seed + i))
+        for i, sample in enumerate(samples)
+    ]
+
+
+def _backend(model: torch.nn.Module, probe: torch.Tensor) -> str:
+    chosen = getattr(model, "packed_attention_backend", None)
+    return "n/a" if chosen is None else resolve_backend(chosen, probe)
+
+
+def companion_swap(model: torch.nn.Module, samples: list[Sample], index: int, *, seed: int = 0) -> SwapResult:
+    """Run the packing model on the pack and on the pack with the companions swapped; compare samples[index]."""
+    if len(samples) < 2:
+        raise ValueError(f"a companion swap needs a pack of at least 2 samples, got {len(samples)}")
+    if not 0 <= index < len(samples):
+        raise IndexError(f"index {index} is outside the pack of {len(samples)} samples")
+    before = extract_packing(model, samples)
+    after = extract_packing(model, swap_companions(samples, index, seed=seed))
+    queried, swapped = before[index], after[index]
+    identical = torch.equal(queried, swapped)
+    max_abs = 0.0 if identical else float((queried - swapped).abs().max())
+    changed = all(not torch.equal(a, b) for i, (a, b) in enumerate(zip(before, after)) if i != index)
+    parameter = next(model.parameters())
+    return SwapResult(
+        name=samples[index].name, index=index, pack_size=len(samples), identical=identical,
+        max_abs=max_abs, companions_changed=changed,
+        backend=_backend(model, queried.new_empty(0, dtype=parameter.dtype)),
+        dtype=str(parameter.dtype).removeprefix("torch."), device=str(parameter.device),
+    )

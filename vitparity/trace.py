@@ -1,0 +1,269 @@
+"""Per-layer divergence trace: where along the encoder do the two implementations part ways?
+
+One sample goes through both models with every hidden state kept (`output_hidden_states=True`, the inputs
+built by vitparity.extract exactly as for the features). `hidden_states[i]` (0: the embedding output, i: the
+output of layer i) of the two sides are compared in float32, token by token: min and mean cosine and max abs
+difference. The first index whose min cosine is not above the threshold is the first divergence, and three
+common patterns are named in plain words:
+
+- "hidden_states shifted by one": one side's `[i]` matches the other's `[i + 1]` at every index;
+- "layer count differs": the tuples have different lengths (the common prefix is still compared), or one
+  side has a layer that returns its input unchanged (a skipped layer) where the other's does not;
+- "temporal positions": a video diverges after an embedding output that agrees, while its first frame
+  traced in its place (temporal position 0, spatial positions unchanged, the same pack) agrees at every
+  layer. The tokens of the first frame of the video itself diverge too: attention spans all frames, so wrong
+  positions of later frames reach the first frame's tokens at the first layer (docs/detection.md,
+  "Per-layer trace").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
+from .extract import TEMPORAL_CONTEXT, Sample, hf_hidden_states, packing_hidden_states
+
+SHIFTED = "hidden_states shifted by one"
+LAYER_COUNT = "layer count differs"
+TEMPORAL = "temporal positions"
+PATTERNS = (SHIFTED, LAYER_COUNT, TEMPORAL)
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """hidden_states[index] of both sides compared token by token (float32)."""
+
+    index: int
+    min_cos: float
+    mean_cos: float
+    max_abs: float
+    passed: bool  # min cosine above the threshold, every value finite, same shape
+
+    @classmethod
+    def from_comparison(cls, index: int, comparison: Comparison) -> "LayerRow":
+        return cls(index, comparison.min_cos, comparison.mean_cos, comparison.max_abs, comparison.passed)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A recognised divergence pattern: its name (one of PATTERNS) and what was seen."""
+
+    name: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class LayerTrace:
+    """The per-layer comparison of one sample; `first_divergence` is None when every hidden state agrees."""
+
+    name: str
+    threshold: float
+    dtype: str
+    device: str
+    hf_count: int  # number of hidden states each side returned
+    packing_count: int
+    rows: tuple[LayerRow, ...]  # the common prefix, index 0 .. min(counts) - 1
+    first_divergence: int | None
+    patterns: tuple[Pattern, ...] = ()
+
+    @property
+    def pattern_names(self) -> list[str]:
+        return [pattern.name for pattern in self.patterns]
+
+    def format(self) -> str:
+        """A `first divergence: hidden_states[K]` line, the patterns, then one table row per hidden state."""
+        head = (
+            f"per-layer trace of {self.name} ({self.dtype}, {self.device}, threshold {self.threshold}): "
+            f"hf {self.hf_count} hidden states, packing {self.packing_count}"
+        )
+        if self.first_divergence is None:
+            verdict = f"first divergence: none (hidden_states[0..{len(self.rows) - 1}] agree)"
+        else:
+            verdict = f"first divergence: hidden_states[{self.first_divergence}]"
+        lines = [head, verdict]
+        lines += [f"pattern: {p.name}: {p.detail}" for p in self.patterns]
+        lines.append(f"{'index':>5}  {'min cos':>9}  {'mean cos':>9}  {'max abs':>9}")
+        for row in self.rows:
+            mark = "  <- first divergence" if row.index == self.first_divergence else ""
+            lines.append(
+                f"{row.index:>5}  {_num(row.min_cos, '9.6f')}  {_num(row.mean_cos, '9.6f')}  "
+                f"{_num(row.max_abs, '9.3e')}{mark}"
+            )
+        longer = max(self.hf_count, self.packing_count)
+        if longer > len(self.rows):
+            side = "hf" if self.hf_count > self.packing_count else "packing"
+            lines.append(f"{len(self.rows):>5}  only {side} returns hidden_states[{len(self.rows)}..{longer - 1}]")
+        return "\n".join(lines)
+
+    def properties(self) -> list[tuple[str, str]]:
+        """Small name / value pairs for JUnit (record_property): first divergence, patterns, per-layer figures."""
+        prefix = f"trace[{self.name}]"
+        first = "none" if self.first_divergence is None else str(self.first_divergence)
+        return [
+            (f"{prefix} first_divergence", first),
+            (f"{prefix} patterns", "; ".join(self.pattern_names) or "none"),
+            (f"{prefix} hidden_states", f"hf {self.hf_count}, packing {self.packing_count}"),
+            (f"{prefix} min_cos", ",".join(_num(row.min_cos, ".6f") for row in self.rows)),
+            (f"{prefix} max_abs", ",".join(_num(row.max_abs, ".3e") for row in self.rows)),
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON values (non-finite numbers as None), e.g. for metadata.json; `from_json` reads it back."""
+        return {
+            "name": self.name,
+            "threshold": self.threshold,
+            "dtype": self.dtype,
+            "device": self.device,
+            "hf_count": self.hf_count,
+            "packing_count": self.packing_count,
+            "first_divergence": self.first_divergence,
+            "patterns": [{"name": p.name, "detail": p.detail} for p in self.patterns],
+            "layers": [
+                {"index": r.index, "min_cos": _finite(r.min_cos), "mean_cos": _finite(r.mean_cos),
+                 "max_abs": _finite(r.max_abs), "passed": r.passed}
+                for r in self.rows
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LayerTrace":
+        """The trace `to_json` wrote; ValueError naming the missing or malformed field otherwise."""
+
+        def num(value: float | None) -> float:
+            return math.nan if value is None else float(value)
+
+        try:
+            rows = tuple(
+                LayerRow(r["index"], num(r["min_cos"]), num(r["mean_cos"]), num(r["max_abs"]), r["passed"])
+                for r in data["layers"]
+            )
+            patterns = tuple(Pattern(p["name"], p["detail"]) for p in data["patterns"])
+            return cls(data["name"], data["threshold"], data["dtype"], data["device"], data["hf_count"],
+                       data["packing_count"], rows, data["first_divergence"], patterns)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"malformed layer trace record ({type(error).__name__}: {error})") from None
+
+
+def _num(value: float, spec: str) -> str:
+    return format(value, spec) if math.isfinite(value) else format("nan", f">{spec.split('.')[0] or 0}")
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor, threshold: float) -> Comparison:
+    return compare_features(a, b, threshold=threshold)
+
+
+def _rows(hf: tuple[torch.Tensor, ...], packing: tuple[torch.Tensor, ...], threshold: float) -> tuple[LayerRow, ...]:
+    return tuple(LayerRow.from_comparison(i, _compare(a, b, threshold)) for i, (a, b) in enumerate(zip(hf, packing)))
+
+
+def _first_divergence(rows: tuple[LayerRow, ...], hf_count: int, packing_count: int) -> int | None:
+    """First index not passing; with every common index passing, the first index only one side returns."""
+    for row in rows:
+        if not row.passed:
+            return row.index
+    return len(rows) if hf_count != packing_count else None
+
+
+def _shifted(hf, packing, threshold: float) -> list[Pattern]:
+    """One side's [i] agrees with the other's [i + 1] at every index both have (at least two pairs)."""
+    found = []
+    for early_label, early, late_label, late in (("packing", packing, "hf", hf), ("hf", hf, "packing", packing)):
+        pairs = min(len(early), len(late) - 1)
+        if pairs >= 2 and all(_compare(late[i + 1], early[i], threshold).passed for i in range(pairs)):
+            found.append(Pattern(SHIFTED, (
+                f"{early_label} hidden_states[i] matches {late_label} hidden_states[i+1] for i = 0..{pairs - 1} "
+                f"({early_label}'s tuple starts one layer late)"
+            )))
+    return found
+
+
+def _layer_count(hf, packing) -> list[Pattern]:
+    """Different tuple lengths, or a layer that returns its input bit for bit on one side only."""
+    if len(hf) != len(packing):
+        return [Pattern(LAYER_COUNT, (
+            f"hf returns {len(hf)} hidden states ({len(hf) - 1} layers), packing {len(packing)} "
+            f"({len(packing) - 1} layers); compared the common hidden_states[0..{min(len(hf), len(packing)) - 1}]"
+        ))]
+    found = []
+    for i in range(len(hf) - 1):
+        same = {"hf": torch.equal(hf[i], hf[i + 1]), "packing": torch.equal(packing[i], packing[i + 1])}
+        for side, other in (("hf", "packing"), ("packing", "hf")):
+            if same[side] and not same[other]:
+                found.append(Pattern(LAYER_COUNT, (
+                    f"{side} hidden_states[{i + 1}] equals hidden_states[{i}]: its layer {i + 1} "
+                    f"(encoder.layers[{i}]) returns its input unchanged where {other}'s changes it: a skipped layer"
+                )))
+    return found
+
+
+def _first_frame(sample: Sample) -> Sample:
+    """The first frame of a video as a one-frame sample (temporal position 0)."""
+    _, h, w = sample.grid
+    return Sample(f"{sample.name} frame 0", "image", sample.pixels[:, :1], (1, h, w), [0])
+
+
+def _hidden_pair(hf_model, packing_model, sample: Sample, pack: list[Sample] | None, temporal_context: int | None):
+    hf = hf_hidden_states(hf_model, sample, temporal_context=temporal_context)
+    pack = pack or [sample]
+    matches = [i for i, other in enumerate(pack) if other is sample]
+    if len(matches) != 1:
+        raise ValueError(
+            f"{sample.name}: the pack must hold the traced sample exactly once, found it {len(matches)} times"
+        )
+    start = sum(s.num_tokens for s in pack[: matches[0]])
+    packing = tuple(h[start:start + sample.num_tokens] for h in packing_hidden_states(packing_model, pack))
+    for label, hidden in (("hf", hf), ("packing", packing)):
+        for index, h in enumerate(hidden):
+            if h.dim() != 2 or h.shape[0] != sample.num_tokens:
+                raise ValueError(
+                    f"{sample.name}: {label} hidden_states[{index}] has shape {tuple(h.shape)}, "
+                    f"expected ({sample.num_tokens}, D) for grid {sample.grid}"
+                )
+    return hf, packing
+
+
+@torch.inference_mode()
+def trace_layers(
+    hf_model: torch.nn.Module,
+    packing_model: torch.nn.Module,
+    sample: Sample,
+    *,
+    pack: list[Sample] | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    temporal_context: int | None = TEMPORAL_CONTEXT,
+) -> LayerTrace:
+    """Trace one sample through both models and compare every hidden state.
+
+    pack: the samples the packing model runs together (must hold `sample` itself once); default the sample
+    alone. temporal_context: as for extract_hf (the non-packing model's rope_temporal_size).
+    """
+    hf, packing = _hidden_pair(hf_model, packing_model, sample, pack, temporal_context)
+    rows = _rows(hf, packing, threshold)
+    first = _first_divergence(rows, len(hf), len(packing))
+    patterns: list[Pattern] = []
+    if first is not None:
+        patterns += _shifted(hf, packing, threshold)
+        patterns += _layer_count(hf, packing)
+        if sample.kind == "video" and sample.grid[0] > 1 and first > 0 and not patterns:
+            frame = _first_frame(sample)
+            frame_pack = [frame if other is sample else other for other in pack or [sample]]
+            frame_rows = _rows(*_hidden_pair(hf_model, packing_model, frame, frame_pack, temporal_context), threshold)
+            if all(row.passed for row in frame_rows):
+                patterns.append(Pattern(TEMPORAL, (
+                    f"the video diverges from hidden_states[{first}] while its first frame in its place (temporal "
+                    f"position 0) agrees at every layer: the frames' temporal positions differ"
+                )))
+    parameter = next(packing_model.parameters())
+    return LayerTrace(
+        name=sample.name, threshold=float(threshold), dtype=str(parameter.dtype).removeprefix("torch."),
+        device=str(parameter.device), hf_count=len(hf), packing_count=len(packing), rows=rows,
+        first_divergence=first, patterns=tuple(patterns),
+    )
