@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel
 from vitparity import ModelLoadError, load_model
 from vitparity.builtin import BUILTIN_HF, BUILTIN_PACKING, make_tiny_hf_model
 from vitparity.convert import ConversionError, convert_checkpoint, hf_to_packing_state_dict, packing_to_hf_state_dict
-from vitparity.extract import Sample, extract_hf, extract_packing, temporal_positions
+from vitparity.extract import Sample, extract_hf, extract_packing, packing_inputs, stops_early, temporal_positions
 from vitparity.models import (
     OneVisionEncoderConfig,
     OneVisionEncoderModel,
@@ -214,3 +214,78 @@ def test_single_file_beside_an_index_is_ambiguous(tmp_path) -> None:
         load_model(folder)
     with pytest.raises(ConversionError, match="ambiguous"):
         convert_checkpoint(folder, tmp_path / "out")
+
+
+# Early exit: the features of the project's own classes come from a forward that stops after the penultimate layer.
+
+
+def _early_and_full(model: torch.nn.Module, samples: list[Sample], hf: bool) -> tuple[list, list]:
+    if hf:
+        return [extract_hf(model, s) for s in samples], [extract_hf(model, s, full_forward=True) for s in samples]
+    return extract_packing(model, samples), extract_packing(model, samples, full_forward=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_early_exit_is_bit_identical_to_hidden_states_minus_2(dtype: torch.dtype) -> None:
+    """Images and videos alone (non-packing) and packed together (packing): the same bits as the full forward."""
+    hf, packing = load_model(BUILTIN_HF, dtype=dtype).model, load_model(BUILTIN_PACKING, dtype=dtype).model
+    assert stops_early(hf) and stops_early(packing)
+    for model, is_hf in ((hf, True), (packing, False)):
+        early, full = _early_and_full(model, CASES, is_hf)
+        assert len(early) == len(full) == len(CASES)
+        for sample, a, b in zip(CASES, early, full):
+            assert a.dtype == torch.float32 and a.shape == (sample.num_tokens, hf.config.hidden_size)
+            assert torch.equal(a, b), f"{type(model).__name__} {sample.name} {dtype}"
+
+
+def test_early_exit_skips_the_last_layer_and_the_head(models) -> None:
+    """Only layers 0..L-2 run: the last layer, the post-norm and the head never see the input."""
+    calls: list[str] = []
+    for model in models:
+        hooks = [module.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+                 for name, module in model.named_modules() if name.startswith(("encoder.layers.", "head", "layernorm_post"))
+                 and name.count(".") <= 2]
+        try:
+            sample = CASES[3]
+            extract_hf(model, sample) if model is models[0] else extract_packing(model, [sample])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        layers = model.config.num_hidden_layers
+        assert calls == [f"encoder.layers.{i}" for i in range(layers - 1)], type(model).__name__
+        calls.clear()
+
+
+def test_output_layer_returns_each_hidden_state(models) -> None:
+    """output_layer=k gives hidden_states[k] of the full forward for every k, negative ones included."""
+    hf, packing = models
+    sample = CASES[0]
+    inputs = packing_inputs([sample], packing.config.patch_size, torch.float32)
+    with torch.inference_mode():
+        full = packing(**inputs, output_hidden_states=True).hidden_states
+        for k in range(-len(full), len(full)):
+            out = packing(**inputs, output_layer=k)
+            assert torch.equal(out.last_hidden_state, full[k]) and out.pooler_output is None, k
+        for k in (len(full), -len(full) - 1):
+            with pytest.raises(ValueError, match=f"output_layer={k} is outside hidden_states"):
+                hf(torch.zeros(1, 3, 14, 14), output_layer=k)
+
+
+def test_subclasses_keep_output_hidden_states(models) -> None:
+    """A subclass (remote code overriding forward without output_layer) runs the full forward with every hidden
+    state; its features are those of its own forward."""
+    hf, _ = models
+
+    class OwnForward(OneVisionEncoderModel):
+        def forward(self, pixel_values, visible_indices=None, patch_positions=None, output_hidden_states=None,
+                    return_dict=None):
+            outputs = super().forward(pixel_values, visible_indices, patch_positions, output_hidden_states, True)
+            outputs.hidden_states = tuple(h * 2 for h in outputs.hidden_states)
+            return outputs
+
+    child = OwnForward(hf.config)
+    child.load_state_dict(hf.state_dict())
+    child.eval()
+    assert not stops_early(child)
+    sample = CASES[3]
+    assert torch.equal(extract_hf(child, sample), 2 * extract_hf(hf, sample))

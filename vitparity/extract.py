@@ -5,6 +5,11 @@ frames scattered into a zero tensor of `temporal_context` frames at interpolated
 `visible_indices`). Packing side: patches flattened in (C, p, p) order, `grid_thw`, and `patch_positions`
 carrying the same interpolated frame positions; several samples go through one forward pass.
 Both return `hidden_states[-2]` per sample as float32 (N, D).
+
+The project's own model classes (vitparity.models, exactly those classes) stop after the penultimate layer
+(`output_layer=-2`) and keep no other hidden state; any other class, remote code and subclasses included, runs
+the whole forward with `output_hidden_states=True`, since its forward may not take that argument or may change
+what hidden_states holds. `full_forward=True` forces the whole forward (trace.py always uses it).
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import numpy as np
 import torch
 
 from .media import Media
+from .models import MODEL_TYPES
 from .models.packed_attention import host_to_device
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEMPORAL_CONTEXT = 64
 FEATURE_LAYER = -2
+# Classes whose forward takes `output_layer` and stops there: the project's own, not their subclasses.
+EARLY_EXIT_CLASSES = frozenset(model_class for _, model_class, _ in MODEL_TYPES.values())
 
 
 def temporal_positions(num_frames: int, context: int = TEMPORAL_CONTEXT) -> list[int]:
@@ -198,16 +206,36 @@ def packing_hidden_states(model: torch.nn.Module, samples: list[Sample]) -> tupl
     return hidden
 
 
+def stops_early(model: torch.nn.Module) -> bool:
+    """Whether features of `model` come from a forward that stops after the penultimate layer."""
+    return type(model) in EARLY_EXIT_CLASSES
+
+
+def _penultimate(model: torch.nn.Module, inputs: dict, full_forward: bool) -> torch.Tensor:
+    """hidden_states[-2] of one forward: stopped there (the project's classes), or taken from all hidden states."""
+    if stops_early(model) and not full_forward:
+        return model(**inputs, output_layer=FEATURE_LAYER, return_dict=True).last_hidden_state
+    return hidden_states_of(model(**inputs, output_hidden_states=True))[FEATURE_LAYER]
+
+
 @torch.inference_mode()
-def extract_hf(model: torch.nn.Module, sample: Sample, *, temporal_context: int | None = TEMPORAL_CONTEXT) -> torch.Tensor:
+def extract_hf(
+    model: torch.nn.Module, sample: Sample, *, temporal_context: int | None = TEMPORAL_CONTEXT,
+    full_forward: bool = False,
+) -> torch.Tensor:
     """Penultimate features (N, D) float32 of the non-packing model for one sample."""
-    return hf_hidden_states(model, sample, temporal_context=temporal_context)[FEATURE_LAYER].float()
+    inputs = hf_inputs(sample, model_dtype(model), temporal_context=temporal_context)
+    return _penultimate(model, inputs, full_forward)[0].float()
 
 
 @torch.inference_mode()
-def extract_packing(model: torch.nn.Module, samples: list[Sample]) -> list[torch.Tensor]:
+def extract_packing(model: torch.nn.Module, samples: list[Sample], *, full_forward: bool = False) -> list[torch.Tensor]:
     """Penultimate features of the packing model for several samples packed into one forward pass."""
     if not samples:
         return []
-    features = packing_hidden_states(model, samples)[FEATURE_LAYER]
+    inputs = packing_inputs(samples, model.config.patch_size, model_dtype(model))
+    features = _penultimate(model, inputs, full_forward)
+    total = inputs["hidden_states"].shape[0]
+    if features.shape[0] != total:
+        raise RuntimeError(f"packing model returned {features.shape[0]} feature tokens for {total} input patches")
     return [part.float() for part in features.split([s.num_tokens for s in samples])]

@@ -14,6 +14,22 @@ from .layers import EncoderLayer, PoolingHead, VisionRotary3D, apply_rope, make_
 from .packed_attention import SDPA_KERNELS, choice_property, dense_attention, host_to_device
 
 
+def layers_to_run(output_layer: int | None, num_layers: int) -> int:
+    """Encoder layers to run so that the last one's output is `hidden_states[output_layer]` (None: all of them).
+
+    `output_layer` indexes hidden_states, which has num_layers + 1 entries (0: the embedding output); negative
+    values count from the end, so -2 is the output of the penultimate layer.
+    """
+    if output_layer is None:
+        return num_layers
+    if not -(num_layers + 1) <= output_layer <= num_layers:
+        raise ValueError(
+            f"output_layer={output_layer} is outside hidden_states[{-(num_layers + 1)}..{num_layers}] "
+            f"of a model with {num_layers} layers"
+        )
+    return output_layer % (num_layers + 1)
+
+
 class OneVisionEncoderPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading conventions shared by both implementations."""
 
@@ -159,17 +175,21 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         patch_positions: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_layer: int | None = None,
     ) -> BaseModelOutputWithPooling | tuple:
         """Encode images (4-D) or videos (5-D).
 
         visible_indices (B, K): tokens kept, indices into the frame-major, row-major token grid of all T
         frames; their RoPE positions come from the full grid. patch_positions ((B,) K, 3): explicit (t, h, w)
         RoPE positions of the kept tokens, overriding the grid.
+        output_layer: stop early and return `hidden_states[output_layer]` (e.g. -2, the penultimate layer's
+        output) as last_hidden_state; the later layers, the post-norm and the head do not run (no pooler_output).
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        num_layers = layers_to_run(output_layer, len(self.encoder.layers))
         pixel_values = self._check_pixel_values(pixel_values)
         b, _, t, height, width = pixel_values.shape
         p = self.config.patch_size
@@ -202,7 +222,7 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
 
         hidden_states = self.layernorm_pre(hidden_states)
         all_hidden = [hidden_states] if output_hidden_states else None
-        for layer in self.encoder.layers:
+        for layer in self.encoder.layers[:num_layers]:
             hidden_states = layer(
                 hidden_states, cos, sin, implementation=self.config._attn_implementation, kernel=self.attention_kernel
             )
@@ -210,7 +230,7 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
                 all_hidden.append(hidden_states)
 
         pooled = None
-        if self.config.use_head:
+        if self.config.use_head and output_layer is None:
             hidden_states = self.layernorm_post(hidden_states)
             pooled = self.head(hidden_states)
         all_hidden = tuple(all_hidden) if all_hidden is not None else None

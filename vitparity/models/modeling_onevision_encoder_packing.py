@@ -9,7 +9,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_onevision_encoder import LlavaViTPackingConfig, OneVisionEncoderPackingConfig, _EncoderConfigBase
 from .layers import EncoderLayer, PoolingHead, VisionRotary3D, apply_rope, make_norm, patch_grid_positions
-from .modeling_onevision_encoder import OneVisionEncoderPreTrainedModel
+from .modeling_onevision_encoder import OneVisionEncoderPreTrainedModel, layers_to_run
 from .packed_attention import (
     BACKENDS,
     SDPA_KERNELS,
@@ -117,18 +117,22 @@ class OneVisionEncoderPackingModel(OneVisionEncoderPreTrainedModel):
         patch_positions: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_layer: int | None = None,
     ) -> BaseModelOutputWithPooling | tuple:
         """Encode a packed sequence.
 
         hidden_states (N, C*p*p): patches in (C, p, p) order, samples concatenated, each frame-major then
         row-major. grid_thw (S, 3): [t, h, w] patches per sample (kept on the host to avoid a device sync).
         patch_positions (N, 3): explicit (t, h, w) RoPE positions, e.g. interpolated video frame positions.
+        output_layer: stop early and return `hidden_states[output_layer]` (e.g. -2, the penultimate layer's
+        output) as last_hidden_state; the later layers, the post-norm and the head do not run (no pooler_output).
         Returns last_hidden_state (N, D), pooler_output (S, D), hidden_states (num_layers + 1) x (N, D).
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        num_layers = layers_to_run(output_layer, len(self.encoder.layers))
         grid, segments = self._segments(hidden_states, grid_thw)
         device = hidden_states.device
 
@@ -144,7 +148,7 @@ class OneVisionEncoderPackingModel(OneVisionEncoderPreTrainedModel):
         x = self.layernorm_pre(self.patch_embed(hidden_states))
         backend = model_backend(self.config._attn_implementation, self.packed_attention_backend, x)
         all_hidden = [x] if output_hidden_states else None
-        for layer in self.encoder.layers:
+        for layer in self.encoder.layers[:num_layers]:
             x = layer(
                 x, cos, sin, segments=segments, backend=backend, kernel=self.attention_kernel
             )
@@ -152,7 +156,7 @@ class OneVisionEncoderPackingModel(OneVisionEncoderPreTrainedModel):
                 all_hidden.append(x)
 
         pooled = None
-        if self.config.use_head:
+        if self.config.use_head and output_layer is None:
             x = self.layernorm_post(x)
             pooled = torch.cat([self.head(part.unsqueeze(0)) for part in x.split(list(segments.lengths))])
         all_hidden = tuple(all_hidden) if all_hidden is not None else None
