@@ -1,7 +1,7 @@
 """Options and the order of sections: `python -m bench [SECTION ...] [options]`.
 
-Sections: forward, cross-parity, attention, rope, variants, overhead, suite, scale, sharp-parity, decode.
-Without section names: every section but scale and decode. `--small` uses the tiny config and inputs (CPU,
+Sections: forward, early-exit, cross-parity, attention, rope, variants, overhead, suite, scale, suite-scale,
+sharp-parity, decode. Without section names: every section but scale, suite-scale and decode. `--small` uses the tiny config and inputs (CPU,
 seconds). Figures are printed and, with --json, written to a file.
 """
 
@@ -19,13 +19,13 @@ from vitparity.loading import DTYPES
 from vitparity.models import OneVisionEncoderConfig
 
 from .common import DEFAULT_FLOOR_TFLOPS, log, machine_info, sync
-from .sections import decode, forward, kernels, overhead, suite_run
+from .sections import decode, early_exit, forward, kernels, overhead, suite_run, suite_scale
 from .workloads import CASES, CONFIGS, REAL_CASES, SMALL_CASES, SUITE_FILES, build_models
 
-SECTIONS = ("forward", "cross-parity", "attention", "rope", "variants", "overhead", "suite", "scale",
-            "sharp-parity", "decode")
-DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("scale", "decode"))
-NEEDS_MODELS = {"forward", "cross-parity", "variants", "overhead", "suite", "scale"}
+SECTIONS = ("forward", "early-exit", "cross-parity", "attention", "rope", "variants", "overhead", "suite", "scale",
+            "suite-scale", "sharp-parity", "decode")
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("scale", "suite-scale", "decode"))
+NEEDS_MODELS = {"forward", "early-exit", "cross-parity", "variants", "overhead", "suite", "scale"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,6 +50,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--packed-setup", nargs="*", default=None, choices=sorted(CASES),
                    help="cases packed together in the attention section")
     p.add_argument("--scale-videos", type=int, default=100, help="8-frame videos in the scale section")
+    p.add_argument("--suite-scale-counts", type=int, nargs="+", default=None,
+                   help="extra videos per serial run of the suite-scale section (default 8 48; --small 2 4)")
+    p.add_argument("--suite-scale-size", default=None, metavar="HxW",
+                   help="size of the suite-scale videos (default 180x320; --small 42x56)")
+    p.add_argument("--suite-scale-frames", type=int, default=16, help="frames written per suite-scale video")
+    p.add_argument("--suite-scale-workers", type=int, nargs="*", default=None,
+                   help="xdist worker counts run at the largest count (default 2 4; --small 2)")
+    p.add_argument("--suite-scale-pack-tokens", type=int, default=None,
+                   help="--pack-tokens of the runs under xdist (and their serial reference); default the suite's")
     p.add_argument("--suite-timeout", type=float, default=900, help="seconds per suite process")
     p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and media (default: a temp dir)")
@@ -74,6 +83,18 @@ def parse(argv=None) -> argparse.Namespace:
         opts.cases = opts.cases or REAL_CASES
         opts.overhead_video, opts.suite_files = (48, 1080, 1920), SUITE_FILES["real"]
         opts.scale_video = (1080, 1920)
+    opts.suite_scale_counts = opts.suite_scale_counts or ([2, 4] if opts.small else [8, 48])
+    opts.suite_scale_workers = opts.suite_scale_workers if opts.suite_scale_workers is not None else (
+        [2] if opts.small else [2, 4])
+    size = opts.suite_scale_size or ("42x56" if opts.small else "180x320")
+    try:
+        opts.suite_scale_size = tuple(int(v) for v in size.lower().split("x"))
+    except ValueError:
+        p.error(f"--suite-scale-size={size}: expected HxW, e.g. 180x320")
+    if len(opts.suite_scale_size) != 2 or min(opts.suite_scale_size) < 14:
+        p.error(f"--suite-scale-size={size}: expected HxW of at least 14x14")
+    if min(opts.suite_scale_counts) < 1:
+        p.error("--suite-scale-counts: each count must be >= 1")
     opts.variant_cases = opts.variant_cases or opts.cases[:2]
     if opts.packed_setup is None:
         opts.packed_setup = SMALL_CASES if opts.small else ["image-1080p", "image-1080p", "video-1080p", "video-1080p"]
@@ -109,6 +130,7 @@ def run(opts: argparse.Namespace, workdir: Path) -> dict:
     height, width = opts.scale_video
     steps = {
         "forward": lambda: forward.run_forward(opts, hf, packing, results),
+        "early-exit": lambda: early_exit.run_early_exit(opts, hf, packing, results),
         "cross-parity": lambda: forward.run_cross_parity(opts, hf, packing, results),
         "attention": lambda: kernels.run_attention(opts, config, results),
         "rope": lambda: kernels.run_rope_check(opts, config, results),
@@ -120,12 +142,13 @@ def run(opts: argparse.Namespace, workdir: Path) -> dict:
             opts, hf, packing, workdir, results, label=f"scale-{opts.scale_videos}",
             files=[(f"scalevid_{i:03d}.mp4", 8, height, width) for i in range(opts.scale_videos)],
             select="scalevid_ and test_parity", runs=("warm",)),
+        "suite-scale": lambda: suite_scale.run_suite_scale(opts, workdir, results),
         "sharp-parity": lambda: forward.run_sharp_parity(opts, results),
         "decode": lambda: decode.run_decode(opts, workdir / "decode", results),
     }
     for name in opts.sections:
         t0 = time.perf_counter()
-        if name in ("suite", "scale", "decode"):
+        if name in ("suite", "scale", "suite-scale", "decode"):
             steps[name]()
         else:
             with torch.inference_mode():

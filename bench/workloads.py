@@ -27,6 +27,7 @@ CONFIGS = {
 # name -> (kind, frames, height, width); sizes are the patch-aligned (crop) sizes of 480p / 720p / 1080p.
 CASES = {
     "image-1080p": ("image", 1, 1078, 1918),
+    "video-240p": ("video", 8, 238, 420),
     "video-480p": ("video", 8, 476, 854),
     "video-720p": ("video", 8, 714, 1274),
     "video-1080p": ("video", 8, 1078, 1918),
