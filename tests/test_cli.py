@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.cli import _device_and_dtype, main, resolve_inputs
 from vitparity.features_io import HF_FILE, METADATA_FILE, PACKING_FILE, read_features, write_features
+from vitparity.junit_report import merge_report, read_junit
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = BUILTIN_MEDIA / "coffee_small.jpg"  # 105x70: 5x7 patches after cropping
@@ -610,3 +612,79 @@ def test_verify_refuses_a_malformed_trace(copy_dir: Path, capsys: pytest.Capture
     (copy_dir / METADATA_FILE).write_text(json.dumps(metadata))
     code, _, err = _run(capsys, "verify", "--features_dir", copy_dir)
     assert code == 2 and "malformed layer trace record (KeyError: 'layers')" in err
+
+
+# report-junit: the JUnit XML of real suite runs (two shards) merged into one Markdown parity report.
+
+SHARD_ARGS = ("--pack-tokens=1000",)  # 8 built-in cases in groups that both of two shards get some of
+
+
+@pytest.fixture
+def shard_junit(suite) -> list[Path]:
+    """JUnit files of `--shard=1/2` and `--shard=2/2` of the suite on the built-in pair (both pass)."""
+    paths = []
+    for index in (1, 2):
+        path = suite.path / f"junit-{index}.xml"
+        result = suite.run(f"--shard={index}/2", *SHARD_ARGS, f"--junitxml={path}")
+        assert result.ret == 0, result.stdout.str()[-3000:]
+        paths.append(path)
+    return paths
+
+
+def _table_cases(markdown: str) -> list[str]:
+    return [line.split("|")[1].strip() for line in markdown.splitlines()
+            if line.startswith("| ") and not line.startswith("| case ")]
+
+
+def test_report_junit_merges_shards(shard_junit: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "report-junit", *shard_junit)
+    assert code == 0, out + err
+    assert out.startswith("## vitparity parity report\n\nPASS: ")
+    cases = _table_cases(out)
+    media = sorted(f"{'video' if p.suffix == '.mp4' else 'image'}-{p.name}" for p in BUILTIN_MEDIA.iterdir()
+                   if p.suffix in (".jpg", ".png", ".mp4"))
+    assert sorted(cases) == sorted(media + [f"packed/{m}" for m in media])  # every case once, from both shards
+    shard_cases = [set(_table_cases(merge_report([read_junit(p)])[0])) for p in shard_junit]
+    assert all(shard_cases) and not shard_cases[0] & shard_cases[1]
+    assert "16 comparisons, 16 passed, 0 failed." in out
+    for path in shard_junit:
+        assert re.search(rf"^- {path.name} main: forwards: hf \d+ \(\d+ tokens\), packing \d+ \(\d+ tokens\); "
+                         r"model loads: hf 1, packing 1", out, re.M)
+    assert re.search(r"^- total: forwards: hf 16 \(\d+ tokens\)", out, re.M)
+    assert "Failed tests" not in out
+
+
+def test_report_junit_fails_on_a_shard_run_twice(shard_junit: list[Path], capsys) -> None:
+    code, out, _ = _run(capsys, "report-junit", *shard_junit, shard_junit[1])
+    assert code == 1 and out.splitlines()[2].startswith("FAIL: ")
+    assert "Tests run in more than one file" in out and "junit-2.xml, junit-2.xml" in out
+
+
+def test_report_junit_fails_and_lists_failed_tests(suite, tmp_path: Path, capsys) -> None:
+    """A real failing run (a media file that cannot be decoded): exit 1, its tests listed with their message."""
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "broken.mp4").write_bytes(b"not a video")
+    path = suite.path / "junit-broken.xml"
+    result = suite.run("-m", "not golden", f"--media={media}", f"--junitxml={path}")
+    assert result.ret == 1
+    code, out, _ = _run(capsys, "report-junit", path)
+    assert code == 1 and "\nFAIL: " in out
+    failed = re.findall(r"^- `(\S+)` \((failed|error), junit-broken\.xml\): (.*)$", out, re.M)
+    assert failed and all("video-broken.mp4" in test_id for test_id, _, _ in failed)
+    assert all("broken.mp4" in message for _, _, message in failed)
+    assert "| video-astronaut_pan.mp4 |" in out  # the other cases' rows are still there
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "no such file"),
+    ("<html></html>", "root element <html>"),
+    ("<testsuites><testsuite>", "not readable as JUnit XML"),
+])
+def test_report_junit_bad_files_are_named(tmp_path: Path, capsys, content: str | None, words: str) -> None:
+    path = tmp_path / "junit.xml"
+    if content is not None:
+        path.write_text(content)
+    code, out, err = _run(capsys, "report-junit", path)
+    assert code == 2 and not out
+    assert err.startswith(f"vitparity: error: {path}: ") and words in err

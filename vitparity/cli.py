@@ -1,4 +1,5 @@
-"""The `vitparity` command: extract features with both models, verify a features folder, convert weights."""
+"""The `vitparity` command: extract features with both models, verify a features folder, convert weights, merge
+the JUnit XML of suite runs into one parity report."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .builtin import builtin_paths
 from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
 from .convert import ConversionError, convert_checkpoint
 from .extract import extract_hf, extract_packing, prepare_sample
+from .junit_report import merge_report, read_junit
 from .features_io import HF_FILE, PACKING_FILE, describe_metadata, read_features, seed_features_map, write_features
 from .loading import DTYPES, ModelLoadError, library_versions, missing_cuda_device, read_config, resolve_device_dtype
 from .media import ALIGN_POLICIES, Media, MediaError, load_image, load_video, media_kind
@@ -76,6 +78,14 @@ def _build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="convert a checkpoint to the other layout (HF <-> packing)")
     convert.add_argument("source", metavar="SOURCE_DIR")
     convert.add_argument("output", metavar="OUT_DIR")
+
+    report = commands.add_parser(
+        "report-junit", help="merge the JUnit XML of suite runs (e.g. shards) into one Markdown parity report",
+        description="Print the comparisons, failed tests and costs of suite runs written with --junitxml as "
+                    "Markdown (e.g. >> $GITHUB_STEP_SUMMARY); exit 1 if a test failed or errored, a test ran in "
+                    "two files, or no test ran.",
+    )
+    report.add_argument("junit_files", metavar="JUNIT_XML", nargs="+")
     return parser
 
 
@@ -276,6 +286,13 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_report_junit(paths: Sequence[str]) -> int:
+    """The report-junit command: the merged Markdown report on stdout; 1 when the runs together do not pass."""
+    text, passed = merge_report([read_junit(path) for path in paths])
+    print(text, end="")
+    return 0 if passed else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vitparity` console script; returns the exit status."""
     parser = _build_parser()
@@ -288,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_extract(args)
         if args.command == "verify":
             return verify_folder(args.features_dir, args.threshold)
+        if args.command == "report-junit":
+            return run_report_junit(args.junit_files)
         return run_convert(args)
     except (MediaError, ModelLoadError, ConversionError, OSError, ValueError) as err:
         print(f"vitparity: error: {err}", file=sys.stderr)

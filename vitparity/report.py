@@ -86,22 +86,27 @@ def _tokens(c: Comparison) -> str:
     return counts[0] if counts[0] == counts[1] else "/".join(counts)
 
 
+TABLE_HEADER = ("case", "tokens", "max abs", "mean abs", "min cos", "mean cos", "verdict")
+
+
+def table_cells(c: Comparison, *, case_width: int = 32, verdict_width: int = 60) -> tuple[str, ...]:
+    """The cells of one comparison's row in the summary tables (columns of TABLE_HEADER)."""
+    return (
+        _shorten(c.name or "<unnamed>", case_width),
+        _tokens(c),
+        _num(c.max_abs, ".3e"),
+        _num(c.mean_abs, ".3e"),
+        _num(c.min_cos, ".6f"),
+        _num(c.mean_cos, ".6f"),
+        _shorten("PASS" if c.passed else f"FAIL: {c.reason}", verdict_width),
+    )
+
+
 def format_table(comparisons: Sequence[Comparison], *, case_width: int = 32,
                  verdict_width: int = 60) -> str:
     """Compact fixed-width table, one row per comparison."""
-    header = ("case", "tokens", "max abs", "mean abs", "min cos", "mean cos", "verdict")
-    rows = [
-        (
-            _shorten(c.name or "<unnamed>", case_width),
-            _tokens(c),
-            _num(c.max_abs, ".3e"),
-            _num(c.mean_abs, ".3e"),
-            _num(c.min_cos, ".6f"),
-            _num(c.mean_cos, ".6f"),
-            _shorten("PASS" if c.passed else f"FAIL: {c.reason}", verdict_width),
-        )
-        for c in comparisons
-    ]
+    header = TABLE_HEADER
+    rows = [table_cells(c, case_width=case_width, verdict_width=verdict_width) for c in comparisons]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     numeric = {1, 2, 3, 4, 5}
 
