@@ -1,6 +1,6 @@
 """CPU smoke test of the bench package with its tiny config (`python -m bench --small`).
 
-The suite-run and scale sections and `python -m bench gpu-check --small` start pytest processes and take about
+The suite-run, scale and suite-scale sections and `python -m bench gpu-check --small` start pytest processes and take about
 a minute on a small CPU box; they are run by hand (docs/benchmarks.md), not here.
 """
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ["forward", "cross-parity", "attention", "rope", "variants", "overhead", "sharp-parity", "decode"]
+SECTIONS = ["forward", "early-exit", "cross-parity", "attention", "rope", "variants", "overhead", "sharp-parity", "decode"]
 
 
 def test_bench_small_runs_its_sections_on_cpu(tmp_path: Path) -> None:
@@ -25,7 +25,7 @@ def test_bench_small_runs_its_sections_on_cpu(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for heading in ("Forward (extraction protocol)", "Parity hf vs packing", "Parity across attention kernels",
+    for heading in ("Forward (extraction protocol)", "Early-exit forward vs full hidden states", "Parity hf vs packing", "Parity across attention kernels",
                     "Attention alone", "RoPE check", "Whole forwards per variant", "Suite overhead",
                     "Parity with sharp weights", "Decode of 8 sampled frames"):
         assert heading in proc.stdout
@@ -46,6 +46,11 @@ def test_bench_small_runs_its_sections_on_cpu(tmp_path: Path) -> None:
     assert all("error" not in entry for entry in results["variants"] + results["cross_parity"])
     assert all(p["min_cos"] > 0.9999 for p in results["cross_parity"] + results["sharp_parity"])
     assert results["rope_check"]["path"] == "torch"
+    early = results["early_exit"]
+    assert {(e["case"], e["model"]) for e in early} == {(c, m) for c in cases for m in ("hf", "packing")}
+    for entry in early:  # one kept tensor instead of every layer's (2 layers: 3 hidden states + the output)
+        assert entry["bit_identical"]
+        assert entry["full"]["kept_bytes"] == 4 * entry["early"]["kept_bytes"] == 4 * entry["tokens"] * 64 * 4
     assert [d["same_pixels"] for d in results["decode"]] == [True, True]
 
 
