@@ -1,7 +1,7 @@
 """How the suite's cost grows with the work: the parity suite from the shell on the built-in models, with 0, 8 and
 48 (by default) extra synthetic videos, serial and under xdist.
 
-For each run: wall time from launch to exit, peak memory, and the suite's own cost lines
+After one warm-up process (not measured), for each run: wall time from launch to exit, peak memory, and the suite's own cost lines
 (`forwards: hf N (T tokens), packing M (U tokens)` per process and in total). Peak memory is measured twice:
 - largest process: the peak RSS of the largest single process of the run (the pytest process or one xdist
   worker), from the rusage that os.wait4 returns for the run (what /usr/bin/time -v reports);
@@ -129,6 +129,8 @@ def run_suite_scale(opts, workdir: Path, results: dict) -> None:
         if not folders[count].exists():
             write_media(folders[count], [(f"scale_{i:03d}.mp4", frames, height, width) for i in range(count)],
                         seed=500)
+    # A first process pays for reading Python, torch and the media from disk: run one before the measured runs.
+    run_measured(suite_command(None, 0, None), workdir / "suite-scale-warmup.log", opts.suite_timeout)
     for count in [0, *counts]:
         command = suite_command(folders.get(count), 0, None)
         entry["serial"][count] = run = run_measured(command, workdir / f"suite-scale-serial-{count}.log",
