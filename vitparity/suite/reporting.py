@@ -68,13 +68,13 @@ class ParityReporter:
         tryfirst: the JUnit XML is written in the junitxml plugin's own sessionfinish.
         """
         cost = self.session.cost
-        cost.measure_peak(self.session.settings.device)
-        workeroutput = getattr(session.config, "workeroutput", None)
-        if workeroutput is not None:
-            workeroutput[COST_KEY] = json.dumps(cost.to_dict())
-            return
         if any(cost.forwards.values()) or any(cost.loads.values()):
-            self.costs["main"] = cost.to_dict()
+            cost.measure_peak(self.session.settings.device)
+            workeroutput = getattr(session.config, "workeroutput", None)
+            if workeroutput is not None:
+                workeroutput[COST_KEY] = json.dumps(cost.to_dict())
+            else:
+                self.costs["main"] = cost.to_dict()
         self._junit_properties(session.config)
 
     def _junit_properties(self, config: pytest.Config) -> None:
@@ -89,6 +89,8 @@ class ParityReporter:
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         s, plan = self.session.settings, self.session.plan
+        if not (self.rows or self.costs or s.shard):
+            return  # no parity test ran (e.g. another test tree in this repository)
         terminalreporter.write_sep("=", "vitparity parity summary")
         terminalreporter.write_line(
             f"hf: {s.hf_model}  packing: {s.packing_model}  device: {s.device}  dtype: {s.dtype}  "
