@@ -16,7 +16,7 @@ from vitparity.pair import PREPROCESSOR_FILE
 
 from conftest import verdicts
 from faults import build_variant
-from test_hub import COMMITS, REPOS, _cache_repo
+from test_hub import COMMITS, REPOS, cache_builtin_models
 
 ONE_CASE = ("-k", "coffee_small and not golden")
 
@@ -83,12 +83,7 @@ def test_the_processors_normalisation_is_used_and_recorded(suite, tmp_path) -> N
 
 
 def test_hub_ids_from_an_offline_cache_are_recorded_in_goldens(suite, tmp_path, monkeypatch) -> None:
-    home = tmp_path / "hf-home"
-    for side, source in (("hf", BUILTIN_HF), ("packing", BUILTIN_PACKING)):
-        _cache_repo(home / "hub", REPOS[side], COMMITS[side], source, refs=("main", "v1"))
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache_builtin_models(tmp_path / "hf-home", monkeypatch)
     result = suite.run(f"--hf-model={REPOS['hf']}", f"--packing-model={REPOS['packing']}@v1",
                        "--golden-dir=goldens", "--regenerate-goldens", "-k", "coffee_small")
     assert result.ret == 0, result.stdout.str()[-3000:]
