@@ -348,7 +348,7 @@ def test_numeric_config_differences_warn_and_fail_when_strict(
     code, out, err = _run(capsys, "verify", "--features_dir", tmp_path / "o")
     assert code == 0 and out.count("WARNING: config difference") == 2
     code, out, err = _run(capsys, *argv, strict_flag, "--output_dir", tmp_path / "strict")
-    assert code == 2 and out == "" and "--strict-config" in err
+    assert code == 2 and out == "" and "strict config: every difference counts" in err
     assert "hidden_act" in err and "layer_norm_eps" in err
     assert not (tmp_path / "strict").exists()
 

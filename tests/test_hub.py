@@ -29,17 +29,21 @@ def _cache_repo(hub: Path, repo_id: str, commit: str, source: Path, refs: tuple[
     return snapshot
 
 
-@pytest.fixture
-def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """HF_HOME in tmp_path with both built-in checkpoints cached; HF_HUB_OFFLINE=1."""
-    home = tmp_path / "hf-home"
+def cache_builtin_models(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HF_HOME at `home` with both built-in checkpoints cached (refs main and v1); HF_HUB_OFFLINE=1."""
     for side, source in (("hf", BUILTIN_HF), ("packing", BUILTIN_PACKING)):
         _cache_repo(home / "hub", REPOS[side], COMMITS[side], source, refs=("main", "v1"))
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
     return home
+
+
+@pytest.fixture
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An offline cache of the built-in checkpoints in tmp_path, which is also the current folder."""
+    monkeypatch.chdir(tmp_path)
+    return cache_builtin_models(tmp_path / "hf-home", monkeypatch)
 
 
 def test_hub_id_spelling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

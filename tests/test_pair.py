@@ -77,7 +77,7 @@ def test_numeric_differences_pass_with_warnings_and_fail_when_strict(tmp_path: P
     pair = load_pair(BUILTIN_HF, packing)
     assert len(pair.config_warnings) == 2 and pair.provenance()["config_warnings"] == pair.config_warnings
     assert pair.packing.model.config.hidden_act == "gelu_pytorch_tanh"
-    with pytest.raises(PairError, match="--strict-config.*hidden_act.*layer_norm_eps"):
+    with pytest.raises(PairError, match="strict config: every difference counts.*hidden_act.*layer_norm_eps"):
         load_pair(BUILTIN_HF, packing, strict_config=True)
 
 

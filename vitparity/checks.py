@@ -13,22 +13,12 @@ from .models import ARCHITECTURE_FIELDS
 from .models.layers import rope_axis_dims
 
 
-# Fields that define the shapes of the weights or what they mean: two checkpoints that differ in one of them
-# are not the same model, so a difference is an error.
-WEIGHT_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_channels",
-    "patch_size",
-    "layer_norm_type",
-    "rope_theta",
-    "use_head",
-)
 # Fields that only change the numerics (a GELU variant, a norm epsilon) or nothing at inference (dropout,
 # initialisation, the nominal image size): a difference is reported and feature parity gives the verdict.
 NUMERIC_FIELDS = ("hidden_act", "layer_norm_eps", "attention_dropout", "initializer_range", "image_size")
+# Fields that define the shapes of the weights or what they mean (sizes, layers, heads, patch, channels, norm type,
+# RoPE theta, head): two checkpoints that differ in one of them are not the same model, so a difference is an error.
+WEIGHT_FIELDS = tuple(name for name in ARCHITECTURE_FIELDS if name not in NUMERIC_FIELDS)
 
 
 def config_differences(hf_config, packing_config, fields: tuple[str, ...] = ARCHITECTURE_FIELDS) -> list[str]:

@@ -223,7 +223,8 @@ def run_extract(args: argparse.Namespace) -> int:
         for sample in samples:
             _progress(f"tracing {sample.name} layer by layer ...")
             trace = trace_layers(
-                hf.model, packing.model, sample, pack=samples, threshold=args.threshold, temporal_context=context
+                pair.hf.model, pair.packing.model, sample, pack=samples, threshold=args.threshold,
+                temporal_context=context,
             )
             metadata["inputs"][sample.name]["layer_trace"] = trace.to_json()
     write_features(args.output_dir, hf_features, packing_features, metadata)

@@ -221,7 +221,7 @@ class PairFiles:
         hf, packing = loaded["hf"], loaded["packing"]
         errors, warnings = split_config_differences(hf.model.config, packing.model.config, strict=strict_config)
         if errors:
-            rule = "(--strict-config: every difference counts)" if strict_config else "(fields that define the weights)"
+            rule = "(strict config: every difference counts)" if strict_config else "(fields that define the weights)"
             raise PairError(
                 f"{self.hf.spec} and {self.packing.spec} do not describe the same model {rule}: " + "; ".join(errors)
             )

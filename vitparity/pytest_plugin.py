@@ -7,6 +7,7 @@ in `suite.schedule`, the per-process state in `suite.session`, the summary in `s
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 
 import pytest
 from xdist.workermanage import parse_tx_spec_config
@@ -19,13 +20,17 @@ pin_xdist_worker_gpu()
 from .compare import Comparison  # noqa: E402
 from .snapshots import golden_extension  # noqa: E402
 from .suite.cases import PackGroup, ParityCase  # noqa: E402
-from .suite.options import add_options, resolve_settings  # noqa: E402
+from .numerics import pinned_float32  # noqa: E402
+from .suite.settings import resolve_settings  # noqa: E402
 from .suite.reporting import PROPERTY, FailureWithoutFailedTest, ParityReporter  # noqa: E402
 from .suite.schedule import (  # noqa: E402
     CASE_PARAM, GROUP_PARAM, PackGroupScheduling, build_plan, item_scope, split_items, worker_count,
 )
 from .suite.session import CaseResult, GroupNeeds, GroupResult, ParitySession  # noqa: E402
 
+# The options: also registered by the `pytest11` entry point, so that pytest knows them before it looks for its
+# rootdir (`--hf-model /ckpt/x` with a space); registered once either way.
+pytest_plugins = ["vitparity.suite.options"]
 SESSION_KEY = pytest.StashKey[ParitySession]()
 MARKERS = {
     "image": "an image case",
@@ -36,14 +41,13 @@ MARKERS = {
 }
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    add_options(parser)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     for marker, text in MARKERS.items():
         config.addinivalue_line("markers", f"{marker}: {text}")
     settings = resolve_settings(config)
+    numerics = ExitStack()  # float32 on CUDA without TF32 for the whole run (recorded in golden provenance)
+    numerics.enter_context(pinned_float32(settings.device, settings.torch_dtype))
+    config.add_cleanup(numerics.close)
     if settings.regenerate_goldens:
         config.option.update_snapshots = True
     dist = getattr(config.option, "dist", "no")
@@ -54,6 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
     else:  # the xdist controller: one worker per execution environment
         workers = len(parse_tx_spec_config(config))
     session = ParitySession(settings, build_plan(config, settings, workers))
+    session.preflight()
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
     config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")

@@ -1,4 +1,7 @@
-"""The suite's options: one table, read from the command line, the environment and the ini file, validated once.
+"""The suite's options: one table, read from the command line, the environment and the ini file.
+
+This module is also the `pytest11` entry point, so pytest knows the options (and that `--hf-model PATH` takes a
+value) before it looks for its rootdir; it imports nothing heavy. `suite.settings` validates the values.
 
 Every option is a flag (`--num-frames`), an environment variable (`VITPARITY_NUM_FRAMES`) and an ini key
 (`vitparity_num_frames`); the command line wins over the environment, which wins over the ini. A bad value is a
@@ -9,20 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from ..builtin import BUILTIN_MEDIA, builtin_paths
 from ..compare import DEFAULT_THRESHOLD
-from ..loading import DTYPES, resolve_device_dtype
 from ..media import ALIGN_POLICIES
-from .cases import Shard, parse_shard
 
 DETERMINISM_POLICIES = ("auto", "all", "off")
-# Tokens per pack group when --pack-tokens is not given. On a GPU: a ViT-L packed forward of 131k bf16 tokens
-# that keeps no hidden states needs a few GiB; on the CPU, groups stay small enough to run in seconds.
-DEFAULT_PACK_TOKENS = {"cpu": 16_384, "cuda": 131_072}
 
 
 @dataclass(frozen=True)
@@ -47,9 +43,13 @@ class Option:
 
 
 OPTIONS = (
-    Option("hf_model", "models", "non-packing checkpoint folder (default: the built-in tiny model)"),
-    Option("packing_model", "models", "packing checkpoint folder (default: the built-in tiny packing model)"),
+    Option("hf_model", "models", "non-packing checkpoint folder or hub id org/name[@revision] "
+           "(default: the built-in tiny model)"),
+    Option("packing_model", "models", "packing checkpoint folder or hub id (default: the built-in tiny packing model)"),
     Option("trust_remote_code", "models", "allow a checkpoint's own code (auto_map) to run", flag=True),
+    # pytest owns --strict-config (its own ini checks), hence the longer name.
+    Option("strict_model_config", "models", "any difference of the two models' configs fails (default: only fields "
+           "that define the weights; others are reported and feature parity decides)", flag=True),
     Option("device", "models", "cpu, cuda, cuda:N or auto (cuda when available)", "auto"),
     Option("dtype", "models", "float32, bfloat16, float16 or auto (bfloat16 on cuda, float32 on cpu)", "auto"),
     Option("require_device", "models", "fail instead of skip when the requested CUDA device is absent", flag=True),
@@ -74,7 +74,7 @@ GROUP_TITLES = {
 TRUE = {"1", "true", "yes", "on"}
 
 
-def add_options(parser: pytest.Parser) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
     """Register every option (grouped in --help) and its ini key."""
     for key, title in GROUP_TITLES.items():
         group = parser.getgroup(f"vitparity {key}", f"vitparity: {title} (write paths as --option=PATH)")
@@ -98,7 +98,7 @@ class RawValue:
     label: str  # how the user spelled it: --num-frames, VITPARITY_NUM_FRAMES, ini vitparity_num_frames
 
 
-def _raw(config: pytest.Config, option: Option) -> RawValue:
+def raw_value(config: pytest.Config, option: Option) -> RawValue:
     value = config.getoption(option.ini)
     if value is not None:
         return RawValue(value, "cli", option.cli)
@@ -111,108 +111,6 @@ def _raw(config: pytest.Config, option: Option) -> RawValue:
     return RawValue(bool(option.default) if option.flag else option.default, "default", option.cli)
 
 
-@dataclass(frozen=True)
-class Settings:
-    hf_model: Path
-    packing_model: Path
-    trust_remote_code: bool
-    device: str
-    dtype: str
-    require_device: bool
-    media_dirs: tuple[Path, ...]
-    num_frames: int
-    align: str
-    threshold: float
-    determinism: str
-    pack_tokens: int
-    shard: Shard | None
-    golden_dir: Path
-    regenerate_goldens: bool
-    report_dir: Path
-
-    @property
-    def torch_dtype(self):
-        return DTYPES[self.dtype]
-
-
-def _resolve_path(config: pytest.Config, raw: RawValue) -> Path:
-    """A path option: relative paths from the command line or environment resolve against the current
-    folder, those from the ini file or the defaults against the ini file's folder (the repository root)."""
-    path = Path(str(raw.value)).expanduser()
-    if path.is_absolute():
-        return path
-    if raw.source in ("cli", "env"):
-        return Path(config.invocation_params.dir) / path
-    return (config.inipath.parent if config.inipath else config.rootpath) / path
-
-
-def resolve_settings(config: pytest.Config) -> Settings:
-    """Read and validate every option once; errors name the option as it was given (flag, variable or ini key)."""
-    raw = {option.name: _raw(config, option) for option in OPTIONS}
-
-    def bad(name: str, problem: str) -> pytest.UsageError:
-        return pytest.UsageError(f"{raw[name].label}={raw[name].value}: {problem}")
-
-    def path(name: str) -> Path | None:
-        return _resolve_path(config, raw[name]) if raw[name].value else None
-
-    def whole(name: str, minimum: int, text: str | None = None) -> int:
-        try:
-            value = int(str(raw[name].value if text is None else text).strip())
-        except ValueError:
-            raise bad(name, "not a whole number") from None
-        if value < minimum:
-            raise bad(name, f"must be >= {minimum}")
-        return value
-
-    try:
-        device, dtype = resolve_device_dtype(raw["device"].value, raw["dtype"].value)
-    except ValueError as err:
-        raise pytest.UsageError(f"{raw['device'].label} / {raw['dtype'].label}: {err}") from err
-    if raw["align"].value not in ALIGN_POLICIES:
-        raise bad("align", f"use one of {ALIGN_POLICIES}")
-    if raw["determinism"].value not in DETERMINISM_POLICIES:
-        raise bad("determinism", f"use one of {DETERMINISM_POLICIES}")
-    try:
-        threshold = float(raw["threshold"].value)
-    except ValueError:
-        raise bad("threshold", "not a number") from None
-    if not 0.0 < threshold < 1.0:
-        raise bad("threshold", "must be in (0, 1)")
-    if raw["pack_tokens"].value:
-        pack_tokens = whole("pack_tokens", 1)
-    else:
-        pack_tokens = DEFAULT_PACK_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
-    shard = None
-    if raw["shard"].value:
-        try:
-            shard = parse_shard(str(raw["shard"].value))
-        except ValueError as err:
-            raise bad("shard", str(err)) from None
-    hf_model, packing_model = path("hf_model"), path("packing_model")
-    if hf_model is None or packing_model is None:
-        default_hf, default_packing = builtin_paths()
-        hf_model, packing_model = hf_model or default_hf, packing_model or default_packing
-    return Settings(
-        hf_model=hf_model,
-        packing_model=packing_model,
-        trust_remote_code=raw["trust_remote_code"].value,
-        device=device,
-        dtype=dtype,
-        require_device=raw["require_device"].value,
-        media_dirs=(BUILTIN_MEDIA, path("media")) if raw["media"].value else (BUILTIN_MEDIA,),
-        num_frames=whole("num_frames", 1),
-        align=raw["align"].value,
-        threshold=threshold,
-        determinism=raw["determinism"].value,
-        pack_tokens=pack_tokens,
-        shard=shard,
-        golden_dir=path("golden_dir"),
-        regenerate_goldens=raw["regenerate_goldens"].value,
-        report_dir=path("report_dir"),
-    )
-
-
 def option_label(config: pytest.Config, name: str) -> str:
     """How the user gave option `name` (flag, variable or ini key), for messages about its value."""
-    return _raw(config, next(o for o in OPTIONS if o.name == name)).label
+    return raw_value(config, next(o for o in OPTIONS if o.name == name)).label

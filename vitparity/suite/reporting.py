@@ -13,6 +13,7 @@ from .session import SIDES, Cost, ParitySession
 
 PROPERTY = "vitparity"  # user property of a test: one Comparison row (JSON)
 COST_KEY = "vitparity_cost"  # xdist workeroutput: this worker's Cost (JSON)
+WARNINGS_KEY = "vitparity_config_warnings"  # xdist workeroutput and JUnit property: config differences (JSON list)
 
 
 def cost_line(cost: dict) -> str:
@@ -50,6 +51,7 @@ class ParityReporter:
         self.session = session
         self.rows: list[dict] = []
         self.costs: dict[str, dict] = {}
+        self.config_warnings: list[str] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call":
@@ -57,9 +59,13 @@ class ParityReporter:
 
     def pytest_testnodedown(self, node, error) -> None:
         """Under xdist, on the controller: a worker's cost as it shuts down."""
-        cost = getattr(node, "workeroutput", {}).get(COST_KEY)
-        if cost:
-            self.costs[node.gateway.id] = json.loads(cost)
+        output = getattr(node, "workeroutput", {})
+        if output.get(COST_KEY):
+            self.costs[node.gateway.id] = json.loads(output[COST_KEY])
+        self._add_warnings(json.loads(output.get(WARNINGS_KEY, "[]")))
+
+    def _add_warnings(self, warnings: list[str]) -> None:
+        self.config_warnings.extend(w for w in warnings if w not in self.config_warnings)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -67,21 +73,29 @@ class ParityReporter:
 
         tryfirst: the JUnit XML is written in the junitxml plugin's own sessionfinish.
         """
-        cost = self.session.cost
-        cost.measure_peak(self.session.settings.device)
+        cost, warnings = self.session.cost, self.session.config_warnings()
         workeroutput = getattr(session.config, "workeroutput", None)
         if workeroutput is not None:
-            workeroutput[COST_KEY] = json.dumps(cost.to_dict())
-            return
+            workeroutput[WARNINGS_KEY] = json.dumps(warnings)
+        else:
+            self._add_warnings(warnings)
         if any(cost.forwards.values()) or any(cost.loads.values()):
-            self.costs["main"] = cost.to_dict()
+            cost.measure_peak(self.session.settings.device)
+            if workeroutput is not None:
+                workeroutput[COST_KEY] = json.dumps(cost.to_dict())
+            else:
+                self.costs["main"] = cost.to_dict()
         self._junit_properties(session.config)
 
     def _junit_properties(self, config: pytest.Config) -> None:
         from _pytest.junitxml import xml_key  # the key pytest's record_testsuite_property fixture uses
 
         xml = config.stash.get(xml_key, None)
-        if xml is None or not self.costs:
+        if xml is None:
+            return
+        if self.config_warnings:
+            xml.add_global_property(WARNINGS_KEY, json.dumps(self.config_warnings))
+        if not self.costs:
             return
         for worker, cost in sorted(self.costs.items()):
             xml.add_global_property(f"vitparity_cost_{worker}", json.dumps(cost, sort_keys=True))
@@ -89,11 +103,18 @@ class ParityReporter:
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         s, plan = self.session.settings, self.session.plan
+        if not (self.rows or self.costs or s.shard):
+            return  # no parity test ran (e.g. another test tree in this repository)
         terminalreporter.write_sep("=", "vitparity parity summary")
         terminalreporter.write_line(
             f"hf: {s.hf_model}  packing: {s.packing_model}  device: {s.device}  dtype: {s.dtype}  "
             f"threshold: min cos > {s.threshold}  (figures: float32 comparisons)"
         )
+        for warning in self.config_warnings:
+            terminalreporter.write_line(
+                f"WARNING: config difference {warning} (changes numerics only: feature parity decides; "
+                "--strict-model-config fails on it)", yellow=True,
+            )
         shard = f"shard {s.shard}: " if s.shard else ""
         terminalreporter.write_line(
             f"{shard}{len(plan.groups)} of {len(plan.all_groups)} pack groups (budget {s.pack_tokens} tokens), "

@@ -15,7 +15,8 @@ from xdist.scheduler import LoadScopeScheduling
 
 from ..media import MediaError
 from .cases import CaseError, PackGroup, ParityCase, collect_cases, determinism_cases, make_groups, plan_workers
-from .options import Settings, option_label
+from .options import option_label
+from .settings import Settings
 
 DEFAULT_PATCH_SIZE = 14
 CASE_PARAM = "parity_case"

@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from ..checks import config_differences, feature_difference, loaded_model_problems, odd_pass, pixel_difference
+from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample
-from ..loading import LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device
+from ..loading import LoadedModel, ModelLoadError, library_versions, missing_cuda_device
 from ..media import Media, MediaError, load_media
+from ..pair import ModelPair, PairError, PairFiles, preflight_pair
 from ..report import format_report, write_cosine_heatmap
 from ..snapshots import GoldenData, file_sha256, model_fingerprint, reduce_features
 from .cases import PackGroup, ParityCase
-from .options import Settings
+from .settings import Settings
 from .schedule import Plan
 
 SIDES = ("hf", "packing")
@@ -105,9 +106,9 @@ class ParitySession:
         self.plan = plan
         self.needs: dict[str, GroupNeeds] = {}
         self.cost = Cost()
-        self._models: dict[str, LoadedModel] = {}
+        self._files: PairFiles | None = None
+        self._pair: ModelPair | None = None
         self._model_error: str | None = None
-        self._weight_problems: dict[str, list[str]] | None = None
         self._golden_folders: dict[str, Path] = {}
         self._current: GroupResult | None = None
 
@@ -124,50 +125,57 @@ class ParitySession:
         pytest.skip(message)
 
     def models(self) -> tuple[LoadedModel, LoadedModel]:
-        """Both models, loaded once; their configs must agree before any forward pass.
+        """Both models, loaded once; the pair rules (`vitparity.pair`) hold before any forward pass.
 
         A pair that cannot be loaded fails every test that needs it with the same clear message (tried once).
         """
+        pair = self.pair()
+        return pair.hf, pair.packing
+
+    def pair(self) -> ModelPair:
+        """The loaded model pair (see `models`)."""
         self.check_device()
-        if self._model_error is None and not self._models:
+        if self._model_error is None and self._pair is None:
+            s = self.settings
             try:
-                self._models = self._load_pair()
+                files = self._files or self._preflight()
+                self._pair = files.load(
+                    dtype=s.torch_dtype, device=s.device, trust_remote_code=s.trust_remote_code,
+                    strict_config=s.strict_config, check_weights=False, on_load=self._count_load,
+                )
             except ModelLoadError as err:
                 self._model_error = str(err)
         if self._model_error is not None:
             pytest.fail(self._model_error, pytrace=False)
-        return self._models["hf"], self._models["packing"]
+        return self._pair
+
+    def preflight(self) -> None:
+        """The pair rules that need only the config files (frames vs temporal context, normalisation), before any
+        test: a broken rule is a usage error. A checkpoint that cannot be read is left to the tests (each fails)."""
+        try:
+            self._files = self._preflight()
+        except PairError as err:
+            raise pytest.UsageError(str(err)) from None
+        except ModelLoadError:
+            self._files = None
+
+    def _preflight(self) -> PairFiles:
+        s = self.settings
+        return preflight_pair(s.hf_model, s.packing_model, num_frames=s.num_frames, num_frames_name=s.num_frames_label)
+
+    def config_warnings(self) -> list[str]:
+        """Config differences that change only numerics, once the pair is loaded (else none)."""
+        return list(self._pair.config_warnings) if self._pair is not None else []
+
+    def _count_load(self, side: str, ref) -> None:
+        self.cost.loads[side] += 1
 
     def model(self, side: str) -> LoadedModel:
-        return self.models()[SIDES.index(side)]
-
-    def _load_pair(self) -> dict[str, LoadedModel]:
-        s = self.settings
-        models = {}
-        for side, path in (("hf", s.hf_model), ("packing", s.packing_model)):
-            loaded = load_model(path, dtype=s.torch_dtype, device=s.device, trust_remote_code=s.trust_remote_code)
-            self.cost.loads[side] += 1
-            if loaded.side != side:
-                raise ModelLoadError(f"{path}: given as the {side} model, but it is {loaded.describe()}")
-            models[side] = loaded
-        diffs = config_differences(models["hf"].model.config, models["packing"].model.config)
-        if diffs:
-            raise ModelLoadError(
-                f"{s.hf_model} and {s.packing_model} do not describe the same architecture: {'; '.join(diffs)}"
-            )
-        context = models["hf"].model.config.rope_temporal_size
-        if context is not None and s.num_frames > context:
-            raise ModelLoadError(
-                f"--num-frames={s.num_frames} does not fit the temporal context of {s.hf_model} "
-                f"(rope_temporal_size={context}): sample at most {context} frames per video"
-            )
-        return models
+        return self.pair().side(side)
 
     def weight_problems(self) -> dict[str, list[str]]:
         """Side -> problems of its loaded parameters and buffers (`loaded_model_problems`), found once."""
-        if self._weight_problems is None:
-            self._weight_problems = {side: loaded_model_problems(self.model(side).model) for side in SIDES}
-        return self._weight_problems
+        return self.pair().weight_problems()
 
     # cases and groups
 
@@ -180,7 +188,7 @@ class ParitySession:
         s, hf_config = self.settings, self.model("hf").model.config
         return prepare_sample(
             media, patch_size=hf_config.patch_size, dtype=s.torch_dtype, device=s.device,
-            temporal_context=hf_config.rope_temporal_size, name=case.id,
+            temporal_context=hf_config.rope_temporal_size, name=case.id, normalization=self.pair().normalization,
         )
 
     def _forward(self, side: str, sample: Sample) -> torch.Tensor:
@@ -315,10 +323,13 @@ class ParitySession:
                 refusal = "the loaded weights are not sane (see test_loaded_weights)"
         projection, norms, shape = result.reductions[side]
         s = self.settings
+        provenance = self.pair().provenance()
         meta = {
             "case": result.case.id, "side": side, "model_class": self.model(side).class_name, "dtype": s.dtype,
             "device": s.device, "grid_thw": list(result.grid), "media_sha256": result.metadata["media_sha256"],
             "num_frames": s.num_frames, "align": s.align, "versions": library_versions(),
+            "model": provenance["models"][side], "normalization": provenance["normalization"],
+            "config_warnings": provenance["config_warnings"], "tf32": provenance["tf32"],
         }
         return GoldenData.from_reduction(projection, norms, shape, meta, refusal=refusal,
                                          case=f"{side}/{result.case.id}")

@@ -1,0 +1,133 @@
+"""The suite's settings: every option's value validated once, with errors that name the option as it was given."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ..builtin import BUILTIN_MEDIA, builtin_paths
+from ..hub import hub_id
+from ..loading import DTYPES, resolve_device_dtype
+from ..media import ALIGN_POLICIES
+from ..pair import PairError, check_threshold
+from .cases import Shard, parse_shard
+from .options import DETERMINISM_POLICIES, OPTIONS, RawValue, raw_value
+
+# Tokens per pack group when --pack-tokens is not given. On a GPU: a ViT-L packed forward of 131k bf16 tokens
+# that keeps no hidden states needs a few GiB; on the CPU, groups stay small enough to run in seconds.
+DEFAULT_PACK_TOKENS = {"cpu": 16_384, "cuda": 131_072}
+
+
+@dataclass(frozen=True)
+class Settings:
+    hf_model: Path | str  # a folder, or a hub id kept as given
+    packing_model: Path | str
+    trust_remote_code: bool
+    strict_config: bool
+    device: str
+    dtype: str
+    require_device: bool
+    media_dirs: tuple[Path, ...]
+    num_frames: int
+    align: str
+    threshold: float
+    determinism: str
+    pack_tokens: int
+    shard: Shard | None
+    golden_dir: Path
+    regenerate_goldens: bool
+    report_dir: Path
+    num_frames_label: str = "--num-frames"  # how the user gave --num-frames, for messages about its value
+
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def _resolve_path(config: pytest.Config, raw: RawValue) -> Path:
+    """A path option: relative paths from the command line or environment resolve against the current
+    folder, those from the ini file or the defaults against the ini file's folder (the repository root)."""
+    path = Path(str(raw.value)).expanduser()
+    if path.is_absolute():
+        return path
+    if raw.source in ("cli", "env"):
+        return Path(config.invocation_params.dir) / path
+    return (config.inipath.parent if config.inipath else config.rootpath) / path
+
+
+def resolve_settings(config: pytest.Config) -> Settings:
+    """Read and validate every option once; errors name the option as it was given (flag, variable or ini key)."""
+    raw = {option.name: raw_value(config, option) for option in OPTIONS}
+
+    def bad(name: str, problem: str) -> pytest.UsageError:
+        return pytest.UsageError(f"{raw[name].label}={raw[name].value}: {problem}")
+
+    def path(name: str) -> Path | None:
+        return _resolve_path(config, raw[name]) if raw[name].value else None
+
+    def whole(name: str, minimum: int, text: str | None = None) -> int:
+        try:
+            value = int(str(raw[name].value if text is None else text).strip())
+        except ValueError:
+            raise bad(name, "not a whole number") from None
+        if value < minimum:
+            raise bad(name, f"must be >= {minimum}")
+        return value
+
+    try:
+        device, dtype = resolve_device_dtype(raw["device"].value, raw["dtype"].value)
+    except ValueError as err:
+        raise pytest.UsageError(f"{raw['device'].label} / {raw['dtype'].label}: {err}") from err
+    if raw["align"].value not in ALIGN_POLICIES:
+        raise bad("align", f"use one of {ALIGN_POLICIES}")
+    if raw["determinism"].value not in DETERMINISM_POLICIES:
+        raise bad("determinism", f"use one of {DETERMINISM_POLICIES}")
+    try:
+        threshold = check_threshold(float(raw["threshold"].value), raw["threshold"].label)
+    except ValueError:
+        raise bad("threshold", "not a number") from None
+    except PairError as err:
+        raise pytest.UsageError(str(err)) from None
+    if raw["pack_tokens"].value:
+        pack_tokens = whole("pack_tokens", 1)
+    else:
+        pack_tokens = DEFAULT_PACK_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
+    shard = None
+    if raw["shard"].value:
+        try:
+            shard = parse_shard(str(raw["shard"].value))
+        except ValueError as err:
+            raise bad("shard", str(err)) from None
+    def model(name: str) -> Path | str | None:
+        """A checkpoint folder, or a hub id (org/name[@revision]) when no local path of that name exists."""
+        value = raw[name].value
+        return value if value and hub_id(str(value)) else path(name)
+
+    hf_model, packing_model = model("hf_model"), model("packing_model")
+    if hf_model is None or packing_model is None:
+        default_hf, default_packing = builtin_paths()
+        hf_model, packing_model = hf_model or default_hf, packing_model or default_packing
+    return Settings(
+        hf_model=hf_model,
+        packing_model=packing_model,
+        trust_remote_code=raw["trust_remote_code"].value,
+        strict_config=raw["strict_model_config"].value,
+        device=device,
+        dtype=dtype,
+        require_device=raw["require_device"].value,
+        media_dirs=(BUILTIN_MEDIA, path("media")) if raw["media"].value else (BUILTIN_MEDIA,),
+        num_frames=whole("num_frames", 1),
+        align=raw["align"].value,
+        threshold=threshold,
+        determinism=raw["determinism"].value,
+        pack_tokens=pack_tokens,
+        shard=shard,
+        golden_dir=path("golden_dir"),
+        regenerate_goldens=raw["regenerate_goldens"].value,
+        report_dir=path("report_dir"),
+        num_frames_label=raw["num_frames"].label,
+    )
+
+
