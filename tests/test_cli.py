@@ -688,3 +688,15 @@ def test_report_junit_bad_files_are_named(tmp_path: Path, capsys, content: str |
     code, out, err = _run(capsys, "report-junit", path)
     assert code == 2 and not out
     assert err.startswith(f"vitparity: error: {path}: ") and words in err
+
+
+def test_report_junit_lists_config_differences(suite, tmp_path: Path, capsys) -> None:
+    """A real run whose packing config differs in hidden_act only: the report carries the suite's warning."""
+    packing = _edited_copy(BUILTIN_PACKING, tmp_path / "packing", hidden_act="gelu_pytorch_tanh")
+    path = suite.path / "junit-warned.xml"
+    result = suite.run(f"--packing-model={packing}", "-k", "coffee_small and not golden", f"--junitxml={path}")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    code, out, _ = _run(capsys, "report-junit", path)
+    assert code == 0
+    section = out.split("### Config differences (1)\n\n", 1)[1]
+    assert section.startswith("- ") and "hidden_act" in section.splitlines()[0]

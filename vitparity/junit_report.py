@@ -2,8 +2,9 @@
 
 A suite run written with `--junitxml` holds, per test, its comparison rows (user property `vitparity`, one JSON
 `Comparison.row()` each) and, per file, the cost of each of its processes (global properties
-`vitparity_cost_<worker>`, JSON). `vitparity report-junit` reads those files and prints one table of every
-comparison, the failed tests, tests found in more than one file (shards that overlap) and the cost lines.
+`vitparity_cost_<worker>`, JSON) and the config differences of the two models (`vitparity_config_warnings`).
+`vitparity report-junit` reads those files and prints one table of every comparison, the failed tests, tests
+found in more than one file (shards that overlap), the config warnings and the cost lines.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .compare import comparison_from_row
 from .report import TABLE_HEADER, table_cells
-from .suite.reporting import COST_KEY, PROPERTY, cost_details, cost_line, total_cost
+from .suite.reporting import COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
 
 BAD_OUTCOMES = ("failed", "error")
 
@@ -40,6 +41,7 @@ class JUnitRun:
     tests: list[TestOutcome] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     costs: dict[str, dict] = field(default_factory=dict)  # worker -> Cost.to_dict()
+    config_warnings: list[str] = field(default_factory=list)
 
 
 def _outcome(case: ET.Element) -> tuple[str, str]:
@@ -68,6 +70,8 @@ def read_junit(path: str | Path) -> JUnitRun:
             name = prop.get("name", "")
             if name.startswith(COST_KEY + "_"):
                 run.costs[name[len(COST_KEY) + 1:]] = _json(prop.get("value", ""), path, name)
+            elif name == WARNINGS_KEY:
+                run.config_warnings += _json(prop.get("value", ""), path, name)
         for case in suite.iter("testcase"):
             test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
             run.tests.append(TestOutcome(test_id, *_outcome(case)))
@@ -119,6 +123,10 @@ def merge_report(runs: Sequence[JUnitRun]) -> tuple[str, bool]:
     if twice:
         lines += ["", f"### Tests run in more than one file ({len(twice)}): the shards overlap", ""]
         lines += [f"- `{test_id}`: {', '.join(names)}" for test_id, names in sorted(twice.items())]
+    warnings = list(dict.fromkeys(w for run in runs for w in run.config_warnings))
+    if warnings:
+        lines += ["", f"### Config differences ({len(warnings)})", ""]
+        lines += [f"- {_cell(str(warning))}" for warning in warnings]
     costs = {f"{run.path.name} {worker}": cost for run in runs for worker, cost in sorted(run.costs.items())}
     if costs:
         lines += ["", "### Cost", ""]
