@@ -19,7 +19,7 @@ from ..workloads import write_media
 REPO = Path(__file__).resolve().parents[2]
 PASSED = re.compile(r"(\d+) passed.* in ([\d.]+)s")
 COMPARISONS = re.compile(r"(\d+) comparisons, (\d+) passed, (\d+) failed")
-LOADS = re.compile(r"model loads \((\w+)\): hf (\d+), packing (\d+)")
+LOADS = re.compile(r"^(\w+): forwards: .*; model loads: hf (\d+), packing (\d+)", re.M)  # the suite's cost lines
 
 
 def write_checkpoints(hf, packing, folder: Path) -> tuple[Path, Path]:
