@@ -16,7 +16,8 @@ import pytest
 from ..builtin import BUILTIN_MEDIA, builtin_paths
 from ..compare import DEFAULT_THRESHOLD
 from ..loading import DTYPES, resolve_device_dtype
-from ..media import ALIGN_POLICIES
+from ..media import ALIGN_POLICIES, check_scale, scale_suffix
+from ..models.packed_attention import BACKENDS, SDPA_KERNELS, available_backends, available_sdpa_kernels
 from .cases import Shard, parse_shard
 
 DETERMINISM_POLICIES = ("auto", "all", "off")
@@ -66,6 +67,10 @@ OPTIONS = (
     Option("golden_dir", "goldens", "root folder of golden snapshots", "fixtures/golden"),
     Option("regenerate_goldens", "goldens", "rewrite every selected golden (implies --snapshot-update)", flag=True),
     Option("report_dir", "report", "folder for heat maps of failing cases", "parity-report"),
+    Option("scales", "cases", "comma-separated fractions of the native size, each a case of every image and video "
+           "(1 = native; e.g. 1,0.5)", "1"),
+    Option("packed_backend", "models", f"packed attention backend of the packing model: {BACKENDS}", "auto"),
+    Option("attention_kernel", "models", f"SDPA kernel tried first by both models: {SDPA_KERNELS}", "auto"),
 )
 GROUP_TITLES = {
     "models": "the two models", "cases": "cases", "checks": "checks", "work": "work split",
@@ -129,6 +134,9 @@ class Settings:
     golden_dir: Path
     regenerate_goldens: bool
     report_dir: Path
+    scales: tuple[float, ...] = (1.0,)
+    packed_backend: str = "auto"
+    attention_kernel: str = "auto"
 
     @property
     def torch_dtype(self):
@@ -210,7 +218,37 @@ def resolve_settings(config: pytest.Config) -> Settings:
         golden_dir=path("golden_dir"),
         regenerate_goldens=raw["regenerate_goldens"].value,
         report_dir=path("report_dir"),
+        scales=_scales(str(raw["scales"].value), bad),
+        packed_backend=_choice(raw["packed_backend"].value, BACKENDS, available_backends(device, DTYPES[dtype]), bad,
+                               "packed_backend", f"on {device} in {dtype}"),
+        attention_kernel=_choice(raw["attention_kernel"].value, SDPA_KERNELS,
+                                 available_sdpa_kernels(device, DTYPES[dtype]), bad, "attention_kernel",
+                                 f"on {device} in {dtype}"),
     )
+
+
+def _scales(text: str, bad) -> tuple[float, ...]:
+    """`1,0.5` -> (1.0, 0.5): each a fraction in (0, 1] with a short name, none twice."""
+    scales: list[float] = []
+    for part in text.split(","):
+        try:
+            scale = check_scale(part.strip())
+            scale_suffix(scale)
+        except ValueError as err:
+            raise bad("scales", f"{part.strip()!r}: {err}") from None
+        if scale in scales:
+            raise bad("scales", f"{part.strip()!r} is listed twice")
+        scales.append(scale)
+    return tuple(scales)
+
+
+def _choice(value: str, known: tuple[str, ...], available: tuple[str, ...], bad, name: str, where: str) -> str:
+    """One of `known`; anything but "auto" must also be in `available` (what runs on this device and dtype)."""
+    if value not in known:
+        raise bad(name, f"use one of {known}")
+    if value != "auto" and value not in available:
+        raise bad(name, f"not available {where}; available here: {', '.join(('auto', *available))}")
+    return value
 
 
 def option_label(config: pytest.Config, name: str) -> str:
