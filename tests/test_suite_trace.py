@@ -13,10 +13,12 @@ import torch
 from conftest import verdicts
 from faults import build_variant
 from faults.isolation import isolated, modules_cache  # noqa: F401 (fixtures)
-from vitparity.builtin import BUILTIN_MEDIA
+from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.media import load_media
 from vitparity.models.packed_attention import available_backends
+from vitparity.loading import load_model
 from vitparity.suite.cases import collect_cases
+from vitparity.suite.session import apply_attention_choice
 from vitparity.trace import LAYER_COUNT, SHIFTED
 
 FIRST = re.compile(r"^first divergence: hidden_states\[(\d+)\]$", re.M)
@@ -157,3 +159,18 @@ def test_scaled_token_estimates_match_the_decoded_media() -> None:
         t = media.frames.shape[0] if media.frames.ndim == 4 else 1
         h, w = media.frames.shape[-3] // 14, media.frames.shape[-2] // 14
         assert case.tokens == t * h * w, case.id
+
+
+def test_a_model_without_the_settings_refuses_a_choice() -> None:
+    """Remote code without the project's settings: "auto" runs it as it is, a named choice is refused, naming
+    the option (the suite fails every test that runs the models with this message)."""
+    hf = load_model(BUILTIN_HF).model
+    plain = torch.nn.Linear(2, 2)
+    assert apply_attention_choice(hf, plain, "auto", "auto").startswith("packed backend n/a")
+    with pytest.raises(ValueError, match=r"--packed-backend=eager: the packing model \(Linear\) has no"):
+        apply_attention_choice(hf, plain, "eager", "auto")
+    with pytest.raises(ValueError, match=r"--attention-kernel=math: the packing model \(Linear\) has no"):
+        apply_attention_choice(hf, plain, "auto", "math")
+    packing = load_model(BUILTIN_PACKING).model
+    assert apply_attention_choice(hf, packing, "eager", "math") == "packed backend eager, attention kernel math"
+    assert (packing.packed_attention_backend, packing.attention_kernel, hf.attention_kernel) == ("eager", "math", "math")
