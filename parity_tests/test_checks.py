@@ -35,14 +35,16 @@ def warn_left_out(group_result) -> None:
         warnings.warn(f"{case_id} left out of pack {group_result.group.id}: {reason}", stacklevel=2)
 
 
-def test_packed(group_result, record_comparison) -> None:
-    """The group's cases in one packing forward equal the non-packing features (catches cross-sample attention)."""
+def test_packed(group_result, record_comparison, layer_trace) -> None:
+    """The group's cases in one packing forward equal the non-packing features (catches cross-sample attention);
+    a failure traces each failing case, layer by layer, inside its pack."""
     warn_left_out(group_result)
     for comparison in group_result.packed_vs_hf:
         record_comparison(comparison)
     failed = [c for c in group_result.packed_vs_hf if not c.passed]
     if failed:
-        pytest.fail(format_report(failed, title=f"{group_result.group.id} packed vs non-packing"), pytrace=False)
+        pytest.fail(format_report(failed, title=f"{group_result.group.id} packed vs non-packing")
+                    + layer_trace(group_result), pytrace=False)
 
 
 def test_packing_independent_of_neighbours(group_result) -> None:
@@ -52,3 +54,21 @@ def test_packing_independent_of_neighbours(group_result) -> None:
         threshold = failed[0].threshold
         pytest.fail(format_report(failed, title=f"packing model, alone vs {group_result.group.id} "
                                   f"(min cos > {threshold})"), pytrace=False)
+
+
+def test_companions_do_not_leak(group_result, record_property) -> None:
+    """Each case of the pack keeps bit-identical packing features when the other cases' pixels are replaced
+    (same shapes, dtype, device and kernels): catches a dependence on the neighbours far below any threshold."""
+    warn_left_out(group_result)
+    swaps = group_result.companions
+    if not swaps:
+        pytest.fail(f"{group_result.group.id}: fewer than two readable cases in the pack, nothing to swap",
+                    pytrace=False)
+    for swap in swaps:
+        for name, value in swap.properties():
+            record_property(name, value)
+    failed = [swap for swap in swaps if not swap.passed]
+    if failed:
+        pytest.fail("\n".join(swap.format() for swap in failed)
+                    + "\n(the swap runs the same pack twice: a packing model that is not deterministic fails it too, "
+                    "see test_deterministic)", pytrace=False)

@@ -14,16 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import transformers.dynamic_module_utils
 
 from faults import CONFIG_VARIANTS, VARIANTS, build_variant, builtin_folder, suite_args
+from faults.isolation import isolated, modules_cache  # noqa: F401 (fixtures)
 from faults.detection import detection_from_reports, format_text_table
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA
 from vitparity.cli import main
@@ -46,12 +45,6 @@ def golden_copy(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def modules_cache(tmp_path_factory) -> Path:
-    """Where transformers copies the variants' checkpoint code (HF_MODULES_CACHE) instead of the user's cache."""
-    return tmp_path_factory.mktemp("hf_modules")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """The forward passes are tiny; several torch threads on a busy or shared CPU (or under -n) are far slower."""
@@ -59,30 +52,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _is_remote_code_module(name: str) -> bool:
-    return name == "transformers_modules" or name.startswith("transformers_modules.")
-
-
-@pytest.fixture
-def isolated(monkeypatch, modules_cache: Path):
-    """No suite option from the environment; checkpoint code copied to and imported from a tmp cache only.
-
-    transformers imports checkpoint code as `transformers_modules.*` from HF_MODULES_CACHE (a constant read at
-    import): point it at tmp, hide any such modules imported before, and drop the ones imported here afterwards.
-    """
-    for name in list(os.environ):
-        if name.startswith("VITPARITY_") or name == "PYTEST_ADDOPTS":
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("HF_MODULES_CACHE", str(modules_cache))
-    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(modules_cache))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    for name in [name for name in sys.modules if _is_remote_code_module(name)]:
-        monkeypatch.delitem(sys.modules, name)
-    yield
-    for name in [name for name in sys.modules if _is_remote_code_module(name)]:
-        del sys.modules[name]
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:

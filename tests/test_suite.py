@@ -50,15 +50,23 @@ def run_total(output: str) -> tuple[int, ...]:
 
 def test_default_suite_passes_and_loads_each_model_once(suite) -> None:
     result = suite.run()
-    result.assert_outcomes(passed=38)
+    result.assert_outcomes(passed=40)
     out = result.stdout.str()
     assert "16 snapshots passed" in out
     found = verdicts(out)
     assert len(found) == 16 and set(found.values()) == {"PASS"}
-    # 8 cases: each model once per case, once more for the determinism check (every case on the CPU), and one
-    # packed forward per group holding every case once.
+    # 8 cases: each model once per case, once more for the determinism check (every case on the CPU), one
+    # packed forward per group holding every case once, and one more of the whole pack per case (companion swap).
     tokens = sum(found_tokens(out, case) for case in found if not case.startswith("packed/"))
-    assert costs(out)["main"] == (16, 2 * tokens, 16 + 2, 3 * tokens, 1, 1)
+    packs = [[]]  # the table lists each group's packed rows together, after its cases
+    for case in found:
+        if case.startswith("packed/"):
+            packs[-1].append(found_tokens(out, case))
+        elif packs[-1]:
+            packs.append([])
+    swapped = sum(len(pack) * sum(pack) for pack in packs)
+    assert len(packs) == 2 and sum(len(pack) for pack in packs) == 8 and "companion swaps 8;" in out
+    assert costs(out)["main"] == (16, 2 * tokens, 16 + 2 + 8, 3 * tokens + swapped, 1, 1)
 
 
 def found_tokens(output: str, case: str) -> int:
@@ -90,8 +98,10 @@ def test_planted_fault_fails_with_table_and_heat_maps(suite, faulty_packing) -> 
     assert len(found) == 16 and set(found.values()) == {"FAIL"}
     outcomes = result.parseoutcomes()
     assert outcomes["failed"] >= 9  # 8 cases, the packed batch
-    heat_maps = sorted(p.name for p in (suite.path / "report").glob("*.png"))
+    heat_maps = sorted(p.name for p in (suite.path / "report").glob("*.png") if not p.name.endswith("-layers.png"))
     assert len(heat_maps) == 8 and all(name.startswith(("image-", "video-")) for name in heat_maps)
+    layer_plots = sorted(p.name for p in (suite.path / "report").glob("*-layers.png"))
+    assert len(layer_plots) == 10  # one per failing test: 8 cases, 2 pack groups
 
 
 def test_modified_golden_fails(suite) -> None:

@@ -80,13 +80,23 @@ def _backend(model: torch.nn.Module, probe: torch.Tensor) -> str:
     return "n/a" if chosen is None else resolve_backend(chosen, probe)
 
 
-def companion_swap(model: torch.nn.Module, samples: list[Sample], index: int, *, seed: int = 0) -> SwapResult:
-    """Run the packing model on the pack and on the pack with the companions swapped; compare samples[index]."""
+def companion_swap(
+    model: torch.nn.Module, samples: list[Sample], index: int, *, seed: int = 0,
+    before: list[torch.Tensor] | None = None,
+) -> SwapResult:
+    """Run the packing model on the pack and on the pack with the companions swapped; compare samples[index].
+
+    before: the pack's features from `extract_packing(model, samples)` when the caller has them already (one
+    forward instead of two); they must come from the same model, samples, dtype and device.
+    """
     if len(samples) < 2:
         raise ValueError(f"a companion swap needs a pack of at least 2 samples, got {len(samples)}")
     if not 0 <= index < len(samples):
         raise IndexError(f"index {index} is outside the pack of {len(samples)} samples")
-    before = extract_packing(model, samples)
+    if before is None:
+        before = extract_packing(model, samples)
+    elif [tuple(f.shape[:1]) for f in before] != [(s.num_tokens,) for s in samples]:
+        raise ValueError("before: one feature tensor per sample of the pack, with its number of tokens, expected")
     after = extract_packing(model, swap_companions(samples, index, seed=seed))
     queried, swapped = before[index], after[index]
     identical = torch.equal(queried, swapped)

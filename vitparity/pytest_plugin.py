@@ -27,6 +27,7 @@ from .suite.schedule import (  # noqa: E402
     CASE_PARAM, GROUP_PARAM, PackGroupScheduling, build_plan, item_scope, split_items, worker_count,
 )
 from .suite.session import CaseResult, GroupNeeds, GroupResult, ParitySession  # noqa: E402
+from .suite.tracing import trace_failure  # noqa: E402
 
 # The options: also registered by the `pytest11` entry point, so that pytest knows them before it looks for its
 # rootdir (`--hf-model /ckpt/x` with a space); registered once either way.
@@ -101,6 +102,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             needs = session.needs.setdefault(group.id, GroupNeeds())
             needs.packed = True
             needs.cases.update(c.id for c in group.cases)
+            if item.originalname == "test_companions_do_not_leak":
+                needs.companions = True
         elif case is not None:
             needs = session.needs.setdefault(session.plan.group_of(case.id).id, GroupNeeds())
             needs.cases.add(case.id)
@@ -158,6 +161,21 @@ def record_comparison(request: pytest.FixtureRequest):
         request.node.user_properties.append((PROPERTY, json.dumps(comparison.row())))
 
     return record
+
+
+@pytest.fixture
+def layer_trace(parity: ParitySession, record_property):
+    """`layer_trace(case_result or group_result)`: the per-layer trace of the failing case(s), as text to append to
+    the failure (`first divergence: hidden_states[K]` and a table per case); records the figures as JUnit
+    properties and writes the layer plot into the report folder. Call it only when the test fails."""
+
+    def trace(result: CaseResult | GroupResult) -> str:
+        report = trace_failure(parity, result)
+        for name, value in report.properties():
+            record_property(name, value)
+        return "\n\n" + report.format()
+
+    return trace
 
 
 @pytest.fixture

@@ -65,6 +65,8 @@ VARIANTS = (
             "CLIP mean and std swapped on the non-packing side"),
     Variant("temporal_off_by_one", FAULT, "packing", "code",
             "video frame positions round(i/(T-1)*64) instead of round(i/(T-1)*63)"),
+    Variant("neighbour_leak_1e-6", FAULT, "packing", "code",
+            "every hidden state of a packed sample gets 1e-6 x the mean of the other samples' tokens"),
     Variant("gelu_tanh", BENIGN, "packing", "code",
             "GELU with the tanh approximation"),
     Variant("rope_input_dtype", BENIGN, "packing", "code",
@@ -77,13 +79,10 @@ VARIANTS = (
     Variant("config_layer_norm_eps_1e-5", BENIGN, "packing", "config",
             "config.json says layer_norm_eps 1e-5 (hf: 1e-6)", config=(("layer_norm_eps", 1e-5),)),
 )
-# Faults below any cosine threshold, caught only by the bit-exact companion swap (vitparity.independence);
-# not in VARIANTS, whose every fault the threshold suite must catch.
-BIT_EXACT_VARIANTS = (
-    Variant("neighbour_leak_1e-6", FAULT, "packing", "code",
-            "every hidden state of a packed sample gets 1e-6 x the mean of the other samples' tokens"),
-)
-VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS + BIT_EXACT_VARIANTS}
+# Faults below any cosine threshold: only the suite's bit-exact companion swap (test_companions_do_not_leak)
+# catches them.
+BIT_EXACT_FAULTS = ("neighbour_leak_1e-6",)
+VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
 CONFIG_VARIANTS = tuple(variant for variant in VARIANTS if variant.mechanism == "config")
 
 

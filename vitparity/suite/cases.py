@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..media import discover_media, media_kind
+from ..media import discover_media, media_kind, scale_suffix, scaled_size
 from ..media_probe import image_size, video_size
 from ..snapshots import golden_file_stem
 
@@ -31,7 +31,8 @@ def stable_key(text: str) -> int:
 
 @dataclass(frozen=True)
 class ParityCase:
-    """One media file; its id (`image-astronaut.jpg`) is stable on every machine.
+    """One media file at one resolution scale; its id (`image-astronaut.jpg`, `image-astronaut.jpg@0.5` at half
+    the native size) is stable on every machine.
 
     `tokens` is the patch count estimated from the file's stated size (0 when it cannot be read: the case
     then fails when it is decoded), used to plan groups and workers.
@@ -41,6 +42,7 @@ class ParityCase:
     kind: str
     path: Path
     tokens: int = 0
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -61,17 +63,21 @@ class PackGroup:
         return self.tokens > self.budget
 
 
-def estimate_tokens(kind: str, size: tuple[int, int] | None, *, patch_size: int, align: str, num_frames: int) -> int:
-    """Tokens of a case of `size` (width, height): whole patches per frame times the frames sampled."""
+def estimate_tokens(kind: str, size: tuple[int, int] | None, *, patch_size: int, align: str, num_frames: int,
+                    scale: float = 1.0) -> int:
+    """Tokens of a case of native `size` (width, height) at `scale`: whole patches per frame times the frames
+    sampled (the size is scaled as vitparity.media scales it, before the patch alignment)."""
     if size is None:
         return 0
+    width, height = scaled_size(*size, scale)
     whole = math.floor if align == "crop" else math.ceil
-    per_frame = whole(size[0] / patch_size) * whole(size[1] / patch_size)
+    per_frame = whole(width / patch_size) * whole(height / patch_size)
     return per_frame * (num_frames if kind == "video" else 1)
 
 
-def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_frames: int) -> tuple[ParityCase, ...]:
-    """Every image and video of the given folders, with unique readable ids and token estimates.
+def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_frames: int,
+                  scales: tuple[float, ...] = (1.0,)) -> tuple[ParityCase, ...]:
+    """Every image and video of the given folders at every scale, with unique readable ids and token estimates.
 
     Raises MediaError for a folder that cannot be listed and CaseError for files that would share an id.
     """
@@ -80,15 +86,17 @@ def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_fr
         for path in discover_media(folder):
             kind = media_kind(path)
             size = image_size(path) if kind == "image" else video_size(path)
-            tokens = estimate_tokens(kind, size, patch_size=patch_size, align=align, num_frames=num_frames)
-            case = ParityCase(f"{kind}-{path.name}", kind, path, tokens)
-            stem = golden_file_stem(case.id)
-            if stem in cases:
-                raise CaseError(
-                    f"two media files would share the case id or golden file {stem}: {cases[stem].path} and {path} "
-                    "(rename one)"
-                )
-            cases[stem] = case
+            for scale in scales:
+                tokens = estimate_tokens(kind, size, patch_size=patch_size, align=align, num_frames=num_frames,
+                                         scale=scale)
+                case = ParityCase(f"{kind}-{path.name}{scale_suffix(scale)}", kind, path, tokens, scale)
+                stem = golden_file_stem(case.id)
+                if stem in cases:
+                    raise CaseError(
+                        f"two media files would share the case id or golden file {stem}: {cases[stem].path} and "
+                        f"{path} (rename one)"
+                    )
+                cases[stem] = case
     return tuple(cases.values())
 
 

@@ -66,6 +66,12 @@ OPTIONS = (
     Option("golden_dir", "goldens", "root folder of golden snapshots", "fixtures/golden"),
     Option("regenerate_goldens", "goldens", "rewrite every selected golden (implies --snapshot-update)", flag=True),
     Option("report_dir", "report", "folder for heat maps of failing cases", "parity-report"),
+    Option("scales", "cases", "comma-separated fractions of the native size, each a case of every image and video "
+           "(1 = native; e.g. 1,0.5)", "1"),
+    Option("packed_backend", "models", "packed attention backend of the packing model (sdpa, varlen, nested, "
+           "flash_attn, flash_attn_4, flex, eager; a value not available here lists those that are)", "auto"),
+    Option("attention_kernel", "models", "SDPA kernel tried first by both models (a value not available here lists "
+           "those that are)", "auto"),
 )
 GROUP_TITLES = {
     "models": "the two models", "cases": "cases", "checks": "checks", "work": "work split",

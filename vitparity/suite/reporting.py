@@ -25,7 +25,8 @@ def cost_line(cost: dict) -> str:
 def cost_details(cost: dict) -> str:
     loads = cost["loads"]
     return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; pack groups {cost['groups']}; "
-            f"determinism re-runs {cost['determinism_cases']}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
+            f"determinism re-runs {cost['determinism_cases']}; companion swaps {cost['companion_swaps']}; "
+            f"layer traces {cost['layer_traces']}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
             f"({cost['peak_kind']})")
 
 
@@ -38,6 +39,9 @@ def total_cost(costs: dict[str, dict]) -> dict:
                 total[key][side] += cost[key][side]
         total["groups"] += cost["groups"]
         total["determinism_cases"] += cost["determinism_cases"]
+        total["companion_swaps"] += cost["companion_swaps"]
+        total["layer_traces"] += cost["layer_traces"]
+        total["attention"] = total["attention"] or cost["attention"]
         total["over_budget"] += cost["over_budget"]
         if cost["peak_bytes"] >= total["peak_bytes"]:
             total["peak_bytes"], total["peak_kind"] = cost["peak_bytes"], cost["peak_kind"]
@@ -109,6 +113,11 @@ class ParityReporter:
         terminalreporter.write_line(
             f"hf: {s.hf_model}  packing: {s.packing_model}  device: {s.device}  dtype: {s.dtype}  "
             f"threshold: min cos > {s.threshold}  (figures: float32 comparisons)"
+        )
+        ran = sorted({cost["attention"] for cost in self.costs.values() if cost["attention"]})
+        terminalreporter.write_line(
+            f"packed backend: {s.packed_backend}  attention kernel: {s.attention_kernel}  scales: "
+            f"{','.join(f'{scale:g}' for scale in s.scales)}" + (f"  (ran: {'; '.join(ran)})" if ran else "")
         )
         for warning in self.config_warnings:
             terminalreporter.write_line(

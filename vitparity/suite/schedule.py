@@ -85,7 +85,7 @@ def build_plan(config: pytest.Config, settings: Settings, workers: int) -> Plan:
     try:
         cases = collect_cases(
             list(settings.media_dirs), patch_size=_patch_size(settings.hf_model), align=settings.align,
-            num_frames=settings.num_frames,
+            num_frames=settings.num_frames, scales=settings.scales,
         )
     except (MediaError, CaseError) as err:
         raise pytest.UsageError(f"{option_label(config, 'media')}: {err}") from err

@@ -1,10 +1,11 @@
 """The suite's state in one process (one per xdist worker): the two models, the pack group being worked on,
 and what the run cost.
 
-A pack group is computed in one go when its first test asks for it: its packed forward, each needed case's
-forwards alone, the determinism re-runs the policy asks for, and from them only what the tests read (comparisons,
-golden reductions, determinism verdicts). Features are dropped as soon as they are compared, and the group's
-results after its last test, so memory does not grow with the number of cases.
+A pack group is computed in one go when its first test asks for it: its packed forward, the companion swaps of
+its pack, each needed case's forwards alone, the determinism re-runs the policy asks for, and from them only what
+the tests read (comparisons, swap verdicts, golden reductions, determinism verdicts). Features are dropped as soon
+as they are compared, and the group's results after its last test, so memory does not grow with the number of
+cases. Only a failing test pays for more: its per-layer trace decodes its cases again (vitparity.suite.tracing).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample
+from ..independence import SwapResult, companion_swap
 from ..loading import LoadedModel, ModelLoadError, library_versions, missing_cuda_device
 from ..media import Media, MediaError, load_media
+from ..models.packed_attention import model_backend, resolve_sdpa_kernel
 from ..pair import ModelPair, PairError, PairFiles, preflight_pair
 from ..report import format_report, write_cosine_heatmap
 from ..snapshots import GoldenData, file_sha256, model_fingerprint, reduce_features
@@ -40,6 +43,7 @@ class GroupNeeds:
     determinism: set[str] = field(default_factory=set)
     goldens: set[str] = field(default_factory=set)
     packed: bool = False
+    companions: bool = False  # test_companions_do_not_leak is selected: one swap forward per case of the pack
 
 
 @dataclass
@@ -54,6 +58,9 @@ class Cost:
     over_budget: list[str] = field(default_factory=list)
     peak_bytes: int = 0
     peak_kind: str = "RSS"
+    companion_swaps: int = 0  # packed forwards with the companions swapped (counted in the packing forwards)
+    layer_traces: int = 0  # failing cases traced layer by layer (their forwards are not in the counts above)
+    attention: str = ""  # what the loaded models run: "packed backend sdpa, attention kernel default"
 
     def count(self, side: str, tokens: int) -> None:
         self.forwards[side] += 1
@@ -70,7 +77,8 @@ class Cost:
         return {
             "forwards": self.forwards, "tokens": self.tokens, "loads": self.loads, "groups": self.groups,
             "determinism_cases": self.determinism_cases, "over_budget": self.over_budget,
-            "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind,
+            "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind, "companion_swaps": self.companion_swaps,
+            "layer_traces": self.layer_traces, "attention": self.attention,
         }
 
 
@@ -96,6 +104,8 @@ class GroupResult:
     packed_vs_hf: list[Comparison]
     packed_vs_alone: list[Comparison]
     left_out: dict[str, str]  # case id -> why its media could not join the pack
+    packed_ids: list[str] = field(default_factory=list)  # the case of each packed_vs_hf comparison
+    companions: list[SwapResult] = field(default_factory=list)  # one companion swap per case of the pack
 
 
 class ParitySession:
@@ -109,6 +119,7 @@ class ParitySession:
         self._files: PairFiles | None = None
         self._pair: ModelPair | None = None
         self._model_error: str | None = None
+        self._attention_error: str | None = None
         self._golden_folders: dict[str, Path] = {}
         self._current: GroupResult | None = None
 
@@ -173,6 +184,21 @@ class ParitySession:
     def model(self, side: str) -> LoadedModel:
         return self.pair().side(side)
 
+    def forward_models(self) -> tuple[LoadedModel, LoadedModel]:
+        """Both models with --packed-backend and --attention-kernel applied (once, before any forward). A choice
+        the loaded models cannot take fails every test that runs them, with the same message."""
+        hf, packing = self.models()
+        if self._attention_error is None and not self.cost.attention:
+            s = self.settings
+            try:
+                self.cost.attention = apply_attention_choice(hf.model, packing.model, s.packed_backend,
+                                                             s.attention_kernel)
+            except ValueError as err:
+                self._attention_error = str(err)
+        if self._attention_error is not None:
+            pytest.fail(self._attention_error, pytrace=False)
+        return hf, packing
+
     def weight_problems(self) -> dict[str, list[str]]:
         """Side -> problems of its loaded parameters and buffers (`loaded_model_problems`), found once."""
         return self.pair().weight_problems()
@@ -182,7 +208,11 @@ class ParitySession:
     def load_case_media(self, case: ParityCase) -> Media:
         """Decode the case's image or video (frames sampled and aligned to the models' patch size)."""
         s, patch_size = self.settings, self.model("hf").model.config.patch_size
-        return load_media(case.path, num_frames=s.num_frames, patch_size=patch_size, align=s.align)
+        return load_media(case.path, num_frames=s.num_frames, patch_size=patch_size, align=s.align, scale=case.scale)
+
+    def decode_sample(self, case: ParityCase) -> Sample:
+        """The case's model inputs made again from its file (for a failing case's trace: features are not kept)."""
+        return self._sample(case, self.load_case_media(case))
 
     def _sample(self, case: ParityCase, media: Media) -> Sample:
         s, hf_config = self.settings, self.model("hf").model.config
@@ -220,8 +250,9 @@ class ParitySession:
         return result
 
     def _compute(self, group: PackGroup) -> GroupResult:
-        needs = self.needs.get(group.id) or GroupNeeds({case.id for case in group.cases}, packed=True)
-        self.models()
+        needs = self.needs.get(group.id) or GroupNeeds({case.id for case in group.cases}, packed=True,
+                                                       companions=True)
+        self.forward_models()
         self.cost.groups += 1
         if group.over_budget:
             self.cost.over_budget.append(f"{group.id} ({group.tokens} tokens)")
@@ -233,8 +264,8 @@ class ParitySession:
                     media[case.id] = self.load_case_media(case)
                 except MediaError as err:
                     results[case.id] = CaseResult(case, error=str(err))
-        packed = self._packed_forward(group, media) if needs.packed else {}
-        packed_vs_hf, packed_vs_alone = [], []
+        packed, swaps = self._packed_forward(group, media, companions=needs.companions) if needs.packed else ({}, [])
+        packed_vs_hf, packed_vs_alone, packed_ids = [], [], []
         for case in group.cases:
             if case.id not in media:
                 continue
@@ -249,6 +280,7 @@ class ParitySession:
                 result.metadata["media_sha256"] = file_sha256(case.path)
                 result.reductions = {side: (*reduce_features(first[side]), list(first[side].shape)) for side in SIDES}
             if case.id in packed:
+                packed_ids.append(case.id)
                 packed_vs_hf.append(compare_features(
                     first["hf"], packed[case.id], name=f"packed/{case.id}", threshold=self.settings.threshold,
                     labels=("hf", "packing"),
@@ -264,16 +296,32 @@ class ParitySession:
             del sample, first
         left_out = {case.id: results[case.id].error for case in group.cases
                     if case.id in results and results[case.id].error}
-        return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out)
+        return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out, packed_ids, swaps)
 
-    def _packed_forward(self, group: PackGroup, media: dict[str, Media]) -> dict[str, torch.Tensor]:
-        """Every readable case of the group in one forward of the packing model, split back per case."""
+    def _packed_forward(self, group: PackGroup, media: dict[str, Media], *,
+                        companions: bool) -> tuple[dict[str, torch.Tensor], list[SwapResult]]:
+        """Every readable case of the group in one forward of the packing model, split back per case; with
+        `companions`, each case's companion swap, reusing that forward as the swap's first pass."""
         samples = [self._sample(case, media[case.id]) for case in group.cases if case.id in media]
         if not samples:
-            return {}
+            return {}, []
         self.cost.count("packing", sum(sample.num_tokens for sample in samples))
         features = extract_packing(self.model("packing").model, samples)
-        return {sample.name: feature for sample, feature in zip(samples, features)}
+        swaps = self._companion_swaps(samples, features) if companions else []
+        return {sample.name: feature for sample, feature in zip(samples, features)}, swaps
+
+    def _companion_swaps(self, samples: list[Sample], features: list[torch.Tensor]) -> list[SwapResult]:
+        """Each sample's features with the other samples' pixels replaced must be bit-identical to `features`:
+        one more packed forward per sample (none for a pack of fewer than two)."""
+        if len(samples) < 2:
+            return []
+        model, tokens = self.model("packing").model, sum(sample.num_tokens for sample in samples)
+        swaps = []
+        for index in range(len(samples)):
+            self.cost.count("packing", tokens)
+            self.cost.companion_swaps += 1
+            swaps.append(companion_swap(model, samples, index, before=features))
+        return swaps
 
     def _determinism_problems(self, case: ParityCase, media: Media, sample: Sample,
                               first: dict[str, torch.Tensor]) -> list[str]:
@@ -343,3 +391,36 @@ class ParitySession:
             path = self.settings.report_dir / f"{comparison.name}.png"
             text += f"\nheat map: {write_cosine_heatmap(comparison.token_cos, result.grid, path, title=comparison.name)}"
         return text
+
+
+def apply_attention_choice(hf: torch.nn.Module, packing: torch.nn.Module, backend: str, kernel: str) -> str:
+    """Set the packing model's packed attention backend and both models' SDPA kernel preference; return what runs
+    on the models' device and dtype ("packed backend sdpa, attention kernel default").
+
+    ValueError, naming the option, when a loaded model has no such setting (remote code) or cannot run the choice.
+    """
+    parameter = next(packing.parameters())
+    probe = parameter.new_empty(0)  # "auto" resolves by the device and dtype of the tensors the model runs
+    for side, model in (("hf", hf), ("packing", packing)):
+        if hasattr(model, "attention_kernel"):
+            model.attention_kernel = kernel
+        elif kernel != "auto":
+            raise ValueError(f"--attention-kernel={kernel}: the {side} model ({type(model).__name__}) has no "
+                             "attention_kernel setting")
+    if hasattr(packing, "packed_attention_backend"):
+        packing.packed_attention_backend = backend
+        implementation = getattr(packing.config, "_attn_implementation", None) or "sdpa"
+        try:
+            ran = model_backend(implementation, backend, probe)
+        except ValueError as err:
+            raise ValueError(f"--packed-backend={backend}: {err}") from None
+    elif backend != "auto":
+        raise ValueError(f"--packed-backend={backend}: the packing model ({type(packing).__name__}) has no "
+                         "packed_attention_backend setting")
+    else:
+        ran = "n/a (the model has no packed_attention_backend setting)"
+    try:
+        kernel_ran = resolve_sdpa_kernel(kernel, probe)
+    except ValueError as err:
+        raise ValueError(f"--attention-kernel={kernel}: {err}") from None
+    return f"packed backend {ran}, attention kernel {kernel_ran}"

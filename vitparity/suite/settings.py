@@ -10,7 +10,8 @@ import pytest
 from ..builtin import BUILTIN_MEDIA, builtin_paths
 from ..hub import hub_id
 from ..loading import DTYPES, resolve_device_dtype
-from ..media import ALIGN_POLICIES
+from ..media import ALIGN_POLICIES, check_scale, scale_suffix
+from ..models.packed_attention import BACKENDS, SDPA_KERNELS, available_backends, available_sdpa_kernels
 from ..pair import PairError, check_threshold
 from .cases import Shard, parse_shard
 from .options import DETERMINISM_POLICIES, OPTIONS, RawValue, raw_value
@@ -39,6 +40,9 @@ class Settings:
     golden_dir: Path
     regenerate_goldens: bool
     report_dir: Path
+    scales: tuple[float, ...] = (1.0,)
+    packed_backend: str = "auto"
+    attention_kernel: str = "auto"
     num_frames_label: str = "--num-frames"  # how the user gave --num-frames, for messages about its value
 
     @property
@@ -127,7 +131,37 @@ def resolve_settings(config: pytest.Config) -> Settings:
         golden_dir=path("golden_dir"),
         regenerate_goldens=raw["regenerate_goldens"].value,
         report_dir=path("report_dir"),
+        scales=_scales(str(raw["scales"].value), bad),
+        packed_backend=_choice(raw["packed_backend"].value, BACKENDS, available_backends(device, DTYPES[dtype]), bad,
+                               "packed_backend", f"on {device} in {dtype}"),
+        attention_kernel=_choice(raw["attention_kernel"].value, SDPA_KERNELS,
+                                 available_sdpa_kernels(device, DTYPES[dtype]), bad, "attention_kernel",
+                                 f"on {device} in {dtype}"),
         num_frames_label=raw["num_frames"].label,
     )
+
+
+def _scales(text: str, bad) -> tuple[float, ...]:
+    """`1,0.5` -> (1.0, 0.5): each a fraction in (0, 1] with a short name, none twice."""
+    scales: list[float] = []
+    for part in text.split(","):
+        try:
+            scale = check_scale(part.strip())
+            scale_suffix(scale)
+        except ValueError as err:
+            raise bad("scales", f"{part.strip()!r}: {err}") from None
+        if scale in scales:
+            raise bad("scales", f"{part.strip()!r} is listed twice")
+        scales.append(scale)
+    return tuple(scales)
+
+
+def _choice(value: str, known: tuple[str, ...], available: tuple[str, ...], bad, name: str, where: str) -> str:
+    """One of `known`; anything but "auto" must also be in `available` (what runs on this device and dtype)."""
+    if value not in known:
+        raise bad(name, f"use one of {known}")
+    if value != "auto" and value not in available:
+        raise bad(name, f"not available {where}; available here: {', '.join(('auto', *available))}")
+    return value
 
 
