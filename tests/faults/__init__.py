@@ -135,9 +135,13 @@ def suite_args(variant: Variant, folder: Path, dtype: str, *, golden_dir: Path, 
     """Options of a parity-suite run with the variant in place of its side's built-in checkpoint."""
     hf = folder if variant.side == "hf" else BUILTIN_HF
     packing = folder if variant.side == "packing" else BUILTIN_PACKING
+    # A config variant is another model (its config is in the golden fingerprint): no committed golden is its own,
+    # so its runs judge parity, determinism and the weights only.
+    goldens = ["-m", "not golden"] if variant.mechanism == "config" else []
     return [
         "--hf-model", str(hf), "--packing-model", str(packing), "--trust-remote-code",
         "--dtype", dtype, "--device", "cpu", "--golden-dir", str(golden_dir), "--report-dir", str(report_dir),
+        *goldens,
     ]
 
 
