@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from vitparity.checks import odd_pass
 from vitparity.compare import DEFAULT_THRESHOLD, Comparison, compare_features, cosine_per_token
 
 N, D = 64, 32
@@ -255,3 +256,14 @@ def test_descriptions_of_a_pass_that_did_not_repeat() -> None:
     second[2, 0] = 1.5
     assert feature_difference(first, second) == "max abs difference 5.000e-01, 1 of 3 tokens differ, min cos 0.9819805"
     assert feature_difference(first, first[:2]) == "token count differs: first pass 3 vs second pass 2"
+
+
+def test_a_third_pass_names_the_odd_one() -> None:
+    first = torch.ones(4, 8)
+    other = first.clone()
+    other[2, 3] += 1e-3
+    assert odd_pass(first, other, first.clone()).endswith("the second pass was the odd one")
+    assert odd_pass(other, first, first.clone()).endswith("the first pass was the odd one")
+    third = first.clone()
+    third[0, 0] -= 1e-3
+    assert "every pass differs" in odd_pass(first, other, third)

@@ -221,6 +221,7 @@ def test_nondeterministic_model_is_caught_by_the_determinism_check(suite, tmp_pa
     assert failed_tests(result) == {f"test_deterministic[{case}]" for case in found}
     assert "packing model not deterministic" in result.stdout.str()
     assert "between two passes on the same pixels" in result.stdout.str() and "decoding" not in result.stdout.str()
+    assert "a third pass differs from both" in result.stdout.str()  # fresh noise on every pass: no odd one out
 
 
 def test_nondeterministic_decoding_is_told_apart_from_the_models(suite, monkeypatch) -> None:
