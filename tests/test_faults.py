@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from faults import CONFIG_VARIANTS, VARIANTS, build_variant, builtin_folder, suite_args
-from faults.isolation import isolated, modules_cache  # noqa: F401 (fixtures)
 from faults.detection import detection_from_reports, format_text_table
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA
 from vitparity.cli import main

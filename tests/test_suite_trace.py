@@ -12,7 +12,6 @@ import torch
 
 from conftest import verdicts
 from faults import build_variant
-from faults.isolation import isolated, modules_cache  # noqa: F401 (fixtures)
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.media import load_media
 from vitparity.models.packed_attention import available_backends

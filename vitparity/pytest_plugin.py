@@ -24,9 +24,9 @@ from .numerics import pinned_float32  # noqa: E402
 from .suite.settings import resolve_settings  # noqa: E402
 from .suite.reporting import PROPERTY, FailureWithoutFailedTest, ParityReporter  # noqa: E402
 from .suite.schedule import (  # noqa: E402
-    CASE_PARAM, GROUP_PARAM, PackGroupScheduling, build_plan, item_scope, split_items, worker_count,
+    CASE_PARAM, GROUP_PARAM, PackGroupScheduling, build_plan, group_id_of, group_needs, split_items, worker_count,
 )
-from .suite.session import CaseResult, GroupNeeds, GroupResult, ParitySession  # noqa: E402
+from .suite.session import CaseResult, GroupResult, ParitySession  # noqa: E402
 from .suite.tracing import trace_failure  # noqa: E402
 
 # The options: also registered by the `pytest11` entry point, so that pytest knows them before it looks for its
@@ -96,36 +96,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if deselected:
         config.hook.pytest_deselected(items=deselected)
     items[:] = kept
-    for item in kept:
-        case, group = item_scope(item)
-        if group is not None:
-            needs = session.needs.setdefault(group.id, GroupNeeds())
-            needs.packed = True
-            needs.cases.update(c.id for c in group.cases)
-            if item.originalname == "test_companions_do_not_leak":
-                needs.companions = True
-        elif case is not None:
-            needs = session.needs.setdefault(session.plan.group_of(case.id).id, GroupNeeds())
-            needs.cases.add(case.id)
-            if item.originalname == "test_deterministic":
-                needs.determinism.add(case.id)
-            if item.get_closest_marker("golden"):
-                needs.goldens.add(case.id)
+    session.needs = group_needs(session.plan, kept)
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Release a group's results after its last test."""
-    case, group = item_scope(item)
-    if case is None and group is None:
-        return
-    session = item.config.stash[SESSION_KEY]
-    current = group.id if group else session.plan.group_of(case.id).id
-    if nextitem is not None:
-        next_case, next_group = item_scope(nextitem)
-        following = next_group.id if next_group else session.plan.group_of(next_case.id).id if next_case else None
-        if following == current:
-            return
-    session.release(current)
+    plan = item.config.stash[SESSION_KEY].plan
+    current = group_id_of(plan, item)
+    if current is not None and (nextitem is None or group_id_of(plan, nextitem) != current):
+        item.config.stash[SESSION_KEY].release(current)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

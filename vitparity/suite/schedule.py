@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -75,6 +75,17 @@ class Plan:
         return {case.id: group.id for group in self.all_groups for case in group.cases}
 
 
+@dataclass
+class GroupNeeds:
+    """What the selected tests of one group need: cases to extract, determinism re-runs, goldens, the pack."""
+
+    cases: set[str] = field(default_factory=set)
+    determinism: set[str] = field(default_factory=set)
+    goldens: set[str] = field(default_factory=set)
+    packed: bool = False
+    companions: bool = False  # test_companions_do_not_leak is selected: one swap forward per case of the pack
+
+
 def worker_count() -> int:
     """Workers of this xdist run as a worker sees it (1 outside xdist)."""
     return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -129,6 +140,33 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> tup
         return 0, 0
 
     return sorted(kept, key=order), deselected  # sorted() is stable: collection order within a group stays
+
+
+def group_id_of(plan: Plan, item: pytest.Item) -> str | None:
+    """The pack group a test item belongs to (None for tests outside any case)."""
+    case, group = item_scope(item)
+    return group.id if group else plan.group_of(case.id).id if case else None
+
+
+def group_needs(plan: Plan, items: list[pytest.Item]) -> dict[str, GroupNeeds]:
+    """Group id -> what the selected `items` need of it (a group whose tests are all deselected needs nothing)."""
+    needs: dict[str, GroupNeeds] = {}
+    for item in items:
+        case, group = item_scope(item)
+        if case is None and group is None:
+            continue
+        need = needs.setdefault(group_id_of(plan, item), GroupNeeds())
+        if group is not None:
+            need.packed = True
+            need.cases.update(c.id for c in group.cases)
+            need.companions |= item.originalname == "test_companions_do_not_leak"
+        else:
+            need.cases.add(case.id)
+            if item.originalname == "test_deterministic":
+                need.determinism.add(case.id)
+            if item.get_closest_marker("golden"):
+                need.goldens.add(case.id)
+    return needs
 
 
 def worker_index(node) -> int:

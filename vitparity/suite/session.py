@@ -30,20 +30,9 @@ from ..report import format_report, write_cosine_heatmap
 from ..snapshots import GoldenData, file_sha256, model_fingerprint, reduce_features
 from .cases import PackGroup, ParityCase
 from .settings import Settings
-from .schedule import Plan
+from .schedule import GroupNeeds, Plan
 
 SIDES = ("hf", "packing")
-
-
-@dataclass
-class GroupNeeds:
-    """What the selected tests of one group need: cases to extract, determinism re-runs, goldens, the pack."""
-
-    cases: set[str] = field(default_factory=set)
-    determinism: set[str] = field(default_factory=set)
-    goldens: set[str] = field(default_factory=set)
-    packed: bool = False
-    companions: bool = False  # test_companions_do_not_leak is selected: one swap forward per case of the pack
 
 
 @dataclass
