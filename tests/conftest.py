@@ -33,7 +33,7 @@ class SuiteCopy:
 
     def run(self, *args: str) -> pytest.RunResult:
         """The suite in this process, on the CPU; write path options as --option=PATH."""
-        return self.pytester.runpytest_inprocess("-p", "no:cacheprovider", "--device", "cpu", *args)
+        return self.pytester.runpytest_inprocess("-p", "no:cacheprovider", "--device=cpu", *args)
 
     def goldens(self) -> dict[str, bytes]:
         return golden_files(self.golden_root)

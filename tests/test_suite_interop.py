@@ -4,6 +4,7 @@ config differences that change only numerics, preprocessor normalisation, pinned
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -32,12 +33,25 @@ def golden_meta(root: Path, case: str, side: str) -> dict:
         return json.loads(archive["meta"].tobytes().decode("utf-8"))
 
 
-def test_model_paths_written_with_a_space_run_the_suite(suite, tmp_path) -> None:
-    hf, packing = copies(tmp_path)
+def test_model_paths_written_with_a_space_run_the_suite(suite) -> None:
+    """Inside the repository the spelling works (the options are known through the pytest11 entry point)."""
+    hf, packing = copies(suite.path)
     result = suite.run("--hf-model", str(hf), "--packing-model", str(packing), *ONE_CASE)
     assert result.ret == 0, result.stdout.str()[-2000:] + result.stderr.str()[-2000:]
     assert f"hf: {hf}  packing: {packing}" in result.stdout.str()
     assert set(verdicts(result.stdout.str()).values()) == {"PASS"}
+
+
+def test_a_space_that_moves_the_rootdir_says_what_to_type(suite, tmp_path_factory) -> None:
+    """Outside it, pytest picks its rootdir from the path before any plugin loads: one line says what to type."""
+    hf, packing = copies(tmp_path_factory.mktemp("elsewhere"))
+    result = suite.run("--hf-model", str(hf), "--packing-model", str(packing), *ONE_CASE)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    (line,) = [line for line in result.stderr.lines if line.startswith("ERROR:")]
+    assert f"pytest took {hf}, {packing} for a test path" in line and "(config file: None)" in line
+    typed = shlex.split(line.split("type: pytest ", 1)[1])
+    assert f"--hf-model={hf}" in typed and f"--packing-model={packing}" in typed
+    assert suite.pytester.runpytest_inprocess(*typed).ret == 0
 
 
 def test_numeric_config_differences_warn_and_fail_only_when_strict(suite, tmp_path, monkeypatch) -> None:

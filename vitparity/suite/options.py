@@ -11,7 +11,9 @@ usage error that names the option as the user spelled it.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +80,36 @@ GROUP_TITLES = {
     "goldens": "golden snapshots", "report": "report",
 }
 TRUE = {"1", "true", "yes", "on"}
+
+
+def _joined(args: list[str], options: set[str]) -> tuple[list[str], list[str]]:
+    """(`args` with each `--option VALUE` of `options` written `--option=VALUE`, the values that were separate)."""
+    out, separate, index = [], [], 0
+    while index < len(args):
+        if args[index] in options and index + 1 < len(args) and not args[index + 1].startswith("-"):
+            out.append(f"{args[index]}={args[index + 1]}")
+            separate.append(args[index + 1])
+            index += 2
+        else:
+            out.append(args[index])
+            index += 1
+    return out, separate
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
+    """A suite option written `--hf-model /ckpt/x` that cost pytest the ini file of the current folder (it chose
+    its rootdir and ini file from `/ckpt/x` before it knew the option): a usage error that says what to type."""
+    invocation = early_config.invocation_params
+    valued = {option.cli for option in OPTIONS if not option.flag}
+    command, separate = _joined([str(arg) for arg in invocation.args], valued)
+    here, inipath = Path(invocation.dir), early_config.inipath
+    separate = [value for value in separate if (here / value).exists()]  # what pytest took for test paths
+    if separate and (inipath is None or inipath.parent not in (here, *here.parents)):
+        raise pytest.UsageError(
+            f"pytest took {', '.join(separate)} for a test path and set its rootdir to {early_config.rootpath} "
+            f"(config file: {inipath}) before it knew the suite's options; type: pytest {shlex.join(command)}"
+        )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -21,7 +21,7 @@ import torch
 from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample
-from ..independence import SwapResult, companion_swap
+from ..independence import SwapResult, alternate_halves, companion_swap
 from ..loading import LoadedModel, ModelLoadError, library_versions, missing_cuda_device
 from ..media import Media, MediaError, load_media
 from ..models.packed_attention import model_backend, resolve_sdpa_kernel
@@ -47,7 +47,7 @@ class Cost:
     over_budget: list[str] = field(default_factory=list)
     peak_bytes: int = 0
     peak_kind: str = "RSS"
-    companion_swaps: int = 0  # packed forwards with the companions swapped (counted in the packing forwards)
+    companion_swaps: int = 0  # packed forwards with companions swapped, two per pack (counted in the packing forwards)
     layer_traces: int = 0  # failing cases traced layer by layer (their forwards are not in the counts above)
     attention: str = ""  # what the loaded models run: "packed backend sdpa, attention kernel default"
 
@@ -94,7 +94,7 @@ class GroupResult:
     packed_vs_alone: list[Comparison]
     left_out: dict[str, str]  # case id -> why its media could not join the pack
     packed_ids: list[str] = field(default_factory=list)  # the case of each packed_vs_hf comparison
-    companions: list[SwapResult] = field(default_factory=list)  # one companion swap per case of the pack
+    companions: list[SwapResult] = field(default_factory=list)  # one companion-swap verdict per case of the pack
 
 
 class ParitySession:
@@ -300,17 +300,17 @@ class ParitySession:
         return {sample.name: feature for sample, feature in zip(samples, features)}, swaps
 
     def _companion_swaps(self, samples: list[Sample], features: list[torch.Tensor]) -> list[SwapResult]:
-        """Each sample's features with the other samples' pixels replaced must be bit-identical to `features`:
-        one more packed forward per sample (none for a pack of fewer than two)."""
+        """Each sample's features with its companions' pixels replaced must be bit-identical to `features`: two more
+        packed forwards per pack (the even positions kept, then the odd ones); none for a pack of one."""
         if len(samples) < 2:
             return []
         model, tokens = self.model("packing").model, sum(sample.num_tokens for sample in samples)
         swaps = []
-        for index in range(len(samples)):
+        for kept in alternate_halves(len(samples)):
             self.cost.count("packing", tokens)
             self.cost.companion_swaps += 1
-            swaps.append(companion_swap(model, samples, index, before=features))
-        return swaps
+            swaps.extend(companion_swap(model, samples, kept, before=features))
+        return sorted(swaps, key=lambda swap: swap.index)
 
     def _determinism_problems(self, case: ParityCase, media: Media, sample: Sample,
                               first: dict[str, torch.Tensor]) -> list[str]:
