@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -42,6 +43,15 @@ class SuiteCopy:
 def golden_files(root: Path) -> dict[str, bytes]:
     """Relative path -> bytes of every golden under root."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.npz"))}
+
+
+def edited_checkpoint(source: Path, folder: Path, **fields: object) -> Path:
+    """A copy of a checkpoint folder with config.json fields changed, as a release's config would differ."""
+    folder = Path(shutil.copytree(source, folder))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
 
 
 def verdicts(output: str) -> dict[str, str]:

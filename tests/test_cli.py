@@ -21,6 +21,8 @@ from vitparity.cli import _device_and_dtype, main, resolve_inputs
 from vitparity.features_io import HF_FILE, METADATA_FILE, PACKING_FILE, read_features, write_features
 from vitparity.junit_report import merge_report, read_junit
 
+from conftest import edited_checkpoint
+
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = BUILTIN_MEDIA / "coffee_small.jpg"  # 105x70: 5x7 patches after cropping
 VIDEO = BUILTIN_MEDIA / "coffee_zoom.mp4"  # 5 frames of 168x112: 8x12 patches per frame
@@ -307,17 +309,8 @@ def test_swapped_model_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert not (tmp_path / "o").exists()
 
 
-def _edited_copy(source: Path, folder: Path, **fields: object) -> Path:
-    """A copy of a checkpoint folder with config.json fields changed, as a release's config would differ."""
-    folder = Path(shutil.copytree(source, folder))
-    config = json.loads((folder / "config.json").read_text())
-    config.update(fields)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 def test_architecture_mismatch_lists_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    packing = _edited_copy(BUILTIN_PACKING, tmp_path / "packing", layer_norm_eps=1e-5, rope_theta=500.0)
+    packing = edited_checkpoint(BUILTIN_PACKING, tmp_path / "packing", layer_norm_eps=1e-5, rope_theta=500.0)
     code, _, err = _run(
         capsys, "extract", "--hf_model_path", BUILTIN_HF, "--packing_model_path", packing,
         "--image1", IMAGE, "--output_dir", tmp_path / "o",
@@ -333,7 +326,7 @@ def test_numeric_config_differences_warn_and_fail_when_strict(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], strict_flag: str
 ) -> None:
     """A packing config with a tanh GELU and another norm epsilon passes with warnings; strict mode refuses it."""
-    packing = _edited_copy(BUILTIN_PACKING, tmp_path / "packing", hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-5)
+    packing = edited_checkpoint(BUILTIN_PACKING, tmp_path / "packing", hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-5)
     argv = ["extract", "--hf_model_path", BUILTIN_HF, "--packing_model_path", packing, "--image1", IMAGE]
     code, out, err = _run(capsys, *argv, "--output_dir", tmp_path / "o")
     assert code == 0, out + err
@@ -692,7 +685,7 @@ def test_report_junit_bad_files_are_named(tmp_path: Path, capsys, content: str |
 
 def test_report_junit_lists_config_differences(suite, tmp_path: Path, capsys) -> None:
     """A real run whose packing config differs in hidden_act only: the report carries the suite's warning."""
-    packing = _edited_copy(BUILTIN_PACKING, tmp_path / "packing", hidden_act="gelu_pytorch_tanh")
+    packing = edited_checkpoint(BUILTIN_PACKING, tmp_path / "packing", hidden_act="gelu_pytorch_tanh")
     path = suite.path / "junit-warned.xml"
     result = suite.run(f"--packing-model={packing}", "-k", "coffee_small and not golden", f"--junitxml={path}")
     assert result.ret == 0, result.stdout.str()[-3000:]

@@ -22,13 +22,7 @@ from vitparity.pair import (
     PairError, check_num_frames, check_threshold, load_pair, pair_normalization, preflight_pair, read_normalization,
 )
 
-
-def _edited(source: Path, folder: Path, **fields: object) -> Path:
-    folder = Path(shutil.copytree(source, folder))
-    config = json.loads((folder / "config.json").read_text())
-    config.update(fields)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+from conftest import edited_checkpoint
 
 
 def test_pair_error_is_a_model_load_error() -> None:
@@ -51,7 +45,7 @@ def test_frames_rule() -> None:
 
 
 def test_preflight_checks_frames_before_loading(tmp_path: Path) -> None:
-    hf = _edited(BUILTIN_HF, tmp_path / "hf", rope_temporal_size=16)
+    hf = edited_checkpoint(BUILTIN_HF, tmp_path / "hf", rope_temporal_size=16)
     with pytest.raises(PairError, match="rope_temporal_size=16"):
         preflight_pair(hf, BUILTIN_PACKING, num_frames=17)
     assert preflight_pair(hf, BUILTIN_PACKING, num_frames=16).temporal_context == 16
@@ -73,7 +67,7 @@ def test_config_field_split() -> None:
 
 
 def test_numeric_differences_pass_with_warnings_and_fail_when_strict(tmp_path: Path) -> None:
-    packing = _edited(BUILTIN_PACKING, tmp_path / "packing", hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-5)
+    packing = edited_checkpoint(BUILTIN_PACKING, tmp_path / "packing", hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-5)
     pair = load_pair(BUILTIN_HF, packing)
     assert len(pair.config_warnings) == 2 and pair.provenance()["config_warnings"] == pair.config_warnings
     assert pair.packing.model.config.hidden_act == "gelu_pytorch_tanh"
@@ -82,7 +76,7 @@ def test_numeric_differences_pass_with_warnings_and_fail_when_strict(tmp_path: P
 
 
 def test_weight_field_difference_is_an_error(tmp_path: Path) -> None:
-    packing = _edited(BUILTIN_PACKING, tmp_path / "packing", rope_theta=500.0)
+    packing = edited_checkpoint(BUILTIN_PACKING, tmp_path / "packing", rope_theta=500.0)
     with pytest.raises(PairError, match="do not describe the same model .*rope_theta") as error:
         load_pair(BUILTIN_HF, packing)
     assert "hidden_act" not in str(error.value)

@@ -180,6 +180,17 @@ def _draw_legend(canvas: np.ndarray, top: int) -> None:
                     cv2.LINE_AA)
 
 
+def _write_png(canvas: np.ndarray, path: str | Path, what: str) -> Path:
+    """Encode `canvas` (BGR) as a PNG at `path`, creating its folder."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ok, encoded = cv2.imencode(".png", canvas)
+    if not ok:
+        raise OSError(f"could not encode {what} PNG for {out}")
+    out.write_bytes(encoded.tobytes())
+    return out
+
+
 def write_cosine_heatmap(token_cos: np.ndarray, grid_thw: tuple[int, int, int],
                          path: str | os.PathLike[str], *, title: str = "") -> Path:
     """Write a PNG of per-token cosine, one panel per frame; return its path.
@@ -221,13 +232,7 @@ def write_cosine_heatmap(token_cos: np.ndarray, grid_thw: tuple[int, int, int],
                     cv2.LINE_AA)
     _draw_legend(canvas, height - HEATMAP_LEGEND)
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ok, encoded = cv2.imencode(".png", canvas)
-    if not ok:
-        raise OSError(f"could not encode heatmap PNG for {out}")
-    out.write_bytes(encoded.tobytes())
-    return out
+    return _write_png(canvas, path, "heatmap")
 
 
 # Layer-trace plot layout, in pixels.
@@ -305,10 +310,4 @@ def write_layer_trace_plot(traces: Sequence, path: str | os.PathLike[str], *, ti
     cv2.putText(canvas, _fit_text(f"{header}  (threshold {threshold})", width - 2 * HEATMAP_MARGIN, 0.45),
                 (HEATMAP_MARGIN, 17), _FONT, 0.45, _TEXT_BGR, 1, cv2.LINE_AA)
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ok, encoded = cv2.imencode(".png", canvas)
-    if not ok:
-        raise OSError(f"could not encode layer-trace PNG for {out}")
-    out.write_bytes(encoded.tobytes())
-    return out
+    return _write_png(canvas, path, "layer-trace")
