@@ -103,7 +103,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     invocation = early_config.invocation_params
     valued = {option.cli for option in OPTIONS if not option.flag}
     command, separate = _joined([str(arg) for arg in invocation.args], valued)
-    here, inipath = Path(invocation.dir), early_config.inipath
+    here, inipath, chosen = Path(invocation.dir), early_config.inipath, early_config.known_args_namespace
+    if chosen.inifilename or chosen.rootdir:  # -c / --rootdir given: pytest did not guess from the paths
+        return
     separate = [value for value in separate if (here / value).exists()]  # what pytest took for test paths
     if separate and (inipath is None or inipath.parent not in (here, *here.parents)):
         raise pytest.UsageError(
