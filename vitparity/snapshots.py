@@ -94,11 +94,6 @@ class GoldenData:
     case: str = ""
 
     @classmethod
-    def from_features(cls, features, meta: dict, *, refusal: str = "", case: str = "") -> "GoldenData":
-        projection, norms = reduce_features(features)
-        return cls.from_reduction(projection, norms, list(np.shape(features)), meta, refusal=refusal, case=case)
-
-    @classmethod
     def from_reduction(cls, projection: np.ndarray, norms: np.ndarray, feature_shape: list[int], meta: dict, *,
                        refusal: str = "", case: str = "") -> "GoldenData":
         """From features already reduced by `reduce_features` (the features themselves need not be kept)."""
