@@ -220,13 +220,14 @@ def run_extract(args: argparse.Namespace) -> int:
         },
     }
     if args.trace_layers:
-        for sample in samples:
-            _progress(f"tracing {sample.name} layer by layer ...")
-            trace = trace_layers(
-                pair.hf.model, pair.packing.model, sample, pack=samples, threshold=args.threshold,
-                temporal_context=context,
-            )
-            metadata["inputs"][sample.name]["layer_trace"] = trace.to_json()
+        with pinned_float32(device, dtype):
+            for sample in samples:
+                _progress(f"tracing {sample.name} layer by layer ...")
+                trace = trace_layers(
+                    pair.hf.model, pair.packing.model, sample, pack=samples, threshold=args.threshold,
+                    temporal_context=context,
+                )
+                metadata["inputs"][sample.name]["layer_trace"] = trace.to_json()
     write_features(args.output_dir, hf_features, packing_features, metadata)
     _progress(f"wrote {HF_FILE}, {PACKING_FILE} and metadata.json to {args.output_dir}")
     return verify_folder(args.output_dir, args.threshold)

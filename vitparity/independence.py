@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .extract import Sample, extract_packing, normalize
-from .models.packed_attention import resolve_backend
+from .models.packed_attention import packed_backend_of
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,6 @@ def alternate_halves(pack_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(range(0, pack_size, 2)), tuple(range(1, pack_size, 2))
 
 
-def _backend(model: torch.nn.Module, probe: torch.Tensor) -> str:
-    chosen = getattr(model, "packed_attention_backend", None)
-    return "n/a" if chosen is None else resolve_backend(chosen, probe)
-
-
 def companion_swap(
     model: torch.nn.Module, samples: list[Sample], kept: Collection[int], *, seed: int = 0,
     before: list[torch.Tensor] | None = None,
@@ -109,7 +104,7 @@ def companion_swap(
     after = extract_packing(model, swap_companions(samples, kept, seed=seed))
     changed = all(not torch.equal(a, b) for i, (a, b) in enumerate(zip(before, after)) if i not in kept)
     parameter = next(model.parameters())
-    backend = _backend(model, before[kept[0]].new_empty(0, dtype=parameter.dtype))
+    backend = packed_backend_of(model, before[kept[0]].new_empty(0, dtype=parameter.dtype)) or "n/a"
     results = []
     for index in kept:
         identical = torch.equal(before[index], after[index])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .compare import comparison_from_row
 from .report import TABLE_HEADER, table_cells
-from .suite.reporting import COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
+from .suite.costs import COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
 
 BAD_OUTCOMES = ("failed", "error")
 

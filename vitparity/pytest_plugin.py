@@ -22,11 +22,12 @@ from .snapshots import golden_extension  # noqa: E402
 from .suite.cases import PackGroup, ParityCase  # noqa: E402
 from .numerics import pinned_float32  # noqa: E402
 from .suite.settings import resolve_settings  # noqa: E402
-from .suite.reporting import PROPERTY, FailureWithoutFailedTest, ParityReporter  # noqa: E402
+from .suite.costs import PROPERTY  # noqa: E402
+from .suite.reporting import FailureWithoutFailedTest, ParityReporter  # noqa: E402
 from .suite.schedule import (  # noqa: E402
     CASE_PARAM, GROUP_PARAM, PackGroupScheduling, build_plan, group_id_of, group_needs, split_items, worker_count,
 )
-from .suite.session import CaseResult, GroupResult, ParitySession  # noqa: E402
+from .suite.session import CaseResult, GroupResult, ParitySession, preflight  # noqa: E402
 from .suite.tracing import trace_failure  # noqa: E402
 
 # The options: also registered by the `pytest11` entry point, so that pytest knows them before it looks for its
@@ -58,8 +59,8 @@ def pytest_configure(config: pytest.Config) -> None:
         workers = worker_count()
     else:  # the xdist controller: one worker per execution environment
         workers = len(parse_tx_spec_config(config))
-    session = ParitySession(settings, build_plan(config, settings, workers))
-    session.preflight()
+    files = preflight(settings)
+    session = ParitySession(settings, build_plan(config, settings, workers, files), files)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
     config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")
@@ -109,8 +110,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """A shard that holds no group (more shards than groups) has nothing to check: it passes."""
-    shard = session.config.stash[SESSION_KEY].settings.shard
-    if shard is not None and session.exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+    parity = session.config.stash[SESSION_KEY]
+    if parity.settings.shard is not None and not parity.plan.groups \
+            and session.exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
         session.exitstatus = pytest.ExitCode.OK
 
 

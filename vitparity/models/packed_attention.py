@@ -312,6 +312,15 @@ def model_backend(implementation: str, backend: str, q: torch.Tensor) -> str:
     return resolve_backend(wanted, q)
 
 
+def packed_backend_of(model: torch.nn.Module, q: torch.Tensor) -> str | None:
+    """The packed backend a loaded packing model runs for tensors like `q`, from its config's attn_implementation
+    and its `packed_attention_backend` knob; None for a model without the knob (remote code)."""
+    backend = getattr(model, "packed_attention_backend", None)
+    if backend is None:
+        return None
+    return model_backend(getattr(model.config, "_attn_implementation", None) or "sdpa", backend, q)
+
+
 def available_backends(device: torch.device | str, dtype: torch.dtype) -> tuple[str, ...]:
     """Packed backends (not "auto") that can run on tensors of this device and dtype in this environment."""
     found = []

@@ -9,44 +9,8 @@ import pytest
 
 from ..compare import comparison_from_row
 from ..report import format_table
-from .session import SIDES, Cost, ParitySession
-
-PROPERTY = "vitparity"  # user property of a test: one Comparison row (JSON)
-COST_KEY = "vitparity_cost"  # xdist workeroutput: this worker's Cost (JSON)
-WARNINGS_KEY = "vitparity_config_warnings"  # xdist workeroutput and JUnit property: config differences (JSON list)
-
-
-def cost_line(cost: dict) -> str:
-    forwards, tokens = cost["forwards"], cost["tokens"]
-    return (f"forwards: hf {forwards['hf']} ({tokens['hf']} tokens), "
-            f"packing {forwards['packing']} ({tokens['packing']} tokens)")
-
-
-def cost_details(cost: dict) -> str:
-    loads = cost["loads"]
-    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; pack groups {cost['groups']}; "
-            f"determinism re-runs {cost['determinism_cases']}; companion swaps {cost['companion_swaps']}; "
-            f"layer traces {cost['layer_traces']}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
-            f"({cost['peak_kind']})")
-
-
-def total_cost(costs: dict[str, dict]) -> dict:
-    """The sum of several processes' costs (peak memory: the largest)."""
-    total = Cost().to_dict()
-    for cost in costs.values():
-        for key in ("forwards", "tokens", "loads"):
-            for side in SIDES:
-                total[key][side] += cost[key][side]
-        total["groups"] += cost["groups"]
-        total["determinism_cases"] += cost["determinism_cases"]
-        total["companion_swaps"] += cost["companion_swaps"]
-        total["layer_traces"] += cost["layer_traces"]
-        total["attention"] = total["attention"] or cost["attention"]
-        total["over_budget"] += cost["over_budget"]
-        if cost["peak_bytes"] >= total["peak_bytes"]:
-            total["peak_bytes"], total["peak_kind"] = cost["peak_bytes"], cost["peak_kind"]
-    return total
-
+from .costs import COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
+from .session import ParitySession
 
 class ParityReporter:
     """Collects comparisons (from this process or the workers) and costs, prints the summary, fills JUnit."""

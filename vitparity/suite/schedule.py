@@ -3,12 +3,10 @@ grouped in order, a whole group on one xdist worker, other shards' groups desele
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 import pytest
 from xdist.scheduler import LoadScopeScheduling
@@ -16,20 +14,18 @@ from xdist.scheduler import LoadScopeScheduling
 from ..media import MediaError
 from .cases import CaseError, PackGroup, ParityCase, collect_cases, determinism_cases, make_groups, plan_workers
 from .options import option_label
+from ..models import OneVisionEncoderConfig
+from ..pair import PairFiles
 from .settings import Settings
 
-DEFAULT_PATCH_SIZE = 14
 CASE_PARAM = "parity_case"
 GROUP_PARAM = "parity_group"
 _PARAM_ID = re.compile(r"\[(.*)\]$")
 
 
-def _patch_size(model: Path) -> int:
-    """The checkpoint's patch size, read from its config.json only (a model that cannot load fails later)."""
-    try:
-        return int(json.loads((Path(model) / "config.json").read_text())["patch_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_PATCH_SIZE
+def _escaped(case_id: str) -> str:
+    """A case id as pytest writes it in node ids: non-ASCII characters as backslash escapes."""
+    return case_id.encode("unicode_escape").decode("ascii")
 
 
 @dataclass(frozen=True)
@@ -40,7 +36,6 @@ class Plan:
     all_groups: tuple[PackGroup, ...]
     groups: tuple[PackGroup, ...]  # this shard's
     owner: dict[str, int]  # group id -> worker index
-    workers: int
     determinism: frozenset[str]  # case ids re-run to check determinism
 
     def group_of(self, case_id: str) -> PackGroup:
@@ -59,7 +54,7 @@ class Plan:
                 return param
             for case_id in self._case_ids_longest_first:
                 if param == case_id or param.startswith(case_id + "-"):
-                    return self._case_group[case_id]
+                    return self._escaped_case_group[case_id]
         return nodeid
 
     @cached_property
@@ -68,11 +63,16 @@ class Plan:
 
     @cached_property
     def _case_ids_longest_first(self) -> list[str]:
-        return sorted((case.id for case in self.cases), key=len, reverse=True)
+        return sorted(self._escaped_case_group, key=len, reverse=True)
 
     @cached_property
     def _case_group(self) -> dict[str, str]:
         return {case.id: group.id for group in self.all_groups for case in group.cases}
+
+    @cached_property
+    def _escaped_case_group(self) -> dict[str, str]:
+        """Case ids as they appear in node ids (pytest writes non-ASCII characters of ids as escapes) -> group."""
+        return {_escaped(case_id): group_id for case_id, group_id in self._case_group.items()}
 
 
 @dataclass
@@ -91,11 +91,16 @@ def worker_count() -> int:
     return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 
-def build_plan(config: pytest.Config, settings: Settings, workers: int) -> Plan:
-    """Cases from the media folders, their groups, this shard's share and its split over `workers`."""
+def build_plan(config: pytest.Config, settings: Settings, workers: int, files: PairFiles | None) -> Plan:
+    """Cases from the media folders, their groups, this shard's share and its split over `workers`.
+
+    `files`: the pair's config files (None when they cannot be read: every test fails on it, the plan only needs
+    a patch size to estimate tokens).
+    """
+    patch_size = files.patch_size if files is not None else OneVisionEncoderConfig().patch_size
     try:
         cases = collect_cases(
-            list(settings.media_dirs), patch_size=_patch_size(settings.hf_model), align=settings.align,
+            list(settings.media_dirs), patch_size=patch_size, align=settings.align,
             num_frames=settings.num_frames, scales=settings.scales,
         )
     except (MediaError, CaseError) as err:
@@ -104,7 +109,7 @@ def build_plan(config: pytest.Config, settings: Settings, workers: int) -> Plan:
     mine = tuple(g for g in groups if settings.shard is None or settings.shard.holds(g.id))
     owner = plan_workers(mine, workers)
     chosen = determinism_cases(settings.determinism, settings.device, mine, owner)
-    return Plan(cases, groups, mine, owner, workers, frozenset(chosen))
+    return Plan(cases, groups, mine, owner, frozenset(chosen))
 
 
 def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:

@@ -10,7 +10,6 @@ cases. Only a failing test pays for more: its per-layer trace decodes its cases 
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,51 +23,15 @@ from ..extract import Sample, extract_hf, extract_packing, prepare_sample
 from ..independence import SwapResult, alternate_halves, companion_swap
 from ..loading import LoadedModel, ModelLoadError, library_versions, missing_cuda_device
 from ..media import Media, MediaError, load_media
-from ..models.packed_attention import model_backend, resolve_sdpa_kernel
-from ..pair import ModelPair, PairError, PairFiles, preflight_pair
+from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
+from ..pair import SIDES, ModelPair, PairError, PairFiles, preflight_pair
 from ..report import format_report, write_cosine_heatmap
 from ..snapshots import GoldenData, file_sha256, model_fingerprint, reduce_features
 from .cases import PackGroup, ParityCase
 from .settings import Settings
+from .costs import Cost
 from .schedule import GroupNeeds, Plan
 
-SIDES = ("hf", "packing")
-
-
-@dataclass
-class Cost:
-    """Forwards, tokens and model loads of this process."""
-
-    forwards: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
-    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
-    loads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
-    groups: int = 0
-    determinism_cases: int = 0
-    over_budget: list[str] = field(default_factory=list)
-    peak_bytes: int = 0
-    peak_kind: str = "RSS"
-    companion_swaps: int = 0  # packed forwards with companions swapped, two per pack (counted in the packing forwards)
-    layer_traces: int = 0  # failing cases traced layer by layer (their forwards are not in the counts above)
-    attention: str = ""  # what the loaded models run: "packed backend sdpa, attention kernel default"
-
-    def count(self, side: str, tokens: int) -> None:
-        self.forwards[side] += 1
-        self.tokens[side] += tokens
-
-    def measure_peak(self, device: str) -> None:
-        """Peak memory so far: CUDA max allocated on a GPU, the process's max RSS on the CPU."""
-        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_initialized():
-            self.peak_bytes, self.peak_kind = int(torch.cuda.max_memory_allocated()), "CUDA max allocated"
-        else:
-            self.peak_bytes, self.peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS"
-
-    def to_dict(self) -> dict:
-        return {
-            "forwards": self.forwards, "tokens": self.tokens, "loads": self.loads, "groups": self.groups,
-            "determinism_cases": self.determinism_cases, "over_budget": self.over_budget,
-            "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind, "companion_swaps": self.companion_swaps,
-            "layer_traces": self.layer_traces, "attention": self.attention,
-        }
 
 
 @dataclass
@@ -97,15 +60,32 @@ class GroupResult:
     companions: list[SwapResult] = field(default_factory=list)  # one companion-swap verdict per case of the pack
 
 
+def pair_files(settings: Settings) -> PairFiles:
+    """Both checkpoints resolved and their config files checked (`vitparity.pair.preflight_pair`)."""
+    return preflight_pair(settings.hf_model, settings.packing_model, num_frames=settings.num_frames,
+                          num_frames_name=settings.num_frames_label)
+
+
+def preflight(settings: Settings) -> PairFiles | None:
+    """The pair rules that need only the config files (frames vs temporal context, normalisation), before any test:
+    a broken rule is a usage error. Checkpoints that cannot be read give None: every test that needs them fails."""
+    try:
+        return pair_files(settings)
+    except PairError as err:
+        raise pytest.UsageError(str(err)) from None
+    except ModelLoadError:
+        return None
+
+
 class ParitySession:
     """Per-process state: settings, plan, models, the current group's results and the cost of the run."""
 
-    def __init__(self, settings: Settings, plan: Plan) -> None:
+    def __init__(self, settings: Settings, plan: Plan, files: PairFiles | None) -> None:
         self.settings = settings
         self.plan = plan
         self.needs: dict[str, GroupNeeds] = {}
         self.cost = Cost()
-        self._files: PairFiles | None = None
+        self._files = files
         self._pair: ModelPair | None = None
         self._model_error: str | None = None
         self._attention_error: str | None = None
@@ -138,7 +118,7 @@ class ParitySession:
         if self._model_error is None and self._pair is None:
             s = self.settings
             try:
-                files = self._files or self._preflight()
+                files = self._files or pair_files(s)
                 self._pair = files.load(
                     dtype=s.torch_dtype, device=s.device, trust_remote_code=s.trust_remote_code,
                     strict_config=s.strict_config, check_weights=False, on_load=self._count_load,
@@ -148,20 +128,6 @@ class ParitySession:
         if self._model_error is not None:
             pytest.fail(self._model_error, pytrace=False)
         return self._pair
-
-    def preflight(self) -> None:
-        """The pair rules that need only the config files (frames vs temporal context, normalisation), before any
-        test: a broken rule is a usage error. A checkpoint that cannot be read is left to the tests (each fails)."""
-        try:
-            self._files = self._preflight()
-        except PairError as err:
-            raise pytest.UsageError(str(err)) from None
-        except ModelLoadError:
-            self._files = None
-
-    def _preflight(self) -> PairFiles:
-        s = self.settings
-        return preflight_pair(s.hf_model, s.packing_model, num_frames=s.num_frames, num_frames_name=s.num_frames_label)
 
     def config_warnings(self) -> list[str]:
         """Config differences that change only numerics, once the pair is loaded (else none)."""
@@ -196,25 +162,26 @@ class ParitySession:
 
     def load_case_media(self, case: ParityCase) -> Media:
         """Decode the case's image or video (frames sampled and aligned to the models' patch size)."""
-        s, patch_size = self.settings, self.model("hf").model.config.patch_size
-        return load_media(case.path, num_frames=s.num_frames, patch_size=patch_size, align=s.align, scale=case.scale)
+        s = self.settings
+        return load_media(case.path, num_frames=s.num_frames, patch_size=self.pair().patch_size, align=s.align,
+                          scale=case.scale)
 
     def decode_sample(self, case: ParityCase) -> Sample:
         """The case's model inputs made again from its file (for a failing case's trace: features are not kept)."""
         return self._sample(case, self.load_case_media(case))
 
     def _sample(self, case: ParityCase, media: Media) -> Sample:
-        s, hf_config = self.settings, self.model("hf").model.config
+        s, pair = self.settings, self.pair()
         return prepare_sample(
-            media, patch_size=hf_config.patch_size, dtype=s.torch_dtype, device=s.device,
-            temporal_context=hf_config.rope_temporal_size, name=case.id, normalization=self.pair().normalization,
+            media, patch_size=pair.patch_size, dtype=s.torch_dtype, device=s.device,
+            temporal_context=pair.temporal_context, name=case.id, normalization=pair.normalization,
         )
 
     def _forward(self, side: str, sample: Sample) -> torch.Tensor:
         model = self.model(side).model
         self.cost.count(side, sample.num_tokens)
         if side == "hf":
-            return extract_hf(model, sample, temporal_context=model.config.rope_temporal_size)
+            return extract_hf(model, sample, temporal_context=self.pair().temporal_context)
         return extract_packing(model, [sample])[0]
 
     def group_result(self, group: PackGroup) -> GroupResult:
@@ -344,7 +311,7 @@ class ParitySession:
             loaded = self.model(side)
             config = loaded.model.config.to_dict()
             fingerprint = model_fingerprint(loaded.path, config)
-            context = self.model("hf").model.config.rope_temporal_size or s.num_frames
+            context = self.pair().temporal_context or s.num_frames
             self._golden_folders[side] = s.golden_dir / (
                 f"{config['model_type']}-{fingerprint[:12]}-{s.dtype}-{s.num_frames}of{context}-{s.align}"
             )
@@ -398,9 +365,8 @@ def apply_attention_choice(hf: torch.nn.Module, packing: torch.nn.Module, backen
                              "attention_kernel setting")
     if hasattr(packing, "packed_attention_backend"):
         packing.packed_attention_backend = backend
-        implementation = getattr(packing.config, "_attn_implementation", None) or "sdpa"
         try:
-            ran = model_backend(implementation, backend, probe)
+            ran = packed_backend_of(packing, probe)
         except ValueError as err:
             raise ValueError(f"--packed-backend={backend}: {err}") from None
     elif backend != "auto":

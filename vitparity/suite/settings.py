@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +107,8 @@ def resolve_settings(config: pytest.Config) -> Settings:
             raise bad("shard", str(err)) from None
     def model(name: str) -> Path | str | None:
         """A checkpoint folder, or a hub id (org/name[@revision]) when no local path of that name exists."""
-        value = raw[name].value
-        return value if value and hub_id(str(value)) else path(name)
+        value, folder = raw[name].value, path(name)
+        return value if folder is not None and not folder.exists() and hub_id(str(value)) else folder
 
     hf_model, packing_model = model("hf_model"), model("packing_model")
     if hf_model is None or packing_model is None:
@@ -132,10 +133,10 @@ def resolve_settings(config: pytest.Config) -> Settings:
         regenerate_goldens=raw["regenerate_goldens"].value,
         report_dir=path("report_dir"),
         scales=_scales(str(raw["scales"].value), bad),
-        packed_backend=_choice(raw["packed_backend"].value, BACKENDS, available_backends(device, DTYPES[dtype]), bad,
-                               "packed_backend", f"on {device} in {dtype}"),
+        packed_backend=_choice(raw["packed_backend"].value, BACKENDS, lambda: available_backends(device, DTYPES[dtype]),
+                               bad, "packed_backend", f"on {device} in {dtype}"),
         attention_kernel=_choice(raw["attention_kernel"].value, SDPA_KERNELS,
-                                 available_sdpa_kernels(device, DTYPES[dtype]), bad, "attention_kernel",
+                                 lambda: available_sdpa_kernels(device, DTYPES[dtype]), bad, "attention_kernel",
                                  f"on {device} in {dtype}"),
         num_frames_label=raw["num_frames"].label,
     )
@@ -147,7 +148,7 @@ def _scales(text: str, bad) -> tuple[float, ...]:
     for part in text.split(","):
         try:
             scale = check_scale(part.strip())
-            scale_suffix(scale)
+            scale_suffix(scale)  # a fraction that needs more than 6 decimals has no short name
         except ValueError as err:
             raise bad("scales", f"{part.strip()!r}: {err}") from None
         if scale in scales:
@@ -156,12 +157,14 @@ def _scales(text: str, bad) -> tuple[float, ...]:
     return tuple(scales)
 
 
-def _choice(value: str, known: tuple[str, ...], available: tuple[str, ...], bad, name: str, where: str) -> str:
-    """One of `known`; anything but "auto" must also be in `available` (what runs on this device and dtype)."""
+def _choice(value: str, known: tuple[str, ...], available: Callable[[], tuple[str, ...]], bad, name: str,
+            where: str) -> str:
+    """One of `known`; anything but "auto" must also be in `available()` (what runs on this device and dtype, only
+    probed for a named choice)."""
     if value not in known:
         raise bad(name, f"use one of {known}")
-    if value != "auto" and value not in available:
-        raise bad(name, f"not available {where}; available here: {', '.join(('auto', *available))}")
+    if value != "auto" and value not in available():
+        raise bad(name, f"not available {where}; available here: {', '.join(('auto', *available()))}")
     return value
 
 

@@ -1,0 +1,88 @@
+"""What a suite process cost (forwards, tokens, loads, peak memory) and how it is written: the summary's cost lines
+and the names of the properties that carry costs, comparisons and config warnings to the controller and to JUnit.
+
+Kept free of pytest so that `vitparity report-junit` reads what the suite wrote without importing the suite.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+
+import torch
+
+from ..pair import SIDES
+
+
+@dataclass
+class Cost:
+    """Forwards, tokens and model loads of this process."""
+
+    forwards: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
+    loads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
+    groups: int = 0
+    determinism_cases: int = 0
+    over_budget: list[str] = field(default_factory=list)
+    peak_bytes: int = 0
+    peak_kind: str = "RSS"
+    companion_swaps: int = 0  # packed forwards with companions swapped, two per pack (counted in the packing forwards)
+    layer_traces: int = 0  # failing cases traced layer by layer (their forwards are not in the counts above)
+    attention: str = ""  # what the loaded models run: "packed backend sdpa, attention kernel default"
+
+    def count(self, side: str, tokens: int) -> None:
+        self.forwards[side] += 1
+        self.tokens[side] += tokens
+
+    def measure_peak(self, device: str) -> None:
+        """Peak memory so far: CUDA max allocated on a GPU, the process's max RSS on the CPU."""
+        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.peak_bytes, self.peak_kind = int(torch.cuda.max_memory_allocated()), "CUDA max allocated"
+        else:
+            self.peak_bytes, self.peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS"
+
+    def to_dict(self) -> dict:
+        return {
+            "forwards": self.forwards, "tokens": self.tokens, "loads": self.loads, "groups": self.groups,
+            "determinism_cases": self.determinism_cases, "over_budget": self.over_budget,
+            "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind, "companion_swaps": self.companion_swaps,
+            "layer_traces": self.layer_traces, "attention": self.attention,
+        }
+
+
+
+PROPERTY = "vitparity"  # user property of a test: one Comparison row (JSON)
+COST_KEY = "vitparity_cost"  # xdist workeroutput: this worker's Cost (JSON)
+WARNINGS_KEY = "vitparity_config_warnings"  # xdist workeroutput and JUnit property: config differences (JSON list)
+
+
+def cost_line(cost: dict) -> str:
+    forwards, tokens = cost["forwards"], cost["tokens"]
+    return (f"forwards: hf {forwards['hf']} ({tokens['hf']} tokens), "
+            f"packing {forwards['packing']} ({tokens['packing']} tokens)")
+
+
+def cost_details(cost: dict) -> str:
+    loads = cost["loads"]
+    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; pack groups {cost['groups']}; "
+            f"determinism re-runs {cost['determinism_cases']}; companion swaps {cost['companion_swaps']}; "
+            f"layer traces {cost['layer_traces']}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
+            f"({cost['peak_kind']})")
+
+
+def total_cost(costs: dict[str, dict]) -> dict:
+    """The sum of several processes' costs (peak memory: the largest)."""
+    total = Cost().to_dict()
+    for cost in costs.values():
+        for key in ("forwards", "tokens", "loads"):
+            for side in SIDES:
+                total[key][side] += cost[key][side]
+        total["groups"] += cost["groups"]
+        total["determinism_cases"] += cost["determinism_cases"]
+        total["companion_swaps"] += cost["companion_swaps"]
+        total["layer_traces"] += cost["layer_traces"]
+        total["attention"] = total["attention"] or cost["attention"]
+        total["over_budget"] += cost["over_budget"]
+        if cost["peak_bytes"] >= total["peak_bytes"]:
+            total["peak_bytes"], total["peak_kind"] = cost["peak_bytes"], cost["peak_kind"]
+    return total
