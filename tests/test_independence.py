@@ -112,3 +112,10 @@ def test_swap_needs_a_pack() -> None:
     for kept in ([3], [], [0, 1, 2]):
         with pytest.raises(IndexError, match="must be some, not all, of the pack's 0..2"):
             companion_swap(model, pack, kept)
+
+
+def test_the_swap_names_the_backend_the_attn_implementation_runs() -> None:
+    model = load_model(BUILTIN_PACKING).model
+    model.set_attn_implementation("eager")
+    for result in companion_swap(model, _pack(torch.float32), [0, 2]):
+        assert result.passed and result.backend == "eager", result.format()

@@ -142,3 +142,17 @@ def test_token_estimates_follow_the_alignment() -> None:
     assert estimate_tokens("image", (1919, 1079), patch_size=14, align="resize", num_frames=8) == 138 * 78
     assert estimate_tokens("video", (1918, 1078), patch_size=14, align="crop", num_frames=8) == 8 * 137 * 77
     assert estimate_tokens("video", None, patch_size=14, align="crop", num_frames=8) == 0
+
+
+def test_node_ids_with_escaped_case_ids_map_to_their_group(tmp_path) -> None:
+    """pytest writes non-ASCII characters of ids as escapes: the xdist controller still finds the case's group."""
+    from vitparity.suite.schedule import Plan
+
+    cases = (ParityCase("image-café.jpg", "image", Path("café.jpg"), 100),
+             ParityCase("video-b.mp4", "video", Path("b.mp4"), 800))
+    groups = make_groups(cases, 10_000)
+    plan = Plan(cases, groups, groups, plan_workers(groups, 2), frozenset())
+    (group,) = groups
+    assert plan.scope_of("parity_tests/test_parity.py::test_parity[image-caf\\xe9.jpg]") == group.id
+    assert plan.scope_of("parity_tests/test_golden.py::test_golden[image-caf\\xe9.jpg-hf]") == group.id
+    assert plan.scope_of(f"parity_tests/test_checks.py::test_packed[{group.id}]") == group.id

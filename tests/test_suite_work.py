@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -112,3 +113,24 @@ def test_cross_sample_attention_is_caught_in_groups_of_every_size(suite, tmp_pat
     failed = {line.split("[")[1].rstrip("]").split()[0].rstrip("]") for line in result.outlines
               if line.startswith("FAILED") and "test_packed[" in line}
     assert groups and failed == groups
+
+
+def test_an_empty_selection_in_a_shard_still_fails(suite) -> None:
+    """Only a shard that holds no group passes with nothing to run; a -k that matches nothing is still exit 5."""
+    result = suite.run(SMALL_BUDGET, "--shard=2/2", "-k", "no_such_case")  # shard 2/2 holds all 3 groups
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+def test_an_ini_model_path_is_a_folder_wherever_pytest_starts(suite, monkeypatch) -> None:
+    """`vitparity_hf_model = ckpts/hf` (spelled like a hub id) resolves against the ini file's folder."""
+    from vitparity.builtin import BUILTIN_HF
+
+    shutil.copytree(BUILTIN_HF, suite.path / "ckpts" / "hf")
+    ini = suite.path / "pyproject.toml"
+    ini.write_text(ini.read_text().replace("[tool.pytest.ini_options]\n",
+                                           "[tool.pytest.ini_options]\nvitparity_hf_model = \"ckpts/hf\"\n"))
+    monkeypatch.chdir(suite.path / "parity_tests")
+    result = suite.pytester.runpytest_inprocess("-p", "no:cacheprovider", "--device=cpu",
+                                                "-k", "coffee_small and not golden")
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    assert f"hf: {suite.path / 'ckpts' / 'hf'}" in result.stdout.str()
