@@ -14,7 +14,7 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.utils import logging as hf_logging
 
 from .models import MODEL_TYPES
-from .models.layers import rope_axis_dims
+from .models.layers import VisionRotary3D
 
 if TYPE_CHECKING:
     from .hub import ModelRef
@@ -157,10 +157,8 @@ def saved_rope_buffer_problems(folder: Path, keys: list[str], config) -> list[st
     """Saved RoPE buffers (`keys`, from `rope_buffer_keys`) that are not the formula 1 / theta ** (j / n) of
     their axis, computed in float32, within relative ROPE_BUFFER_RTOL; one line per key naming the largest
     difference. Empty when every saved buffer is the formula."""
-    expected = {
-        axis: 1.0 / float(config.rope_theta) ** (torch.arange(n, dtype=torch.float32) / n)
-        for axis, n in zip(ROPE_AXES, rope_axis_dims(config.hidden_size // config.num_attention_heads))
-    }
+    rope = VisionRotary3D(config.hidden_size // config.num_attention_heads, config.rope_theta)
+    expected = dict(zip(ROPE_AXES, rope.inv_freqs()))
     saved = {}
     for path in weight_files(folder):
         with safe_open(str(path), framework="pt") as handle:
