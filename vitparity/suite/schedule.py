@@ -126,23 +126,22 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> tup
     rank = {group.id: index for index, group in enumerate(plan.groups)}
     kept, deselected = [], []
     for item in items:
-        case, group = item_scope(item)
-        group_id = group.id if group else plan.group_of(case.id).id if case else None
+        group_id = group_id_of(plan, item)
         if group_id is not None:
             wanted = group_id in mine
         else:
             wanted = settings.shard is None or settings.shard.holds(item.nodeid)
+        case, _ = item_scope(item)
         if case is not None and item.originalname == "test_deterministic" and case.id not in plan.determinism:
             wanted = False
         (kept if wanted else deselected).append(item)
 
     def order(item: pytest.Item) -> tuple[int, int]:
-        case, group = item_scope(item)
-        if group is not None:
-            return rank[group.id] + 1, 1
-        if case is not None:
-            return rank[plan.group_of(case.id).id] + 1, 0
-        return 0, 0
+        """Tests outside any case first; then group by group, a group's case tests before its packed tests."""
+        group_id = group_id_of(plan, item)
+        if group_id is None:
+            return 0, 0
+        return rank[group_id] + 1, int(item_scope(item)[1] is not None)
 
     return sorted(kept, key=order), deselected  # sorted() is stable: collection order within a group stays
 
