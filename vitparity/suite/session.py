@@ -206,8 +206,7 @@ class ParitySession:
         return result
 
     def _compute(self, group: PackGroup) -> GroupResult:
-        needs = self.needs.get(group.id) or GroupNeeds({case.id for case in group.cases}, packed=True,
-                                                       companions=True)
+        needs = self.needs[group.id]  # set for every group that has a selected test (pytest_collection_modifyitems)
         self.forward_models()
         self.cost.groups += 1
         if group.over_budget:
@@ -220,12 +219,14 @@ class ParitySession:
                     media[case.id] = self.load_case_media(case)
                 except MediaError as err:
                     results[case.id] = CaseResult(case, error=str(err))
-        packed, swaps = self._packed_forward(group, media, companions=needs.companions) if needs.packed else ({}, [])
+        samples = {case.id: self._sample(case, media[case.id]) for case in group.cases if case.id in media}
+        packed, swaps = self._packed_forward(list(samples.values()), companions=needs.companions) \
+            if needs.packed else ({}, [])
         packed_vs_hf, packed_vs_alone, packed_ids = [], [], []
         for case in group.cases:
-            if case.id not in media:
+            if case.id not in samples:
                 continue
-            sample = self._sample(case, media[case.id])
+            sample = samples.pop(case.id)
             first = {side: self._forward(side, sample) for side in SIDES}
             result = CaseResult(
                 case, comparison=compare_features(first["hf"], first["packing"], name=case.id,
@@ -254,11 +255,10 @@ class ParitySession:
                     if case.id in results and results[case.id].error}
         return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out, packed_ids, swaps)
 
-    def _packed_forward(self, group: PackGroup, media: dict[str, Media], *,
+    def _packed_forward(self, samples: list[Sample], *,
                         companions: bool) -> tuple[dict[str, torch.Tensor], list[SwapResult]]:
-        """Every readable case of the group in one forward of the packing model, split back per case; with
+        """The group's readable cases in one forward of the packing model, split back per case; with
         `companions`, each case's companion swap, reusing that forward as the swap's first pass."""
-        samples = [self._sample(case, media[case.id]) for case in group.cases if case.id in media]
         if not samples:
             return {}, []
         self.cost.count("packing", sum(sample.num_tokens for sample in samples))
