@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def edited_checkpoint(source: Path, folder: Path, **fields: object) -> Path:
 def verdicts(output: str) -> dict[str, str]:
     """Case -> PASS / FAIL, read from the suite's summary table."""
     return {m.group(1): m.group(2) for m in ROW.finditer(output)}
+
+
+@pytest.fixture
+def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """pytest's pytester, with the suite's test modules that this process imported under their plain names (`pytest .`
+    collects parity_tests/ too) set aside for the test, so that an inner run imports its own copy of them."""
+    suite_modules = REPO / "parity_tests"
+    for name, module in list(sys.modules.items()):
+        if Path(getattr(module, "__file__", None) or "/").parent == suite_modules:
+            monkeypatch.delitem(sys.modules, name)
+    return pytester
 
 
 @pytest.fixture

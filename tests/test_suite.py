@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vitparity.builtin import BUILTIN_PACKING
+from vitparity.cli import main
 from vitparity.loading import weight_files
 
 from conftest import GOLDEN, golden_files, verdicts
@@ -155,12 +156,16 @@ def test_regenerate_rewrites_every_golden_and_orphans_fail_the_full_run(suite) -
     assert suite.run("-k", "video").ret == 0  # a narrowed run does not judge the goldens it did not select
 
 
-def test_record_in_junit_xml(suite) -> None:
-    result = suite.run("-k", "image-coffee", "--junitxml=junit.xml")
+def test_record_in_junit_xml(suite, capsys) -> None:
+    result = suite.run("-k", "image-coffee or packed", "--junitxml=junit.xml")
     assert result.ret == 0
+    assert "record_property is incompatible" not in result.stdout.str() and "PytestWarning" not in result.stdout.str()
     xml = (suite.path / "junit.xml").read_text()
     rows = [json.loads(m.replace("&quot;", '"')) for m in re.findall(r'name="vitparity" value="([^"]*)"', xml)]
     assert rows and rows[0]["name"] == "image-coffee_small.jpg" and rows[0]["passed"] is True
+    assert 'name="companion_swap[' in xml
+    assert main(["report-junit", str(suite.path / "junit.xml")]) == 0
+    assert "image-coffee_small.jpg" in capsys.readouterr().out
 
 
 CHECK_FAULTS = '''
