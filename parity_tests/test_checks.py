@@ -16,7 +16,7 @@ def test_loaded_weights(parity, side) -> None:
     Two models broken the same way (e.g. uninitialised RoPE buffers) can agree with each other; this cannot.
     The two configs are compared before any forward pass when the models load.
     """
-    problems = parity.weight_problems()[side]
+    problems = parity.weight_problems(side)[side]
     if problems:
         pytest.fail(f"{parity.model(side).describe()}:\n  " + "\n  ".join(problems), pytrace=False)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA
+from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.loading import weight_files
 
-from conftest import verdicts
+from conftest import edited_checkpoint, verdicts
 
 
 def broken_checkpoint(tmp_path: Path, kind: str) -> Path:
@@ -42,7 +42,6 @@ def broken_checkpoint(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize(
     "kind, words",
     [
-        ("missing", "model path does not exist"),
         ("no-weights", "no weight"),
         ("truncated", "cannot read safetensors weights"),
         ("remote-code", "--trust-remote-code"),
@@ -60,6 +59,24 @@ def test_unloadable_model_fails_every_test_with_one_clear_message(suite, tmp_pat
     assert out.count(f"{folder}") >= outcomes.get("failed", 0) + outcomes.get("errors", 0) >= 10
     assert words in out
     assert suite.goldens() == before
+    if kind != "remote-code":  # the hf checkpoint's problem, named as such in the packing model's own test
+        weights = suite.run(f"--hf-model={folder}", "-k", "loaded_weights").stdout.str()
+        assert f"the packing model is not checked: the hf model did not load: {folder}" in weights
+
+
+def test_problems_known_before_any_test_are_one_usage_error(suite, tmp_path) -> None:
+    """A missing checkpoint, swapped sides or configs that define other weights: one message at start, no test."""
+    swapped = [f"--hf-model={BUILTIN_PACKING}", f"--packing-model={BUILTIN_HF}"]
+    other = edited_checkpoint(BUILTIN_PACKING, tmp_path / "other-theta", rope_theta=5000.0)
+    for args, words in [
+        ([f"--hf-model={tmp_path / 'missing'}"], "model path does not exist"),
+        (swapped, "given as the hf model but it is a packing model"),
+        ([f"--packing-model={other}"], "do not describe the same model (fields that define the weights): rope_theta"),
+    ]:
+        result = suite.run(*args)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR, args
+        assert words in result.stderr.str() and "failed" not in result.stdout.str()
+        assert result.stderr.str().count(words) == 1
 
 
 def media_folder(tmp_path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -86,6 +87,11 @@ def test_sides_rule_and_load_order() -> None:
     seen = []
     with pytest.raises(PairError, match="given as the hf model but it is a packing model"):
         load_pair(BUILTIN_PACKING, BUILTIN_HF, on_load=lambda side, ref: seen.append((side, ref.spec)))
+    assert seen == []  # known from config.json: nothing is loaded
+    files = preflight_pair(BUILTIN_HF, BUILTIN_PACKING)
+    swapped = dataclasses.replace(files, hf=files.packing, packing=files.hf)  # as remote code, known once loaded
+    with pytest.raises(PairError, match="given as the hf model but it is a packing model"):
+        swapped.load(on_load=lambda side, ref: seen.append((side, ref.spec)))
     assert seen == [("hf", str(BUILTIN_PACKING))]
     seen.clear()
     pair = load_pair(BUILTIN_HF, BUILTIN_PACKING, on_load=lambda side, ref: seen.append(side))

@@ -165,8 +165,9 @@ def run_extract(args: argparse.Namespace) -> int:
         hf_path, packing_path = args.hf_model_path, args.packing_model_path
     device, dtype = _device_and_dtype(args.device, args.dtype)
     inputs = resolve_inputs(args)
-    # Wrong model paths, too many frames or disagreeing processors fail here, before any media is decoded.
-    files = preflight_pair(hf_path, packing_path)
+    # Wrong model paths, swapped sides, configs that differ, too many frames or disagreeing processors fail here,
+    # before any media is decoded.
+    files = preflight_pair(hf_path, packing_path, strict_config=args.strict_config)
     has_video = any(kind == "video" for kind, _ in inputs.values())
     check_num_frames(args.num_frames, files.temporal_context if has_video else None, hf_path, "--num_frames")
 

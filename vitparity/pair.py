@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
 from .checks import loaded_model_problems, split_config_differences
 from .extract import CLIP_NORMALIZATION, Normalization
 from .hub import ModelRef, resolve_model
 from .loading import DTYPES, LoadedModel, ModelLoadError, load_model, read_config
-from .models import OneVisionEncoderConfig
+from .models import MODEL_TYPES, OneVisionEncoderConfig
 from .numerics import tf32_setting
 
 SIDES = ("hf", "packing")
@@ -38,6 +39,42 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 
 class PairError(ModelLoadError):
     """Two checkpoints (or a setting) that break a model-pair rule; the message names the inputs and the rule."""
+
+
+class SideLoadError(ModelLoadError):
+    """One side's checkpoint could not be loaded; `side` ("hf" or "packing") says which."""
+
+    def __init__(self, side: str, message: str) -> None:
+        super().__init__(message)
+        self.side = side
+
+
+def check_side(ref: ModelRef, side: str, actual: str, what: str) -> None:
+    """The sides rule: the hf model is a non-packing model and the packing model a packing one.
+
+    `actual` is the side the checkpoint's model is (`loading.LoadedModel.side`), `what` describes it."""
+    if actual != side:
+        raise PairError(
+            f"{ref.spec}: given as the {side} model but it is a {actual} model ({what}); the hf model must be a "
+            "non-packing model and the packing model a packing one"
+        )
+
+
+def check_configs(hf: ModelRef, packing: ModelRef, hf_config, packing_config, *, strict: bool) -> list[str]:
+    """The config rule on two config objects; returns the warnings (differences that change only numerics)."""
+    errors, warnings = split_config_differences(hf_config, packing_config, strict=strict)
+    if errors:
+        rule = "(strict config: every difference counts)" if strict else "(fields that define the weights)"
+        raise PairError(f"{hf.spec} and {packing.spec} do not describe the same model {rule}: " + "; ".join(errors))
+    return warnings
+
+
+def _builtin_config(config: dict) -> PretrainedConfig | None:
+    """config.json as this package's config class when its model_type is one of MODEL_TYPES and it names no code of
+    its own (`auto_map`); None otherwise (the rules then wait for the loaded model)."""
+    if config.get("model_type") not in MODEL_TYPES or "auto_map" in config:
+        return None
+    return MODEL_TYPES[config["model_type"]][0].from_dict(config)
 
 
 def check_threshold(value: float, name: str = "threshold") -> float:
@@ -210,21 +247,16 @@ class PairFiles:
         for side, ref in (("hf", self.hf), ("packing", self.packing)):
             if on_load is not None:
                 on_load(side, ref)
-            loaded[side] = load_model(ref.path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            try:
+                loaded[side] = load_model(ref.path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            except PairError:
+                raise
+            except ModelLoadError as err:
+                raise SideLoadError(side, str(err)) from err
             loaded[side].ref = ref
-            if loaded[side].side != side:
-                raise PairError(
-                    f"{ref.spec}: given as the {side} model but it is a {loaded[side].side} model "
-                    f"({loaded[side].describe()}); the hf model must be a non-packing model and the packing model a "
-                    "packing one"
-                )
+            check_side(ref, side, loaded[side].side, loaded[side].describe())
         hf, packing = loaded["hf"], loaded["packing"]
-        errors, warnings = split_config_differences(hf.model.config, packing.model.config, strict=strict_config)
-        if errors:
-            rule = "(strict config: every difference counts)" if strict_config else "(fields that define the weights)"
-            raise PairError(
-                f"{self.hf.spec} and {self.packing.spec} do not describe the same model {rule}: " + "; ".join(errors)
-            )
+        warnings = check_configs(self.hf, self.packing, hf.model.config, packing.model.config, strict=strict_config)
         if hf.model.config.patch_size != self.patch_size:
             raise PairError(
                 f"{self.hf.spec}: the loaded model has patch_size {hf.model.config.patch_size}, config.json "
@@ -240,12 +272,19 @@ class PairFiles:
 
 def preflight_pair(
     hf: str | os.PathLike[str], packing: str | os.PathLike[str], *, num_frames: int | None = None,
-    num_frames_name: str = "num_frames",
+    num_frames_name: str = "num_frames", strict_config: bool = False,
 ) -> PairFiles:
     """Resolve both checkpoints (local folders or hub ids), read their config files and apply the rules that need
-    no weights: frames (when `num_frames` is given) and normalisation."""
+    no weights: frames (when `num_frames` is given) and normalisation; for checkpoints of this package's model types,
+    also the sides and config rules (checkpoints with code of their own are checked once loaded)."""
     refs = {side: resolve_model(spec) for side, spec in (("hf", hf), ("packing", packing))}
     configs = {side: read_config(ref.path) for side, ref in refs.items()}
+    builtin = {side: _builtin_config(config) for side, config in configs.items()}
+    for side, config in builtin.items():
+        if config is not None:
+            check_side(refs[side], side, MODEL_TYPES[config.model_type][2], f"model_type {config.model_type!r}")
+    if builtin["hf"] is not None and builtin["packing"] is not None:
+        check_configs(refs["hf"], refs["packing"], builtin["hf"], builtin["packing"], strict=strict_config)
     if num_frames is not None:
         check_num_frames(num_frames, temporal_context(configs["hf"]), refs["hf"].spec, num_frames_name)
     normalization = pair_normalization(read_normalization(refs["hf"].path), read_normalization(refs["packing"].path))
@@ -265,7 +304,7 @@ def load_pair(
     on_load: Callable[[str, ModelRef], None] | None = None,
 ) -> ModelPair:
     """`preflight_pair` then `PairFiles.load`: both models loaded, every pair rule applied (PairError otherwise)."""
-    return preflight_pair(hf, packing, num_frames=num_frames).load(
+    return preflight_pair(hf, packing, num_frames=num_frames, strict_config=strict_config).load(
         dtype=dtype, device=device, trust_remote_code=trust_remote_code, strict_config=strict_config,
         check_weights=check_weights, on_load=on_load,
     )

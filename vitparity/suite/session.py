@@ -24,7 +24,7 @@ from ..independence import SwapResult, alternate_halves, companion_swap
 from ..loading import LoadedModel, ModelLoadError, library_versions, missing_cuda_device
 from ..media import Media, MediaError, load_media
 from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
-from ..pair import SIDES, ModelPair, PairError, PairFiles, preflight_pair
+from ..pair import SIDES, ModelPair, PairFiles, SideLoadError, preflight_pair
 from ..report import format_report, write_cosine_heatmap
 from ..snapshots import GoldenData, file_sha256, model_fingerprint, reduce_features
 from .cases import PackGroup, ParityCase
@@ -63,31 +63,30 @@ class GroupResult:
 def pair_files(settings: Settings) -> PairFiles:
     """Both checkpoints resolved and their config files checked (`vitparity.pair.preflight_pair`)."""
     return preflight_pair(settings.hf_model, settings.packing_model, num_frames=settings.num_frames,
-                          num_frames_name=settings.num_frames_label)
+                          num_frames_name=settings.num_frames_label, strict_config=settings.strict_config)
 
 
-def preflight(settings: Settings) -> PairFiles | None:
-    """The pair rules that need only the config files (frames vs temporal context, normalisation), before any test:
-    a broken rule is a usage error. Checkpoints that cannot be read give None: every test that needs them fails."""
+def preflight(settings: Settings) -> PairFiles:
+    """What is known about the pair before any test (`vitparity.pair.preflight_pair`: checkpoints that cannot be
+    found or fetched, unreadable config files, swapped sides, configs that differ, frames vs temporal context,
+    normalisation) is one usage error at start, as in the CLI, instead of the same failure in every test."""
     try:
         return pair_files(settings)
-    except PairError as err:
+    except ModelLoadError as err:
         raise pytest.UsageError(str(err)) from None
-    except ModelLoadError:
-        return None
 
 
 class ParitySession:
     """Per-process state: settings, plan, models, the current group's results and the cost of the run."""
 
-    def __init__(self, settings: Settings, plan: Plan, files: PairFiles | None) -> None:
+    def __init__(self, settings: Settings, plan: Plan, files: PairFiles) -> None:
         self.settings = settings
         self.plan = plan
         self.needs: dict[str, GroupNeeds] = {}
         self.cost = Cost()
         self._files = files
         self._pair: ModelPair | None = None
-        self._model_error: str | None = None
+        self._model_error: tuple[str | None, str] | None = None  # (the side that failed, or None: both), message
         self._attention_error: str | None = None
         self._golden_folders: dict[str, Path] = {}
         self._current: GroupResult | None = None
@@ -112,21 +111,26 @@ class ParitySession:
         pair = self.pair()
         return pair.hf, pair.packing
 
-    def pair(self) -> ModelPair:
-        """The loaded model pair (see `models`)."""
+    def pair(self, side: str | None = None) -> ModelPair:
+        """The loaded model pair (see `models`). A test about one `side` whose failure comes from the other side's
+        checkpoint says so."""
         self.check_device()
         if self._model_error is None and self._pair is None:
             s = self.settings
             try:
-                files = self._files or pair_files(s)
-                self._pair = files.load(
+                self._pair = self._files.load(
                     dtype=s.torch_dtype, device=s.device, trust_remote_code=s.trust_remote_code,
                     strict_config=s.strict_config, check_weights=False, on_load=self._count_load,
                 )
+            except SideLoadError as err:
+                self._model_error = (err.side, str(err))
             except ModelLoadError as err:
-                self._model_error = str(err)
+                self._model_error = (None, str(err))
         if self._model_error is not None:
-            pytest.fail(self._model_error, pytrace=False)
+            failed, message = self._model_error
+            if side is not None and failed is not None and failed != side:
+                message = f"the {side} model is not checked: the {failed} model did not load: {message}"
+            pytest.fail(message, pytrace=False)
         return self._pair
 
     def config_warnings(self) -> list[str]:
@@ -137,7 +141,7 @@ class ParitySession:
         self.cost.loads[side] += 1
 
     def model(self, side: str) -> LoadedModel:
-        return self.pair().side(side)
+        return self.pair(side).side(side)
 
     def forward_models(self) -> tuple[LoadedModel, LoadedModel]:
         """Both models with --packed-backend and --attention-kernel applied (once, before any forward). A choice
@@ -154,9 +158,10 @@ class ParitySession:
             pytest.fail(self._attention_error, pytrace=False)
         return hf, packing
 
-    def weight_problems(self) -> dict[str, list[str]]:
-        """Side -> problems of its loaded parameters and buffers (`loaded_model_problems`), found once."""
-        return self.pair().weight_problems()
+    def weight_problems(self, side: str | None = None) -> dict[str, list[str]]:
+        """Side -> problems of its loaded parameters and buffers (`loaded_model_problems`), found once; `side`: the
+        test is about that side (see `pair`)."""
+        return self.pair(side).weight_problems()
 
     # cases and groups
 
