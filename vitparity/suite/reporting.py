@@ -8,6 +8,7 @@ import json
 import pytest
 
 from ..compare import comparison_from_row
+from ..loading import missing_cuda_device
 from ..report import format_table
 from .costs import COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
 from .session import ParitySession
@@ -71,9 +72,16 @@ class ParityReporter:
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         s, plan = self.session.settings, self.session.plan
-        if not (self.rows or self.costs or s.shard):
+        no_device = missing_cuda_device(s.device) if terminalreporter.stats.get("skipped") else None
+        if not (self.rows or self.costs or s.shard or no_device):
             return  # no parity test ran (e.g. another test tree in this repository)
         terminalreporter.write_sep("=", "vitparity parity summary")
+        if no_device:
+            terminalreporter.write_line(
+                f"NOTHING COMPARED: device {s.device} requested but {no_device}; the tests that need it were skipped. "
+                "Run on the CPU with --device cpu, or pass --require-device to fail instead of skip (a GPU CI job "
+                "should).", yellow=True,
+            )
         terminalreporter.write_line(
             f"hf: {s.hf_model}  packing: {s.packing_model}  device: {s.device}  dtype: {s.dtype}  "
             f"threshold: min cos > {s.threshold}  (figures: float32 comparisons)"
@@ -89,10 +97,13 @@ class ParityReporter:
                 "--strict-model-config fails on it)", yellow=True,
             )
         shard = f"shard {s.shard}: " if s.shard else ""
+        cases = sum(len(g.cases) for g in plan.groups)
+        skipped = cases - len(plan.determinism)
         terminalreporter.write_line(
             f"{shard}{len(plan.groups)} of {len(plan.all_groups)} pack groups (budget {s.pack_tokens} tokens), "
-            f"{sum(len(g.cases) for g in plan.groups)} cases; determinism {s.determinism}: "
-            f"{len(plan.determinism)} cases re-run"
+            f"{cases} cases; determinism {s.determinism}: {len(plan.determinism)} cases re-run"
+            + (f" (test_deterministic of the other {skipped} deselected; --determinism=all runs every case)"
+               if skipped else "")
         )
         for worker, cost in sorted(self.costs.items()):
             terminalreporter.write_line(f"{worker}: {cost_line(cost)}; {cost_details(cost)}")
