@@ -512,6 +512,10 @@ def test_convert_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     committed = load_file(str(BUILTIN_PACKING / "model.safetensors"))
     assert converted.keys() == committed.keys()
     assert all(torch.equal(converted[key], committed[key]) for key in committed)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "packing").iterdir()}
+    assert modes == dict.fromkeys(["config.json", "model.safetensors", "preprocessor_config.json"], 0o666 & ~umask)
     processor = json.loads((tmp_path / "packing" / "preprocessor_config.json").read_text())
     assert (processor["image_mean"], processor["image_std"]) == ([0.48145466, 0.4578275, 0.40821073],
                                                                  [0.26862954, 0.26130258, 0.27577711])
@@ -520,6 +524,14 @@ def test_convert_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     back = load_file(str(tmp_path / "hf" / "model.safetensors"))
     original = load_file(str(BUILTIN_HF / "model.safetensors"))
     assert back.keys() == original.keys() and all(torch.equal(back[key], original[key]) for key in original)
+
+
+def test_convert_help_describes_each_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    help_text = capsys.readouterr().out
+    assert re.search(r"SOURCE_DIR\s+checkpoint folder to convert", help_text)
+    assert re.search(r"OUT_DIR\s+new or empty folder for the other layout", help_text)
 
 
 def test_convert_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -76,8 +76,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(verify, "threshold", type=float, default=DEFAULT_THRESHOLD, help="minimum per-token cosine")
 
     convert = commands.add_parser("convert", help="convert a checkpoint to the other layout (HF <-> packing)")
-    convert.add_argument("source", metavar="SOURCE_DIR")
-    convert.add_argument("output", metavar="OUT_DIR")
+    convert.add_argument("source", metavar="SOURCE_DIR",
+                         help="checkpoint folder to convert (config.json and safetensors weights), either layout; "
+                              "its model_type says which")
+    convert.add_argument("output", metavar="OUT_DIR",
+                         help="new or empty folder for the other layout: config.json, model.safetensors and "
+                              "preprocessor_config.json (the source's, or CLIP mean / std when it has none)")
 
     report = commands.add_parser(
         "report-junit", help="merge the JUnit XML of suite runs (e.g. shards) into one Markdown parity report",

@@ -8,6 +8,7 @@ into `self_attn.qkv` (concatenated in that order along the output dimension) and
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -144,4 +145,16 @@ def convert_checkpoint(source: str | Path, output: str | Path) -> Path:
     else:
         text = json.dumps(preprocessor_config(normalization), indent=2) + "\n"
     (output / PREPROCESSOR_FILE).write_text(text)
+    _usual_file_mode(output)
     return output
+
+
+def _usual_file_mode(folder: Path) -> None:
+    """Give every file in `folder` the mode a plain `open()` gives (0666 less the umask): `save_pretrained` writes
+    its weights through a private temporary file (0600), which another user or a CI job under another account
+    could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
