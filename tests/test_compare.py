@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vitparity.checks import odd_pass
-from vitparity.compare import DEFAULT_THRESHOLD, Comparison, compare_features, cosine_per_token
+from vitparity.compare import DEFAULT_THRESHOLD, Comparison, below_threshold, compare_features, cosine_per_token
 
 N, D = 64, 32
 
@@ -53,7 +53,7 @@ def test_one_changed_token_fails_with_its_cosine() -> None:
     assert c.min_cos == pytest.approx(0.5, abs=1e-5)
     assert int(np.argmin(c.token_cos)) == 17
     assert c.max_cos == pytest.approx(1.0, abs=1e-6)
-    assert c.reason == "min cosine 0.500000 <= threshold 0.99"
+    assert c.reason == f"min cosine {c.min_cos:.9f} <= threshold 0.99"
 
 
 def test_token_cos_matches_reference_and_is_read_only() -> None:
@@ -85,6 +85,20 @@ def test_uniform_noise_either_side_of_threshold() -> None:
     assert compare_features(a, b, threshold=expected - 1e-4).passed
     below = compare_features(a, b, threshold=expected + 1e-4)
     assert not below.passed and below.reason.startswith("min cosine ")
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "torch"])
+def test_equal_tokens_have_cosine_one_at_any_threshold(as_tensor: bool) -> None:
+    """Identical features pass any threshold below 1 (float32 gives some rows 1 - ulp); a failure shows the gap."""
+    a = _features(n=512, d=1024) * 37
+    x = torch.from_numpy(a) if as_tensor else a
+    same = compare_features(x, torch.from_numpy(a.copy()) if as_tensor else a.copy(), threshold=0.9999999)
+    assert same.passed and same.min_cos == 1.0 and same.max_abs == 0.0
+    b = a.copy()
+    b[5] = _rotate(a[5], 0.9999996)  # shown as 1.000000 with six digits
+    near = compare_features(x, torch.from_numpy(b) if as_tensor else b, threshold=0.9999999)
+    assert not near.passed and near.min_cos < 0.9999999
+    assert near.reason == f"min cosine {near.min_cos:.9f} <= threshold 0.9999999" and "0.99999" in near.reason
 
 
 def test_threshold_is_strict() -> None:
@@ -220,7 +234,8 @@ def test_torch_tensors_give_the_numpy_verdict_and_figures() -> None:
     b[7] = -a[7]
     host = compare_features(a, b, name="x", threshold=0.5)
     device = compare_features(torch.from_numpy(a)[None], torch.from_numpy(b), name="x", threshold=0.5)
-    assert device.passed is host.passed is False and device.reason == host.reason
+    assert device.passed is host.passed is False
+    assert (device.reason, host.reason) == (below_threshold(device.min_cos, 0.5), below_threshold(host.min_cos, 0.5))
     assert device.shape_a == (1, 50, 32) and device.shape_b == (50, 32)
     np.testing.assert_allclose(device.token_cos, host.token_cos, atol=1e-6)
     for stat in ("min_cos", "mean_cos", "max_cos", "max_abs", "mean_abs"):

@@ -83,11 +83,17 @@ def _row_normalised(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scaled, np.sqrt(np.sum(scaled * scaled, axis=-1))
 
 
+def below_threshold(min_cos: float, threshold: float) -> str:
+    """The failure reason of a minimum cosine at or below the threshold, with the digits that show the gap (float32
+    resolves cosines near 1 to about 6e-8)."""
+    return f"min cosine {min_cos:.9f} <= threshold {threshold}"
+
+
 def cosine_per_token(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """Cosine similarity along the last axis of two equally shaped arrays, in float32.
 
     Two all-zero vectors count as 1.0, an all-zero against a non-zero vector as
-    0.0.  Results are clipped to [-1, 1]; NaN/Inf in a vector gives NaN.
+    0.0, two equal finite vectors as exactly 1.0.  Results are clipped to [-1, 1]; NaN/Inf in a vector gives NaN.
     """
     xa = _to_float32(_as_real_array(a))
     xb = _to_float32(_as_real_array(b))
@@ -107,6 +113,8 @@ def cosine_per_token(a: ArrayLike, b: ArrayLike) -> np.ndarray:
             dot[overflow] = np.einsum("...d,...d->...", rows_a, rows_b)
             na[overflow], nb[overflow] = scaled_na, scaled_nb
         cos = np.clip(dot / (na * nb), -1.0, 1.0)
+        equal = np.all((xa == xb) & np.isfinite(xa), axis=-1)
+        cos = np.where(equal, np.float32(1.0), cos)  # equal finite tokens: exactly 1, not 1 - ulp
     zero_a, zero_b = na == 0, nb == 0
     cos = np.where(zero_a & zero_b, 1.0, np.where(zero_a | zero_b, 0.0, cos))
     cos = np.where(np.isfinite(na) & np.isfinite(nb), cos, np.nan)
@@ -206,7 +214,7 @@ def compare_features(
     )
     min_cos = stats[0]
     if not reasons and not min_cos > threshold:
-        reasons.append(f"min cosine {min_cos:.6f} <= threshold {threshold}")
+        reasons.append(below_threshold(min_cos, threshold))
     return result(reasons, stats, token_cos)
 
 
@@ -238,12 +246,13 @@ def _compare_on_device(a, b, *, name: str, threshold: float, labels: tuple[str, 
     if not all(math.isfinite(v) for v in summary):  # NaN, Inf or overflow somewhere: full diagnostics on the host
         return None
     cos = (dot / (na * nb)).clamp(-1.0, 1.0)
+    cos = torch.where((xa == xb).all(dim=-1), 1.0, cos)  # equal tokens: exactly 1, not 1 - ulp
     zero_a, zero_b = na == 0, nb == 0
     cos = torch.where(zero_a & zero_b, 1.0, torch.where(zero_a | zero_b, 0.0, cos))
     token_cos = cos.cpu().numpy().astype(np.float32)
     token_cos.setflags(write=False)
     min_cos = float(token_cos.min())
-    reasons = [] if min_cos > threshold else [f"min cosine {min_cos:.6f} <= threshold {threshold}"]
+    reasons = [] if min_cos > threshold else [below_threshold(min_cos, threshold)]
     return Comparison(
         name, shape_a, shape_b, threshold, not reasons, "; ".join(reasons),
         min_cos, float(np.mean(token_cos, dtype=np.float64)), float(token_cos.max()), summary[3], summary[4],
