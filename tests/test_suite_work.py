@@ -96,6 +96,7 @@ def test_determinism_policy_on_the_cpu(suite, policy, reruns) -> None:
     ("--shard=x", "--shard=x: use K/N"),
     ("--determinism=sometimes", "--determinism=sometimes: use one of"),
     ("--dist=loadfile", "--dist=loadfile: the suite schedules its pack groups itself; pass only -n"),
+    ("--dist=worksteal", "--dist=worksteal: the suite schedules its pack groups itself; pass only -n"),
 ])
 def test_bad_work_options_are_usage_errors(suite, option, message) -> None:
     result = suite.run(option)
