@@ -208,7 +208,10 @@ class NpzGoldenExtension(SingleFileSnapshotExtension):
     def diff_lines(self, serialized_data, snapshot_data):
         if not snapshot_data:
             yield (f"no golden for this case and model in {self.golden_dir} (the folder names the model, dtype, "
-                   "frames and alignment): run with --snapshot-update to create it")
+                   "frames and alignment). New media, options or checkpoints have none yet: check parity only with "
+                   '-m "not golden", or write goldens into a folder of your own with --golden-dir=DIR '
+                   "--snapshot-update (then pass the same --golden-dir); --snapshot-update alone writes into "
+                   "the committed folder")
             return
         try:
             diff = compare_golden(serialized_data, snapshot_data)
