@@ -29,10 +29,12 @@ def _cache_repo(hub: Path, repo_id: str, commit: str, source: Path, refs: tuple[
     return snapshot
 
 
-def cache_builtin_models(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """HF_HOME at `home` with both built-in checkpoints cached (refs main and v1); HF_HUB_OFFLINE=1."""
+def cache_builtin_models(home: Path, monkeypatch: pytest.MonkeyPatch, repos: dict[str, str] = REPOS,
+                         refs: tuple[str, ...] = ("main", "v1")) -> Path:
+    """HF_HOME at `home` with both built-in checkpoints cached as `repos` (side -> repo id) at `refs`;
+    HF_HUB_OFFLINE=1."""
     for side, source in (("hf", BUILTIN_HF), ("packing", BUILTIN_PACKING)):
-        _cache_repo(home / "hub", REPOS[side], COMMITS[side], source, refs=("main", "v1"))
+        _cache_repo(home / "hub", repos[side], COMMITS[side], source, refs=refs)
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

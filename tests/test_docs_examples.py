@@ -1,0 +1,216 @@
+"""Every command in the documentation's `sh` blocks (README.md, fixtures/README.md, docs/*.md) either runs here as
+written, with its placeholders (`/ckpt/...`, `/data/...`, `A`, `B`, ...) replaced by the built-in models and copies
+of the bundled media, and ends as the docs say, or names the test or CI step that runs it. A new example without an
+entry in EXAMPLES, or an entry whose example is gone, fails `test_every_documented_command_has_an_expectation`."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
+from vitparity.cli import main
+
+from conftest import REPO
+from test_hub import cache_builtin_models
+
+DOCS = (REPO / "README.md", REPO / "fixtures" / "README.md", *sorted((REPO / "docs").glob("*.md")))
+MISSING_GOLDEN = "New media, options or checkpoints have none yet"
+
+
+@dataclass(frozen=True)
+class Example:
+    """How a documented command is checked: `run` (suite, cli, tox or script) with `replace` (placeholder ->
+    value here; `{tmp}` is the test's folder) and the exit status and text the docs promise, or `elsewhere`."""
+
+    run: str = ""
+    replace: dict[str, str] = field(default_factory=dict)
+    ret: int = 0
+    says: str = ""
+    elsewhere: str = ""
+
+
+CKPT = {"/ckpt/onevision-encoder-large": "{tmp}/ckpt/hf", "/ckpt/onevision-encoder-large-packing": "{tmp}/ckpt/packing"}
+MEDIA = {"/data/more_media": "{tmp}/more_media", "/data/goldens": "{tmp}/goldens"}
+FAULTS = "tests/test_faults.py runs these suite runs on every planted fault (docs/detection.md's table)"
+BENCH = ("tests/test_bench.py runs every section with --small on the CPU and --help; full sizes are GPU "
+         "measurements (docs/benchmarks.md)")
+EXAMPLES: dict[str, Example] = {
+    # README: set-up (CI's .ci/run runs exactly these two lines)
+    'python -m pip install -e ".[test]" && python -m pytest': Example(elsewhere=".ci/run"),
+    "python -m pytest tests -n auto": Example(elsewhere=".ci/run"),
+    # README: running the suite
+    "pytest": Example("suite"),
+    "pytest -k video": Example("suite"),
+    'pytest -m "not golden"': Example("suite"),
+    "pytest -n 4": Example("suite"),
+    "pytest --hf-model=/ckpt/onevision-encoder-large --packing-model=/ckpt/onevision-encoder-large-packing "
+    "--device cuda --dtype bfloat16 --media=/data/more_media":
+        Example("suite", {**CKPT, **MEDIA, "cuda": "cpu"}, ret=1, says=MISSING_GOLDEN),
+    "pytest --hf-model=org/onevision-encoder-large@v1.0 --packing-model=org/onevision-encoder-large-packing@v1.0":
+        Example("suite"),
+    'pytest -m "not golden" --media=/data/more_media': Example("suite", MEDIA),
+    "pytest --golden-dir=/data/goldens --snapshot-update --media=/data/more_media --align=resize --scales=0.5":
+        Example("suite", MEDIA, says="snapshots generated"),
+    "pytest --golden-dir=/data/goldens --media=/data/more_media --align=resize --scales=0.5": Example("suite", MEDIA),
+    "pytest --snapshot-update": Example("suite"),
+    "pytest --regenerate-goldens": Example("suite"),
+    # README: tox (each environment exists and runs what the README says)
+    "tox -e regen": Example("tox", says="--regenerate-goldens"),
+    "tox -e tests": Example("tox", says="pytest tests"),
+    "tox -e suite": Example("tox", says="pytest"),
+    "tox -e gpu": Example("tox", says="VITPARITY_DEVICE = cuda"),
+    # README: commands
+    "vitparity extract --hf_model_path A --packing_model_path B --image1 1.jpg --image2 2.jpg --video1 1.mp4 "
+    "--video2 2.mp4 --num_frames 8 --output_dir ./features": Example("cli", {"A": str(BUILTIN_HF),
+                                                                              "B": str(BUILTIN_PACKING)}),
+    "vitparity extract --root ./media --output_dir ./features": Example("cli"),
+    "vitparity extract --images a.jpg b.png c.jpg --videos d.mp4 --output_dir ./features": Example("cli"),
+    "vitparity verify --features_dir ./features --threshold 0.99": Example("cli"),
+    "vitparity convert HF_DIR OUT_DIR": Example("cli", {"HF_DIR": str(BUILTIN_HF), "OUT_DIR": "{tmp}/converted"}),
+    "vitparity report-junit junit-shard-1.xml junit-shard-2.xml": Example("cli"),
+    # fixtures/README.md
+    'python -m pip install -e ".[media]"': Example(elsewhere="pyproject.toml's media extra (checked below)"),
+    "python fixtures/make_media.py": Example(elsewhere="the --out DIR form below (it would rewrite fixtures/media)"),
+    "python fixtures/make_media.py --out DIR": Example("script", {"DIR": "{tmp}/made"}),
+    # docs/benchmarks.md
+    **dict.fromkeys([
+        "python -m bench --help", "python -m bench --small", "python -m bench forward --json out.json",
+        "python -m bench attention variants", "python -m bench suite", "python -m bench scale --scale-videos 100",
+        "python -m bench decode --repeats 5", "python -m bench early-exit --config vit-l",
+        "python -m bench suite-scale --device cpu", "bench/gpu_check.sh gpu-results",
+        "bench/gpu_check.sh /tmp/check --small",
+    ], Example(elsewhere=BENCH)),
+    # docs/detection.md
+    **dict.fromkeys([
+        "time python -m pytest tests/test_faults.py -n 2", "python -m pytest tests/test_faults.py -s -k qk_swapped",
+        "VITPARITY_FAULTS_OUT=/tmp/detection python -m pytest tests/test_faults.py -n 2",
+        "python -m tests.faults.detection /tmp/detection",
+        "python -c \"import sys; sys.path.insert(0, 'tests'); from faults import build_variant; "
+        "print(build_variant('rope_half_split', '/tmp/variants'))\"",
+        "HF_MODULES_CACHE=/tmp/hf_modules python -m pytest parity_tests --packing-model=/tmp/variants/rope_half_split "
+        "--trust-remote-code --dtype=bfloat16 --device=cpu --report-dir=/tmp/report",
+    ], Example(elsewhere=FAULTS)),
+}
+
+
+def documented_commands() -> list[str]:
+    """Each command of every `sh` block, continuation lines joined and the trailing comment dropped."""
+    commands = []
+    for path in DOCS:
+        for block in re.findall(r"```sh\n(.*?)```", path.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                command = re.sub(r"\s+#\s.*$", "", line).strip()
+                if command:
+                    commands.append(" ".join(command.split()))
+    return commands
+
+
+def by_kind(kind: str) -> list[str]:
+    return [command for command, example in EXAMPLES.items() if example.run == kind]
+
+
+def args_of(command: str, tmp: Path, program: str) -> list[str]:
+    """The command's arguments after `program`, each placeholder (a whole argument or an option's value) replaced."""
+    words = shlex.split(command)
+    assert words[0] == program, command
+    replace = {key: value.format(tmp=tmp) for key, value in EXAMPLES[command].replace.items()}
+    out = []
+    for word in words[1:]:
+        option, equals, value = word.partition("=")
+        out.append(replace.get(word) or (f"{option}={replace[value]}" if equals and value in replace else word))
+    return out
+
+
+def test_every_documented_command_has_an_expectation() -> None:
+    documented = documented_commands()
+    assert sorted(set(documented) - set(EXAMPLES)) == [], "documented commands without an entry in EXAMPLES"
+    assert sorted(set(EXAMPLES) - set(documented)) == [], "entries in EXAMPLES no document shows any more"
+
+
+def more_media(folder: Path) -> Path:
+    """A media folder of one's own: an image and a video that the bundled media do not name."""
+    folder.mkdir(parents=True)
+    shutil.copy(BUILTIN_MEDIA / "coffee_small.jpg", folder / "espresso.jpg")
+    shutil.copy(BUILTIN_MEDIA / "coffee_zoom.mp4", folder / "espresso_zoom.mp4")
+    return folder
+
+
+def test_suite_examples_end_as_documented(suite, tmp_path, monkeypatch) -> None:
+    """In the order the README shows them: the golden-folder workflow writes before it checks."""
+    more_media(tmp_path / "more_media")
+    for side, source in (("hf", BUILTIN_HF), ("packing", BUILTIN_PACKING)):
+        shutil.copytree(source, tmp_path / "ckpt" / side)
+    cache_builtin_models(tmp_path / "hf-home", monkeypatch, refs=("main", "v1.0"),
+                         repos={"hf": "org/onevision-encoder-large", "packing": "org/onevision-encoder-large-packing"})
+    committed = suite.goldens()
+    for command in by_kind("suite"):
+        if command in ("pytest --snapshot-update", "pytest --regenerate-goldens"):  # the last two: they write there
+            assert suite.goldens() == committed, "an example wrote into the committed golden folder"
+        example = EXAMPLES[command]
+        result = suite.run(*args_of(command, tmp_path, "pytest"))
+        out = result.stdout.str() + result.stderr.str()
+        assert result.ret == example.ret, f"{command}\n{out[-3000:]}"
+        assert example.says in out, command
+        assert "Traceback" not in out and "INTERNALERROR" not in out, command
+    own = sorted(p.name for p in (tmp_path / "goldens").rglob("*.npz"))  # 8 bundled + 2 more media, at 0.5 only
+    assert len(own) == 20 and all("@0.5-" in name for name in own)
+    assert "test_golden[video-espresso_zoom.mp4@0.5-packing].npz" in own
+
+
+def test_cli_examples_end_as_documented(suite, tmp_path, monkeypatch, capsys) -> None:
+    """extract (three input forms), verify, convert and report-junit, each in a folder holding what it names."""
+    names = {"1.jpg": "coffee_small.jpg", "2.jpg": "astronaut.jpg", "1.mp4": "coffee_zoom.mp4",
+             "2.mp4": "chelsea_pan.mp4", "a.jpg": "coffee_small.jpg", "b.png": "chelsea_cat.png",
+             "c.jpg": "rocket_portrait.jpg", "d.mp4": "coffee_zoom.mp4"}
+    for index in (1, 2):  # what report-junit reads: the suite's shards written with --junitxml
+        assert suite.run("-m", "not golden", f"--shard={index}/2", f"--junitxml=junit-shard-{index}.xml").ret == 0
+    for command in by_kind("cli"):
+        folder = suite.path if "report-junit" in command else tmp_path / (
+            "root" if "--root" in command else "listed" if "--images" in command or "verify" in command else "numbered")
+        folder.mkdir(exist_ok=True)
+        for name, source in names.items():
+            target = folder / "media" / name if "--root" in command else folder / name
+            target.parent.mkdir(exist_ok=True)
+            if name in command and not target.exists():
+                shutil.copy(BUILTIN_MEDIA / source, target)
+        monkeypatch.chdir(folder)
+        code = main(args_of(command, tmp_path, "vitparity"))
+        out, err = capsys.readouterr()
+        assert code == EXAMPLES[command].ret, f"{command}\n{out[-2000:]}\n{err[-2000:]}"
+    assert (tmp_path / "converted" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("command", by_kind("tox"))
+def test_tox_examples_name_existing_environments(command: str) -> None:
+    tox = configparser.ConfigParser(interpolation=None)
+    tox.read(REPO / "tox.ini")
+    env = f"testenv:{command.split()[-1]}"
+    assert tox.has_section(env), command
+    assert EXAMPLES[command].says in tox[env].get("commands", "") + tox[env].get("setenv", ""), command
+
+
+def test_media_script_example(tmp_path: Path) -> None:
+    """`make_media.py --out DIR` writes the media where scikit-image (the media extra) is installed, and otherwise
+    says which extra to install."""
+    extra = re.search(r"^media = \[(.*)\]$", (REPO / "pyproject.toml").read_text(), re.M)
+    assert extra and "scikit-image" in extra.group(1)
+    command, = by_kind("script")
+    proc = subprocess.run([sys.executable, *args_of(command, tmp_path, "python")], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    try:
+        import skimage  # noqa: F401
+    except ImportError:
+        assert proc.returncode == 1 and 'python -m pip install -e ".[media]"' in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(p.name for p in (tmp_path / "made").iterdir()) == sorted(
+            p.name for p in BUILTIN_MEDIA.iterdir())
