@@ -178,10 +178,14 @@ def test_cli_examples_end_as_documented(suite, tmp_path, monkeypatch, capsys) ->
             "root" if "--root" in command else "listed" if "--images" in command or "verify" in command else "numbered")
         folder.mkdir(exist_ok=True)
         for name, source in names.items():
-            target = folder / "media" / name if "--root" in command else folder / name
+            if "--root" in command and name[0].isdigit():  # the README: <root>/1.jpg 2.jpg 1.mp4 2.mp4
+                target = folder / "media" / name
+            elif name in command:
+                target = folder / name
+            else:
+                continue
             target.parent.mkdir(exist_ok=True)
-            if name in command and not target.exists():
-                shutil.copy(BUILTIN_MEDIA / source, target)
+            shutil.copy(BUILTIN_MEDIA / source, target)
         monkeypatch.chdir(folder)
         code = main(args_of(command, tmp_path, "vitparity"))
         out, err = capsys.readouterr()
