@@ -82,27 +82,48 @@ def test_bench_refuses_unknown_sections() -> None:
     assert proc.returncode == 2 and "unknown section(s) ['fowrard']" in proc.stderr
 
 
-def test_bench_floor_only_on_a_known_gpu_or_when_given() -> None:
-    """The floor rule (bench.common.flop_floor) and the CPU warning (bench.runner.cpu_warning), without running a
-    section: a known GPU in bf16 / fp16 gets its rate, everything else none unless --floor-tflops is given."""
-    script = """
-import json
+LOGIC = """
+import json, sys
+from pathlib import Path
 from bench.common import flop_floor
 from bench.runner import cpu_warning, parse
+from bench import workloads
+from bench.workloads import write_media
 
 def floor(argv):
     opts = parse(argv)
     return [opts.floor_tflops, opts.floor_note]
 
+def media(folder):
+    specs = [("a.jpg", 1, 28, 42), ("b.mp4", 3, 28, 42)]
+    write_media(folder, specs, label="test")
+    (folder / "b.mp4").write_bytes(b"kept")  # an existing file is kept, not written again
+    write_media(folder, specs, label="test")
+    write_file = workloads._write_file
+
+    def interrupted(cv2, path, frames):  # Ctrl-C once the file is written, before it is renamed
+        write_file(cv2, path, frames)
+        raise KeyboardInterrupt
+
+    workloads._write_file, stopped = interrupted, False
+    try:
+        write_media(folder, [("c.mp4", 2, 28, 42)], label="test")
+    except KeyboardInterrupt:
+        stopped = True
+    return {"files": sorted(p.name for p in folder.iterdir()), "b": (folder / "b.mp4").read_bytes().decode(),
+            "stopped": stopped}
+
 out = {
     "h100": flop_floor("NVIDIA H100 80GB HBM3", "bfloat16", None), "h200": flop_floor("NVIDIA H200", "float16", None),
-    "h100_fp32": flop_floor("NVIDIA H100 80GB HBM3", "float32", None), "a100": flop_floor("NVIDIA A100-SXM4-80GB", "bfloat16", None),
+    "h100_fp32": flop_floor("NVIDIA H100 80GB HBM3", "float32", None),
+    "a100": flop_floor("NVIDIA A100-SXM4-80GB", "bfloat16", None),
     "cpu_small": floor(["forward", "--small", "--device", "cpu"]),
     "cpu_given": floor(["forward", "--small", "--device", "cpu", "--floor-tflops", "2.5"]),
     "warn": {" ".join(argv): cpu_warning(parse(argv)) for argv in (
         ["forward", "--device", "cpu"], ["forward", "attention", "rope", "decode", "--device", "cpu"],
         ["forward", "--device", "cpu", "--small"], ["early-exit", "rope", "decode", "suite-scale", "--device", "cpu"],
         ["--device", "cpu", "--dtype", "bfloat16"])},
+    "media": media(Path(sys.argv[1])),
 }
 try:
     parse(["forward", "--floor-tflops", "0"])
@@ -110,9 +131,22 @@ except SystemExit as stop:
     out["zero"] = stop.code
 print(json.dumps(out))
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def logic(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """The bench's rules run without a section, in one process: the FLOP floor (bench.common.flop_floor and
+    --floor-tflops), the CPU warning (bench.runner.cpu_warning), and writing media (bench.workloads.write_media).
+    Returns what they gave and the process's stderr."""
+    proc = subprocess.run([sys.executable, "-c", LOGIC, str(tmp_path_factory.mktemp("media"))], capture_output=True,
+                          text=True, cwd=REPO, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.splitlines()[-1])
+    return json.loads(proc.stdout.splitlines()[-1]), proc.stderr
+
+
+def test_bench_floor_only_on_a_known_gpu_or_when_given(logic) -> None:
+    """A known GPU in bf16 / fp16 gets its rate; the CPU, other GPUs and float32 none, unless --floor-tflops."""
+    out, stderr = logic
     assert out["h100"] == [795.0, "FLOP floor at 795.0 TFLOP/s (the bfloat16 matrix rate used for NVIDIA H100 80GB HBM3)"]
     assert out["h200"][0] == 795.0
     assert out["h100_fp32"][0] is None and "not float32" in out["h100_fp32"][1]
@@ -120,8 +154,11 @@ print(json.dumps(out))
                                  "80GB HBM3, NVIDIA H200); pass --floor-tflops RATE to compare against RATE TFLOP/s"]
     assert out["cpu_small"][0] is None and out["cpu_small"][1].startswith("no FLOP floor: cpu has no known matrix rate")
     assert out["cpu_given"] == [2.5, "FLOP floor at 2.5 TFLOP/s (--floor-tflops)"]
-    assert out["zero"] == 2 and "--floor-tflops: must be > 0, got 0" in proc.stderr
-    warn = out["warn"]
+    assert out["zero"] == 2 and "--floor-tflops: must be > 0, got 0" in stderr
+
+
+def test_bench_warns_for_gpu_sized_sections_on_the_cpu(logic) -> None:
+    warn = logic[0]["warn"]
     assert warn["forward --device cpu"].startswith("warning: forward: GPU measurements at real sizes")
     assert "on cpu in float32, config vit-l; their figures are cpu figures" in warn["forward --device cpu"]
     assert "Pass --small" in warn["forward --device cpu"]
@@ -131,6 +168,14 @@ print(json.dumps(out))
     assert warn["--device cpu --dtype bfloat16"].startswith(  # the default sections
         "warning: forward, cross-parity, attention, variants, overhead, suite, sharp-parity: GPU")
     assert "on cpu in bfloat16" in warn["--device cpu --dtype bfloat16"]
+
+
+def test_bench_media_are_written_whole_or_not_at_all(logic) -> None:
+    """An existing file is kept; a file whose writing is interrupted leaves nothing behind (no partial file)."""
+    out, stderr = logic
+    assert out["media"] == {"files": ["a.jpg", "b.mp4"], "b": "kept", "stopped": True}
+    assert "[test files 2/2] b.mp4: kept (already there)" in stderr
+    assert "[test files 1/1] writing c.mp4: 2 frame(s) of 42x28" in stderr
 
 
 def test_bench_given_floor_is_printed_and_recorded(tmp_path: Path) -> None:
