@@ -1,5 +1,5 @@
-"""What every bench section shares: one timer, peak memory, host-sync counting, the FLOP model, parity figures
-and table printing."""
+"""What every bench section shares: one timer, peak memory, host-sync counting, the FLOP model and its floor,
+parity figures, table printing, progress lines, and child processes that end with the bench."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import datetime as dt
 import os
 import platform
 import resource
+import signal
 import statistics
+import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,12 +24,148 @@ from vitparity.compare import compare_features
 from vitparity.models import layers, packed_attention
 
 GIB = 1024**3
-# the bf16 matrix rate the model facts use for an H100 (nominal dense peak 989 TFLOP/s)
-DEFAULT_FLOOR_TFLOPS = 795.0
+# bf16 / fp16 matrix rates for the FLOP floor, by CUDA device name: 795 TFLOP/s is the rate the model facts use for
+# the H100 SXM (nominal dense peak 989); the H200 has the same tensor cores and clocks (nominal 989), so the same.
+KNOWN_FLOOR_TFLOPS = {"NVIDIA H100 80GB HBM3": 795.0, "NVIDIA H200": 795.0}
+FLOOR_DTYPES = ("bfloat16", "float16")
+# a step of a section that runs longer than this says so again on stderr, every this many seconds
+PROGRESS_EVERY_S = 10.0
 
 
 def log(*parts: object) -> None:
     print(*parts, flush=True)
+
+
+def note(*parts: object) -> None:
+    """A line on stderr (progress and warnings), so that stdout keeps the tables alone."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def flop_floor(device_name: str, dtype_name: str, explicit: float | None) -> tuple[float | None, str]:
+    """The matrix rate (TFLOP/s) the FLOP floor divides by, or None, and a line saying where it comes from.
+
+    `explicit` (--floor-tflops) is always used. Otherwise a known GPU (`KNOWN_FLOOR_TFLOPS`, by the name
+    `torch.cuda.get_device_name` gives; off CUDA `device_name` is the device type, e.g. "cpu") in bfloat16 or
+    float16 gets its rate, and anything else none: a floor from another device's or dtype's rate means nothing.
+    """
+    if explicit is not None:
+        return explicit, f"FLOP floor at {explicit} TFLOP/s (--floor-tflops)"
+    known = KNOWN_FLOOR_TFLOPS.get(device_name)
+    if known is not None and dtype_name in FLOOR_DTYPES:
+        return known, f"FLOP floor at {known} TFLOP/s (the {dtype_name} matrix rate used for {device_name})"
+    why = (f"{device_name} has no known matrix rate (known: {', '.join(KNOWN_FLOOR_TFLOPS)})" if known is None
+           else f"the known rate of {device_name} is for bfloat16 / float16, not {dtype_name}")
+    return None, f"no FLOP floor: {why}; pass --floor-tflops RATE to compare against RATE TFLOP/s"
+
+
+def floor_seconds(floor_tflops: float | None, flops: float) -> float | None:
+    """The FLOP floor in seconds: `flops` / the matrix rate; None where there is no rate (see flop_floor)."""
+    return None if floor_tflops is None else flops / (floor_tflops * 1e12)
+
+
+class Progress:
+    """Progress of one long part of a section on stderr: `[label i/n] what` as each step starts (`[label] what`
+    without a total) and, while a step runs on, `[label i/n] still running, N s` every `every` seconds (from a
+    daemon thread).
+
+    Use as a context manager around the steps; `step(what)` starts the next one.
+    """
+
+    def __init__(self, label: str, total: int | None = None, every: float = PROGRESS_EVERY_S) -> None:
+        self.label, self.total, self.every = label, total, every
+        self.done, self.started, self.last = 0, None, 0.0
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _prefix(self) -> str:
+        return f"[{self.label}]" if self.total is None else f"[{self.label} {self.done}/{self.total}]"
+
+    def step(self, what: str) -> None:
+        with self._lock:
+            self.done += 1
+            self.started = self.last = time.monotonic()
+            note(f"{self._prefix()} {what}")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(1.0, self.every)):
+            with self._lock:
+                now = time.monotonic()
+                if self.started is not None and now - self.last >= self.every:
+                    self.last = now
+                    note(f"{self._prefix()} still running, {now - self.started:.0f} s")
+
+
+_CHILDREN: list[subprocess.Popen] = []
+
+
+def start_child(command: list[str], **popen) -> subprocess.Popen:
+    """`subprocess.Popen(command, **popen)` in a process group of its own, ended with everything it started (xdist
+    workers) when the bench leaves `interruptible()` before the child has ended."""
+    proc = subprocess.Popen(command, start_new_session=True, **popen)
+    _CHILDREN.append(proc)
+    return proc
+
+
+def end_child(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM to the child's process group, SIGKILL after `grace_s` seconds; the child is reaped. A child already
+    reaped is left alone (its group id may belong to another process by now)."""
+    if proc.returncode is not None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_child(command: list[str], timeout: float, **popen) -> subprocess.CompletedProcess:
+    """`command` to its end with stdout and stderr captured as text, like `subprocess.run`; after `timeout` seconds
+    its process group is ended and TimeoutExpired raised."""
+    proc = start_child(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        end_child(proc)
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM inside `interruptible()`; exit status 143 (128 + 15)."""
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt, so that `with` blocks
+    unwind (temporary folders are removed); on leaving, every child process still running is ended first.
+
+    After the first SIGTERM further ones are ignored, so that they cannot cut the clean-up short.
+    """
+    def terminate(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        while _CHILDREN:
+            end_child(_CHILDREN.pop())
+        if signal.getsignal(signal.SIGTERM) is terminate:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def sync(device: torch.device) -> None:

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from . import runner
-from .common import log
+from .common import interruptible, log
 
 CUDA_VARIANTS = ["hf:cudnn", "hf:fa4", "hf:flex_attention", "hf:flash_attention_4", "packing:sdpa:cudnn",
                  "packing:varlen", "packing:flex", "packing:flash_attn_4", "rope:torch", "rope:auto"]
@@ -45,7 +45,8 @@ def main(argv=None) -> int:
         opts.variants = CUDA_VARIANTS
         opts.variant_cases = ["image-1080p", "video-480p"]
     args.out.mkdir(parents=True, exist_ok=True)
-    results = runner.run(opts, opts.workdir)
+    with interruptible():  # Ctrl-C or SIGTERM: the suite processes it started end with it
+        results = runner.run(opts, opts.workdir)
     log("\nseconds per section: " + ", ".join(f"{k} {v:.1f}" for k, v in results["seconds_per_section"].items()))
     log(f"wrote {opts.json}")
     return 0

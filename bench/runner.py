@@ -2,7 +2,8 @@
 
 Sections: forward, early-exit, cross-parity, attention, rope, variants, overhead, suite, scale, suite-scale,
 sharp-parity, decode. Without section names: every section but scale, suite-scale and decode. `--small` uses the tiny config and inputs (CPU,
-seconds). Figures are printed and, with --json, written to a file.
+seconds). Figures are printed and, with --json, written to a file; progress and warnings go to stderr.
+Interrupted (Ctrl-C or SIGTERM), the bench ends the suite processes it started and removes its temporary folder.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from vitparity.loading import DTYPES
 from vitparity.models import OneVisionEncoderConfig
 
-from .common import DEFAULT_FLOOR_TFLOPS, log, machine_info, sync
+from .common import Progress, Terminated, flop_floor, interruptible, log, machine_info, note, sync
 from .sections import decode, early_exit, forward, kernels, overhead, suite_run, suite_scale
 from .workloads import CASES, CONFIGS, REAL_CASES, SMALL_CASES, SUITE_FILES, build_models
 
@@ -26,6 +27,17 @@ SECTIONS = ("forward", "early-exit", "cross-parity", "attention", "rope", "varia
             "suite-scale", "sharp-parity", "decode")
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("scale", "suite-scale", "decode"))
 NEEDS_MODELS = {"forward", "early-exit", "cross-parity", "variants", "overhead", "suite", "scale"}
+# Sections whose figures stand for the GPU (CUDA, bfloat16) at real sizes: run at those sizes on the CPU they
+# measure CPU float32 (or the given dtype) instead and take minutes per ViT-L forward. early-exit (its memory
+# figures are measured on the CPU on purpose), rope (a check), suite-scale and decode (CPU by design) are not.
+GPU_SIZED = ("forward", "cross-parity", "attention", "variants", "overhead", "suite", "scale", "sharp-parity")
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,7 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default="hf", choices=["hf", "sharp"],
                    help="hf: the models' initializer (normal, std 0.02); sharp: fan-in scale, q/k x2.5")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--floor-tflops", type=float, default=DEFAULT_FLOOR_TFLOPS)
+    p.add_argument("--floor-tflops", type=positive, default=None, metavar="RATE",
+                   help="matrix rate of the FLOP floor; default: the bf16 rate of a known GPU (H100 80GB HBM3, "
+                        "H200), elsewhere no floor")
     p.add_argument("--variants", nargs="*", default=None,
                    help="whole-forward variants: hf:<sdpa kernel or attn_implementation>, "
                         "packing:<backend>[:<sdpa kernel>], rope:<torch|triton|auto>")
@@ -75,6 +89,8 @@ def parse(argv=None) -> argparse.Namespace:
     opts.dtype_name = opts.dtype or ("bfloat16" if opts.device.startswith("cuda") else "float32")
     opts.dtype, opts.device = DTYPES[opts.dtype_name], torch.device(opts.device)
     cuda = opts.device.type == "cuda"
+    name = torch.cuda.get_device_name(opts.device) if cuda and torch.cuda.is_available() else opts.device.type
+    opts.floor_tflops, opts.floor_note = flop_floor(name, opts.dtype_name, opts.floor_tflops)
     if opts.small:
         opts.config, opts.cases = "small", opts.cases or SMALL_CASES
         opts.overhead_video, opts.suite_files = (12, 42, 56), SUITE_FILES["small"]
@@ -107,20 +123,38 @@ def parse(argv=None) -> argparse.Namespace:
     return opts
 
 
+def cpu_warning(opts: argparse.Namespace) -> str | None:
+    """The warning for GPU-sized sections asked for off CUDA without --small (None when there are none)."""
+    sections = [s for s in opts.sections if s in GPU_SIZED]
+    if opts.device.type == "cuda" or opts.small or not sections:
+        return None
+    return (f"warning: {', '.join(sections)}: GPU measurements at real sizes (docs/benchmarks.md: CUDA, bfloat16) "
+            f"run here on {opts.device} in {opts.dtype_name}, config {opts.config}; their figures are "
+            f"{opts.device} figures, and a 1080p case takes minutes. Pass --small for a quick run on the CPU, or "
+            f"--device cuda on a GPU.")
+
+
 def run(opts: argparse.Namespace, workdir: Path) -> dict:
     """Every requested section in order; the results dict holds all figures."""
-    results = {"machine": machine_info(opts.device), "sections": list(opts.sections), "forward": [],
+    results = {"machine": machine_info(opts.device), "sections": list(opts.sections),
+               "floor": {"tflops": opts.floor_tflops, "source": opts.floor_note}, "forward": [],
                "cross_parity": [], "attention": [], "attention_check": {}, "variants": [], "sharp_parity": [],
                "suite_run": {}, "seconds_per_section": {}}
     m = results["machine"]
     log(f"device {m['device']}  torch {m['torch']}  transformers {m['transformers']}  python {m['python']}  "
         f"cuda {m.get('cuda')}  cudnn {m.get('cudnn')}  commit {m['commit']}  date {m['date_utc']} UTC\n"
-        f"packed backends here {m['packed_backends']}; SDPA kernels {m['sdpa_kernels']}; RoPE {m['rope']}")
+        f"packed backends here {m['packed_backends']}; SDPA kernels {m['sdpa_kernels']}; RoPE {m['rope']}\n"
+        f"{opts.floor_note}")
+    warning = cpu_warning(opts)
+    if warning:
+        note(warning)
     hf = packing = None
     if NEEDS_MODELS & set(opts.sections):
         t0 = time.perf_counter()
-        hf, packing = build_models(opts.config, opts.device, opts.dtype, opts.seed, opts.init)
-        sync(opts.device)
+        with Progress("models", 1) as progress:
+            progress.step(f"building both models, config {opts.config}, {opts.dtype_name} on {opts.device}")
+            hf, packing = build_models(opts.config, opts.device, opts.dtype, opts.seed, opts.init)
+            sync(opts.device)
         c = hf.config
         log(f"config {opts.config}: hidden {c.hidden_size}, layers {c.num_hidden_layers}, heads "
             f"{c.num_attention_heads} (head_dim {c.head_dim}), intermediate {c.intermediate_size}, patch "
@@ -146,7 +180,8 @@ def run(opts: argparse.Namespace, workdir: Path) -> dict:
         "sharp-parity": lambda: forward.run_sharp_parity(opts, results),
         "decode": lambda: decode.run_decode(opts, workdir / "decode", results),
     }
-    for name in opts.sections:
+    for index, name in enumerate(opts.sections, 1):
+        note(f"section {index}/{len(opts.sections)}: {name}")
         t0 = time.perf_counter()
         if name in ("suite", "scale", "suite-scale", "decode"):
             steps[name]()
@@ -169,10 +204,17 @@ def main(argv=None) -> int:
     if opts.device.type == "cuda" and not torch.cuda.is_available():
         log("CUDA requested but not available; use --device cpu (and --small)")
         return 2
-    with tempfile.TemporaryDirectory(prefix="vitparity-bench-") as tmp:
-        workdir = opts.workdir or Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        run(opts, workdir)
+    try:
+        with tempfile.TemporaryDirectory(prefix="vitparity-bench-") as tmp, interruptible():
+            workdir = opts.workdir or Path(tmp)
+            workdir.mkdir(parents=True, exist_ok=True)
+            run(opts, workdir)
+    except KeyboardInterrupt:
+        note("interrupted: child processes ended, temporary folder removed")
+        return 130
+    except Terminated:
+        note("terminated (SIGTERM): child processes ended, temporary folder removed")
+        raise
     if opts.json:
         log(f"\nwrote {opts.json}")
     return 0

@@ -18,6 +18,8 @@ from vitparity.extract import Sample, extract_hf, extract_packing, prepare_sampl
 from vitparity.media import Media
 from vitparity.models import OneVisionEncoderConfig, OneVisionEncoderModel, OneVisionEncoderPackingModel
 
+from .common import Progress
+
 CONFIGS = {
     "vit-l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=14),
     # SigLIP so400m has 16 heads of 72; the 3-D RoPE split needs head_dim % 32 == 0, so 18 heads of 64 here.
@@ -66,27 +68,47 @@ def synthetic_frames(t: int, height: int, width: int, seed: int) -> np.ndarray:
     return frames
 
 
-def write_media(folder: Path, specs: list[tuple[str, int, int, int]], seed: int = 0) -> list[Path]:
-    """Write (name, frames, height, width) files with OpenCV: .jpg images, .mp4 (mp4v, 24 fps) videos."""
+def write_media(folder: Path, specs: list[tuple[str, int, int, int]], seed: int = 0, label: str = "media"
+                ) -> list[Path]:
+    """Write (name, frames, height, width) files with OpenCV: .jpg images, .mp4 (mp4v, 24 fps) videos; the file at
+    position i gets the frames of seed + i. A file already there is kept: each is written under a temporary name
+    and renamed when complete, so that an interrupted run leaves no partial file to be reused. A progress line per
+    file on stderr, `[<label> files i/n] ...`."""
     import cv2
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, (name, t, height, width) in enumerate(specs):
-        path = folder / name
-        frames = synthetic_frames(t, height, width, seed + index)
-        if path.suffix == ".jpg":
-            if not cv2.imwrite(str(path), cv2.cvtColor(frames[0], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]):
-                raise RuntimeError(f"cannot write {path}")
-        else:
-            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 24.0, (width, height))
-            if not writer.isOpened():
-                raise RuntimeError(f"cannot open a video writer for {path}")
-            for frame in frames:
-                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-            writer.release()
-        paths.append(path)
+    with Progress(f"{label} files", len(specs)) as progress:
+        for index, (name, t, height, width) in enumerate(specs):
+            path = folder / name
+            paths.append(path)
+            if path.exists():
+                progress.step(f"{name}: kept (already there)")
+                continue
+            progress.step(f"writing {name}: {t} frame(s) of {width}x{height}")
+            partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+            try:
+                _write_file(cv2, partial, synthetic_frames(t, height, width, seed + index))
+                partial.replace(path)
+            finally:
+                partial.unlink(missing_ok=True)
     return paths
+
+
+def _write_file(cv2, path: Path, frames: np.ndarray) -> None:
+    if path.suffix == ".jpg":
+        if not cv2.imwrite(str(path), cv2.cvtColor(frames[0], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]):
+            raise RuntimeError(f"cannot write {path}")
+        return
+    height, width = frames.shape[1:3]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 24.0, (width, height))
+    if not writer.isOpened():
+        raise RuntimeError(f"cannot open a video writer for {path}")
+    try:
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
 
 
 def make_sample(case: str, config, dtype: torch.dtype, device: torch.device, seed: int) -> Sample:

@@ -15,7 +15,7 @@ import torch
 
 from vitparity import media
 
-from ..common import Timer, print_table
+from ..common import Progress, Timer, print_table
 from ..workloads import write_media
 
 CLIPS = [("clip-48f-1080p.mp4", 48, 1080, 1920), ("clip-240f-1080p.mp4", 240, 1080, 1920),
@@ -38,15 +38,19 @@ def time_load(path: Path, forward_limit: int | None, repeats: int) -> tuple[floa
 
 def run_decode(opts, workdir: Path, results: dict) -> None:
     clips = SMALL_CLIPS if opts.small else CLIPS
-    write_media(workdir, [spec for spec in clips if not (workdir / spec[0]).exists()])
+    write_media(workdir, clips, label="decode")
     rows, entries = [], []
-    for name, t, height, width in clips:
-        timed = {mode: time_load(workdir / name, limit, opts.repeats) for mode, limit in MODES.items()}
-        same = all(np.array_equal(timed["seek-only"][1], frames) for _, frames in timed.values())
-        entries.append({"clip": name, "frames": t, "size": f"{width}x{height}", "same_pixels": same,
-                        **{f"{mode}_s": seconds for mode, (seconds, _) in timed.items()}})
-        rows.append([name, str(t), f"{width}x{height}", *(f"{s:.3f}" for s, _ in timed.values()),
-                     "yes" if same else "NO"])
+    with Progress("decode", len(clips) * len(MODES)) as progress:
+        for name, t, height, width in clips:
+            timed = {}
+            for mode, limit in MODES.items():
+                progress.step(f"{name}: {mode}, 8 frames loaded x {opts.repeats}")
+                timed[mode] = time_load(workdir / name, limit, opts.repeats)
+            same = all(np.array_equal(timed["seek-only"][1], frames) for _, frames in timed.values())
+            entries.append({"clip": name, "frames": t, "size": f"{width}x{height}", "same_pixels": same,
+                            **{f"{mode}_s": seconds for mode, (seconds, _) in timed.items()}})
+            rows.append([name, str(t), f"{width}x{height}", *(f"{s:.3f}" for s, _ in timed.values()),
+                         "yes" if same else "NO"])
     results["decode"] = entries
     print_table(f"Decode of 8 sampled frames, median of {opts.repeats}; default = decode through gaps of up to "
                 f"{media.FORWARD_DECODE_LIMIT} frames", ["clip", "frames", "size", "seek-only s", "default s",

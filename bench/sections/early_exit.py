@@ -25,7 +25,7 @@ import torch
 
 from vitparity.extract import FEATURE_LAYER, hf_inputs, model_dtype, packing_inputs
 
-from ..common import log, print_table, sync
+from ..common import Progress, log, print_table, sync
 from ..workloads import make_sample
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -101,22 +101,24 @@ def run_early_exit(opts, hf, packing, results: dict) -> None:
     """Kept bytes and peak memory of the early-exit forward against the full forward, per case and model."""
     device, rows = opts.device, []
     results["early_exit"] = []
-    for index, case in enumerate(opts.cases):
-        sample = make_sample(case, hf.config, opts.dtype, device, seed=100 + index)
-        for side, model in (("hf", hf), ("packing", packing)):
-            inputs = _inputs(model, sample, side)
-            early, early_mem = _measure(model, inputs, True, device)
-            full, full_mem = _measure(model, inputs, False, device)
-            entry = {"case": case, "model": side, "tokens": sample.num_tokens, "early": early_mem, "full": full_mem,
-                     "bit_identical": bool(torch.equal(early, full))}
-            results["early_exit"].append(entry)
-            saved = full_mem["peak_bytes"] - early_mem["peak_bytes"]
-            rows.append([case, side, str(sample.num_tokens), f"{early_mem['kept_bytes'] / MIB:.1f}",
-                         f"{full_mem['kept_bytes'] / MIB:.1f}", f"{early_mem['peak_bytes'] / MIB:.1f}",
-                         f"{full_mem['peak_bytes'] / MIB:.1f}", f"{saved / MIB:.1f}",
-                         "yes" if entry["bit_identical"] else "NO"])
-            del inputs, early, full
-        del sample
+    with Progress("early-exit", 2 * len(opts.cases)) as progress:
+        for index, case in enumerate(opts.cases):
+            sample = make_sample(case, hf.config, opts.dtype, device, seed=100 + index)
+            for side, model in (("hf", hf), ("packing", packing)):
+                inputs = _inputs(model, sample, side)
+                progress.step(f"{case} ({sample.num_tokens} tokens), {side} model: early exit, then all hidden states")
+                early, early_mem = _measure(model, inputs, True, device)
+                full, full_mem = _measure(model, inputs, False, device)
+                entry = {"case": case, "model": side, "tokens": sample.num_tokens, "early": early_mem,
+                         "full": full_mem, "bit_identical": bool(torch.equal(early, full))}
+                results["early_exit"].append(entry)
+                saved = full_mem["peak_bytes"] - early_mem["peak_bytes"]
+                rows.append([case, side, str(sample.num_tokens), f"{early_mem['kept_bytes'] / MIB:.1f}",
+                             f"{full_mem['kept_bytes'] / MIB:.1f}", f"{early_mem['peak_bytes'] / MIB:.1f}",
+                             f"{full_mem['peak_bytes'] / MIB:.1f}", f"{saved / MIB:.1f}",
+                             "yes" if entry["bit_identical"] else "NO"])
+                del inputs, early, full
+            del sample
     method = ("CUDA max allocated above the start" if device.type == "cuda"
               else "RSS sampled every 1 ms above the start, after malloc_trim (early exit first)")
     print_table(f"Early-exit forward vs full hidden states, {results['machine']['device']}, {opts.dtype_name}, "

@@ -12,7 +12,7 @@ import torch
 from vitparity.models import layers
 from vitparity.models import packed_attention as pa
 
-from ..common import Timer, attention_flops, log, model_flops, print_table, sync
+from ..common import Progress, Timer, attention_flops, floor_seconds, log, model_flops, print_table, sync
 from ..workloads import case_tokens, forward_fns, make_sample
 
 # only for the float64 check: they materialise n x n scores (no timing at real size)
@@ -79,25 +79,27 @@ def run_attention(opts, config, results: dict) -> None:
     if opts.packed_setup:
         setups.append(("packed-" + "+".join(opts.packed_setup),
                        [case_tokens(c, config.patch_size) for c in opts.packed_setup]))
-    for label, lengths in setups:
-        q, k, v = attention_inputs(lengths, heads, head_dim, device, dtype, seed=11)
-        segments = pa.PackedSegments.from_lengths(lengths, device)
-        flops = attention_flops(config, lengths)
-        for name, fn in attention_variants(q, k, v, segments, scale):
-            if (name.startswith("dense") and len(lengths) > 1) or name.endswith(CHECK_ONLY):
-                continue
-            if not isinstance(results["attention_check"].get(name), float):
-                continue  # failed or skipped the float64 check: not timed
-            try:
-                median, _, _ = timer.measure(fn, 2, opts.repeats)
-                entry = {"setup": label, "tokens": sum(lengths), "kernel": name, "median_s": median,
-                         "tflops": flops / median / 1e12}
-                rows.append([label, str(sum(lengths)), name, f"{median * 1e3:.2f}", f"{entry['tflops']:.1f}"])
-            except Exception as err:
-                entry = {"setup": label, "kernel": name, "error": f"{type(err).__name__}: {err}"[:300]}
-                rows.append([label, str(sum(lengths)), name, "error", "-"])
-            results["attention"].append(entry)
-        del q, k, v
+    with Progress("attention", len(setups)) as progress:
+        for label, lengths in setups:
+            q, k, v = attention_inputs(lengths, heads, head_dim, device, dtype, seed=11)
+            segments = pa.PackedSegments.from_lengths(lengths, device)
+            flops = attention_flops(config, lengths)
+            progress.step(f"{label} ({sum(lengths)} tokens): each kernel, 2 warm-up + {opts.repeats} timed calls")
+            for name, fn in attention_variants(q, k, v, segments, scale):
+                if (name.startswith("dense") and len(lengths) > 1) or name.endswith(CHECK_ONLY):
+                    continue
+                if not isinstance(results["attention_check"].get(name), float):
+                    continue  # failed or skipped the float64 check: not timed
+                try:
+                    median, _, _ = timer.measure(fn, 2, opts.repeats)
+                    entry = {"setup": label, "tokens": sum(lengths), "kernel": name, "median_s": median,
+                             "tflops": flops / median / 1e12}
+                    rows.append([label, str(sum(lengths)), name, f"{median * 1e3:.2f}", f"{entry['tflops']:.1f}"])
+                except Exception as err:
+                    entry = {"setup": label, "kernel": name, "error": f"{type(err).__name__}: {err}"[:300]}
+                    rows.append([label, str(sum(lengths)), name, "error", "-"])
+                results["attention"].append(entry)
+            del q, k, v
     print_table(f"Attention alone per layer call ({heads} heads x {head_dim}, {opts.dtype_name})",
                 ["setup", "tokens", "kernel", "ms", "TFLOP/s"], rows)
 
@@ -148,27 +150,31 @@ def run_variants(opts, hf, packing, results: dict) -> None:
     """Whole forwards with other kernels than the defaults: hf:<sdpa kernel | attn_implementation>,
     packing:<backend>[:<sdpa kernel>], rope:<impl> (both models one after the other)."""
     timer, rows = Timer(opts.device), []
-    for index, case in enumerate(opts.variant_cases):
-        sample = make_sample(case, hf.config, opts.dtype, opts.device, seed=200 + index)
-        fns = forward_fns(hf, packing, sample)
-        flops = model_flops(hf.config, [sample.num_tokens])
-        for variant in opts.variants:
-            try:
-                fn, context, forwards = _variant_call(variant, hf, packing, fns)
-                with context:
-                    median, _, _ = timer.measure(fn, 1, max(2, opts.repeats // 2))
-                work = flops * forwards
-                entry = {"case": case, "variant": variant, "median_s": median, "tflops": work / median / 1e12,
-                         "x_floor": median / (work / (opts.floor_tflops * 1e12))}
-                rows.append([case, variant, f"{median:.4f}", f"{entry['tflops']:.1f}", f"{entry['x_floor']:.2f}"])
-            except Exception as err:  # a kernel absent here is reported, not fatal
-                entry = {"case": case, "variant": variant, "error": f"{type(err).__name__}: {err}"[:300]}
-                rows.append([case, variant, "error", "-", "-"])
-                log(f"  {case} {variant}: {entry['error']}")
-            finally:
-                hf.set_attn_implementation("sdpa")
-                hf.attention_kernel = packing.packed_attention_backend = packing.attention_kernel = "auto"
-            results["variants"].append(entry)
-        del sample, fns
+    with Progress("variants", len(opts.variant_cases) * len(opts.variants)) as progress:
+        for index, case in enumerate(opts.variant_cases):
+            sample = make_sample(case, hf.config, opts.dtype, opts.device, seed=200 + index)
+            fns = forward_fns(hf, packing, sample)
+            flops = model_flops(hf.config, [sample.num_tokens])
+            for variant in opts.variants:
+                progress.step(f"{case} ({sample.num_tokens} tokens), {variant}")
+                try:
+                    fn, context, forwards = _variant_call(variant, hf, packing, fns)
+                    with context:
+                        median, _, _ = timer.measure(fn, 1, max(2, opts.repeats // 2))
+                    work = flops * forwards
+                    floor = floor_seconds(opts.floor_tflops, work)
+                    entry = {"case": case, "variant": variant, "median_s": median, "tflops": work / median / 1e12,
+                             "x_floor": None if floor is None else median / floor}
+                    rows.append([case, variant, f"{median:.4f}", f"{entry['tflops']:.1f}",
+                                 *([] if floor is None else [f"{entry['x_floor']:.2f}"])])
+                except Exception as err:  # a kernel absent here is reported, not fatal
+                    entry = {"case": case, "variant": variant, "error": f"{type(err).__name__}: {err}"[:300]}
+                    rows.append([case, variant, "error", "-", *([] if opts.floor_tflops is None else ["-"])])
+                    log(f"  {case} {variant}: {entry['error']}")
+                finally:
+                    hf.set_attn_implementation("sdpa")
+                    hf.attention_kernel = packing.packed_attention_backend = packing.attention_kernel = "auto"
+                results["variants"].append(entry)
+            del sample, fns
     print_table("Whole forwards per variant (rope:<impl> = both models, FLOPs of both)",
-                ["case", "variant", "time s", "TFLOP/s", "x floor"], rows)
+                ["case", "variant", "time s", "TFLOP/s", *([] if opts.floor_tflops is None else ["x floor"])], rows)

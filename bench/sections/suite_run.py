@@ -8,12 +8,12 @@ import json
 import os
 import re
 import shlex
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from ..common import log, print_table
+from ..common import Progress, log, print_table, run_child
 from ..workloads import write_media
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,11 +23,19 @@ LOADS = re.compile(r"^(\w+): forwards: .*; model loads: hf (\d+), packing (\d+)"
 
 
 def write_checkpoints(hf, packing, folder: Path) -> tuple[Path, Path]:
-    """Both models as safetensors checkpoints (in their current dtype), written once per folder."""
+    """Both models as safetensors checkpoints (in their current dtype), written once per folder: each into a
+    temporary folder renamed when complete, so that an interrupted run leaves no partial checkpoint to be reused."""
     paths = folder / "hf", folder / "packing"
     for model, path in zip((hf, packing), paths):
-        if not (path / "config.json").exists():
-            model.save_pretrained(path)
+        if path.exists():
+            continue
+        partial = path.with_name(f".{path.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            model.save_pretrained(partial)
+            partial.rename(path)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return paths
 
 
@@ -44,7 +52,7 @@ def run_suite_once(command: list[str], probe: Path, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "BENCH_SUITE_PROBE": str(probe), "BENCH_T0": repr(time.time())}
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_child(command, timeout, cwd=REPO, env=env)
     wall = time.perf_counter() - start
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -86,16 +94,16 @@ def run_suite(opts, hf, packing, workdir: Path, results: dict, *, label: str, fi
     """Write the media and checkpoints, then run the suite from the shell once per name in `runs` (the first is
     cold: first process on these files; OS file cache and compiled-kernel caches are not cleared)."""
     media = workdir / f"media-{label}"
-    if not media.exists():
-        t0 = time.perf_counter()
-        write_media(media, files, seed=300)
-        log(f"\n({label}: {len(files)} media files written in {time.perf_counter() - t0:.1f} s)")
-    checkpoints = write_checkpoints(hf, packing, workdir / f"checkpoints-{opts.dtype_name}")
-    command = suite_command(opts, checkpoints, media, select)
-    entry = {"command": shlex.join(command), "files": [list(f) for f in files], "runs": {}}
-    results["suite_run"][label] = entry
-    for run in runs:
-        entry["runs"][run] = run_suite_once(command, workdir / f"probe-{label}-{run}.json", opts.suite_timeout)
+    write_media(media, files, seed=300, label=label)
+    with Progress(label, 1 + len(runs)) as progress:
+        progress.step(f"checkpoints of both models ({opts.dtype_name})")
+        checkpoints = write_checkpoints(hf, packing, workdir / f"checkpoints-{opts.dtype_name}")
+        command = suite_command(opts, checkpoints, media, select)
+        entry = {"command": shlex.join(command), "files": [list(f) for f in files], "runs": {}}
+        results["suite_run"][label] = entry
+        for run in runs:
+            progress.step(f"{run} run of the suite on {len(files)} files (a pytest process)")
+            entry["runs"][run] = run_suite_once(command, workdir / f"probe-{label}-{run}.json", opts.suite_timeout)
     rows = []
     for run, r in entry["runs"].items():
         by_model = ", ".join(f"{k} {v['count']} x = {v['seconds']:.2f} s" for k, v in r["forwards"].items())

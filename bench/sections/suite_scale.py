@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..common import log, print_table
+from ..common import Progress, log, print_table, start_child
 from ..workloads import write_media
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,9 +74,10 @@ def suite_command(media: Path | None, workers: int, pack_tokens: int | None) -> 
 def run_measured(command: list[str], log_path: Path, timeout: float) -> dict:
     """Run `command` from the repository root; wall time, both peak memories and its cost lines."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    with open(log_path, "w") as out:
+    with open(log_path, "w") as out, Progress(log_path.stem) as progress:
+        progress.step(shlex.join(command))
         start = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = start_child(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         peak, done = [0], threading.Event()
 
         def sample() -> None:
@@ -126,9 +127,8 @@ def run_suite_scale(opts, workdir: Path, results: dict) -> None:
     folders = {}
     for count in counts:
         folders[count] = workdir / f"suite-scale-{count}-{height}x{width}x{frames}"
-        if not folders[count].exists():
-            write_media(folders[count], [(f"scale_{i:03d}.mp4", frames, height, width) for i in range(count)],
-                        seed=500)
+        write_media(folders[count], [(f"scale_{i:03d}.mp4", frames, height, width) for i in range(count)],
+                    seed=500, label=f"suite-scale {count}")
     # A first process pays for reading Python, torch and the media from disk: run one before the measured runs.
     run_measured(suite_command(None, 0, None), workdir / "suite-scale-warmup.log", opts.suite_timeout)
     for count in [0, *counts]:
