@@ -136,7 +136,7 @@ def align_to_patch(frames: np.ndarray, patch_size: int, policy: str = "crop") ->
         padding = [(0, 0)] * (frames.ndim - 3) + [(0, new_height - height), (0, new_width - width), (0, 0)]
         return np.pad(frames, padding)
     if frames.ndim == 3:
-        return np.asarray(Image.fromarray(frames, mode="RGB").resize((new_width, new_height), Image.Resampling.BICUBIC))
+        return np.array(Image.fromarray(frames).resize((new_width, new_height), Image.Resampling.BICUBIC))
     return np.stack([cv2.resize(frame, (new_width, new_height), interpolation=cv2.INTER_AREA) for frame in frames])
 
 
