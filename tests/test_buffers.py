@@ -133,3 +133,13 @@ def test_builtin_models_have_no_buffer_to_check() -> None:
         model = load_model(folder).model
         assert non_persistent_buffers(model) == {}
         assert check_buffers(model, {}, torch.float32).restore == {}
+
+
+def test_a_class_that_cannot_be_built_again_is_a_load_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fails(*args, **kwargs):
+        raise RuntimeError("needs CUDA")
+
+    monkeypatch.setattr("vitparity.buffers.fresh_buffers", fails)
+    folder = buffered_checkpoint("hf", tmp_path / "hf")
+    with pytest.raises(ModelLoadError, match=r"cannot build BufferedHFModel again on the CPU .*RuntimeError: needs CUDA"):
+        load_model(folder, trust_remote_code=True)

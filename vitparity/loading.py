@@ -298,7 +298,13 @@ def _checked_buffers(folder: Path, model: torch.nn.Module, carried: dict[str, to
                      strict: bool) -> list[str]:
     """`buffers.check_buffers` applied: the names of the buffers restored (sorted); ModelLoadError for a carried
     buffer with a wrong value, or for one to restore under `strict`."""
-    findings = check_buffers(model, carried, dtype)
+    try:
+        findings = check_buffers(model, carried, dtype)
+    except Exception as err:  # the class's own constructor, run again on the CPU (remote code may raise anything)
+        raise ModelLoadError(
+            f"{folder}: cannot build {type(model).__name__} again on the CPU to check its non-persistent buffers "
+            f"({type(err).__name__}: {err})"
+        ) from err
     if findings.saved_wrong:
         raise ModelLoadError(f"{folder}: saved buffers refused: " + "; ".join(findings.saved_wrong))
     if findings.restore and strict:
