@@ -139,7 +139,7 @@ class ModelPair:
     config_warnings: list[str]
     dtype: torch.dtype
     device: str
-    temporal_context: int | None = TEMPORAL_CONTEXT  # `temporal_context(config.json)` of the hf model
+    temporal_context: int | None  # `temporal_context(config.json)` of the hf model (None: the frames given)
     _weight_problems: dict[str, list[str]] | None = field(default=None, repr=False)
 
     def side(self, name: str) -> LoadedModel:
