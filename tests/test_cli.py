@@ -80,9 +80,13 @@ def test_extract_writes_features_and_metadata(features_dir: Path) -> None:
     assert metadata["models"]["packing"]["class_name"] == "OneVisionEncoderPackingModel"
     assert set(metadata["versions"]) == {"vitparity", "torch", "transformers", "numpy", "cv2"}
     image, video = metadata["inputs"]["image1"], metadata["inputs"]["video1"]
-    assert (image["path"], image["width"], image["height"]) == (str(IMAGE), 105, 70)
+    # width / height: the size the model saw (the release tool's meaning); orig_*: the native size
+    assert (image["path"], image["width"], image["height"]) == (str(IMAGE), 98, 70)
+    assert (image["orig_width"], image["orig_height"], image["aligned_width"]) == (105, 70, 98)
+    assert (metadata["temporal_context"], metadata["strict_buffers"]) == (64, False)
+    assert metadata["restored_buffers"] == {"hf": [], "packing": []}
     assert image["grid_thw"] == [1, 5, 7] and image["temporal_positions"] == [0]
-    assert (video["path"], video["width"], video["height"]) == (str(VIDEO), 168, 112)
+    assert (video["path"], video["width"], video["height"], video["orig_width"]) == (str(VIDEO), 168, 112, 168)
     assert (video["total_frames"], video["sampled_frames"], video["frame_indices"]) == (5, 2, [0, 4])
     assert video["fps"] > 0
     assert video["grid_thw"] == [NUM_FRAMES, 8, 12] and video["temporal_positions"] == [0, 63]
@@ -406,7 +410,7 @@ def test_seed_metadata_and_verify_blocks(features_dir: Path, capsys: pytest.Capt
     assert code == 0
     expected = [
         "Metadata", f"  HF model: {BUILTIN_HF}", f"  Packing model: {BUILTIN_PACKING}", "  Device: cpu",
-        f"  Num frames: {NUM_FRAMES}", "Inputs", f"  image1: {IMAGE}", "    Resolution: 105x70",
+        f"  Num frames: {NUM_FRAMES}", "Inputs", f"  image1: {IMAGE}", "    Resolution: 98x70 (native 105x70)",
         f"  video1: {VIDEO}", "    Resolution: 168x112", f"    Frames: {NUM_FRAMES}/5",
     ]
     assert out.splitlines()[: len(expected)] == expected

@@ -176,12 +176,6 @@ def test_align_pad_adds_zeros_bottom_right() -> None:
     assert not padded[15:].any() and not padded[:, 20:].any()
 
 
-def test_align_resize_is_bicubic_to_next_multiple() -> None:
-    image = cv2.cvtColor(real_photo(), cv2.COLOR_BGR2RGB)  # 105 x 70
-    resized = align_to_patch(image, 14, "resize")
-    np.testing.assert_array_equal(resized, cv2.resize(image, (112, 70), interpolation=cv2.INTER_CUBIC))
-
-
 @pytest.mark.parametrize("policy", ALIGN_POLICIES)
 def test_align_leaves_aligned_frames_untouched(policy: str) -> None:
     frames = np.zeros((4, 28, 42, 3), dtype=np.uint8)

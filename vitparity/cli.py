@@ -68,6 +68,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(extract, "trust_remote_code", action="store_true", help="allow a checkpoint's own model code")
     _option(extract, "strict_config", action="store_true",
             help="any config difference is an error (default: only fields that define the weights)")
+    _option(extract, "strict_buffers", action="store_true",
+            help="refuse a model whose non-persistent buffers loading left different from a fresh construction "
+                 "(default: restore them and name them)")
     _option(extract, "trace_layers", action="store_true",
             help="compare every hidden state of every input too and store the figures in metadata.json")
 
@@ -179,6 +182,7 @@ def run_extract(args: argparse.Namespace) -> int:
     media = _load_inputs(inputs, num_frames=args.num_frames, patch_size=files.patch_size, align=args.align)
     pair = files.load(
         dtype=dtype, device=device, trust_remote_code=args.trust_remote_code, strict_config=args.strict_config,
+        strict_buffers=args.strict_buffers,
         on_load=lambda side, ref: _progress(f"loading {'HF' if side == 'hf' else side} model {ref.spec} ..."),
     )
 
@@ -208,6 +212,9 @@ def run_extract(args: argparse.Namespace) -> int:
         "align": args.align,
         "threshold": args.threshold,
         "strict_config": args.strict_config,
+        "strict_buffers": args.strict_buffers,
+        "temporal_context": provenance["temporal_context"],
+        "restored_buffers": provenance["restored_buffers"],
         "config_warnings": provenance["config_warnings"],
         "normalization": provenance["normalization"],
         "models": provenance["models"],

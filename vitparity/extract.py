@@ -125,8 +125,17 @@ def prepare_sample(
     else:
         positions = [0]
     grid = (t, height // patch_size, width // patch_size)
-    metadata = {**media.metadata, "tensor_shape": [1, *pixels.shape], "grid_thw": list(grid), "temporal_positions": positions}
+    metadata = {**input_sizes(media.metadata, width, height), "tensor_shape": [1, *pixels.shape], "grid_thw": list(grid),
+                "temporal_positions": positions}
     return Sample(name or media.path, media.kind, pixels, grid, positions, metadata)
+
+
+def input_sizes(media_metadata: dict, width: int, height: int) -> dict:
+    """A decoded input's metadata with the sizes as the release's extraction tool records them in metadata.json:
+    `width` / `height` the size the model sees (pixels, after scaling and alignment) and `orig_width` /
+    `orig_height` the native size; every other key of `media_metadata` (`scaled_*`, `aligned_*`, ...) kept."""
+    return {**media_metadata, "orig_width": media_metadata["width"], "orig_height": media_metadata["height"],
+            "width": int(width), "height": int(height)}
 
 
 def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -168,10 +168,32 @@ def describe_metadata(metadata: dict[str, Any]) -> list[str]:
         lines.append("Inputs")
         for key, item in inputs.items():
             item = item if isinstance(item, dict) else {}
+            seen, native = input_resolution(item)
             lines += [f"  {key}: {item.get('path', '?')}",
-                      f"    Resolution: {item.get('width', '?')}x{item.get('height', '?')}"]
+                      f"    Resolution: {seen}" + (f" (native {native})" if native != seen else "")]
             if "sampled_frames" in item or "total_frames" in item:
                 lines.append(f"    Frames: {item.get('sampled_frames', '?')}/{item.get('total_frames', '?')}")
     lines += [f"WARNING: config difference (not a field that defines the weights): {warning}"
               for warning in metadata.get("config_warnings") or ()]
+    restored = metadata.get("restored_buffers")
+    if isinstance(restored, dict):
+        lines += [f"NOTE: {side} model: restored buffers: {', '.join(names)} (left wrong by loading; restored from "
+                  "a fresh construction of its class)" for side, names in restored.items() if names]
     return lines
+
+
+def input_resolution(item: dict[str, Any]) -> tuple[str, str]:
+    """(size the model saw, native size) of one input of metadata.json, each as `WxH` (`?` when unknown).
+
+    Reads the three layouts: `orig_width` present (the release tool's, and vitparity's since it writes that key):
+    `width` is the size seen; vitparity's older files (`aligned_width`, no `orig_width`): `width` is the native
+    size; neither: `width` is the size seen and the native size is unknown.
+    """
+    def size(w: str, h: str) -> str:
+        return f"{item.get(w, '?')}x{item.get(h, '?')}"
+
+    if "orig_width" in item:
+        return size("width", "height"), size("orig_width", "orig_height")
+    if "aligned_width" in item:
+        return size("aligned_width", "aligned_height"), size("width", "height")
+    return size("width", "height"), "?x?"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +13,7 @@ from safetensors import safe_open
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.utils import logging as hf_logging
 
+from .buffers import check_buffers, non_persistent_buffers, restore_buffers
 from .models import MODEL_TYPES
 from .models.layers import VisionRotary3D
 
@@ -42,6 +43,8 @@ class LoadedModel:
     class_name: str
     source: str  # "vitparity" or "remote code"
     ref: ModelRef | None = None  # the spec given and, for hub ids, the repo and resolved commit
+    # Non-persistent buffers that loading left different from a fresh construction, restored from it (`buffers`)
+    restored_buffers: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         return f"{self.class_name} ({self.source}, {self.side}) from {self.path}"
@@ -153,16 +156,22 @@ def rope_buffer_keys(side: str) -> tuple[str, ...]:
     return tuple(f"{ROPE_BUFFER_MODULES[side]}.inv_freq_{axis}" for axis in ROPE_AXES)
 
 
+def saved_tensors(folder: Path, keys) -> dict[str, torch.Tensor]:
+    """The tensors named `keys` that the folder's safetensors files hold (keys they do not hold are left out)."""
+    saved = {}
+    for path in weight_files(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            saved.update({key: handle.get_tensor(key) for key in keys if key in handle.keys()})
+    return saved
+
+
 def saved_rope_buffer_problems(folder: Path, keys: list[str], config) -> list[str]:
     """Saved RoPE buffers (`keys`, from `rope_buffer_keys`) that are not the formula 1 / theta ** (j / n) of
     their axis, computed in float32, within relative ROPE_BUFFER_RTOL; one line per key naming the largest
     difference. Empty when every saved buffer is the formula."""
     rope = VisionRotary3D(config.hidden_size // config.num_attention_heads, config.rope_theta)
     expected = dict(zip(ROPE_AXES, rope.inv_freqs()))
-    saved = {}
-    for path in weight_files(folder):
-        with safe_open(str(path), framework="pt") as handle:
-            saved.update({key: handle.get_tensor(key) for key in keys if key in handle.keys()})
+    saved = saved_tensors(folder, keys)
     problems = []
     for key in keys:
         want = expected[key.rsplit("_", 1)[1]]
@@ -209,12 +218,19 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    strict_buffers: bool = False,
 ) -> LoadedModel:
     """Load a checkpoint folder or hub id (`org/name[@revision]`, see `vitparity.hub`): the project's class chosen
     by `model_type`, or the checkpoint's own code (`auto_map`) only when `trust_remote_code` is set.
 
     Missing, unexpected or mismatched weights are errors, except the release's RoPE buffers
     (`rope_buffer_keys`) when they hold the RoPE formula: they are checked, then left out.
+
+    Every non-persistent buffer is then compared with a fresh construction of the class (`buffers.check_buffers`):
+    one the checkpoint carries with another value is an error naming the module, the buffer and the largest
+    difference; one that loading left different (transformers 5 leaves buffers the checkpoint does not carry
+    uninitialised) is restored from the fresh construction and named in `restored_buffers`, or, with
+    `strict_buffers`, an error. ModelLoadError names the folder and the cause.
     """
     from .hub import resolve_model
 
@@ -252,8 +268,9 @@ def load_model(
         raise ModelLoadError(f"{folder}: unknown model_type {model_type!r}; known: {sorted(MODEL_TYPES)}")
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
-    if rope_keys:  # transformers would print a load report listing the checked RoPE keys as unexpected
-        hf_logging.set_verbosity_error()
+    # transformers' load report would list checked buffers as unexpected; every missing, unexpected or mismatched
+    # key is reported below as an error instead.
+    hf_logging.set_verbosity_error()
     try:
         model, info = loader.from_pretrained(str(folder), dtype=dtype, output_loading_info=True, **kwargs)
     except Exception as err:  # transformers and safetensors raise many types for unreadable checkpoints
@@ -262,7 +279,9 @@ def load_model(
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    info["unexpected_keys"] = [key for key in info.get("unexpected_keys") or () if key not in rope_keys]
+    carried = saved_tensors(folder, non_persistent_buffers(model))
+    checked = set(rope_keys) | set(carried)
+    info["unexpected_keys"] = [key for key in info.get("unexpected_keys") or () if key not in checked]
     problems = [f"{name} {sorted(info[name])}" for name in ("missing_keys", "unexpected_keys") if info.get(name)]
     if info.get("mismatched_keys"):
         problems.append(f"mismatched_keys {sorted(str(k) for k in info['mismatched_keys'])}")
@@ -270,5 +289,29 @@ def load_model(
         problems.append(f"errors {info['error_msgs']}")
     if problems:
         raise ModelLoadError(f"{folder}: weights do not match the model: " + "; ".join(problems))
+    restored = _checked_buffers(folder, model, carried, dtype, strict_buffers)
     model = model.to(device).eval()
-    return LoadedModel(model, str(folder), _side_of(model_type, model), type(model).__name__, source, ref)
+    return LoadedModel(model, str(folder), _side_of(model_type, model), type(model).__name__, source, ref, restored)
+
+
+def _checked_buffers(folder: Path, model: torch.nn.Module, carried: dict[str, torch.Tensor], dtype: torch.dtype,
+                     strict: bool) -> list[str]:
+    """`buffers.check_buffers` applied: the names of the buffers restored (sorted); ModelLoadError for a carried
+    buffer with a wrong value, or for one to restore under `strict`."""
+    try:
+        findings = check_buffers(model, carried, dtype)
+    except Exception as err:  # the class's own constructor, run again on the CPU (remote code may raise anything)
+        raise ModelLoadError(
+            f"{folder}: cannot build {type(model).__name__} again on the CPU to check its non-persistent buffers "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    if findings.saved_wrong:
+        raise ModelLoadError(f"{folder}: saved buffers refused: " + "; ".join(findings.saved_wrong))
+    if findings.restore and strict:
+        raise ModelLoadError(
+            f"{folder}: non-persistent buffers differ from a fresh construction of {type(model).__name__} after "
+            "loading (strict buffers: refused instead of restored): "
+            + "; ".join(f"{name}: {text}" for name, text in sorted(findings.differences.items()))
+        )
+    restore_buffers(model, findings.restore)
+    return sorted(findings.restore)

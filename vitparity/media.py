@@ -17,6 +17,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
@@ -108,8 +109,9 @@ def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
 def align_to_patch(frames: np.ndarray, patch_size: int, policy: str = "crop") -> np.ndarray:
     """Make height and width of (H, W, 3) or (T, H, W, 3) uint8 frames multiples of ``patch_size``.
 
-    'crop' keeps the top-left native pixels; 'resize' scales up to the next
-    multiple with bicubic interpolation; 'pad' zero-pads bottom and right.
+    'crop' keeps the top-left native pixels (dropping up to patch_size - 1 rows and columns); 'resize' scales
+    up to the next multiple as the release's own extraction tool does: an image (H, W, 3) with Pillow's bicubic
+    filter, video frames (T, H, W, 3) each with OpenCV's INTER_AREA; 'pad' zero-pads bottom and right.
     Already aligned frames are returned unchanged.
     """
     if policy not in ALIGN_POLICIES:
@@ -134,8 +136,8 @@ def align_to_patch(frames: np.ndarray, patch_size: int, policy: str = "crop") ->
         padding = [(0, 0)] * (frames.ndim - 3) + [(0, new_height - height), (0, new_width - width), (0, 0)]
         return np.pad(frames, padding)
     if frames.ndim == 3:
-        return cv2.resize(frames, (new_width, new_height), interpolation=cv2.INTER_CUBIC)
-    return np.stack([cv2.resize(frame, (new_width, new_height), interpolation=cv2.INTER_CUBIC) for frame in frames])
+        return np.array(Image.fromarray(frames).resize((new_width, new_height), Image.Resampling.BICUBIC))
+    return np.stack([cv2.resize(frame, (new_width, new_height), interpolation=cv2.INTER_AREA) for frame in frames])
 
 
 def load_image(path: StrPath, *, patch_size: int = 14, align: str = "crop", scale: float = 1.0) -> Media:

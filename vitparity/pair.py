@@ -7,7 +7,11 @@ Rules, each with one message (PairError):
 - sides: the hf model is a non-packing model and the packing model a packing one;
 - config: the two configs agree on every field that defines the weights (`checks.WEIGHT_FIELDS`); other
   differences (`checks.NUMERIC_FIELDS`) are warnings, or errors with `strict_config`;
-- weights: no NaN / Inf, no all-zero matrix, RoPE tables that are the formula (`checks.loaded_model_problems`).
+- weights: no NaN / Inf, no all-zero matrix, RoPE tables that are the formula (`checks.loaded_model_problems`);
+  non-persistent buffers as a fresh construction gives them (`vitparity.buffers`, applied when each model loads:
+  restored and named, or refused with `strict_buffers`);
+- temporal context: the hf config's `rope_temporal_size` when config.json has the field, the release's 64 otherwise
+  (`temporal_context`): the same value for the frames rule, extraction, metadata.json and golden folder names.
 
 `preflight_pair` applies the rules that need only the config files (cheap: run it before decoding media);
 `PairFiles.load` / `load_pair` load both models and apply the rest.
@@ -27,7 +31,7 @@ import torch
 from transformers import PretrainedConfig
 
 from .checks import loaded_model_problems, split_config_differences
-from .extract import CLIP_NORMALIZATION, Normalization
+from .extract import CLIP_NORMALIZATION, TEMPORAL_CONTEXT, Normalization
 from .hub import ModelRef, resolve_model
 from .loading import DTYPES, LoadedModel, ModelLoadError, load_model, read_config
 from .models import MODEL_TYPES, OneVisionEncoderConfig
@@ -85,8 +89,10 @@ def check_threshold(value: float, name: str = "threshold") -> float:
 
 
 def temporal_context(hf_config: dict) -> int | None:
-    """rope_temporal_size of an hf config.json (the release default 64 when absent; None: no limit)."""
-    return hf_config.get("rope_temporal_size", OneVisionEncoderConfig().rope_temporal_size)
+    """The temporal RoPE context of the non-packing model, from its config.json: `rope_temporal_size` when the
+    config has the field (null: the frames given, no limit), else the release protocol's 64 frames
+    (`extract.TEMPORAL_CONTEXT`; the release's own config class has no such field)."""
+    return hf_config.get("rope_temporal_size", TEMPORAL_CONTEXT)
 
 
 def check_num_frames(num_frames: int, context: int | None, hf_where: str, name: str = "num_frames") -> int:
@@ -170,6 +176,7 @@ class ModelPair:
     config_warnings: list[str]
     dtype: torch.dtype
     device: str
+    temporal_context: int | None  # `temporal_context(config.json)` of the hf model (None: the frames given)
     _weight_problems: dict[str, list[str]] | None = field(default=None, repr=False)
 
     def side(self, name: str) -> LoadedModel:
@@ -182,10 +189,6 @@ class ModelPair:
     def patch_size(self) -> int:
         return int(self.hf.model.config.patch_size)
 
-    @property
-    def temporal_context(self) -> int | None:
-        return getattr(self.hf.model.config, "rope_temporal_size", None)
-
     def weight_problems(self) -> dict[str, list[str]]:
         """Side -> problems of its loaded parameters and buffers (`checks.loaded_model_problems`), found once."""
         if self._weight_problems is None:
@@ -194,7 +197,8 @@ class ModelPair:
 
     def provenance(self) -> dict[str, Any]:
         """What a features folder or golden records about the pair: origins (repo ids and resolved commits),
-        classes, normalisation, config warnings, dtype, device and the TF32 setting."""
+        classes, the non-persistent buffers restored after loading (side -> names), normalisation, config warnings,
+        temporal context, dtype, device and the TF32 setting."""
         models = {}
         for side in SIDES:
             loaded = self.side(side)
@@ -202,6 +206,8 @@ class ModelPair:
             models[side] = {**ref.provenance(), "class_name": loaded.class_name, "source": loaded.source}
         return {
             "models": models,
+            "restored_buffers": {side: list(self.side(side).restored_buffers) for side in SIDES},
+            "temporal_context": self.temporal_context,
             "normalization": self.normalization.to_dict(),
             "config_warnings": list(self.config_warnings),
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -235,10 +241,12 @@ class PairFiles:
         device: str = "cpu",
         trust_remote_code: bool = False,
         strict_config: bool = False,
+        strict_buffers: bool = False,
         check_weights: bool = True,
         on_load: Callable[[str, ModelRef], None] | None = None,
     ) -> ModelPair:
-        """Load both models (in eval mode) and apply the sides, config and (with `check_weights`) weights rules.
+        """Load both models (in eval mode) and apply the sides, config and (with `check_weights`) weights rules;
+        `strict_buffers` refuses a model whose non-persistent buffers loading left wrong instead of restoring them.
 
         `on_load(side, ref)` is called just before each side's model is loaded (progress lines, load counts).
         """
@@ -248,7 +256,8 @@ class PairFiles:
             if on_load is not None:
                 on_load(side, ref)
             try:
-                loaded[side] = load_model(ref.path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+                loaded[side] = load_model(ref.path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                          strict_buffers=strict_buffers)
             except PairError:
                 raise
             except ModelLoadError as err:
@@ -262,7 +271,7 @@ class PairFiles:
                 f"{self.hf.spec}: the loaded model has patch_size {hf.model.config.patch_size}, config.json "
                 f"says {self.patch_size}"
             )
-        pair = ModelPair(hf, packing, self.normalization, warnings, dtype, device)
+        pair = ModelPair(hf, packing, self.normalization, warnings, dtype, device, self.temporal_context)
         if check_weights:
             for side, problems in pair.weight_problems().items():
                 if problems:
@@ -300,11 +309,12 @@ def load_pair(
     num_frames: int | None = None,
     trust_remote_code: bool = False,
     strict_config: bool = False,
+    strict_buffers: bool = False,
     check_weights: bool = True,
     on_load: Callable[[str, ModelRef], None] | None = None,
 ) -> ModelPair:
     """`preflight_pair` then `PairFiles.load`: both models loaded, every pair rule applied (PairError otherwise)."""
     return preflight_pair(hf, packing, num_frames=num_frames, strict_config=strict_config).load(
         dtype=dtype, device=device, trust_remote_code=trust_remote_code, strict_config=strict_config,
-        check_weights=check_weights, on_load=on_load,
+        strict_buffers=strict_buffers, check_weights=check_weights, on_load=on_load,
     )

@@ -54,6 +54,7 @@ class Cost:
 PROPERTY = "vitparity"  # user property of a test: one Comparison row (JSON)
 COST_KEY = "vitparity_cost"  # xdist workeroutput: this worker's Cost (JSON)
 WARNINGS_KEY = "vitparity_config_warnings"  # xdist workeroutput and JUnit property: config differences (JSON list)
+RESTORED_KEY = "vitparity_restored_buffers"  # xdist workeroutput and JUnit property: "side: buffer" (JSON list)
 
 
 def cost_line(cost: dict) -> str:

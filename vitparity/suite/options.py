@@ -52,6 +52,9 @@ OPTIONS = (
     # pytest owns --strict-config (its own ini checks), hence the longer name.
     Option("strict_model_config", "models", "any difference of the two models' configs fails (default: only fields "
            "that define the weights; others are reported and feature parity decides)", flag=True),
+    Option("strict_buffers", "models", "a model whose non-persistent buffers loading left different from a fresh "
+           "construction of its class fails (default: they are restored and named in the summary and goldens)",
+           flag=True),
     Option("device", "models", "cpu, cuda, cuda:N or auto (cuda when available)", "auto"),
     Option("dtype", "models", "float32, bfloat16, float16 or auto (bfloat16 on cuda, float32 on cpu)", "auto"),
     Option("require_device", "models", "fail instead of skip when the requested CUDA device is absent", flag=True),

@@ -10,7 +10,7 @@ import pytest
 from ..compare import comparison_from_row
 from ..loading import missing_cuda_device
 from ..report import format_table
-from .costs import COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
+from .costs import COST_KEY, PROPERTY, RESTORED_KEY, WARNINGS_KEY, cost_details, cost_line, total_cost
 from .session import ParitySession
 
 class ParityReporter:
@@ -21,6 +21,7 @@ class ParityReporter:
         self.rows: list[dict] = []
         self.costs: dict[str, dict] = {}
         self.config_warnings: list[str] = []
+        self.restored_buffers: list[str] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call":
@@ -31,10 +32,8 @@ class ParityReporter:
         output = getattr(node, "workeroutput", {})
         if output.get(COST_KEY):
             self.costs[node.gateway.id] = json.loads(output[COST_KEY])
-        self._add_warnings(json.loads(output.get(WARNINGS_KEY, "[]")))
-
-    def _add_warnings(self, warnings: list[str]) -> None:
-        self.config_warnings.extend(w for w in warnings if w not in self.config_warnings)
+        _merge(self.config_warnings, json.loads(output.get(WARNINGS_KEY, "[]")))
+        _merge(self.restored_buffers, json.loads(output.get(RESTORED_KEY, "[]")))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -42,12 +41,14 @@ class ParityReporter:
 
         tryfirst: the JUnit XML is written in the junitxml plugin's own sessionfinish.
         """
-        cost, warnings = self.session.cost, self.session.config_warnings()
+        cost, warnings, restored = self.session.cost, self.session.config_warnings(), self.session.restored_buffers()
         workeroutput = getattr(session.config, "workeroutput", None)
         if workeroutput is not None:
             workeroutput[WARNINGS_KEY] = json.dumps(warnings)
+            workeroutput[RESTORED_KEY] = json.dumps(restored)
         else:
-            self._add_warnings(warnings)
+            _merge(self.config_warnings, warnings)
+            _merge(self.restored_buffers, restored)
         if any(cost.forwards.values()) or any(cost.loads.values()):
             cost.measure_peak(self.session.settings.device)
             if workeroutput is not None:
@@ -64,6 +65,8 @@ class ParityReporter:
             return
         if self.config_warnings:
             xml.add_global_property(WARNINGS_KEY, json.dumps(self.config_warnings))
+        if self.restored_buffers:
+            xml.add_global_property(RESTORED_KEY, json.dumps(self.restored_buffers))
         if not self.costs:
             return
         for worker, cost in sorted(self.costs.items()):
@@ -96,6 +99,11 @@ class ParityReporter:
                 f"WARNING: config difference {warning} (changes numerics only: feature parity decides; "
                 "--strict-model-config fails on it)", yellow=True,
             )
+        if self.restored_buffers:
+            terminalreporter.write_line(
+                f"restored buffers: {', '.join(self.restored_buffers)} (left wrong by loading, restored from a fresh "
+                "construction of the model class; --strict-buffers fails instead)", yellow=True,
+            )
         shard = f"shard {s.shard}: " if s.shard else ""
         cases = sum(len(g.cases) for g in plan.groups)
         skipped = cases - len(plan.determinism)
@@ -116,6 +124,11 @@ class ParityReporter:
             terminalreporter.write_line(format_table([comparison_from_row(r) for r in self.rows]))
             failed = sum(not r["passed"] for r in self.rows)
             terminalreporter.write_line(f"{len(self.rows)} comparisons, {len(self.rows) - failed} passed, {failed} failed")
+
+
+def _merge(known: list[str], new: list[str]) -> None:
+    """Append the items of `new` that `known` does not hold yet (the same from every worker)."""
+    known.extend(item for item in new if item not in known)
 
 
 class FailureWithoutFailedTest:

@@ -120,7 +120,8 @@ class ParitySession:
             try:
                 self._pair = self._files.load(
                     dtype=s.torch_dtype, device=s.device, trust_remote_code=s.trust_remote_code,
-                    strict_config=s.strict_config, check_weights=False, on_load=self._count_load,
+                    strict_config=s.strict_config, strict_buffers=s.strict_buffers, check_weights=False,
+                    on_load=self._count_load,
                 )
             except SideLoadError as err:
                 self._model_error = (err.side, str(err))
@@ -136,6 +137,12 @@ class ParitySession:
     def config_warnings(self) -> list[str]:
         """Config differences that change only numerics, once the pair is loaded (else none)."""
         return list(self._pair.config_warnings) if self._pair is not None else []
+
+    def restored_buffers(self) -> list[str]:
+        """`side: buffer` of each non-persistent buffer restored after loading, once the pair is loaded (else none)."""
+        if self._pair is None:
+            return []
+        return [f"{side}: {name}" for side in SIDES for name in self._pair.side(side).restored_buffers]
 
     def _count_load(self, side: str, ref) -> None:
         self.cost.loads[side] += 1
@@ -339,6 +346,7 @@ class ParitySession:
             "num_frames": s.num_frames, "align": s.align, "versions": library_versions(),
             "model": provenance["models"][side], "normalization": provenance["normalization"],
             "config_warnings": provenance["config_warnings"], "tf32": provenance["tf32"],
+            "restored_buffers": provenance["restored_buffers"][side],
         }
         return GoldenData.from_reduction(projection, norms, shape, meta, refusal=refusal,
                                          case=f"{side}/{result.case.id}")

@@ -45,6 +45,7 @@ class Settings:
     packed_backend: str = "auto"
     attention_kernel: str = "auto"
     num_frames_label: str = "--num-frames"  # how the user gave --num-frames, for messages about its value
+    strict_buffers: bool = False
 
     @property
     def torch_dtype(self):
@@ -139,6 +140,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
                                  lambda: available_sdpa_kernels(device, DTYPES[dtype]), bad, "attention_kernel",
                                  f"on {device} in {dtype}"),
         num_frames_label=raw["num_frames"].label,
+        strict_buffers=raw["strict_buffers"].value,
     )
 
 
