@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ..compare import DEFAULT_THRESHOLD
-from ..media import ALIGN_POLICIES
+from ..choices import ALIGN_POLICIES, DEFAULT_THRESHOLD
 
 DETERMINISM_POLICIES = ("auto", "all", "off")
 
