@@ -12,9 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import verdicts
 
-from vitparity import media
 from vitparity.media import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -27,6 +25,8 @@ from vitparity.media import (
     sample_frame_indices,
 )
 from vitparity.media_integrity import file_problem, jpeg_problem, png_problem
+
+from conftest import verdicts
 
 HERE = Path(__file__).resolve().parent
 TEST_MEDIA = HERE / "media"

@@ -161,8 +161,7 @@ class ModelPair:
         models = {}
         for side in SIDES:
             loaded = self.side(side)
-            ref = loaded.ref or ModelRef(loaded.path, Path(loaded.path))
-            models[side] = {**ref.provenance(), "class_name": loaded.class_name, "source": loaded.source}
+            models[side] = {**loaded.ref.provenance(), "class_name": loaded.class_name, "source": loaded.source}
         return {
             "models": models,
             "normalization": self.normalization.to_dict(),
@@ -210,8 +209,7 @@ class PairFiles:
         for side, ref in (("hf", self.hf), ("packing", self.packing)):
             if on_load is not None:
                 on_load(side, ref)
-            loaded[side] = load_model(ref.path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-            loaded[side].ref = ref
+            loaded[side] = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             if loaded[side].side != side:
                 raise PairError(
                     f"{ref.spec}: given as the {side} model but it is a {loaded[side].side} model "
