@@ -52,6 +52,8 @@ MIN_OPENCV = (4, 13)
 VIDEO_BACKEND = "FFMPEG"
 # A decoded video's last frame may start this many frame intervals before the container's stated end.
 END_TOLERANCE_FRAMES = 2
+
+
 class MediaError(ValueError):
     """Bad media input; str() always names the file path and the reason."""
 
