@@ -212,46 +212,27 @@ def test_video_without_decodable_frames_names_codec_and_container() -> None:
     assert f"OpenCV {cv2.__version__} build (FFmpeg avcodec {decoder_record()['avcodec']})" in message
 
 
-def write_mjpg_avi(path: Path, count: int) -> None:
-    photo = cv2.imread(str(BUNDLED / "coffee_small.jpg"), cv2.IMREAD_COLOR)[:, :98]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (98, 70))
-    for index in range(count):
-        writer.write(np.roll(photo, 3 * index, axis=1))
-    writer.release()
+DAMAGED = {
+    # case: (source clip, damage to its bytes, frames the container states, where the message says it stops)
+    "matroska_cut_in_half": ("vfr_double.mkv", lambda data: data[: len(data) // 2], 118,
+                             r"the last decoded frame starts at \d+\.\d{3} s of the 4\.917 s the container states"),
+    "mp4_with_zeroed_bytes": ("vfr.mp4", lambda data: data[: len(data) * 3 // 10] + bytes(200)
+                              + data[len(data) * 3 // 10 + 200:], 60,
+                              r"the last decoded frame starts at \d+\.\d{3} s of the 3\.292 s the container states"),
+}
 
 
-def test_truncated_avi_names_the_first_frame_that_does_not_decode(tmp_path: Path) -> None:
-    full, cut = tmp_path / "full.avi", tmp_path / "cut.avi"
-    write_mjpg_avi(full, 30)
-    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
-    decodable = len(every_frame(cut))
-    assert 0 < decodable < 30
-    with pytest.raises(MediaError, match=rf"^{re.escape(str(cut))}: frame {decodable} does not decode: decoding "
-                                         rf"stops after {decodable} of the 30 frames the container states"):
-        load_video(cut)
-
-
-def test_truncated_matroska_names_the_frame_and_time(tmp_path: Path) -> None:
-    source = TEST_MEDIA / "vfr_double.mkv"
-    cut = tmp_path / "cut.mkv"
-    cut.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
-    decodable = len(every_frame(cut))
-    assert 0 < decodable < 60
-    with pytest.raises(MediaError, match=rf"frame {decodable} does not decode: .* the last decoded frame starts at "
-                                         r"\d+\.\d{3} s of the 4\.917 s the container states \(truncated or corrupt"):
-        load_video(cut)
-
-
-def test_zeroed_stretch_inside_a_video_is_refused(tmp_path: Path) -> None:
-    data = (TEST_MEDIA / "vfr.mp4").read_bytes()
-    holed = tmp_path / "holed.mp4"
-    start = len(data) * 3 // 10
-    holed.write_bytes(data[:start] + bytes(200) + data[start + 200:])
-    decodable = len(every_frame(holed))
-    assert 0 < decodable < 60  # H.264 decoding stops at the zeroed bytes
-    with pytest.raises(MediaError, match=rf"frame {decodable} does not decode: decoding stops after {decodable} of "
-                                         r"the 60 frames the container states, the last decoded frame starts at"):
-        load_video(holed)
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_video_that_stops_decoding_names_the_frame(tmp_path: Path, case: str) -> None:
+    name, damage, stated, where = DAMAGED[case]
+    path = tmp_path / name
+    path.write_bytes(damage((TEST_MEDIA / name).read_bytes()))
+    decodable = len(every_frame(path))
+    assert 0 < decodable < 60  # H.264 decoding stops where the file does
+    with pytest.raises(MediaError, match=rf"^{re.escape(str(path))}: frame {decodable} does not decode: decoding "
+                                         rf"stops after {decodable} of the {stated} frames the container states, "
+                                         rf"{where} \(truncated or corrupt file\)$"):
+        load_video(path)
 
 
 # ---------------------------------------------------------------- image integrity
