@@ -111,13 +111,13 @@ def test_media_folder_problems_are_usage_errors(suite, tmp_path) -> None:
     """A missing, empty or mixed --media folder stops the run before any case: no file is skipped silently."""
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    (mixed / "clip.gif").write_bytes(b"GIF89a")
+    (mixed / "clip.svg").write_bytes(b"<svg/>")
     (mixed / "sub").mkdir()
     (tmp_path / "empty").mkdir()
     for folder, words in (
         ("nowhere", "media folder not found"),
         ("empty", "no image or video files"),
-        ("mixed", "2 entries are not image or video files: clip.gif, sub/"),
+        ("mixed", "2 entries are not image or video files: clip.svg, sub/"),
     ):
         result = suite.run(f"--media={tmp_path / folder}")
         assert result.ret == pytest.ExitCode.USAGE_ERROR

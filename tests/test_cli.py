@@ -20,6 +20,7 @@ from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.cli import _device_and_dtype, main, resolve_inputs
 from vitparity.features_io import HF_FILE, METADATA_FILE, PACKING_FILE, read_features, write_features
 from vitparity.junit_report import merge_report, read_junit
+from vitparity.media import decoder_record
 
 from conftest import edited_checkpoint
 
@@ -79,6 +80,8 @@ def test_extract_writes_features_and_metadata(features_dir: Path) -> None:
     assert metadata["models"]["hf"]["class_name"] == "OneVisionEncoderModel"
     assert metadata["models"]["packing"]["class_name"] == "OneVisionEncoderPackingModel"
     assert set(metadata["versions"]) == {"vitparity", "torch", "transformers", "numpy", "cv2"}
+    assert metadata["decoder"] == decoder_record() and metadata["decoder"]["video_backend"] == "FFMPEG"
+    assert metadata["inputs"]["video1"]["codec"] == "FMP4"
     image, video = metadata["inputs"]["image1"], metadata["inputs"]["video1"]
     # width / height: the size the model saw (the release tool's meaning); orig_*: the native size
     assert (image["path"], image["width"], image["height"]) == (str(IMAGE), 98, 70)

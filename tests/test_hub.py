@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.cli import main
 from vitparity.features_io import read_features
-from vitparity.hub import hub_id, resolve_model
+from vitparity.hub import ModelRef, hub_id, resolve_model
 from vitparity.loading import ModelLoadError, load_model
 from vitparity.pair import load_pair
 
@@ -97,3 +99,18 @@ def test_pair_and_cli_record_repo_and_commit(offline_cache: Path, tmp_path: Path
     assert metadata["models"]["hf"]["commit"] == COMMITS["hf"]
     assert (metadata["models"]["packing"]["revision"], metadata["models"]["packing"]["commit"]) == ("v1", COMMITS["packing"])
     json.dumps(metadata)  # everything recorded is plain JSON
+
+
+def test_a_resolved_reference_is_loaded_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_model does not resolve a ModelRef again: the pair's references (repo, commit) reach the loaded models."""
+    ref = ModelRef("example-org/tiny@v2", BUILTIN_HF, "example-org/tiny", "v2", "0" * 40)
+    monkeypatch.setattr("vitparity.loading.resolve_model", lambda spec: pytest.fail(f"resolved {spec} again"))
+    loaded = load_model(ref)
+    assert loaded.ref is ref and loaded.path == str(BUILTIN_HF)
+
+
+def test_hub_imports_neither_the_loader_nor_torch() -> None:
+    """vitparity.loading imports vitparity.hub, never the other way round."""
+    code = "import sys, vitparity.hub; print(sorted({'vitparity.loading', 'torch'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

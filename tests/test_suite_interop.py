@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from vitparity.builtin import BUILTIN_HF, BUILTIN_PACKING
+from vitparity.media import decoder_record
 from vitparity.pair import PREPROCESSOR_FILE
 
 from conftest import verdicts
@@ -87,6 +88,7 @@ def test_the_processors_normalisation_is_used_and_recorded(suite, tmp_path) -> N
     meta = golden_meta(suite.path / "goldens", "image-coffee_small.jpg", "packing")
     assert meta["normalization"]["mean"] == [0.5, 0.5, 0.5] and meta["normalization"]["std"] == [0.25, 0.25, 0.25]
     assert meta["tf32"] == "n/a on cpu"
+    assert meta["decoder"] == decoder_record()
     # the same media through CLIP normalisation gives other features: the processor's values were used
     clip = suite.run("--golden-dir=goldens", "--regenerate-goldens", "-k", "coffee_small and golden")
     assert clip.ret == 0

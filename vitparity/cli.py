@@ -21,7 +21,7 @@ from .extract import extract_hf, extract_packing, prepare_sample
 from .junit_report import merge_report, read_junit
 from .features_io import HF_FILE, PACKING_FILE, describe_metadata, read_features, seed_features_map, write_features
 from .loading import DTYPES, ModelLoadError, library_versions, missing_cuda_device, read_config, resolve_device_dtype
-from .media import ALIGN_POLICIES, Media, MediaError, load_image, load_video, media_kind
+from .media import ALIGN_POLICIES, Media, MediaError, decoder_record, load_image, load_video, media_kind
 from .numerics import pinned_float32
 from .pair import check_num_frames, check_threshold, preflight_pair
 from .report import format_report
@@ -219,6 +219,7 @@ def run_extract(args: argparse.Namespace) -> int:
         "normalization": provenance["normalization"],
         "models": provenance["models"],
         "versions": library_versions(),
+        "decoder": decoder_record(),
         "features": seed_features_map(hf_features, packing_features),
         "inputs": {
             sample.name: {

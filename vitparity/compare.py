@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-DEFAULT_THRESHOLD = 0.99
+from .choices import DEFAULT_THRESHOLD
+
 # The same model on the same sample, run alone or packed with others: min per-token cosine must exceed this.
 # Tighter than the packing-vs-non-packing threshold; looser in half precision, where kernels tile
 # sequences of different lengths differently.

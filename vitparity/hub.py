@@ -5,6 +5,9 @@ An existing local folder always wins over a hub id of the same spelling. A hub i
 `huggingface_hub.snapshot_download`, limited to config, weight, processor and code files; `HF_HOME`,
 `HF_HUB_CACHE` and `HF_HUB_OFFLINE` are read at each call (not when huggingface_hub was imported), so an
 offline run resolves the id from the cache alone.
+
+Resolving is the first step of loading a model, so its failures are the loader's ModelLoadError, defined here
+(`vitparity.loading` imports this module, never the other way round).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .loading import ModelLoadError
 
 HUB_ID = re.compile(r"(?P<repo_id>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
 HUB_FILES = (
@@ -27,6 +29,10 @@ HUB_FILES = (
     "*.py",
 )
 _TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint that cannot be loaded exactly; the message names the folder and the cause."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -14,11 +13,9 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.utils import logging as hf_logging
 
 from .buffers import check_buffers, non_persistent_buffers, restore_buffers
+from .hub import ModelLoadError, ModelRef, resolve_model
 from .models import MODEL_TYPES
 from .models.layers import VisionRotary3D
-
-if TYPE_CHECKING:
-    from .hub import ModelRef
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,10 +24,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ROPE_BUFFER_MODULES = {"hf": "video_rope", "packing": "rotary_emb"}
 ROPE_AXES = ("t", "h", "w")
 ROPE_BUFFER_RTOL = 1e-6
-
-
-class ModelLoadError(RuntimeError):
-    """A checkpoint that cannot be loaded exactly; the message names the folder and the cause."""
 
 
 @dataclass
@@ -42,7 +35,7 @@ class LoadedModel:
     side: str  # "hf" (pixel_values) or "packing" (flat patches + grid_thw)
     class_name: str
     source: str  # "vitparity" or "remote code"
-    ref: ModelRef | None = None  # the spec given and, for hub ids, the repo and resolved commit
+    ref: ModelRef  # the spec given and, for hub ids, the repo and resolved commit
     # Non-persistent buffers that loading left different from a fresh construction, restored from it (`buffers`)
     restored_buffers: list[str] = field(default_factory=list)
 
@@ -213,15 +206,16 @@ def _remote_model_class(folder: Path, config: dict) -> type:
 
 
 def load_model(
-    path: str | Path,
+    path: str | Path | ModelRef,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     strict_buffers: bool = False,
 ) -> LoadedModel:
-    """Load a checkpoint folder or hub id (`org/name[@revision]`, see `vitparity.hub`): the project's class chosen
-    by `model_type`, or the checkpoint's own code (`auto_map`) only when `trust_remote_code` is set.
+    """Load a checkpoint folder or hub id (`org/name[@revision]`, see `vitparity.hub`), or a reference already
+    resolved (`resolve_model`): the project's class chosen by `model_type`, or the checkpoint's own code
+    (`auto_map`) only when `trust_remote_code` is set.
 
     Missing, unexpected or mismatched weights are errors, except the release's RoPE buffers
     (`rope_buffer_keys`) when they hold the RoPE formula: they are checked, then left out.
@@ -232,9 +226,7 @@ def load_model(
     uninitialised) is restored from the fresh construction and named in `restored_buffers`, or, with
     `strict_buffers`, an error. ModelLoadError names the folder and the cause.
     """
-    from .hub import resolve_model
-
-    ref = resolve_model(path)
+    ref = path if isinstance(path, ModelRef) else resolve_model(path)
     folder = ref.path
     config = read_config(folder)
     if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):

@@ -1,16 +1,21 @@
 """Load images and videos as patch-aligned uint8 RGB arrays for feature extraction.
 
 Images are decoded at native resolution (or a given fraction of it) with EXIF orientation applied; any
-colour layout (grayscale, alpha, palette) and 16-bit depth becomes 8-bit RGB.
-Videos are sampled uniformly with the release's frame-index formula, reaching
-the sampled frames by seeking (or decoding through short gaps) when the
-container's frame count can be trusted, and decoding sequentially otherwise.
+colour layout (grayscale, alpha, palette) and 16-bit depth becomes 8-bit RGB. JPEG and PNG files are checked
+whole first (vitparity.media_integrity): a truncated or corrupt one is an error on every OpenCV version.
+
+Videos are decoded by OpenCV's FFmpeg backend, which applies the stream's colour matrix and range and its
+rotation side data (OpenCV 4.13 and later; older versions are refused, see MIN_OPENCV). They are sampled
+uniformly with the release's frame-index formula, reaching the sampled frames by seeking (or decoding through
+short gaps) when the container's frame count checks out, and decoding sequentially otherwise. A video that
+stops decoding before its end is an error naming the frame. An animated GIF is a video: every frame counts.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +24,18 @@ import cv2
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
-ALIGN_POLICIES: tuple[str, ...] = ("crop", "resize", "pad")
+from .choices import ALIGN_POLICIES
+from .media_integrity import file_problem
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff", ".pbm", ".pgm", ".ppm",
+    ".pnm", ".jp2", ".avif",
+})
+# Containers that OpenCV's FFmpeg backend reads (each one has a test clip in tests/media).
+VIDEO_EXTENSIONS: frozenset[str] = frozenset({
+    ".mp4", ".m4v", ".mov", ".3gp", ".3g2", ".avi", ".mkv", ".webm", ".ts", ".m2ts", ".mts", ".mpg", ".mpeg",
+    ".vob", ".ogv", ".flv", ".wmv", ".asf", ".mxf", ".gif",
+})
 
 StrPath = str | os.PathLike[str]
 
@@ -31,6 +45,14 @@ _IMAGE_READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
 # Sampled frames at most this far ahead are reached by decoding through the gap instead of seeking
 # (8 frames of a 48-frame 1080p mp4v clip: 0.90 s by seeking, 0.38 s this way on 2 CPU cores; docs/benchmarks.md).
 FORWARD_DECODE_LIMIT = 16
+
+# The first OpenCV whose FFmpeg backend converts video with the stream's colour matrix and range: 4.10 to 4.12
+# apply BT.601 limited range to every stream (BT.709 red decodes to 232 instead of ffmpeg's 254; measured with
+# tests/media/measure_decoders.py, see pyproject.toml).
+MIN_OPENCV = (4, 13)
+VIDEO_BACKEND = "FFMPEG"
+# A decoded video's last frame may start this many frame intervals before the container's stated end.
+END_TOLERANCE_FRAMES = 2
 
 
 class MediaError(ValueError):
@@ -143,15 +165,20 @@ def align_to_patch(frames: np.ndarray, patch_size: int, policy: str = "crop") ->
 def load_image(path: StrPath, *, patch_size: int = 14, align: str = "crop", scale: float = 1.0) -> Media:
     """Decode an image file to patch-aligned uint8 RGB (H, W, 3) at native resolution times ``scale``."""
     _check_options(path, patch_size, align, scale)
-    data = np.fromfile(_existing_file(path), dtype=np.uint8)
-    if data.size == 0:
+    data = _existing_file(path).read_bytes()
+    if not data:
         raise MediaError(path, "file is empty")
+    problem = file_problem(data)
+    if problem is not None:
+        raise MediaError(path, problem)
     try:
-        decoded = cv2.imdecode(data, _IMAGE_READ_FLAGS)
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), _IMAGE_READ_FLAGS)
     except cv2.error as error:
         raise MediaError(path, f"not a decodable image ({error})") from error
     if decoded is None:
-        raise MediaError(path, "not a decodable image")
+        raise MediaError(
+            path, f"not a decodable image: corrupt, truncated, or a format that OpenCV {cv2.__version__} does not read"
+        )
     native = cv2.cvtColor(_to_uint8(path, decoded), cv2.COLOR_BGR2RGB)
     scaled = _scale(path, native, scale, patch_size)
     frames = _align(path, scaled, patch_size, align)
@@ -168,7 +195,8 @@ def load_video(
     Seeks to the sampled frames when the container's frame count checks out
     (every sampled frame decodes and nothing follows the last one); otherwise
     decodes the whole file sequentially, counts the real frames and samples
-    from that count.
+    from that count. MediaError when the file cannot be opened, no frame decodes (the message names the codec
+    and container), or decoding stops before the container's end (it names the frame).
     """
     _check_options(path, patch_size, align, scale)
     if num_frames < 1:
@@ -178,6 +206,7 @@ def load_video(
     capture = _open_capture(path)
     try:
         fps = capture.get(cv2.CAP_PROP_FPS)
+        codec = _codec(capture)
         sampled = _sample_by_seeking(path, capture, num_frames)
     finally:
         capture.release()
@@ -195,8 +224,20 @@ def load_video(
         sampled_frames=num_frames,
         frame_indices=indices,
         decode=decode,
+        codec=codec,
     )
     return Media(os.fspath(path), "video", frames, metadata)
+
+
+def decoder_record() -> dict[str, str]:
+    """What decodes the media, recorded with every features folder and golden: the OpenCV version, the video
+    backend, and the FFmpeg library versions that OpenCV's build information lists (absent: "none")."""
+    record = {"opencv": cv2.__version__, "video_backend": VIDEO_BACKEND}
+    build = cv2.getBuildInformation()
+    for library in ("avcodec", "avformat", "avutil", "swscale"):
+        found = re.search(rf"^\s*{library}:\s*YES \(([^)]*)\)", build, re.MULTILINE)
+        record[library] = found.group(1) if found else "none"
+    return record
 
 
 def load_media(
@@ -323,13 +364,70 @@ def _metadata(
     }
 
 
+def _check_decoder(path: StrPath) -> None:
+    """MediaError unless this OpenCV decodes video the same way as every version the project allows."""
+    version = tuple(int(part) for part in re.findall(r"\d+", cv2.__version__)[:2])
+    if version < MIN_OPENCV:
+        raise MediaError(
+            path,
+            f"OpenCV {cv2.__version__} converts every video with the BT.601 matrix, whatever the stream states; "
+            f"videos need OpenCV >= {'.'.join(map(str, MIN_OPENCV))} (pip install 'opencv-python-headless>=4.13')",
+        )
+    if not cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG):
+        raise MediaError(path, f"this OpenCV {cv2.__version__} build has no FFmpeg backend to decode video")
+
+
 def _open_capture(path: StrPath) -> cv2.VideoCapture:
-    """Open a video with OpenCV, raising MediaError when no backend can read it."""
-    capture = cv2.VideoCapture(os.fspath(path))
+    """Open a video with OpenCV's FFmpeg backend, raising MediaError when it cannot read the file."""
+    _check_decoder(path)
+    capture = cv2.VideoCapture(os.fspath(path), cv2.CAP_FFMPEG)
     if not capture.isOpened():
         capture.release()
-        raise MediaError(path, "not a readable video (corrupt file or unsupported container)")
+        raise MediaError(path, "not a readable video: FFmpeg cannot open it (corrupt file or unsupported container)")
     return capture
+
+
+def _codec(capture: cv2.VideoCapture) -> str:
+    """The video stream's codec as its FOURCC ("h264", "AV01"), or its number in hex when not printable."""
+    value = int(capture.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF
+    text = value.to_bytes(4, "little").decode("latin-1")
+    return text.strip() if text.isprintable() and text.strip() else f"0x{value:08x}"
+
+
+def _no_frame_error(path: StrPath, codec: str) -> MediaError:
+    """A video that opens but yields no frame: name its codec and container, and what cannot decode them."""
+    container = Path(path).suffix.lower() or "(no extension)"
+    decoder = decoder_record()
+    return MediaError(
+        path,
+        f"the video opens but no frame decodes: this OpenCV {decoder['opencv']} build (FFmpeg avcodec "
+        f"{decoder['avcodec']}) cannot decode its {codec} video in the {container} container (or the stream is "
+        f"corrupt); convert it to a codec this build decodes, e.g. H.264",
+    )
+
+
+def _check_complete(path: StrPath, decoded: int, claimed: float, fps: float, last_time: float) -> None:
+    """MediaError when sequential decoding stopped before the container's end.
+
+    Fewer frames than the container states is normal for a variable frame rate, where FFmpeg estimates the count
+    from the duration and the fastest rate; then the last frame still starts within END_TOLERANCE_FRAMES frame
+    intervals of the stated end (count / fps). A last frame earlier than that, or no frame times to tell, means
+    the frames stop decoding before the end.
+    """
+    if not math.isfinite(claimed) or decoded >= claimed:
+        return
+    if math.isfinite(fps) and fps > 0 and (decoded == 1 or last_time > 0):
+        end = claimed / fps
+        if last_time >= end - END_TOLERANCE_FRAMES / fps:
+            return
+        where = f"the last decoded frame starts at {last_time:.3f} s of the {end:.3f} s the container states"
+    else:
+        where = "and the container gives no frame times to tell a variable frame rate from missing frames"
+    raise MediaError(
+        path,
+        f"frame {decoded} does not decode: decoding stops after {decoded} of the {int(claimed)} frames the container "
+        f"states, {where} (truncated or corrupt file)",
+    )
 
 
 def _grab_at(capture: cv2.VideoCapture, index: int) -> bool:
@@ -351,16 +449,21 @@ def _grab_at(capture: cv2.VideoCapture, index: int) -> bool:
 def _sample_by_seeking(
     path: StrPath, capture: cv2.VideoCapture, num_frames: int
 ) -> tuple[int, list[int], np.ndarray] | None:
-    """Sample frames by seeking, trusting the container count only if it verifies; None if not."""
+    """Sample frames by seeking, trusting the container count only if it verifies; None if not.
+
+    The count verifies when its last frame decodes (grabbed even when not sampled) and no frame follows it.
+    """
     claimed = capture.get(cv2.CAP_PROP_FRAME_COUNT)
     if not math.isfinite(claimed) or claimed < 1:
         return None
     total_frames = int(claimed)
     indices = sample_frame_indices(total_frames, num_frames)
     decoded: dict[int, np.ndarray] = {}
-    for index in sorted(set(indices)):
+    for index in sorted({*indices, total_frames - 1}):
         if not _grab_at(capture, index):
             return None
+        if index not in indices:
+            continue
         ok, frame = capture.retrieve()
         if not ok or frame is None:
             return None
@@ -374,13 +477,16 @@ def _sample_sequentially(path: StrPath, num_frames: int) -> tuple[int, list[int]
     """Count the decodable frames in one pass, then decode only the sampled ones in a second pass."""
     capture = _open_capture(path)
     try:
-        total_frames = 0
+        claimed, fps, codec = capture.get(cv2.CAP_PROP_FRAME_COUNT), capture.get(cv2.CAP_PROP_FPS), _codec(capture)
+        total_frames, last_time = 0, 0.0
         while capture.grab():
             total_frames += 1
+            last_time = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
     finally:
         capture.release()
     if total_frames == 0:
-        raise MediaError(path, "video has no decodable frames")
+        raise _no_frame_error(path, codec)
+    _check_complete(path, total_frames, claimed, fps, last_time)
     indices = sample_frame_indices(total_frames, num_frames)
     wanted = set(indices)
     decoded: dict[int, np.ndarray] = {}

@@ -61,7 +61,7 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
 
 def video_size(path: str | Path) -> tuple[int, int] | None:
     """(width, height) of a video's frames as its container states them, or None when it cannot be opened."""
-    capture = cv2.VideoCapture(str(path))
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     try:
         if not capture.isOpened():
             return None

@@ -202,8 +202,7 @@ class ModelPair:
         models = {}
         for side in SIDES:
             loaded = self.side(side)
-            ref = loaded.ref or ModelRef(loaded.path, Path(loaded.path))
-            models[side] = {**ref.provenance(), "class_name": loaded.class_name, "source": loaded.source}
+            models[side] = {**loaded.ref.provenance(), "class_name": loaded.class_name, "source": loaded.source}
         return {
             "models": models,
             "restored_buffers": {side: list(self.side(side).restored_buffers) for side in SIDES},
@@ -256,13 +255,12 @@ class PairFiles:
             if on_load is not None:
                 on_load(side, ref)
             try:
-                loaded[side] = load_model(ref.path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                loaded[side] = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                                           strict_buffers=strict_buffers)
             except PairError:
                 raise
             except ModelLoadError as err:
                 raise SideLoadError(side, str(err)) from err
-            loaded[side].ref = ref
             check_side(ref, side, loaded[side].side, loaded[side].describe())
         hf, packing = loaded["hf"], loaded["packing"]
         warnings = check_configs(self.hf, self.packing, hf.model.config, packing.model.config, strict=strict_config)

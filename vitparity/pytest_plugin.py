@@ -60,7 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
     else:  # the xdist controller: one worker per execution environment
         workers = len(parse_tx_spec_config(config))
     files = preflight(settings)
-    session = ParitySession(settings, build_plan(config, settings, workers, files), files)
+    session = ParitySession(settings, build_plan(settings, workers, files), files)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
     config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ..compare import DEFAULT_THRESHOLD
-from ..media import ALIGN_POLICIES
+from ..choices import ALIGN_POLICIES, DEFAULT_THRESHOLD
 
 DETERMINISM_POLICIES = ("auto", "all", "off")
 
@@ -153,7 +152,3 @@ def raw_value(config: pytest.Config, option: Option) -> RawValue:
         return RawValue(bool(value) if option.flag else value, "ini", f"ini {option.ini}")
     return RawValue(bool(option.default) if option.flag else option.default, "default", option.cli)
 
-
-def option_label(config: pytest.Config, name: str) -> str:
-    """How the user gave option `name` (flag, variable or ini key), for messages about its value."""
-    return raw_value(config, next(o for o in OPTIONS if o.name == name)).label

@@ -13,7 +13,6 @@ from xdist.scheduler import LoadScopeScheduling
 
 from ..media import MediaError
 from .cases import CaseError, PackGroup, ParityCase, collect_cases, determinism_cases, make_groups, plan_workers
-from .options import option_label
 from ..models import OneVisionEncoderConfig
 from ..pair import PairFiles
 from .settings import Settings
@@ -91,7 +90,7 @@ def worker_count() -> int:
     return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 
-def build_plan(config: pytest.Config, settings: Settings, workers: int, files: PairFiles | None) -> Plan:
+def build_plan(settings: Settings, workers: int, files: PairFiles | None) -> Plan:
     """Cases from the media folders, their groups, this shard's share and its split over `workers`.
 
     `files`: the pair's config files (None when they cannot be read: every test fails on it, the plan only needs
@@ -104,7 +103,7 @@ def build_plan(config: pytest.Config, settings: Settings, workers: int, files: P
             num_frames=settings.num_frames, scales=settings.scales,
         )
     except (MediaError, CaseError) as err:
-        raise pytest.UsageError(f"{option_label(config, 'media')}: {err}") from err
+        raise pytest.UsageError(f"{settings.labels['media']}: {err}") from err
     groups = make_groups(cases, settings.pack_tokens)
     mine = tuple(g for g in groups if settings.shard is None or settings.shard.holds(g.id))
     owner = plan_workers(mine, workers)

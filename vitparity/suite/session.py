@@ -22,7 +22,7 @@ from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample
 from ..independence import SwapResult, alternate_halves, companion_swap
 from ..loading import LoadedModel, ModelLoadError, library_versions, missing_cuda_device
-from ..media import Media, MediaError, load_media
+from ..media import Media, MediaError, decoder_record, load_media
 from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
 from ..pair import SIDES, ModelPair, PairFiles, SideLoadError, preflight_pair
 from ..report import format_report, write_cosine_heatmap
@@ -63,7 +63,7 @@ class GroupResult:
 def pair_files(settings: Settings) -> PairFiles:
     """Both checkpoints resolved and their config files checked (`vitparity.pair.preflight_pair`)."""
     return preflight_pair(settings.hf_model, settings.packing_model, num_frames=settings.num_frames,
-                          num_frames_name=settings.num_frames_label, strict_config=settings.strict_config)
+                          num_frames_name=settings.labels["num_frames"], strict_config=settings.strict_config)
 
 
 def preflight(settings: Settings) -> PairFiles:
@@ -343,7 +343,7 @@ class ParitySession:
         meta = {
             "case": result.case.id, "side": side, "model_class": self.model(side).class_name, "dtype": s.dtype,
             "device": s.device, "grid_thw": list(result.grid), "media_sha256": result.metadata["media_sha256"],
-            "num_frames": s.num_frames, "align": s.align, "versions": library_versions(),
+            "num_frames": s.num_frames, "align": s.align, "versions": library_versions(), "decoder": decoder_record(),
             "model": provenance["models"][side], "normalization": provenance["normalization"],
             "config_warnings": provenance["config_warnings"], "tf32": provenance["tf32"],
             "restored_buffers": provenance["restored_buffers"][side],

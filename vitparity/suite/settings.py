@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,8 @@ class Settings:
     scales: tuple[float, ...] = (1.0,)
     packed_backend: str = "auto"
     attention_kernel: str = "auto"
-    num_frames_label: str = "--num-frames"  # how the user gave --num-frames, for messages about its value
+    # How the user gave each option (flag, variable or ini key), for messages about its value; default: the flag.
+    labels: dict[str, str] = field(default_factory=lambda: {option.name: option.cli for option in OPTIONS})
     strict_buffers: bool = False
 
     @property
@@ -139,7 +140,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         attention_kernel=_choice(raw["attention_kernel"].value, SDPA_KERNELS,
                                  lambda: available_sdpa_kernels(device, DTYPES[dtype]), bad, "attention_kernel",
                                  f"on {device} in {dtype}"),
-        num_frames_label=raw["num_frames"].label,
+        labels={name: value.label for name, value in raw.items()},
         strict_buffers=raw["strict_buffers"].value,
     )
 

@@ -1,0 +1,9 @@
+"""Values shared by the library and the suite's options, in a module that imports nothing: the pytest entry point
+(`vitparity.suite.options`) reads them without importing numpy, OpenCV or torch."""
+
+from __future__ import annotations
+
+# Patch alignment of a size that is not a multiple of the patch size (vitparity.media.align_to_patch).
+ALIGN_POLICIES: tuple[str, ...] = ("crop", "resize", "pad")
+# Minimum per-token cosine, strictly greater, of packing vs non-packing features (vitparity.compare).
+DEFAULT_THRESHOLD = 0.99
