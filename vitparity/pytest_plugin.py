@@ -23,6 +23,7 @@ from .suite.cases import PackGroup, ParityCase  # noqa: E402
 from .numerics import pinned_float32  # noqa: E402
 from .suite.settings import resolve_settings  # noqa: E402
 from .suite.costs import PROPERTY  # noqa: E402
+from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep  # noqa: E402
 from .suite.reporting import FailureWithoutFailedTest, ParityReporter  # noqa: E402
 from .suite.schedule import (  # noqa: E402
     CASE_PARAM, GROUP_PARAM, PackGroupScheduling, build_plan, group_id_of, group_needs, split_items, worker_count,
@@ -52,6 +53,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(numerics.close)
     if settings.regenerate_goldens:
         config.option.update_snapshots = True
+    updating = bool(config.option.update_snapshots)
+    if updating:  # goldens an update did not replace are kept or deleted by GoldenUpkeep, never by syrupy
+        config.option.no_cleanup = True
     dist = getattr(config.option, "dist", "no")
     if dist not in ("no", "load"):
         raise pytest.UsageError(f"--dist={dist}: the suite schedules its pack groups itself; pass only -n")
@@ -64,6 +68,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
     config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")
+    if updating and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(GoldenUpkeep(session), "vitparity-golden-upkeep")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -169,6 +175,7 @@ def golden(request: pytest.FixtureRequest, parity: ParitySession, case_result: C
     def check(side: str) -> None:
         data = parity.golden_data(case_result, side, updating=bool(request.config.option.update_snapshots))
         folder = parity.golden_folder(side)
+        request.node.user_properties.append((FOLDER_PROPERTY, json.dumps(str(folder))))
         assertion = snapshot.with_defaults(
             extension_class=golden_extension(folder, force_rewrite=parity.settings.regenerate_goldens)
         )

@@ -25,6 +25,7 @@ from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 from .compare import cosine_per_token
 from .features_io import temporary_file
+from .provenance_diff import ProvenanceDiff, provenance_diff
 
 PROJECTION_SEED = 20261122
 PROJECTION_DIM = 16
@@ -137,39 +138,62 @@ def load_golden(data: bytes) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 @dataclass(frozen=True)
+class Drift:
+    """How far the reductions of the same tokens moved (float32 figures): projected cosine per token and relative
+    norm difference per token, |a - b| / |b| with b the reference."""
+
+    min_cos: float
+    mean_cos: float
+    worst_token: int
+    max_norm_rel: float
+    mean_norm_rel: float
+    worst_norm_token: int
+
+
+def reduction_drift(proj_a: np.ndarray, norms_a: np.ndarray, proj_b: np.ndarray, norms_b: np.ndarray) -> Drift:
+    """Drift of reduction a from reference b; both (N, k) projections and (N,) norms of the same N > 0 tokens."""
+    cos = cosine_per_token(proj_a.astype(np.float32), proj_b.astype(np.float32))
+    rel = np.abs(norms_a.astype(np.float32) - norms_b) / np.maximum(np.abs(norms_b.astype(np.float32)), 1e-12)
+    return Drift(float(cos.min()), float(cos.mean()), int(cos.argmin()), float(rel.max()), float(rel.mean()),
+                 int(rel.argmax()))
+
+
+@dataclass(frozen=True)
 class GoldenDiff:
-    """Why a golden does not match (empty `problems` when it does)."""
+    """Why a golden does not match (empty `problems` when it does), and how its provenance differs."""
 
     problems: tuple[str, ...]
     min_cos: float = float("nan")
     max_norm_rel: float = float("nan")
+    provenance: ProvenanceDiff | None = None
 
 
 def compare_golden(current: bytes, golden: bytes) -> GoldenDiff:
     """Compare serialised current features with a serialised golden, within the golden dtype's tolerance."""
     proj_a, norms_a, meta_a = load_golden(current)
     proj_b, norms_b, meta_b = load_golden(golden)
+    provenance = provenance_diff(meta_b, meta_a)
     problems = []
     for key in ("feature_shape", "grid_thw", "media_sha256", "dtype", "num_frames", "align"):
         if meta_a.get(key) != meta_b.get(key):
             problems.append(f"{key} differs: current {meta_a.get(key)} vs golden {meta_b.get(key)}")
-    if proj_a.shape != proj_b.shape:
+    if proj_a.shape != proj_b.shape or norms_a.shape != norms_b.shape:
         problems.append(f"reduced shape differs: current {proj_a.shape} vs golden {proj_b.shape}")
-        return GoldenDiff(tuple(problems))
+        return GoldenDiff(tuple(problems), provenance=provenance)
+    if not len(norms_a):
+        problems.append("no tokens to compare")
+        return GoldenDiff(tuple(problems), provenance=provenance)
     if not (np.isfinite(proj_a).all() and np.isfinite(norms_a).all()):
         problems.append("current features contain NaN or Inf")
-        return GoldenDiff(tuple(problems))
+        return GoldenDiff(tuple(problems), provenance=provenance)
     tolerance = GOLDEN_TOLERANCES[meta_b.get("dtype", "float32")]
-    cos = cosine_per_token(proj_a.astype(np.float32), proj_b.astype(np.float32))
-    min_cos = float(cos.min()) if cos.size else float("nan")
-    rel = np.abs(norms_a - norms_b) / np.maximum(np.abs(norms_b), 1e-12)
-    max_rel = float(rel.max()) if rel.size else float("nan")
-    if not min_cos > tolerance.min_cos:
-        worst = int(cos.argmin())
-        problems.append(f"min projected cosine {min_cos:.6f} <= {tolerance.min_cos} (worst token {worst})")
-    if not max_rel <= tolerance.norm_rtol:
-        problems.append(f"max relative norm difference {max_rel:.3e} > {tolerance.norm_rtol} (token {int(rel.argmax())})")
-    return GoldenDiff(tuple(problems), min_cos, max_rel)
+    d = reduction_drift(proj_a, norms_a, proj_b, norms_b)
+    if not d.min_cos > tolerance.min_cos:
+        problems.append(f"min projected cosine {d.min_cos:.6f} <= {tolerance.min_cos} (worst token {d.worst_token})")
+    if not d.max_norm_rel <= tolerance.norm_rtol:
+        problems.append(f"max relative norm difference {d.max_norm_rel:.3e} > {tolerance.norm_rtol} "
+                        f"(token {d.worst_norm_token})")
+    return GoldenDiff(tuple(problems), d.min_cos, d.max_norm_rel, provenance)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -215,6 +239,8 @@ class NpzGoldenExtension(SingleFileSnapshotExtension):
         except GoldenCorrupt as err:
             yield str(err)
             return
+        if diff.problems:
+            yield from diff.provenance.lines()
         yield "golden features differ:" if diff.problems else "golden features match within tolerance"
         for problem in diff.problems:
             yield f"  - {problem}"

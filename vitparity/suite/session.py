@@ -334,6 +334,7 @@ class ParitySession:
             "num_frames": s.num_frames, "align": s.align, "versions": library_versions(),
             "model": provenance["models"][side], "normalization": provenance["normalization"],
             "config_warnings": provenance["config_warnings"], "tf32": provenance["tf32"],
+            "attention": self.cost.attention,
         }
         return GoldenData.from_reduction(projection, norms, shape, meta, refusal=refusal,
                                          case=f"{side}/{result.case.id}")
