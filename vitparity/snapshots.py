@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,6 +261,41 @@ def golden_extension(golden_dir: str | Path, *, force_rewrite: bool = False) -> 
     """An extension class writing into `golden_dir` (one folder per model fingerprint and dtype)."""
     name = "NpzGolden_" + hashlib.sha1(str(golden_dir).encode()).hexdigest()[:8]
     return type(name, (NpzGoldenExtension,), {"golden_dir": str(golden_dir), "force_rewrite": force_rewrite})
+
+
+@dataclass(frozen=True)
+class GoldenFolder:
+    """What a golden folder's name says: `<model_type>-<fingerprint[:12]>-<dtype>-<F>of<C>-<align>`, the goldens
+    of one model (weights fingerprint) under every setting that changes its features."""
+
+    model_type: str
+    fingerprint: str
+    dtype: str
+    num_frames: int
+    context: int
+    align: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model_type}-{self.fingerprint}-{self.dtype}-{self.num_frames}of{self.context}-{self.align}"
+
+    @property
+    def settings(self) -> str:
+        """The part of the name that is not the model: `float32-8of64-crop`."""
+        return self.name.removeprefix(f"{self.model_type}-{self.fingerprint}-")
+
+    @classmethod
+    def parse(cls, name: str) -> "GoldenFolder | None":
+        """The parts of a golden folder name; None when `name` is not one."""
+        match = _FOLDER_NAME.fullmatch(name)
+        if match is None:
+            return None
+        return cls(match["type"], match["fp"], match["dtype"], int(match["frames"]), int(match["context"]),
+                   match["align"])
+
+
+_FOLDER_NAME = re.compile(r"(?P<type>.+)-(?P<fp>[0-9a-f]{12})-(?P<dtype>float32|float16|bfloat16)-"
+                          r"(?P<frames>\d+)of(?P<context>\d+)-(?P<align>[a-z_]+)")
 
 
 def model_fingerprint(folder: str | Path, config: dict) -> str:

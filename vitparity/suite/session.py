@@ -26,7 +26,7 @@ from ..media import Media, MediaError, load_media
 from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
 from ..pair import SIDES, ModelPair, PairError, PairFiles, preflight_pair
 from ..report import format_report, write_cosine_heatmap
-from ..snapshots import GoldenData, file_sha256, model_fingerprint, reduce_features
+from ..snapshots import GoldenData, GoldenFolder, file_sha256, model_fingerprint, reduce_features
 from .cases import PackGroup, ParityCase
 from .settings import Settings
 from .costs import Cost
@@ -312,9 +312,9 @@ class ParitySession:
             config = loaded.model.config.to_dict()
             fingerprint = model_fingerprint(loaded.path, config)
             context = self.pair().temporal_context or s.num_frames
-            self._golden_folders[side] = s.golden_dir / (
-                f"{config['model_type']}-{fingerprint[:12]}-{s.dtype}-{s.num_frames}of{context}-{s.align}"
-            )
+            self._golden_folders[side] = s.golden_dir / GoldenFolder(
+                config["model_type"], fingerprint[:12], s.dtype, s.num_frames, context, s.align
+            ).name
         return self._golden_folders[side]
 
     def golden_data(self, result: CaseResult, side: str, *, updating: bool) -> GoldenData:
