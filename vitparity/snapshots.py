@@ -234,6 +234,7 @@ class NpzGoldenExtension(SingleFileSnapshotExtension):
         if not snapshot_data:
             yield (f"no golden for this case and model in {self.golden_dir} (the folder names the model, dtype, "
                    "frames and alignment): run with --snapshot-update to create it")
+            yield from other_model_folders_hint(Path(self.golden_dir))
             return
         try:
             diff = compare_golden(serialized_data, snapshot_data)
@@ -296,6 +297,23 @@ class GoldenFolder:
 
 _FOLDER_NAME = re.compile(r"(?P<type>.+)-(?P<fp>[0-9a-f]{12})-(?P<dtype>float32|float16|bfloat16)-"
                           r"(?P<frames>\d+)of(?P<context>\d+)-(?P<align>[a-z_]+)")
+
+
+def other_model_folders_hint(folder: Path) -> list[str]:
+    """Lines naming the golden folders next to `folder` of the same model type (other weights or settings: e.g.
+    the previous release's) and how to measure this model against one; [] when there is none."""
+    parsed = GoldenFolder.parse(folder.name)
+    if parsed is None or not folder.parent.is_dir():
+        return []
+    others = sorted(path.name for path in folder.parent.iterdir() if path.is_dir() and path != folder
+                    and getattr(GoldenFolder.parse(path.name), "model_type", None) == parsed.model_type)
+    if not others:
+        return []
+    same = [name for name in others if name.endswith(f"-{parsed.settings}")]
+    example = folder.parent / (same or others)[0]
+    return [f"golden folders of model type {parsed.model_type} in {folder.parent}: {', '.join(others)}",
+            f"to measure this model against one (e.g. the previous release's), run with --golden-baseline={example} "
+            f"(same dtype, frames and alignment: {parsed.settings})"]
 
 
 def model_fingerprint(folder: str | Path, config: dict) -> str:

@@ -27,6 +27,7 @@ from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
 from ..pair import SIDES, ModelPair, PairError, PairFiles, preflight_pair
 from ..report import format_report, write_cosine_heatmap
 from ..snapshots import GoldenData, GoldenFolder, file_sha256, model_fingerprint, reduce_features
+from .baseline import Baseline
 from .cases import PackGroup, ParityCase
 from .settings import Settings
 from .costs import Cost
@@ -90,6 +91,7 @@ class ParitySession:
         self._model_error: str | None = None
         self._attention_error: str | None = None
         self._golden_folders: dict[str, Path] = {}
+        self.baseline: Baseline | None = None  # --golden-baseline, checked (set by the plugin)
         self._current: GroupResult | None = None
 
     # models

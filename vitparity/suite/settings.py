@@ -45,6 +45,8 @@ class Settings:
     packed_backend: str = "auto"
     attention_kernel: str = "auto"
     num_frames_label: str = "--num-frames"  # how the user gave --num-frames, for messages about its value
+    golden_baseline: Path | None = None  # a previous release's golden folder (vitparity.suite.baseline)
+    baseline_min_cos: float | None = None  # None: the baseline drift is only reported
 
     @property
     def torch_dtype(self):
@@ -139,7 +141,25 @@ def resolve_settings(config: pytest.Config) -> Settings:
                                  lambda: available_sdpa_kernels(device, DTYPES[dtype]), bad, "attention_kernel",
                                  f"on {device} in {dtype}"),
         num_frames_label=raw["num_frames"].label,
+        golden_baseline=path("golden_baseline"),
+        baseline_min_cos=_baseline_min_cos(raw, bad),
     )
+
+
+def _baseline_min_cos(raw: dict[str, RawValue], bad) -> float | None:
+    """--baseline-min-cos: a cosine in [-1, 1), only with --golden-baseline."""
+    value = raw["baseline_min_cos"].value
+    if value is None:
+        return None
+    if not raw["golden_baseline"].value:
+        raise bad("baseline_min_cos", "needs --golden-baseline (the folder to measure against)")
+    try:
+        number = float(value)
+    except ValueError:
+        raise bad("baseline_min_cos", "not a number") from None
+    if not -1.0 <= number < 1.0:
+        raise bad("baseline_min_cos", "a cosine limit must be in [-1, 1)")
+    return number
 
 
 def _scales(text: str, bad) -> tuple[float, ...]:
