@@ -79,12 +79,16 @@ class ProvenanceDiff:
         """True when some key differs and every differing key is an environment key."""
         return bool(self.changed) and all(_cause(key) for key, _, _ in self.changed)
 
-    def likely_cause(self) -> str | None:
-        """"written with opencv 5.0.0, this run 4.10.0: decoded pixels may differ" (None unless environment only)."""
+    def likely_cause(self, old: str = "golden", new: str = "this run") -> str | None:
+        """"written with opencv 5.0.0, this run 4.10.0: decoded pixels may differ" (None unless environment only);
+        with other labels "OLD opencv 5.0.0, NEW 4.10.0: ..."."""
         if not self.environment_only:
             return None
-        key, old, new = min(self.changed, key=lambda change: _cause(change[0])[0])
-        return f"written with {key.removeprefix('versions.')} {_text(old)}, this run {_text(new)}: {_cause(key)[1]}"
+        key, a, b = min(self.changed, key=lambda change: _cause(change[0])[0])
+        name = key.removeprefix("versions.")
+        said = f"written with {name} {_text(a)}, {new} {_text(b)}" if old == "golden" else \
+            f"{old} {name} {_text(a)}, {new} {_text(b)}"
+        return f"{said}: {_cause(key)[1]}"
 
     def lines(self, old: str = "golden", new: str = "this run") -> list[str]:
         """The differences as text, one per line (none when the provenance is the same)."""
@@ -96,7 +100,7 @@ class ProvenanceDiff:
         if not out:
             return []
         header = [f"provenance differs ({old} -> {new}):"]
-        cause = self.likely_cause()
+        cause = self.likely_cause(old, new)
         if cause:
             return [f"only the environment differs: {cause}", *header, *(f"  {line}" for line in out)]
         return [*header, *(f"  {line}" for line in out)]
