@@ -97,6 +97,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     golden_diff.add_argument("old", metavar="OLD")
     golden_diff.add_argument("new", metavar="NEW")
+    golden_diff.add_argument("--new-only", action="store_true",
+                             help="count the goldens only in OLD without listing them (NEW holds what a regeneration wrote)")
     golden_show = commands.add_parser(
         "golden-show", help="one golden as text (the git textconv driver of goldens)",
         description="Provenance, shape, grid, norm statistics and array checksums of one golden .npz.",
@@ -326,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report-junit":
             return run_report_junit(args.junit_files)
         if args.command == "golden-diff":
-            print(format_golden_diff(diff_golden_sets(args.old, args.new), args.old, args.new))
+            print(format_golden_diff(diff_golden_sets(args.old, args.new), args.old, args.new,
+                                     new_only=args.new_only))
             return 0
         if args.command == "golden-show":
             print(describe_golden(Path(args.file).read_bytes(), args.file))

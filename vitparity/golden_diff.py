@@ -4,7 +4,8 @@
 `REV:PATH`) and prints, per golden, how far NEW moved from OLD (`vitparity.snapshots.reduction_drift`: projected
 cosine and relative norm difference per token, float32), token count and grid changes and provenance changes
 (`vitparity.provenance_diff`). Goldens pair by their path under OLD and NEW, with the weights' fingerprint left
-out of the model folder's name, so a new release's goldens pair with the last release's.
+out of the model folder's name when that pairs them one to one, so a new release's goldens pair with the last
+release's.
 
 `vitparity golden-show FILE` prints one golden as text (provenance, shape, grid, norm statistics, checksums of
 the arrays): the git textconv driver that makes `git diff` of a golden readable (see README, "Golden snapshots").
@@ -108,37 +109,49 @@ class GoldenChange:
     provenance: ProvenanceDiff | None = None
 
 
+def _pairs(old: set[str], new: set[str]) -> tuple[list[tuple[str, str]], set[str], set[str]]:
+    """(pairs of relative paths, paths only in old, only in new): equal paths pair; of the rest, two goldens pair
+    when each is the only one of its side with that `pair_key` (same model type and settings, other weights)."""
+    pairs = [(path, path) for path in sorted(old & new)]
+    left_old, left_new = old - new, new - old
+    keyed = [{}, {}]
+    for index, paths in enumerate((left_old, left_new)):
+        for path in paths:
+            keyed[index].setdefault(pair_key(path), []).append(path)
+    for key in sorted(keyed[0].keys() & keyed[1].keys()):
+        if len(keyed[0][key]) == len(keyed[1][key]) == 1:
+            pairs.append((keyed[0][key][0], keyed[1][key][0]))
+            left_old.discard(keyed[0][key][0])
+            left_new.discard(keyed[1][key][0])
+    return pairs, left_old, left_new
+
+
 def diff_golden_sets(old: str, new: str) -> list[GoldenChange]:
-    """Every golden of `old` and `new` paired by `pair_key`; GoldenCorrupt names an unreadable file,
-    GoldenSourceError a source that cannot be read or two goldens of one source with the same key."""
-    sides = []
-    for source in (old, new):
-        keyed: dict[str, tuple[str, Callable[[], bytes]]] = {}
-        for relative, entry in golden_sources(source).items():
-            key = pair_key(relative)
-            if key in keyed:
-                raise GoldenSourceError(f"{source}: {keyed[key][0]} and {entry[0]} are goldens of the same model type "
-                                        "and settings (two fingerprints): give one model folder each")
-            keyed[key] = entry
-        sides.append(keyed)
-    changes = []
-    for key in sorted(sides[0].keys() | sides[1].keys()):
-        entries = [side.get(key) for side in sides]
-        data = [entry[1]() if entry else None for entry in entries]
-        goldens = [Golden.read(d, entry[0]) if entry else None for d, entry in zip(data, entries)]
-        a, b = goldens
-        if a is None or b is None:
-            changes.append(GoldenChange(key, a, b))
-            continue
+    """Every golden of `old` and `new`, paired (`_pairs`) and compared; GoldenCorrupt names an unreadable file,
+    GoldenSourceError a source that cannot be read."""
+    sources = golden_sources(old), golden_sources(new)
+
+    def read(side: int, path: str) -> tuple[bytes, Golden]:
+        name, load = sources[side][path]
+        data = load()
+        return data, Golden.read(data, name)
+
+    pairs, only_old, only_new = _pairs(set(sources[0]), set(sources[1]))
+    changes = [GoldenChange(path, read(0, path)[1], None) for path in only_old]
+    changes += [GoldenChange(path, None, read(1, path)[1]) for path in only_new]
+    for path_a, path_b in pairs:
+        (data_a, a), (data_b, b) = read(0, path_a), read(1, path_b)
         drift = None
         if a.projection.shape == b.projection.shape and b.tokens:
             drift = reduction_drift(b.projection, b.norms, a.projection, a.norms)
-        changes.append(GoldenChange(key, a, b, data[0] == data[1], drift, provenance_diff(a.meta, b.meta)))
-    return changes
+        label = path_a if path_a == path_b else pair_key(path_a)
+        changes.append(GoldenChange(label, a, b, data_a == data_b, drift, provenance_diff(a.meta, b.meta)))
+    return sorted(changes, key=lambda change: change.key)
 
 
-def format_golden_diff(changes: list[GoldenChange], old: str, new: str) -> str:
-    """The changes as text: one block per golden that differs, then what is only in one source, then counts."""
+def format_golden_diff(changes: list[GoldenChange], old: str, new: str, *, new_only: bool = False) -> str:
+    """The changes as text: one block per golden that differs, then what is only in one source, then counts.
+    `new_only`: goldens only in OLD are counted, not listed (NEW holds only what a regeneration wrote)."""
     lines = [f"goldens {old} -> {new} (NEW against OLD per token, float32: projected cosine, relative norm drift)"]
     counts = {"identical": 0, "changed": 0, "added": 0, "removed": 0}
     for change in changes:
@@ -159,12 +172,16 @@ def format_golden_diff(changes: list[GoldenChange], old: str, new: str) -> str:
             lines.append(f"  {shape}; cos min {d.min_cos:.6f} (token {d.worst_token}) mean {d.mean_cos:.6f}; "
                          f"norm drift max {d.max_norm_rel:.3e} (token {d.worst_norm_token}) mean {d.mean_norm_rel:.3e}")
         lines.extend(f"  {line}" for line in change.provenance.lines("OLD", "NEW"))
-    for label, name, present, absent in (("only in OLD", "removed", "old", "new"), ("only in NEW", "added", "new", "old")):
-        for change in changes:
-            if getattr(change, absent) is None:
-                counts[name] += 1
-                lines.append(f"{label}: {change.key}")
-    lines.append(", ".join(f"{n} {k}" for k, n in counts.items()))
+    for change in changes:
+        if change.new is None:
+            counts["removed"] += 1
+            if not new_only:
+                lines.append(f"only in OLD: {change.key}")
+        elif change.old is None:
+            counts["added"] += 1
+            lines.append(f"only in NEW: {change.key}")
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    lines.append(summary.replace("removed", "only in OLD (not listed)") if new_only else summary)
     return "\n".join(lines)
 
 
