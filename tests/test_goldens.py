@@ -99,21 +99,24 @@ def test_update_keeps_goldens_of_an_erroring_case_and_deletes_only_removed_media
     assert "unused snapshots deleted" not in out and "unused snapshot deleted" not in out
 
 
-def test_a_narrowed_update_deletes_nothing_and_says_why(suite, written, tmp_path) -> None:
+@pytest.mark.parametrize("narrowing, why", [(["-k", "coffee_small"], "-k 'coffee_small'"), (["--shard=1/2", "--pack-tokens=2000"], "--shard")])
+def test_a_narrowed_update_deletes_nothing_and_says_why(suite, written, tmp_path, narrowing, why) -> None:
     media, goldens = Path(shutil.copytree(written / "M", tmp_path / "M")), tmp_path / "G"
     shutil.copytree(written / "G", goldens)
     (media / "good.jpg").rename(media / "renamed.jpg")
     before = golden_files(goldens)
-    result = suite.run("parity_tests/test_golden.py", "--snapshot-update", "-k", "coffee_small",
-                       f"--golden-dir={goldens}", f"--media={media}")
+    result = suite.run("parity_tests/test_golden.py", "--snapshot-update", *narrowing, f"--golden-dir={goldens}",
+                       f"--media={media}", "-rA")
     out = result.stdout.str()
     assert result.ret == 0, out[-3000:]
-    assert golden_files(goldens) == before and "deleted" not in out
+    assert {k: v for k, v in golden_files(goldens).items() if "renamed" not in k} == before and "deleted" not in out
     kept = re.findall(r"^kept (\S+): (.*)$", out, re.M)
     assert sorted(Path(path).name for path, _ in kept) == [
         "test_golden[image-good.jpg-hf].npz", "test_golden[image-good.jpg-packing].npz"]
-    assert all("kept because the run is narrowed (-k 'coffee_small')" in reason for _, reason in kept)
-    assert "kept 16 goldens of cases this run did not select (-v lists them)" in out
+    assert all(f"kept because the run is narrowed ({why})" in reason for _, reason in kept)
+    count = re.search(r"^kept (\d+) goldens of cases this run did not select \(-v lists them\)$", out, re.M)
+    ran = len(re.findall(r"^PASSED parity_tests/test_golden.py::test_golden\[(?!image-renamed)", out, re.M))
+    assert count and int(count.group(1)) + ran == 18  # every golden of an existing case: run or listed as kept
 
 
 def test_goldens_of_a_refused_case_are_kept_with_the_reason(suite, written, tmp_path) -> None:
@@ -311,6 +314,9 @@ def test_golden_diff_of_two_folders(two_folders, capsys) -> None:
     code, out, _ = golden_diff(capsys, *two_folders)
     assert code == 0
     check_two_folder_diff(out)
+    code, new_only, _ = golden_diff(capsys, "--new-only", *two_folders)
+    assert code == 0 and "only in OLD" not in new_only.replace("only in OLD (not listed)", "")
+    assert new_only.rstrip().endswith("14 identical, 1 changed, 1 added, 1 only in OLD (not listed)")
 
 
 def test_golden_diff_of_one_folder_at_two_git_revisions(two_folders, tmp_path, capsys, monkeypatch) -> None:
