@@ -18,7 +18,7 @@ from .gpu_pinning import pin_xdist_worker_gpu
 pin_xdist_worker_gpu()
 
 from .compare import Comparison  # noqa: E402
-from .snapshots import GoldenCorrupt, golden_extension  # noqa: E402
+from .snapshots import golden_extension  # noqa: E402
 from .suite.cases import PackGroup, ParityCase  # noqa: E402
 from .numerics import pinned_float32  # noqa: E402
 from .suite.settings import resolve_settings  # noqa: E402
@@ -181,15 +181,11 @@ def golden(request: pytest.FixtureRequest, parity: ParitySession, case_result: C
         data = parity.golden_data(case_result, side, updating=bool(request.config.option.update_snapshots))
         folder = parity.golden_folder(side)
         request.node.user_properties.append((FOLDER_PROPERTY, json.dumps(str(folder))))
-        baseline, failures = parity.baseline, []
-        row = None
-        if baseline is not None and baseline.covers(folder):
-            try:
-                row = baseline.compare(data, side, golden_key(request.node.nodeid))
-            except GoldenCorrupt as err:
-                failures.append(f"{data.case}: {err}")
-            else:
-                request.node.user_properties.append(baseline_property(row))
+        failures = []
+        if parity.baseline is not None and parity.baseline.covers(folder):
+            row, failure = parity.baseline.measure(data, side, golden_key(request.node.nodeid))
+            request.node.user_properties.extend([baseline_property(row)] if row else [])
+            failures.extend([failure] if failure else [])
         assertion = snapshot.with_defaults(
             extension_class=golden_extension(folder, force_rewrite=parity.settings.regenerate_goldens)
         )
@@ -198,8 +194,6 @@ def golden(request: pytest.FixtureRequest, parity: ParitySession, case_result: C
             if any(line.startswith("Traceback") for line in lines):  # an error: its message comes first
                 lines = lines[:1]
             failures.insert(0, f"{data.case}: golden in {folder}\n" + "\n".join(lines))
-        if row is not None and not row.passed:
-            failures.append(baseline.failure(row))
         if failures:
             pytest.fail("\n\n".join(failures), pytrace=False)
 

@@ -63,11 +63,18 @@ class Baseline:
         parsed = GoldenFolder.parse(Path(golden_folder).name)
         return parsed is not None and parsed.model_type == self.parsed.model_type
 
-    def failure(self, row: BaselineRow) -> str:
-        """The failure text of a row that did not pass."""
-        return (f"{row.side}/{row.case}: min projected cosine {row.min_cos:.6f} against the baseline golden in "
-                f"{self.folder} is not above --baseline-min-cos={self.min_cos} (mean {row.mean_cos:.6f}, max norm "
-                f"drift {row.max_norm_rel:.3e}; float32 figures)")
+    def measure(self, data: GoldenData, side: str, golden_path: tuple[str, str]) -> tuple[BaselineRow | None, str]:
+        """(row, failure text or ""): `compare`, with a baseline golden that cannot be read, or a cosine not above
+        --baseline-min-cos, as failure text."""
+        try:
+            row = self.compare(data, side, golden_path)
+        except GoldenCorrupt as err:
+            return None, f"{side}/{data.meta.get('case', '')}: {err}"
+        if row.passed:
+            return row, ""
+        return row, (f"{side}/{row.case}: min projected cosine {row.min_cos:.6f} against the baseline golden in "
+                     f"{self.folder} is not above --baseline-min-cos={self.min_cos} (mean {row.mean_cos:.6f}, max "
+                     f"norm drift {row.max_norm_rel:.3e}; float32 figures)")
 
     def compare(self, data: GoldenData, side: str, golden_path: tuple[str, str]) -> BaselineRow:
         """`data` (one case and side of this run) against the baseline golden at <folder>/<module>/<stem>.npz.
