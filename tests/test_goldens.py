@@ -23,6 +23,8 @@ from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA
 from vitparity.cli import main
 from vitparity.loading import weight_files
 from vitparity.provenance_diff import provenance_diff
+from vitparity.snapshots import golden_file_stem
+from vitparity.suite.golden_upkeep import case_of_file, golden_key
 
 from conftest import REPO, golden_files
 
@@ -383,3 +385,15 @@ def test_git_textconv_shows_provenance_and_summary(tmp_path) -> None:
     assert re.search(r"^\+projection sha256 [0-9a-f]{16}$", diff, re.M)
     assert re.search(r"^ norms sha256 [0-9a-f]{16}$", diff, re.M)  # the norms did not change
     assert " tokens 35, feature shape [35, 64], grid 1x5x7, projection [35, 16] float16" in diff
+
+
+def test_golden_files_map_to_their_cases() -> None:
+    """Escaped non-ASCII ids and scaled cases whose id extends another's find their own case; other names none."""
+    cases = ["image-a.jpg", "image-a.jpg@0.5", "image-caf\u00e9.jpg"]
+    stems = {golden_file_stem(case): case for case in cases}
+    module, stem = golden_key("parity_tests/test_golden.py::test_golden[image-caf\\xe9.jpg-hf]")
+    assert module == "test_golden" and case_of_file(stem, stems) == "image-caf\u00e9.jpg"
+    assert case_of_file("test_golden[image-a.jpg@0.5-packing]", stems) == "image-a.jpg@0.5"
+    assert case_of_file("test_golden[image-a.jpg-hf]", stems) == "image-a.jpg"
+    assert case_of_file("test_golden[image-b.jpg-hf]", stems) is None
+    assert case_of_file("test_golden[image-a.jpgx-hf]", stems) is None

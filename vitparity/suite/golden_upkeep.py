@@ -82,6 +82,8 @@ def case_of_file(stem: str, case_stems: dict[str, str]) -> str | None:
 
 def _failure_line(report: pytest.TestReport) -> str:
     """The first line that says why a golden test did not pass."""
+    if isinstance(report.longrepr, tuple):  # a skip: (path, line, message)
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
     crash = getattr(report.longrepr, "reprcrash", None)
     lines = [line.strip() for line in (crash.message if crash else report.longreprtext).splitlines() if line.strip()]
     if len(lines) > 1 and ": golden in " in lines[0]:  # the golden fixture's header: the reason follows
