@@ -18,6 +18,7 @@ from .builtin import builtin_paths
 from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
 from .convert import ConversionError, convert_checkpoint
 from .extract import extract_hf, extract_packing, prepare_sample
+from .golden_diff import describe_golden, diff_golden_sets, format_golden_diff
 from .junit_report import merge_report, read_junit
 from .features_io import HF_FILE, PACKING_FILE, describe_metadata, read_features, seed_features_map, write_features
 from .loading import DTYPES, ModelLoadError, library_versions, missing_cuda_device, read_config, resolve_device_dtype
@@ -93,6 +94,23 @@ def _build_parser() -> argparse.ArgumentParser:
                     "two files, or no test ran.",
     )
     report.add_argument("junit_files", metavar="JUNIT_XML", nargs="+")
+
+    golden_diff = commands.add_parser(
+        "golden-diff", help="what changed between two sets of goldens (folders, or REV:PATH read with git)",
+        description="Per golden: projected cosine and norm drift of NEW against OLD, token count and grid changes, "
+                    "provenance changes; then the goldens only in one of them. Goldens pair by path, the weights' "
+                    "fingerprint left out of the model folder's name. Example: vitparity golden-diff "
+                    "HEAD~1:fixtures/golden fixtures/golden",
+    )
+    golden_diff.add_argument("old", metavar="OLD")
+    golden_diff.add_argument("new", metavar="NEW")
+    golden_diff.add_argument("--new-only", action="store_true",
+                             help="count the goldens only in OLD without listing them (NEW holds what a regeneration wrote)")
+    golden_show = commands.add_parser(
+        "golden-show", help="one golden as text (the git textconv driver of goldens)",
+        description="Provenance, shape, grid, norm statistics and array checksums of one golden .npz.",
+    )
+    golden_show.add_argument("file", metavar="FILE")
     return parser
 
 
@@ -322,6 +340,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return verify_folder(args.features_dir, args.threshold)
         if args.command == "report-junit":
             return run_report_junit(args.junit_files)
+        if args.command == "golden-diff":
+            print(format_golden_diff(diff_golden_sets(args.old, args.new), args.old, args.new,
+                                     new_only=args.new_only))
+            return 0
+        if args.command == "golden-show":
+            print(describe_golden(Path(args.file).read_bytes(), args.file))
+            return 0
         return run_convert(args)
     except (MediaError, ModelLoadError, ConversionError, OSError, ValueError) as err:
         print(f"vitparity: error: {err}", file=sys.stderr)

@@ -23,6 +23,8 @@ from .suite.cases import PackGroup, ParityCase  # noqa: E402
 from .numerics import pinned_float32  # noqa: E402
 from .suite.settings import resolve_settings  # noqa: E402
 from .suite.costs import PROPERTY  # noqa: E402
+from .suite.baseline import BaselineReporter, baseline_property, check_baseline  # noqa: E402
+from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key  # noqa: E402
 from .suite.reporting import FailureWithoutFailedTest, ParityReporter  # noqa: E402
 from .suite.schedule import (  # noqa: E402
     CASE_PARAM, GROUP_PARAM, PackGroupScheduling, build_plan, group_id_of, group_needs, split_items, worker_count,
@@ -52,6 +54,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(numerics.close)
     if settings.regenerate_goldens:
         config.option.update_snapshots = True
+    updating = bool(config.option.update_snapshots)
+    if updating:  # goldens an update did not replace are kept or deleted by GoldenUpkeep, never by syrupy
+        config.option.no_cleanup = True
     dist = getattr(config.option, "dist", "no")
     if dist not in ("no", "load"):
         raise pytest.UsageError(f"--dist={dist}: the suite schedules its pack groups itself; pass only -n")
@@ -61,9 +66,14 @@ def pytest_configure(config: pytest.Config) -> None:
         workers = len(parse_tx_spec_config(config))
     files = preflight(settings)
     session = ParitySession(settings, build_plan(settings, workers, files), files)
+    session.baseline = check_baseline(settings, files)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
     config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")
+    if updating and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(GoldenUpkeep(session), "vitparity-golden-upkeep")
+    if session.baseline is not None and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(BaselineReporter(session.baseline, settings), "vitparity-baseline")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -163,12 +173,19 @@ def layer_trace(parity: ParitySession, record_property):
 def golden(request: pytest.FixtureRequest, parity: ParitySession, case_result: CaseResult, snapshot):
     """`golden(side)` asserts the current case's features of that side's model against its committed golden.
 
-    While goldens are being written (--snapshot-update), a broken pair is refused instead of written.
+    While goldens are being written (--snapshot-update), a broken pair is refused instead of written. With
+    --golden-baseline, the features are also measured against the baseline golden (`vitparity.suite.baseline`).
     """
 
     def check(side: str) -> None:
         data = parity.golden_data(case_result, side, updating=bool(request.config.option.update_snapshots))
         folder = parity.golden_folder(side)
+        request.node.user_properties.append((FOLDER_PROPERTY, json.dumps(str(folder))))
+        failures = []
+        if parity.baseline is not None and parity.baseline.covers(folder):
+            row, failure = parity.baseline.measure(data, side, golden_key(request.node.nodeid))
+            request.node.user_properties.extend([baseline_property(row)] if row else [])
+            failures.extend([failure] if failure else [])
         assertion = snapshot.with_defaults(
             extension_class=golden_extension(folder, force_rewrite=parity.settings.regenerate_goldens)
         )
@@ -176,6 +193,8 @@ def golden(request: pytest.FixtureRequest, parity: ParitySession, case_result: C
             lines = assertion.get_assert_diff()
             if any(line.startswith("Traceback") for line in lines):  # an error: its message comes first
                 lines = lines[:1]
-            pytest.fail(f"{data.case}: golden in {folder}\n" + "\n".join(lines), pytrace=False)
+            failures.insert(0, f"{data.case}: golden in {folder}\n" + "\n".join(lines))
+        if failures:
+            pytest.fail("\n\n".join(failures), pytrace=False)
 
     return check

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 from .compare import cosine_per_token
 from .features_io import temporary_file
+from .provenance_diff import ProvenanceDiff, provenance_diff
 
 PROJECTION_SEED = 20261122
 PROJECTION_DIM = 16
@@ -137,39 +139,62 @@ def load_golden(data: bytes) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 @dataclass(frozen=True)
+class Drift:
+    """How far the reductions of the same tokens moved (float32 figures): projected cosine per token and relative
+    norm difference per token, |a - b| / |b| with b the reference."""
+
+    min_cos: float
+    mean_cos: float
+    worst_token: int
+    max_norm_rel: float
+    mean_norm_rel: float
+    worst_norm_token: int
+
+
+def reduction_drift(proj_a: np.ndarray, norms_a: np.ndarray, proj_b: np.ndarray, norms_b: np.ndarray) -> Drift:
+    """Drift of reduction a from reference b; both (N, k) projections and (N,) norms of the same N > 0 tokens."""
+    cos = cosine_per_token(proj_a.astype(np.float32), proj_b.astype(np.float32))
+    rel = np.abs(norms_a.astype(np.float32) - norms_b) / np.maximum(np.abs(norms_b.astype(np.float32)), 1e-12)
+    return Drift(float(cos.min()), float(cos.mean()), int(cos.argmin()), float(rel.max()), float(rel.mean()),
+                 int(rel.argmax()))
+
+
+@dataclass(frozen=True)
 class GoldenDiff:
-    """Why a golden does not match (empty `problems` when it does)."""
+    """Why a golden does not match (empty `problems` when it does), and how its provenance differs."""
 
     problems: tuple[str, ...]
     min_cos: float = float("nan")
     max_norm_rel: float = float("nan")
+    provenance: ProvenanceDiff | None = None
 
 
 def compare_golden(current: bytes, golden: bytes) -> GoldenDiff:
     """Compare serialised current features with a serialised golden, within the golden dtype's tolerance."""
     proj_a, norms_a, meta_a = load_golden(current)
     proj_b, norms_b, meta_b = load_golden(golden)
+    provenance = provenance_diff(meta_b, meta_a)
     problems = []
     for key in ("feature_shape", "grid_thw", "media_sha256", "dtype", "num_frames", "align"):
         if meta_a.get(key) != meta_b.get(key):
             problems.append(f"{key} differs: current {meta_a.get(key)} vs golden {meta_b.get(key)}")
-    if proj_a.shape != proj_b.shape:
+    if proj_a.shape != proj_b.shape or norms_a.shape != norms_b.shape:
         problems.append(f"reduced shape differs: current {proj_a.shape} vs golden {proj_b.shape}")
-        return GoldenDiff(tuple(problems))
+        return GoldenDiff(tuple(problems), provenance=provenance)
+    if not len(norms_a):
+        problems.append("no tokens to compare")
+        return GoldenDiff(tuple(problems), provenance=provenance)
     if not (np.isfinite(proj_a).all() and np.isfinite(norms_a).all()):
         problems.append("current features contain NaN or Inf")
-        return GoldenDiff(tuple(problems))
+        return GoldenDiff(tuple(problems), provenance=provenance)
     tolerance = GOLDEN_TOLERANCES[meta_b.get("dtype", "float32")]
-    cos = cosine_per_token(proj_a.astype(np.float32), proj_b.astype(np.float32))
-    min_cos = float(cos.min()) if cos.size else float("nan")
-    rel = np.abs(norms_a - norms_b) / np.maximum(np.abs(norms_b), 1e-12)
-    max_rel = float(rel.max()) if rel.size else float("nan")
-    if not min_cos > tolerance.min_cos:
-        worst = int(cos.argmin())
-        problems.append(f"min projected cosine {min_cos:.6f} <= {tolerance.min_cos} (worst token {worst})")
-    if not max_rel <= tolerance.norm_rtol:
-        problems.append(f"max relative norm difference {max_rel:.3e} > {tolerance.norm_rtol} (token {int(rel.argmax())})")
-    return GoldenDiff(tuple(problems), min_cos, max_rel)
+    d = reduction_drift(proj_a, norms_a, proj_b, norms_b)
+    if not d.min_cos > tolerance.min_cos:
+        problems.append(f"min projected cosine {d.min_cos:.6f} <= {tolerance.min_cos} (worst token {d.worst_token})")
+    if not d.max_norm_rel <= tolerance.norm_rtol:
+        problems.append(f"max relative norm difference {d.max_norm_rel:.3e} > {tolerance.norm_rtol} "
+                        f"(token {d.worst_norm_token})")
+    return GoldenDiff(tuple(problems), d.min_cos, d.max_norm_rel, provenance)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -212,12 +237,15 @@ class NpzGoldenExtension(SingleFileSnapshotExtension):
                    '-m "not golden", or write goldens into a folder of your own with --golden-dir=DIR '
                    "--snapshot-update (then pass the same --golden-dir); --snapshot-update alone writes into "
                    "the committed folder")
+            yield from other_model_folders_hint(Path(self.golden_dir))
             return
         try:
             diff = compare_golden(serialized_data, snapshot_data)
         except GoldenCorrupt as err:
             yield str(err)
             return
+        if diff.problems:
+            yield from diff.provenance.lines()
         yield "golden features differ:" if diff.problems else "golden features match within tolerance"
         for problem in diff.problems:
             yield f"  - {problem}"
@@ -237,6 +265,58 @@ def golden_extension(golden_dir: str | Path, *, force_rewrite: bool = False) -> 
     """An extension class writing into `golden_dir` (one folder per model fingerprint and dtype)."""
     name = "NpzGolden_" + hashlib.sha1(str(golden_dir).encode()).hexdigest()[:8]
     return type(name, (NpzGoldenExtension,), {"golden_dir": str(golden_dir), "force_rewrite": force_rewrite})
+
+
+@dataclass(frozen=True)
+class GoldenFolder:
+    """What a golden folder's name says: `<model_type>-<fingerprint[:12]>-<dtype>-<F>of<C>-<align>`, the goldens
+    of one model (weights fingerprint) under every setting that changes its features."""
+
+    model_type: str
+    fingerprint: str
+    dtype: str
+    num_frames: int
+    context: int
+    align: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model_type}-{self.fingerprint}-{self.dtype}-{self.num_frames}of{self.context}-{self.align}"
+
+    @property
+    def settings(self) -> str:
+        """The part of the name that is not the model: `float32-8of64-crop`."""
+        return self.name.removeprefix(f"{self.model_type}-{self.fingerprint}-")
+
+    @classmethod
+    def parse(cls, name: str) -> "GoldenFolder | None":
+        """The parts of a golden folder name; None when `name` is not one."""
+        match = _FOLDER_NAME.fullmatch(name)
+        if match is None:
+            return None
+        return cls(match["type"], match["fp"], match["dtype"], int(match["frames"]), int(match["context"]),
+                   match["align"])
+
+
+_FOLDER_NAME = re.compile(r"(?P<type>.+)-(?P<fp>[0-9a-f]{12})-(?P<dtype>float32|float16|bfloat16)-"
+                          r"(?P<frames>\d+)of(?P<context>\d+)-(?P<align>[a-z_]+)")
+
+
+def other_model_folders_hint(folder: Path) -> list[str]:
+    """Lines naming the golden folders next to `folder` of the same model type (other weights or settings: e.g.
+    the previous release's) and how to measure this model against one; [] when there is none."""
+    parsed = GoldenFolder.parse(folder.name)
+    if parsed is None or not folder.parent.is_dir():
+        return []
+    others = sorted(path.name for path in folder.parent.iterdir() if path.is_dir() and path != folder
+                    and getattr(GoldenFolder.parse(path.name), "model_type", None) == parsed.model_type)
+    if not others:
+        return []
+    same = [name for name in others if name.endswith(f"-{parsed.settings}")]
+    example = folder.parent / (same or others)[0]
+    return [f"golden folders of model type {parsed.model_type} in {folder.parent}: {', '.join(others)}",
+            f"to measure this model against one (e.g. the previous release's), run with --golden-baseline={example} "
+            f"(same dtype, frames and alignment: {parsed.settings})"]
 
 
 def model_fingerprint(folder: str | Path, config: dict) -> str:

@@ -69,6 +69,10 @@ OPTIONS = (
     Option("shard", "work", "run shard K of N (K/N): whole pack groups, disjoint, together the full run"),
     Option("golden_dir", "goldens", "root folder of golden snapshots", "fixtures/golden"),
     Option("regenerate_goldens", "goldens", "rewrite every selected golden (implies --snapshot-update)", flag=True),
+    Option("golden_baseline", "goldens", "a previous release's golden folder (<model_type>-<fingerprint>-<dtype>-"
+           "<F>of<C>-<align>): report each case's drift against it"),
+    Option("baseline_min_cos", "goldens", "fail a case whose min projected cosine against --golden-baseline is not "
+           "above this (default: report only)"),
     Option("report_dir", "report", "folder for heat maps of failing cases", "parity-report"),
     Option("scales", "cases", "comma-separated fractions of the native size, each a case of every image and video "
            "(1 = native; e.g. 1,0.5)", "1"),

@@ -26,7 +26,8 @@ from ..media import Media, MediaError, decoder_record, load_media
 from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
 from ..pair import SIDES, ModelPair, PairFiles, SideLoadError, preflight_pair
 from ..report import format_report, write_cosine_heatmap
-from ..snapshots import GoldenData, file_sha256, model_fingerprint, reduce_features
+from ..snapshots import GoldenData, GoldenFolder, file_sha256, model_fingerprint, reduce_features
+from .baseline import Baseline
 from .cases import PackGroup, ParityCase
 from .settings import Settings
 from .costs import Cost
@@ -89,6 +90,7 @@ class ParitySession:
         self._model_error: tuple[str | None, str] | None = None  # (the side that failed, or None: both), message
         self._attention_error: str | None = None
         self._golden_folders: dict[str, Path] = {}
+        self.baseline: Baseline | None = None  # --golden-baseline, checked (set by the plugin)
         self._current: GroupResult | None = None
 
     # models
@@ -324,9 +326,9 @@ class ParitySession:
             config = loaded.model.config.to_dict()
             fingerprint = model_fingerprint(loaded.path, config)
             context = self.pair().temporal_context or s.num_frames
-            self._golden_folders[side] = s.golden_dir / (
-                f"{config['model_type']}-{fingerprint[:12]}-{s.dtype}-{s.num_frames}of{context}-{s.align}"
-            )
+            self._golden_folders[side] = s.golden_dir / GoldenFolder(
+                config["model_type"], fingerprint[:12], s.dtype, s.num_frames, context, s.align
+            ).name
         return self._golden_folders[side]
 
     def golden_data(self, result: CaseResult, side: str, *, updating: bool) -> GoldenData:
@@ -347,6 +349,7 @@ class ParitySession:
             "model": provenance["models"][side], "normalization": provenance["normalization"],
             "config_warnings": provenance["config_warnings"], "tf32": provenance["tf32"],
             "restored_buffers": provenance["restored_buffers"][side],
+            "attention": self.cost.attention,
         }
         return GoldenData.from_reduction(projection, norms, shape, meta, refusal=refusal,
                                          case=f"{side}/{result.case.id}")

@@ -47,6 +47,8 @@ class Settings:
     # How the user gave each option (flag, variable or ini key), for messages about its value; default: the flag.
     labels: dict[str, str] = field(default_factory=lambda: {option.name: option.cli for option in OPTIONS})
     strict_buffers: bool = False
+    golden_baseline: Path | None = None  # a previous release's golden folder (vitparity.suite.baseline)
+    baseline_min_cos: float | None = None  # None: the baseline drift is only reported
 
     @property
     def torch_dtype(self):
@@ -142,7 +144,25 @@ def resolve_settings(config: pytest.Config) -> Settings:
                                  f"on {device} in {dtype}"),
         labels={name: value.label for name, value in raw.items()},
         strict_buffers=raw["strict_buffers"].value,
+        golden_baseline=path("golden_baseline"),
+        baseline_min_cos=_baseline_min_cos(raw, bad),
     )
+
+
+def _baseline_min_cos(raw: dict[str, RawValue], bad) -> float | None:
+    """--baseline-min-cos: a cosine in [-1, 1), only with --golden-baseline."""
+    value = raw["baseline_min_cos"].value
+    if value is None:
+        return None
+    if not raw["golden_baseline"].value:
+        raise bad("baseline_min_cos", "needs --golden-baseline (the folder to measure against)")
+    try:
+        number = float(value)
+    except ValueError:
+        raise bad("baseline_min_cos", "not a number") from None
+    if not -1.0 <= number < 1.0:
+        raise bad("baseline_min_cos", "a cosine limit must be in [-1, 1)")
+    return number
 
 
 def _scales(text: str, bad) -> tuple[float, ...]:

@@ -1,0 +1,399 @@
+"""Goldens across machines and releases: updates keep what they cannot replace, a failing golden says how its
+provenance differs, drift against a previous release's goldens, and goldens a reviewer can read."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA
+from vitparity.cli import main
+from vitparity.loading import weight_files
+from vitparity.provenance_diff import provenance_diff
+from vitparity.snapshots import golden_file_stem
+from vitparity.suite.golden_upkeep import case_of_file, golden_key
+
+from conftest import REPO, golden_files
+
+HF_F32 = "onevision_encoder-41bbf9a8a5e4-float32-8of64-crop"
+PACKING_F32 = "onevision_encoder_packing-0a8da2050499-float32-8of64-crop"
+
+
+def rewrite_golden(path: Path, *, versions: dict | None = None, flip_tokens: int = 0, meta: dict | None = None) -> None:
+    """Edit a golden in place: recorded library versions, other meta fields, the sign of its first tokens."""
+    with np.load(path) as archive:
+        arrays = dict(archive)
+    record = json.loads(arrays["meta"].tobytes().decode("utf-8"))
+    record["versions"] = {**record["versions"], **(versions or {})}
+    record.update(meta or {})
+    arrays["meta"] = np.frombuffer(json.dumps(record, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+    arrays["projection"][:flip_tokens] = -arrays["projection"][:flip_tokens]
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.write_bytes(buffer.getvalue())
+
+
+# -- updates never delete what they cannot replace
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> Path:
+    """Goldens of the built-in cases plus one extra image (good.jpg) and one H.264 video (clip.mp4), written by an
+    update in a process of its own; the media folder is <returned>/M, the goldens <returned>/G."""
+    root = tmp_path_factory.mktemp("written")
+    (root / "M").mkdir()
+    shutil.copy(BUILTIN_MEDIA / "coffee_small.jpg", root / "M" / "good.jpg")
+    shutil.copy(BUILTIN_MEDIA / "chelsea_pan.mp4", root / "M" / "clip.mp4")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST_", "VITPARITY_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--device=cpu", "parity_tests/test_golden.py",
+         "--snapshot-update", f"--golden-dir={root / 'G'}", f"--media={root / 'M'}", f"--report-dir={root / 'report'}"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert len(golden_files(root / "G")) == 20
+    return root
+
+
+def clip_and_good(files: dict[str, bytes], name: str) -> dict[str, bytes]:
+    return {path: data for path, data in files.items() if f"[{name}-" in path}
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "n2"])
+@pytest.mark.parametrize("flag", ["--snapshot-update", "--regenerate-goldens"])
+def test_update_keeps_goldens_of_an_erroring_case_and_deletes_only_removed_media(suite, written, tmp_path, flag,
+                                                                                  workers) -> None:
+    media, goldens = Path(shutil.copytree(written / "M", tmp_path / "M")), tmp_path / "G"
+    shutil.copytree(written / "G", goldens)
+    before = golden_files(goldens)
+    (media / "clip.mp4").write_bytes(np.random.default_rng(0).bytes(20_000))  # a half-synced file
+    (media / "good.jpg").rename(media / "renamed.jpg")  # a removed media file
+    result = suite.run("parity_tests/test_golden.py", flag, f"--golden-dir={goldens}", f"--media={media}", *workers)
+    out = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, out[-3000:]
+    after = golden_files(goldens)
+    clip = clip_and_good(before, "video-clip.mp4")
+    assert len(clip) == 2 and clip_and_good(after, "video-clip.mp4") == clip  # kept, byte for byte
+    assert not clip_and_good(after, "image-good.jpg") and len(clip_and_good(after, "image-renamed.jpg")) == 2
+    deleted = re.findall(r"^deleted (\S+): (.*)$", out, re.M)
+    assert sorted(Path(path).name for path, _ in deleted) == [
+        "test_golden[image-good.jpg-hf].npz", "test_golden[image-good.jpg-packing].npz"]
+    assert all(reason == "no media file of this collection gives its case" for _, reason in deleted)
+    kept = re.findall(r"^kept (\S+): (.*)$", out, re.M)
+    assert sorted(Path(path).name for path, _ in kept) == [
+        "test_golden[video-clip.mp4-hf].npz", "test_golden[video-clip.mp4-packing].npz"]
+    assert all(reason.startswith("errored: video-clip.mp4: ") and "clip.mp4" in reason for _, reason in kept)
+    assert "update incomplete: 1 case(s) errored, their goldens were kept, not replaced: video-clip.mp4" in out
+    assert "unused snapshots deleted" not in out and "unused snapshot deleted" not in out
+
+
+@pytest.mark.parametrize("narrowing, why", [(["-k", "coffee_small"], "-k 'coffee_small'"), (["--shard=1/2", "--pack-tokens=2000"], "--shard")])
+def test_a_narrowed_update_deletes_nothing_and_says_why(suite, written, tmp_path, narrowing, why) -> None:
+    media, goldens = Path(shutil.copytree(written / "M", tmp_path / "M")), tmp_path / "G"
+    shutil.copytree(written / "G", goldens)
+    (media / "good.jpg").rename(media / "renamed.jpg")
+    before = golden_files(goldens)
+    result = suite.run("parity_tests/test_golden.py", "--snapshot-update", *narrowing, f"--golden-dir={goldens}",
+                       f"--media={media}", "-rA")
+    out = result.stdout.str()
+    assert result.ret == 0, out[-3000:]
+    assert {k: v for k, v in golden_files(goldens).items() if "renamed" not in k} == before and "deleted" not in out
+    kept = re.findall(r"^kept (\S+): (.*)$", out, re.M)
+    assert sorted(Path(path).name for path, _ in kept) == [
+        "test_golden[image-good.jpg-hf].npz", "test_golden[image-good.jpg-packing].npz"]
+    assert all(f"kept because the run is narrowed ({why})" in reason for _, reason in kept)
+    count = re.search(r"^kept (\d+) goldens of cases this run did not select \(-v lists them\)$", out, re.M)
+    ran = len(re.findall(r"^PASSED parity_tests/test_golden.py::test_golden\[(?!image-renamed)", out, re.M))
+    assert count and int(count.group(1)) + ran == 18  # every golden of an existing case: run or listed as kept
+
+
+def test_goldens_of_a_refused_case_are_kept_with_the_reason(suite, written, tmp_path) -> None:
+    """A case whose parity fails (a threshold no pair meets) is refused: its goldens keep their bytes, and the
+    summary says why."""
+    goldens = tmp_path / "G"
+    shutil.copytree(written / "G", goldens)
+    before = golden_files(goldens)
+    result = suite.run("parity_tests/test_golden.py", "--snapshot-update", "--threshold=0.9999999",
+                       f"--golden-dir={goldens}", f"--media={written / 'M'}", "-k", "astronaut_pan")
+    out = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert golden_files(goldens) == before
+    kept = re.findall(r"^kept (\S+): (.*)$", out, re.M)
+    assert sorted(Path(path).name for path, _ in kept) == [
+        "test_golden[video-astronaut_pan.mp4-hf].npz", "test_golden[video-astronaut_pan.mp4-packing].npz"]
+    assert all(reason.startswith("refused: ") and "parity fails" in reason for _, reason in kept)
+
+
+# -- a failing golden says what changed
+
+
+def test_a_golden_written_with_another_opencv_names_the_change(suite) -> None:
+    target = suite.golden_root / HF_F32 / "test_golden" / "test_golden[image-coffee_small.jpg-hf].npz"
+    rewrite_golden(target, versions={"opencv": "4.10.0"}, flip_tokens=3)  # as if decoded pixels had differed
+    result = suite.run("-k", "golden and coffee_small", "--junitxml=junit.xml")
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    line = f"only the environment differs: written with opencv 4.10.0, this run {cv2.__version__}: decoded pixels may differ"
+    assert line in out
+    assert f"versions.opencv: 4.10.0 -> {cv2.__version__}" in out
+    assert out.index(line) < out.index("golden features differ:") < out.index("min projected cosine")
+    failure = ET.parse(suite.path / "junit.xml").getroot().find(".//testcase/failure")
+    assert line in failure.get("message") + (failure.text or "")
+
+
+def test_a_golden_of_other_media_is_not_blamed_on_the_environment(suite) -> None:
+    target = suite.golden_root / HF_F32 / "test_golden" / "test_golden[image-coffee_small.jpg-hf].npz"
+    rewrite_golden(target, versions={"opencv": "4.10.0"}, meta={"media_sha256": "0" * 64}, flip_tokens=3)
+    out = suite.run("-k", "golden and coffee_small and hf").stdout.str()
+    assert "provenance differs (golden -> this run):" in out and "media_sha256: 0000000000000000..." in out
+    assert "only the environment differs" not in out
+
+
+def test_provenance_diff_rules() -> None:
+    old = {"case": "a", "grid_thw": [1, 2, 2], "versions": {"opencv": "5.0.0", "torch": "2.4"}, "device": "cpu",
+           "normalization": {"mean": [0.5]}}
+    new = {"case": "b", "grid_thw": [1, 3, 3], "versions": {"cv2": "4.10.0", "torch": "2.5"}, "device": "cpu",
+           "normalization": {"mean": [0.5]}, "decoder": {"ffmpeg": "7"}}
+    diff = provenance_diff(old, new)
+    assert [key for key, _, _ in diff.changed] == ["versions.opencv", "versions.torch"]  # case keys left out
+    assert diff.only_new == ("decoder.ffmpeg",) and diff.environment_only
+    assert diff.likely_cause() == "written with opencv 5.0.0, this run 4.10.0: decoded pixels may differ"
+    torch_only = provenance_diff({**old, "versions": {"torch": "2.4"}}, {**old, "versions": {"torch": "2.5"}})
+    assert torch_only.likely_cause() == "written with torch 2.4, this run 2.5: kernels and their rounding may differ"
+    inputs = provenance_diff(old, {**new, "normalization": {"mean": [0.4]}})
+    assert not inputs.environment_only and inputs.likely_cause() is None
+    assert "  normalization.mean: [0.5] -> [0.4]" in inputs.lines()
+    assert provenance_diff(old, old).lines() == []
+
+
+# -- drift against a previous release's goldens
+
+
+@pytest.fixture(scope="module")
+def noisy_hf(tmp_path_factory) -> Path:
+    """The built-in non-packing checkpoint with 1e-3 relative Gaussian noise on every weight (a re-trained release)."""
+    folder = tmp_path_factory.mktemp("noisy") / "tiny-onevision-encoder"
+    shutil.copytree(BUILTIN_HF, folder)
+    generator = torch.Generator().manual_seed(0)
+    for path in weight_files(folder):
+        tensors = load_file(path)
+        for key, value in tensors.items():
+            if value.is_floating_point():
+                tensors[key] = value * (1 + 1e-3 * torch.randn(value.shape, generator=generator, dtype=value.dtype))
+        save_file(tensors, path, metadata={"format": "pt"})
+    return folder
+
+
+BASELINE_ROW = re.compile(r"^((?:image|video)-\S+)\s+(hf|packing)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(.+)$", re.M)
+
+
+def baseline_rows(out: str) -> dict[str, tuple]:
+    section = out.split("vitparity baseline drift", 1)[1]
+    return {m.group(1): (m.group(2), int(m.group(3)), float(m.group(4)), float(m.group(5)), float(m.group(6)),
+                         m.group(8).strip()) for m in BASELINE_ROW.finditer(section)}
+
+
+def test_baseline_reports_the_drift_of_a_noisy_release(suite, noisy_hf) -> None:
+    baseline = suite.golden_root / HF_F32
+    result = suite.run("-m", "golden", "-k", "hf", f"--hf-model={noisy_hf}", f"--golden-baseline={baseline}",
+                       "--junitxml=junit.xml")
+    out = result.stdout.str()
+    assert result.ret == 1 and "no golden for this case and model" in out  # a new fingerprint: no golden yet
+    assert f"to measure this model against one (e.g. the previous release's), run with --golden-baseline={baseline}" in out
+    rows = baseline_rows(out)
+    assert len(rows) == 8
+    for case, (side, tokens, min_cos, mean_cos, max_norm, verdict) in rows.items():
+        assert side == "hf" and verdict == "report only"
+        assert 0.99 < min_cos < 0.99999 and min_cos <= mean_cos < 1.0 and 1e-4 < max_norm < 5e-2, (case, rows[case])
+    properties = [json.loads(p.get("value")) for p in
+                  ET.parse(suite.path / "junit.xml").getroot().iter("property") if p.get("name") == "vitparity_baseline"]
+    assert sorted(p["case"] for p in properties) == sorted(rows)
+    assert all(abs(p["min_cos"] - rows[p["case"]][2]) < 1e-6 for p in properties)
+
+    limited = suite.run("-m", "golden", "-k", "hf and coffee_small", f"--hf-model={noisy_hf}",
+                        f"--golden-baseline={baseline}", "--baseline-min-cos=0.99999")
+    assert "is not above --baseline-min-cos=0.99999" in limited.stdout.str()
+    assert "FAIL (min cos > 0.99999)" in limited.stdout.str()
+
+
+def test_baseline_of_the_same_weights_under_another_folder_reports_cosine_one(suite, tmp_path) -> None:
+    same = Path(shutil.copytree(BUILTIN_HF, tmp_path / "release-copy"))
+    result = suite.run("-m", "golden", "-k", "hf", f"--hf-model={same}",
+                       f"--golden-baseline={suite.golden_root / HF_F32}", "--baseline-min-cos=0.999999")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    rows = baseline_rows(result.stdout.str())
+    assert len(rows) == 8
+    # cosine 1.0 to the 6 decimals printed; norms within float32 rounding of the machine that wrote the goldens
+    assert all(row[2] == 1.0 and row[3] == 1.0 and row[4] < 1e-5 for row in rows.values()), rows
+    assert all(row[5] == "PASS (min cos > 0.999999)" for row in rows.values())
+
+
+@pytest.mark.parametrize("folder, args, words", [
+    ("siglip-0123456789ab-float32-8of64-crop", [],
+     "model type siglip, this pair's models are onevision_encoder and onevision_encoder_packing"),
+    ("onevision_encoder-41bbf9a8a5e4-bfloat16-8of64-crop", [], "dtype bfloat16, this run float32"),
+    (HF_F32, ["--num-frames=4"], "frame protocol 8of64, this run 4of64"),
+    (HF_F32, ["--align=pad"], "align crop, this run pad"),
+    ("release-1", [], "not a golden folder"),
+])
+def test_a_baseline_made_another_way_is_a_usage_error(suite, tmp_path, folder, args, words) -> None:
+    path = tmp_path / folder
+    path.mkdir()
+    result = suite.run(f"--golden-baseline={path}", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert f"--golden-baseline={path}: {words}" in result.stderr.str()
+
+
+def test_baseline_min_cos_needs_a_baseline(suite) -> None:
+    result = suite.run("--baseline-min-cos=0.99")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--baseline-min-cos=0.99: needs --golden-baseline" in result.stderr.str()
+
+
+def test_a_corrupt_baseline_golden_is_an_error_naming_the_file(suite, tmp_path) -> None:
+    baseline = Path(shutil.copytree(suite.golden_root / HF_F32, tmp_path / HF_F32))
+    target = baseline / "test_golden" / "test_golden[image-coffee_small.jpg-hf].npz"
+    target.write_bytes(b"PK\x03\x04 not a zip")
+    result = suite.run("-m", "golden", "-k", "coffee_small", f"--golden-baseline={baseline}")
+    result.assert_outcomes(passed=1, failed=1)
+    assert f"baseline golden {target}: golden file is not a readable vitparity npz" in result.stdout.str()
+
+
+# -- goldens a reviewer can read
+
+
+@pytest.fixture
+def two_folders(tmp_path) -> tuple[Path, Path]:
+    """OLD: the committed float32 goldens. NEW: the hf model's goldens under another fingerprint (a new release),
+    one of them changed (three tokens flipped, written with another OpenCV), one removed, one added."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder in (HF_F32, PACKING_F32):
+        shutil.copytree(REPO / "fixtures" / "golden" / folder, old / folder)
+        shutil.copytree(REPO / "fixtures" / "golden" / folder, new / folder.replace("41bbf9a8a5e4", "feedfacecafe"))
+    hf = new / HF_F32.replace("41bbf9a8a5e4", "feedfacecafe") / "test_golden"
+    rewrite_golden(hf / "test_golden[image-coffee_small.jpg-hf].npz", versions={"opencv": "4.10.0"}, flip_tokens=3)
+    (hf / "test_golden[video-rocket_tilt.mp4-hf].npz").unlink()
+    shutil.copy(hf / "test_golden[image-astronaut.jpg-hf].npz", hf / "test_golden[image-added.jpg-hf].npz")
+    return old, new
+
+
+def golden_diff(capsys, *args) -> tuple[int, str, str]:
+    code = main(["golden-diff", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_two_folder_diff(out: str) -> None:
+    key = "onevision_encoder-*-float32-8of64-crop/test_golden/test_golden[image-coffee_small.jpg-hf].npz"
+    block = out.split(key + "\n", 1)[1].split("\nonevision", 1)[0].splitlines()
+    figures = re.fullmatch(r"  tokens 35, grid 1x5x7; cos min (\S+) \(token (\d+)\) mean (\S+); "
+                           r"norm drift max (\S+) \(token \d+\) mean (\S+)", block[0])
+    assert figures and float(figures.group(1)) < -0.99 and int(figures.group(2)) < 3  # a flipped token is the worst
+    assert 0.5 < float(figures.group(3)) < 1 and float(figures.group(4)) == float(figures.group(5)) == 0.0
+    assert block[1:4] == ["  only the environment differs: OLD opencv 5.0.0, NEW 4.10.0: decoded pixels may differ",
+                         "  provenance differs (OLD -> NEW):", "    versions.opencv: 5.0.0 -> 4.10.0"]
+    assert f"only in OLD: {HF_F32}/test_golden/test_golden[video-rocket_tilt.mp4-hf].npz" in out
+    new_folder = HF_F32.replace("41bbf9a8a5e4", "feedfacecafe")
+    assert f"only in NEW: {new_folder}/test_golden/test_golden[image-added.jpg-hf].npz" in out
+    assert out.rstrip().endswith("14 identical, 1 changed, 1 added, 1 removed")
+
+
+def test_golden_diff_of_two_folders(two_folders, capsys) -> None:
+    code, out, _ = golden_diff(capsys, *two_folders)
+    assert code == 0
+    check_two_folder_diff(out)
+    code, new_only, _ = golden_diff(capsys, "--new-only", *two_folders)
+    assert code == 0 and "only in OLD" not in new_only.replace("only in OLD (not listed)", "")
+    assert new_only.rstrip().endswith("14 identical, 1 changed, 1 added, 1 only in OLD (not listed)")
+
+
+def test_golden_diff_of_one_folder_at_two_git_revisions(two_folders, tmp_path, capsys, monkeypatch) -> None:
+    old, new = two_folders
+    repo = git_repo(tmp_path / "repo", old, new)
+    monkeypatch.chdir(repo)
+    code, out, _ = golden_diff(capsys, "HEAD~1:golden", "HEAD:golden")
+    assert code == 0
+    check_two_folder_diff(out)
+
+
+def git_repo(path: Path, *states: Path) -> Path:
+    """A git repository whose folder `golden` holds each of `states` in one commit."""
+    path.mkdir()
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "tests@example.org")
+    git("config", "user.name", "tests")
+    for index, state in enumerate(states):
+        shutil.rmtree(path / "golden", ignore_errors=True)
+        shutil.copytree(state, path / "golden")
+        git("add", "-A")
+        git("commit", "-q", "-m", f"state {index}")
+    return path
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("corrupt", "not a readable vitparity npz"),
+    ("missing", "no such folder"),
+])
+def test_golden_diff_bad_input_is_an_error_naming_it(two_folders, capsys, damage, words) -> None:
+    old, new = two_folders
+    target = next(new.rglob("test_golden[[]image-chelsea_cat.png-hf].npz"))
+    if damage == "corrupt":
+        target.write_bytes(b"\x00" * 100)
+    else:
+        new = new / "nowhere"
+    code, out, err = golden_diff(capsys, old, new)
+    assert code == 2 and not out
+    named = target if damage == "corrupt" else new
+    assert err.startswith(f"vitparity: error: {named}: ") and words in err
+
+
+def test_git_textconv_shows_provenance_and_summary(tmp_path) -> None:
+    """`git diff` of a golden whose tokens and recorded OpenCV changed, with the documented attribute and config."""
+    old = tmp_path / "old"
+    shutil.copytree(REPO / "fixtures" / "golden" / HF_F32, old / HF_F32)
+    new = Path(shutil.copytree(old, tmp_path / "new"))
+    name = f"{HF_F32}/test_golden/test_golden[image-coffee_small.jpg-hf].npz"
+    rewrite_golden(new / name, versions={"opencv": "4.10.0"}, flip_tokens=3)
+    repo = git_repo(tmp_path / "repo", old, new)
+    (repo / ".gitattributes").write_text((REPO / ".gitattributes").read_text().replace("fixtures/golden/", "golden/"))
+    subprocess.run(["git", "config", "diff.vitparity-golden.textconv", f"{sys.executable} -m vitparity golden-show"],
+                   cwd=repo, check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    diff = subprocess.run(["git", "diff", "HEAD~1", "HEAD"], cwd=repo, env=env, capture_output=True, text=True,
+                          check=True).stdout
+    assert "Binary files" not in diff and f"golden/{name}" in diff
+    assert "-  versions.opencv: 5.0.0" in diff and "+  versions.opencv: 4.10.0" in diff
+    assert re.search(r"^-projection sha256 [0-9a-f]{16}$", diff, re.M)
+    assert re.search(r"^\+projection sha256 [0-9a-f]{16}$", diff, re.M)
+    assert re.search(r"^ norms sha256 [0-9a-f]{16}$", diff, re.M)  # the norms did not change
+    assert " tokens 35, feature shape [35, 64], grid 1x5x7, projection [35, 16] float16" in diff
+
+
+def test_golden_files_map_to_their_cases() -> None:
+    """Escaped non-ASCII ids and scaled cases whose id extends another's find their own case; other names none."""
+    cases = ["image-a.jpg", "image-a.jpg@0.5", "image-caf\u00e9.jpg"]
+    stems = {golden_file_stem(case): case for case in cases}
+    module, stem = golden_key("parity_tests/test_golden.py::test_golden[image-caf\\xe9.jpg-hf]")
+    assert module == "test_golden" and case_of_file(stem, stems) == "image-caf\u00e9.jpg"
+    assert case_of_file("test_golden[image-a.jpg@0.5-packing]", stems) == "image-a.jpg@0.5"
+    assert case_of_file("test_golden[image-a.jpg-hf]", stems) == "image-a.jpg"
+    assert case_of_file("test_golden[image-b.jpg-hf]", stems) is None
+    assert case_of_file("test_golden[image-a.jpgx-hf]", stems) is None
