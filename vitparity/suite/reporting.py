@@ -92,8 +92,11 @@ class ParityReporter:
         terminalreporter.write_line(
             f"{shard}{len(plan.groups)} of {len(plan.all_groups)} pack groups (budget {s.pack_tokens} tokens), "
             f"{sum(len(g.cases) for g in plan.groups)} cases; determinism {s.determinism}: "
-            f"{len(plan.determinism)} cases re-run"
+            f"{len(plan.determinism)} cases re-run; companions {s.companions}: {len(plan.companions)} groups with a swap"
         )
+        for reason, names in self.session.left_out.items():
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+            terminalreporter.write_line(f"not run by the plan ({reason}): {shown}")
         for worker, cost in sorted(self.costs.items()):
             terminalreporter.write_line(f"{worker}: {cost_line(cost)}; {cost_details(cost)}")
             for group in cost["over_budget"]:
