@@ -1,7 +1,7 @@
 """Options and the order of sections: `python -m bench [SECTION ...] [options]`.
 
 Sections: forward, early-exit, cross-parity, attention, rope, variants, overhead, suite, scale, suite-scale,
-sharp-parity, decode. Without section names: every section but scale, suite-scale and decode. `--small` uses the tiny config and inputs (CPU,
+suite-plan, sharp-parity, decode. Without section names: every section but scale, suite-scale, suite-plan and decode. `--small` uses the tiny config and inputs (CPU,
 seconds). Figures are printed and, with --json, written to a file.
 """
 
@@ -19,12 +19,12 @@ from vitparity.loading import DTYPES
 from vitparity.models import OneVisionEncoderConfig
 
 from .common import DEFAULT_FLOOR_TFLOPS, log, machine_info, sync
-from .sections import decode, early_exit, forward, kernels, overhead, suite_run, suite_scale
+from .sections import decode, early_exit, forward, kernels, overhead, suite_plan, suite_run, suite_scale
 from .workloads import CASES, CONFIGS, REAL_CASES, SMALL_CASES, SUITE_FILES, build_models
 
 SECTIONS = ("forward", "early-exit", "cross-parity", "attention", "rope", "variants", "overhead", "suite", "scale",
-            "suite-scale", "sharp-parity", "decode")
-DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("scale", "suite-scale", "decode"))
+            "suite-scale", "suite-plan", "sharp-parity", "decode")
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("scale", "suite-scale", "suite-plan", "decode"))
 NEEDS_MODELS = {"forward", "early-exit", "cross-parity", "variants", "overhead", "suite", "scale"}
 
 
@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
                    help="xdist worker counts run at the largest count (default 2 4; --small 2)")
     p.add_argument("--suite-scale-pack-tokens", type=int, default=None,
                    help="--pack-tokens of the runs under xdist (and their serial reference); default the suite's")
+    p.add_argument("--suite-scale-args", default="", metavar="ARGS",
+                   help="suite options added to every suite-scale run, e.g. '--determinism=sample --companions=sample'")
     p.add_argument("--suite-timeout", type=float, default=900, help="seconds per suite process")
     p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and media (default: a temp dir)")
@@ -143,12 +145,13 @@ def run(opts: argparse.Namespace, workdir: Path) -> dict:
             files=[(f"scalevid_{i:03d}.mp4", 8, height, width) for i in range(opts.scale_videos)],
             select="scalevid_ and test_parity", runs=("warm",)),
         "suite-scale": lambda: suite_scale.run_suite_scale(opts, workdir, results),
+        "suite-plan": lambda: suite_plan.run_suite_plan(opts, workdir, results),
         "sharp-parity": lambda: forward.run_sharp_parity(opts, results),
         "decode": lambda: decode.run_decode(opts, workdir / "decode", results),
     }
     for name in opts.sections:
         t0 = time.perf_counter()
-        if name in ("suite", "scale", "suite-scale", "decode"):
+        if name in ("suite", "scale", "suite-scale", "suite-plan", "decode"):
             steps[name]()
         else:
             with torch.inference_mode():
