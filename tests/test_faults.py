@@ -89,9 +89,9 @@ def test_suite_verdict_on_variant(variant, dtype, plan, request, pytester, tmp_p
         print("failed: " + " ".join(detection.failed))
         print(f"heat maps written: {len(heat_maps)}")
     if out_dir:
-        folder = Path(out_dir) if plan == "cpu-plan" else Path(out_dir) / plan  # one table per plan
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{variant.name}-{dtype}.json").write_text(detection.to_json() + "\n")
+        records = Path(out_dir) if plan == "cpu-plan" else Path(out_dir) / plan  # one table per plan
+        records.mkdir(parents=True, exist_ok=True)
+        (records / f"{variant.name}-{dtype}.json").write_text(detection.to_json() + "\n")
 
     assert _tree(golden_copy) == goldens_before, "a suite run wrote into the golden folder"
     assert detection.ran, f"the suite did not run (exit {result.ret}):\n{result.stdout.str()[-4000:]}"
