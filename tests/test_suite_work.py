@@ -226,3 +226,17 @@ def test_gpu_plan_fails_the_probe_on_a_leak_and_stops_leaning_on_the_pack(suite,
     assert "FAIL: features changed by up to" in result.stdout.str()
     forwards = junit_forwards(suite.path / "leak.xml")
     assert {forwards[name] for name in forwards if name.startswith("test_parity[")} == {"hf alone vs packing alone"}
+
+
+def test_gpu_plan_under_xdist_probes_once_per_worker(suite) -> None:
+    """Each worker has its own probe and determinism sample; no forward runs twice, and the controller's summary
+    lists what the plan left out."""
+    result = suite.run(*GPU_PLAN, SMALL_BUDGET, "-m", "not golden", "-n", "2")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    out = result.stdout.str()
+    assert "companions sample: 2 groups with a swap" in out and "determinism sample: 4 cases re-run" in out
+    assert "not run by the plan (--companions=sample: packing features come from the pack" in out
+    hf_forwards, _, packing_forwards, *_ = run_total(out)
+    groups = int(re.search(r"(\d+) of \1 pack groups", out).group(1))
+    assert hf_forwards == 8 + 4  # each case once, the four sampled cases once more
+    assert packing_forwards == groups + 2 * 2  # each group's pack, each probe's two forwards (no group of two)

@@ -56,6 +56,7 @@ class Cost:
 PROPERTY = "vitparity"  # user property of a test: one Comparison row (JSON)
 FORWARDS_PROPERTY = "vitparity_forwards"  # user property of a test: the forwards it compared
 COST_KEY = "vitparity_cost"  # xdist workeroutput: this worker's Cost (JSON)
+LEFT_OUT_KEY = "vitparity_left_out"  # xdist workeroutput: why the plan deselected tests (JSON: reason -> names)
 WARNINGS_KEY = "vitparity_config_warnings"  # xdist workeroutput and JUnit property: config differences (JSON list)
 
 

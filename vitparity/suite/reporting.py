@@ -9,7 +9,7 @@ import pytest
 
 from ..compare import comparison_from_row
 from ..report import format_table
-from .costs import COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
+from .costs import COST_KEY, LEFT_OUT_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
 from .session import ParitySession
 
 class ParityReporter:
@@ -28,6 +28,8 @@ class ParityReporter:
     def pytest_testnodedown(self, node, error) -> None:
         """Under xdist, on the controller: a worker's cost as it shuts down."""
         output = getattr(node, "workeroutput", {})
+        if not self.session.left_out:  # every worker collects and selects alike; the controller collects nothing
+            self.session.left_out = json.loads(output.get(LEFT_OUT_KEY, "{}"))
         if output.get(COST_KEY):
             self.costs[node.gateway.id] = json.loads(output[COST_KEY])
         self._add_warnings(json.loads(output.get(WARNINGS_KEY, "[]")))
@@ -45,6 +47,7 @@ class ParityReporter:
         workeroutput = getattr(session.config, "workeroutput", None)
         if workeroutput is not None:
             workeroutput[WARNINGS_KEY] = json.dumps(warnings)
+            workeroutput[LEFT_OUT_KEY] = json.dumps(self.session.left_out)
         else:
             self._add_warnings(warnings)
         if any(cost.forwards.values()) or any(cost.loads.values()):
