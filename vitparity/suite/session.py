@@ -5,9 +5,10 @@ A pack group is computed in one go when its first test asks for it: its packed f
 swap, each needed case's forwards, the determinism re-runs the policy asks for, and from them only what the tests
 read (comparisons, swap verdicts, golden reductions, determinism verdicts). Each case's hf features come from a
 forward alone; its packing features from a forward alone, or, under --companions=sample once a swap of this
-process has shown bit for bit that neighbours leave a sample untouched, from its pack (no second packing forward). Features are dropped as soon
-as they are compared, and the group's results after its last test, so memory does not grow with the number of
-cases. Only a failing test pays for more: its per-layer trace decodes its cases again (vitparity.suite.tracing).
+process has shown bit for bit that neighbours leave a sample untouched, from its pack (no second packing
+forward). Features are dropped as soon as they are compared, and the group's results after its last test, so
+memory does not grow with the number of cases. Only a failing test pays for more: its per-layer trace decodes its
+cases again (vitparity.suite.tracing).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class ParitySession:
         self._attention_error: str | None = None
         self._golden_folders: dict[str, Path] = {}
         self._current: GroupResult | None = None
-        self._swaps: list[str] = []  # "<probe>: identical|leak" of every swap this process ran, for the evidence
+        self._swaps: list[str] = []  # "<probe>: bit-identical|differs" of every swap this process ran (the evidence)
 
     # models
 
