@@ -68,6 +68,9 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
 def test_suite_verdict_on_variant(variant, dtype, plan, request, pytester, tmp_path, golden_copy) -> None:
     out_dir = os.environ.get("VITPARITY_FAULTS_OUT")  # read before `isolated` clears VITPARITY_*
     request.getfixturevalue("isolated")
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    for name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")]:  # the run below is one process, not a worker
+        monkeypatch.delenv(name)
     folder = build_variant(variant, tmp_path / "checkpoints")
     goldens_before = _tree(golden_copy)
 

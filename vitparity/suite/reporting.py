@@ -95,7 +95,8 @@ class ParityReporter:
         terminalreporter.write_line(
             f"{shard}{len(plan.groups)} of {len(plan.all_groups)} pack groups (budget {s.pack_tokens} tokens), "
             f"{sum(len(g.cases) for g in plan.groups)} cases; determinism {s.determinism}: "
-            f"{len(plan.determinism)} cases re-run; companions {s.companions}: {len(plan.companions)} groups with a swap"
+            f"{len(plan.determinism)} cases re-run; companions {s.companions}: "
+            f"{len(plan.companions)} groups with a swap"
         )
         for reason, names in self.session.left_out.items():
             shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")

@@ -164,7 +164,8 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Sel
     for item in items:
         group_id = group_id_of(plan, item)
         case, group = item_scope(item)
-        if not (group_id in mine if group_id is not None else settings.shard is None or settings.shard.holds(item.nodeid)):
+        in_shard = settings.shard is None or settings.shard.holds(item.nodeid)
+        if not (group_id in mine if group_id is not None else in_shard):
             drop(item, None)
         elif case is not None and item.originalname == "test_deterministic" and case.id not in plan.determinism:
             drop(item, f"--determinism={settings.determinism}: case not re-run")
