@@ -1,7 +1,7 @@
 """Options and the order of sections: `python -m bench [SECTION ...] [options]`.
 
 Sections: forward, early-exit, cross-parity, attention, rope, variants, overhead, suite, scale, suite-scale,
-sharp-parity, decode. Without section names: every section but scale, suite-scale and decode. `--small` uses the tiny config and inputs (CPU,
+suite-plan, sharp-parity, decode. Without section names: every section but scale, suite-scale, suite-plan and decode. `--small` uses the tiny config and inputs (CPU,
 seconds). Figures are printed and, with --json, written to a file; progress and warnings go to stderr.
 Interrupted (Ctrl-C or SIGTERM), the bench ends the suite processes it started and removes its temporary folder.
 """
@@ -20,12 +20,12 @@ from vitparity.loading import DTYPES
 from vitparity.models import OneVisionEncoderConfig
 
 from .common import Progress, Terminated, flop_floor, interruptible, log, machine_info, note, sync
-from .sections import decode, early_exit, forward, kernels, overhead, suite_run, suite_scale
+from .sections import decode, early_exit, forward, kernels, overhead, suite_plan, suite_run, suite_scale
 from .workloads import CASES, CONFIGS, REAL_CASES, SMALL_CASES, SUITE_FILES, build_models
 
 SECTIONS = ("forward", "early-exit", "cross-parity", "attention", "rope", "variants", "overhead", "suite", "scale",
-            "suite-scale", "sharp-parity", "decode")
-DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("scale", "suite-scale", "decode"))
+            "suite-scale", "suite-plan", "sharp-parity", "decode")
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ("scale", "suite-scale", "suite-plan", "decode"))
 NEEDS_MODELS = {"forward", "early-exit", "cross-parity", "variants", "overhead", "suite", "scale"}
 # Sections whose figures stand for the GPU (CUDA, bfloat16) at real sizes: run at those sizes on the CPU they
 # measure CPU float32 (or the given dtype) instead and take minutes per ViT-L forward. early-exit (its memory
@@ -73,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
                    help="xdist worker counts run at the largest count (default 2 4; --small 2)")
     p.add_argument("--suite-scale-pack-tokens", type=int, default=None,
                    help="--pack-tokens of the runs under xdist (and their serial reference); default the suite's")
+    p.add_argument("--suite-scale-args", default="", metavar="ARGS",
+                   help="suite options added to every suite-scale run, e.g. '--determinism=sample --companions=sample'")
     p.add_argument("--suite-timeout", type=float, default=900, help="seconds per suite process")
     p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and media (default: a temp dir)")
@@ -177,13 +179,14 @@ def run(opts: argparse.Namespace, workdir: Path) -> dict:
             files=[(f"scalevid_{i:03d}.mp4", 8, height, width) for i in range(opts.scale_videos)],
             select="scalevid_ and test_parity", runs=("warm",)),
         "suite-scale": lambda: suite_scale.run_suite_scale(opts, workdir, results),
+        "suite-plan": lambda: suite_plan.run_suite_plan(opts, workdir, results),
         "sharp-parity": lambda: forward.run_sharp_parity(opts, results),
         "decode": lambda: decode.run_decode(opts, workdir / "decode", results),
     }
     for index, name in enumerate(opts.sections, 1):
         note(f"section {index}/{len(opts.sections)}: {name}")
         t0 = time.perf_counter()
-        if name in ("suite", "scale", "suite-scale", "decode"):
+        if name in ("suite", "scale", "suite-scale", "suite-plan", "decode"):
             steps[name]()
         else:
             with torch.inference_mode():

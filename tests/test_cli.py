@@ -660,7 +660,7 @@ def test_report_junit_merges_shards(shard_junit: list[Path], capsys: pytest.Capt
     assert "16 comparisons, 16 passed, 0 failed." in out
     for path in shard_junit:
         assert re.search(rf"^- {path.name} main: forwards: hf \d+ \(\d+ tokens\), packing \d+ \(\d+ tokens\); "
-                         r"model loads: hf 1, packing 1", out, re.M)
+                         r"forward tokens: \d+\.\d\dx the one-pass minimum; model loads: hf 1, packing 1", out, re.M)
     assert re.search(r"^- total: forwards: hf 16 \(\d+ tokens\)", out, re.M)
     assert "Failed tests" not in out
 

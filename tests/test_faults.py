@@ -5,8 +5,10 @@ Each variant (tests/faults) is built as a checkpoint folder in tmp_path and the 
 --trust-remote-code, extraction, parity, packed-batch and golden tests. Goldens are read from a copy of
 fixtures/golden and heat maps go to tmp_path, so nothing is written into the repository.
 
-Run with -s to see the detection table of each run; VITPARITY_FAULTS_OUT=DIR also writes one JSON record per
-run into DIR, rendered by `python -m tests.faults.detection DIR` (docs/detection.md).
+Each variant runs under the CPU's default plan and under the GPU's plan (`--determinism=sample
+--companions=sample`). Run with -s to see the detection table of each run; VITPARITY_FAULTS_OUT=DIR also writes one
+JSON record per run into DIR (the GPU plan's into DIR/gpu-plan), rendered by `python -m tests.faults.detection DIR`
+(docs/detection.md).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = ("float32", "bfloat16")
+# The CPU's default plan, and the GPU's (sampled determinism re-runs and one companion-swap probe, packing features
+# taken from the packs) run on the CPU: each must catch every fault and pass every benign variant.
+PLANS = {"cpu-plan": (), "gpu-plan": ("--determinism=sample", "--companions=sample")}
 
 
 @pytest.fixture(scope="session")
@@ -57,11 +62,15 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
-def test_suite_verdict_on_variant(variant, dtype, request, pytester, tmp_path, golden_copy) -> None:
+def test_suite_verdict_on_variant(variant, dtype, plan, request, pytester, tmp_path, golden_copy) -> None:
     out_dir = os.environ.get("VITPARITY_FAULTS_OUT")  # read before `isolated` clears VITPARITY_*
     request.getfixturevalue("isolated")
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    for name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")]:  # the run below is one process, not a worker
+        monkeypatch.delenv(name)
     folder = build_variant(variant, tmp_path / "checkpoints")
     goldens_before = _tree(golden_copy)
 
@@ -69,7 +78,7 @@ def test_suite_verdict_on_variant(variant, dtype, request, pytester, tmp_path, g
     result = pytester.runpytest_inprocess(
         str(REPO / "parity_tests"), "-c", str(REPO / "pyproject.toml"), "--rootdir", str(REPO),
         "-p", "no:cacheprovider", "-q",
-        *suite_args(variant, folder, dtype, golden_dir=golden_copy, report_dir=tmp_path / "report"),
+        *suite_args(variant, folder, dtype, golden_dir=golden_copy, report_dir=tmp_path / "report"), *PLANS[plan],
     )
     seconds = time.perf_counter() - start
     detection = detection_from_reports(
@@ -83,8 +92,9 @@ def test_suite_verdict_on_variant(variant, dtype, request, pytester, tmp_path, g
         print("failed: " + " ".join(detection.failed))
         print(f"heat maps written: {len(heat_maps)}")
     if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / f"{variant.name}-{dtype}.json").write_text(detection.to_json() + "\n")
+        records = Path(out_dir) if plan == "cpu-plan" else Path(out_dir) / plan  # one table per plan
+        records.mkdir(parents=True, exist_ok=True)
+        (records / f"{variant.name}-{dtype}.json").write_text(detection.to_json() + "\n")
 
     assert _tree(golden_copy) == goldens_before, "a suite run wrote into the golden folder"
     assert detection.ran, f"the suite did not run (exit {result.ret}):\n{result.stdout.str()[-4000:]}"

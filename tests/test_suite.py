@@ -36,7 +36,7 @@ def faulty_packing(tmp_path_factory) -> Path:
 
 
 COST = re.compile(r"^(main|gw\d+|total): forwards: hf (\d+) \((\d+) tokens\), packing (\d+) \((\d+) tokens\); "
-                  r"model loads: hf (\d+), packing (\d+)", re.M)
+                  r"(?:forward tokens: [\d.]+x the one-pass minimum; )?model loads: hf (\d+), packing (\d+)", re.M)
 
 
 def costs(output: str) -> dict[str, tuple[int, ...]]:

@@ -95,6 +95,7 @@ def test_determinism_policy_on_the_cpu(suite, policy, reruns) -> None:
     ("--shard=3/2", "--shard=3/2: K must be between 1 and N"),
     ("--shard=x", "--shard=x: use K/N"),
     ("--determinism=sometimes", "--determinism=sometimes: use one of"),
+    ("--companions=sometimes", "--companions=sometimes: use one of ('auto', 'all', 'sample', 'off')"),
     ("--dist=loadfile", "--dist=loadfile: the suite schedules its pack groups itself; pass only -n"),
     ("--dist=worksteal", "--dist=worksteal: the suite schedules its pack groups itself; pass only -n"),
 ])
@@ -135,3 +136,108 @@ def test_an_ini_model_path_is_a_folder_wherever_pytest_starts(suite, monkeypatch
                                                 "-k", "coffee_small and not golden")
     assert result.ret == 0, result.stdout.str()[-2000:]
     assert f"hf: {suite.path / 'ckpts' / 'hf'}" in result.stdout.str()
+
+
+GPU_PLAN = ("--determinism=sample", "--companions=sample")
+
+
+def junit_forwards(path: Path) -> dict[str, str]:
+    """Test name -> the forwards it compared (its `vitparity_forwards` property)."""
+    found = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        for prop in case.iter("property"):
+            if prop.get("name") == "vitparity_forwards":
+                found[case.get("name")] = prop.get("value")
+    return found
+
+
+def builtin_plan():
+    from vitparity.builtin import BUILTIN_MEDIA
+    from vitparity.suite.cases import collect_cases, companion_probes, determinism_cases, make_groups, plan_workers
+
+    cases = collect_cases([BUILTIN_MEDIA], patch_size=14, align="crop", num_frames=8)
+    groups = make_groups(cases, 16_384)
+    owner = plan_workers(groups, 1)
+    return cases, determinism_cases("sample", "cpu", groups, owner), companion_probes("sample", "cpu", groups, owner)
+
+
+def test_gpu_plan_on_the_cpu_takes_packing_features_from_the_packs(suite) -> None:
+    """--determinism=sample --companions=sample: one hf and one packing pass per case, the hf re-runs of the sampled
+    cases and one two-case probe; the tests it leaves out are named with the reason, and each test records the
+    forwards it compared."""
+    result = suite.run(*GPU_PLAN, "--junitxml=plan.xml")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    out = result.stdout.str()
+    cases, rerun, probes = builtin_plan()
+    tokens = {case.id: case.tokens for case in cases}
+    (probe,) = probes.values()
+    assert not probe.whole and len(rerun) == 2
+    hf_tokens = sum(tokens.values()) + sum(tokens[c] for c in rerun)
+    packing_tokens = sum(tokens.values()) + 2 * sum(tokens[c] for c in probe.cases)
+    assert costs(out)["main"] == (8 + 2, hf_tokens, 2 + 2, packing_tokens, 1, 1)
+    ratio = (hf_tokens + packing_tokens) / (2 * sum(tokens.values()))
+    assert f"forward tokens: {ratio:.2f}x the one-pass minimum" in out and ratio <= 1.3
+    assert re.search(r"not run by the plan \(--companions=sample: no swap planned for this group\): "
+                     r"test_companions_do_not_leak\[pack-", out)
+    assert re.search(r"not run by the plan \(--companions=sample: packing features come from the pack.*"
+                     r"test_packing_independent_of_neighbours\[pack-[0-9a-f]{8}\], "
+                     r"test_packing_independent_of_neighbours\[pack-[0-9a-f]{8}\]$", out, re.M)
+    forwards = junit_forwards(suite.path / "plan.xml")
+    swap = forwards[f"test_companions_do_not_leak[{probe.group}]"]
+    assert swap.startswith(f"packing in {probe.group}[{'+'.join(probe.cases)}]") and "a first pass of its own" in swap
+    for case in tokens:
+        assert re.fullmatch(rf"hf alone vs packing in pack-[0-9a-f]{{8}} \(no leak in companion swap "
+                            rf"{re.escape(probe.group)}\[.*\]: bit-identical\)", forwards[f"test_parity[{case}]"])
+    for case in rerun:
+        text = forwards[f"test_deterministic[{case}]"]
+        assert text.startswith("media decoded twice; hf alone x2; packing: features in pack-")
+        assert text.endswith("repeatability shown by that swap")
+
+
+def test_companions_off_runs_no_swap_and_says_so(suite) -> None:
+    result = suite.run("--companions=off", "-m", "not golden", "--junitxml=off.xml")
+    assert result.ret == 0
+    out = result.stdout.str()
+    assert "companions off: 0 groups with a swap" in out and "companion swaps 0;" in out
+    assert re.search(r"not run by the plan \(--companions=off: no swap planned for this group\): "
+                     r"test_companions_do_not_leak\[pack-[0-9a-f]{8}\], test_companions_do_not_leak\[pack-", out)
+    forwards = junit_forwards(suite.path / "off.xml")
+    assert not any(name.startswith("test_companions") for name in forwards)
+    assert {forwards[name] for name in forwards if name.startswith("test_parity[")} == {"hf alone vs packing alone"}
+
+
+def test_without_its_probe_selected_the_gpu_plan_runs_the_packing_model_alone(suite) -> None:
+    """A -k that leaves out the probe's swap leaves nothing to show that the pack can stand in for a forward alone."""
+    result = suite.run(*GPU_PLAN, "-k", "test_parity", "--junitxml=parity.xml")
+    assert result.ret == 0
+    assert costs(result.stdout.str())["main"][:4:2] == (8, 8)
+    assert set(junit_forwards(suite.path / "parity.xml").values()) == {"hf alone vs packing alone"}
+
+
+def test_gpu_plan_fails_the_probe_on_a_leak_and_stops_leaning_on_the_pack(suite, tmp_path, monkeypatch) -> None:
+    """The 1e-6 neighbour leak fails the probe's swap loudly; the cases after it are compared alone."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = build_variant("neighbour_leak_1e-6", tmp_path / "checkpoints")
+    result = suite.run(f"--packing-model={folder}", "--trust-remote-code", *GPU_PLAN, "-m", "not golden",
+                       "--junitxml=leak.xml")
+    assert result.ret == 1
+    failed = [line for line in result.outlines if line.startswith("FAILED")]
+    _, _, probes = builtin_plan()
+    assert len(failed) == 1 and f"test_companions_do_not_leak[{next(iter(probes))}]" in failed[0]
+    assert "FAIL: features changed by up to" in result.stdout.str()
+    forwards = junit_forwards(suite.path / "leak.xml")
+    assert {forwards[name] for name in forwards if name.startswith("test_parity[")} == {"hf alone vs packing alone"}
+
+
+def test_gpu_plan_under_xdist_probes_once_per_worker(suite) -> None:
+    """Each worker has its own probe and determinism sample; no forward runs twice, and the controller's summary
+    lists what the plan left out."""
+    result = suite.run(*GPU_PLAN, SMALL_BUDGET, "-m", "not golden", "-n", "2")
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    out = result.stdout.str()
+    assert "companions sample: 2 groups with a swap" in out and "determinism sample: 4 cases re-run" in out
+    assert "not run by the plan (--companions=sample: packing features come from the pack" in out
+    hf_forwards, _, packing_forwards, *_ = run_total(out)
+    groups = int(re.search(r"(\d+) of \1 pack groups", out).group(1))
+    assert hf_forwards == 8 + 4  # each case once, the four sampled cases once more
+    assert packing_forwards == groups + 2 * 2  # each group's pack, each probe's two forwards (no group of two)

@@ -22,7 +22,7 @@ from .snapshots import golden_extension  # noqa: E402
 from .suite.cases import PackGroup, ParityCase  # noqa: E402
 from .numerics import pinned_float32  # noqa: E402
 from .suite.settings import resolve_settings  # noqa: E402
-from .suite.costs import PROPERTY  # noqa: E402
+from .suite.costs import FORWARDS_PROPERTY, PROPERTY  # noqa: E402
 from .suite.baseline import BaselineReporter, baseline_property, check_baseline  # noqa: E402
 from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key  # noqa: E402
 from .suite.reporting import FailureWithoutFailedTest, ParityReporter  # noqa: E402
@@ -100,14 +100,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """After -k / -m and syrupy have seen the collection: keep this shard's groups and the determinism re-runs the
-    policy asks for, order the items group by group, and note what each group's selected tests need."""
+    """After -k / -m and syrupy have seen the collection: keep this shard's groups and the checks the policies run
+    (the summary says what the plan left out and why), order the items group by group, and note what each group's
+    selected tests need."""
     session = config.stash[SESSION_KEY]
-    kept, deselected = split_items(session.plan, session.settings, items)
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-    items[:] = kept
-    session.needs = group_needs(session.plan, kept)
+    selection = split_items(session.plan, session.settings, items)
+    if selection.deselected:
+        config.hook.pytest_deselected(items=selection.deselected)
+    items[:] = selection.kept
+    session.needs = group_needs(session.plan, selection)
+    session.left_out = selection.reasons
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -133,15 +135,21 @@ def parity(request: pytest.FixtureRequest) -> ParitySession:
 
 
 @pytest.fixture
-def case_result(parity: ParitySession, parity_case: ParityCase) -> CaseResult:
-    """The current case's comparison, golden reductions and determinism verdict (computed with its group)."""
-    return parity.case_result(parity_case)
+def case_result(request: pytest.FixtureRequest, parity: ParitySession, parity_case: ParityCase) -> CaseResult:
+    """The current case's comparison, golden reductions and determinism verdict (computed with its group); the
+    forwards the test compares are recorded with it (JUnit property `vitparity_forwards`)."""
+    result = parity.case_result(parity_case)
+    request.node.user_properties.append((FORWARDS_PROPERTY, result.forwards(request.node.originalname)))
+    return result
 
 
 @pytest.fixture
-def group_result(parity: ParitySession, parity_group: PackGroup) -> GroupResult:
-    """The current pack group's packed forward compared with its cases run alone."""
-    return parity.group_result(parity_group)
+def group_result(request: pytest.FixtureRequest, parity: ParitySession, parity_group: PackGroup) -> GroupResult:
+    """The current pack group's packed forward compared with its cases' own forwards, and its companion swap; the
+    forwards the test compares are recorded with it (JUnit property `vitparity_forwards`)."""
+    result = parity.group_result(parity_group)
+    request.node.user_properties.append((FORWARDS_PROPERTY, result.forwards(request.node.originalname)))
+    return result
 
 
 @pytest.fixture

@@ -59,9 +59,10 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def suite_command(media: Path | None, workers: int, pack_tokens: int | None) -> list[str]:
-    """The command a user types, plus -n and --pack-tokens when asked."""
-    command = [sys.executable, "-m", "pytest", "-m", "not golden", "--device=cpu", "-p", "no:cacheprovider", "-q"]
+def suite_command(media: Path | None, workers: int, pack_tokens: int | None, extra: str = "") -> list[str]:
+    """The command a user types, plus -n, --pack-tokens and `extra` options when asked."""
+    command = [sys.executable, "-m", "pytest", "-m", "not golden", "--device=cpu", "-p", "no:cacheprovider", "-q",
+               *shlex.split(extra)]
     if media is not None:
         command.append(f"--media={media}")
     if workers:
@@ -130,22 +131,24 @@ def run_suite_scale(opts, workdir: Path, results: dict) -> None:
         write_media(folders[count], [(f"scale_{i:03d}.mp4", frames, height, width) for i in range(count)],
                     seed=500, label=f"suite-scale {count}")
     # A first process pays for reading Python, torch and the media from disk: run one before the measured runs.
-    run_measured(suite_command(None, 0, None), workdir / "suite-scale-warmup.log", opts.suite_timeout)
+    run_measured(suite_command(None, 0, None, opts.suite_scale_args), workdir / "suite-scale-warmup.log",
+                 opts.suite_timeout)
     for count in [0, *counts]:
-        command = suite_command(folders.get(count), 0, None)
+        command = suite_command(folders.get(count), 0, None, opts.suite_scale_args)
         entry["serial"][count] = run = run_measured(command, workdir / f"suite-scale-serial-{count}.log",
                                                     opts.suite_timeout)
         log(f"  {count} extra videos, serial: {run['wall_s']:.1f} s, {run['passed']} passed; "
             f"{' | '.join(run['cost_lines'])}")
     largest = counts[-1]
     for workers in opts.suite_scale_workers:
-        command = suite_command(folders[largest], workers, opts.suite_scale_pack_tokens)
+        command = suite_command(folders[largest], workers, opts.suite_scale_pack_tokens, opts.suite_scale_args)
         entry["workers"][workers] = run = run_measured(
             command, workdir / f"suite-scale-n{workers}.log", opts.suite_timeout)
         log(f"  {largest} extra videos, -n {workers}: {run['wall_s']:.1f} s; {' | '.join(run['cost_lines'])}")
     if opts.suite_scale_pack_tokens:  # the serial reference for the runs under -n uses the same budget
-        entry["workers"][0] = run_measured(suite_command(folders[largest], 0, opts.suite_scale_pack_tokens),
-                                           workdir / "suite-scale-n0.log", opts.suite_timeout)
+        entry["workers"][0] = run_measured(
+            suite_command(folders[largest], 0, opts.suite_scale_pack_tokens, opts.suite_scale_args),
+            workdir / "suite-scale-n0.log", opts.suite_timeout)
     else:
         entry["workers"][0] = entry["serial"][largest]
     _print(entry, results)

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..independence import alternate_halves
 from ..media import discover_media, media_kind, scale_suffix, scaled_size
 from ..media_probe import image_size, video_size
 from ..snapshots import golden_file_stem
@@ -167,8 +168,14 @@ class Shard:
         return f"{self.index}/{self.count}"
 
     def holds(self, key: str) -> bool:
-        """Whether the unit of work named `key` (a group id, or a test id outside any group) is this shard's."""
+        """Whether a test outside any pack group (named by its id `key`) is this shard's: by a stable hash."""
         return stable_key(key) % self.count == self.index - 1
+
+    def groups(self, groups: tuple[PackGroup, ...]) -> tuple[PackGroup, ...]:
+        """This shard's pack groups, in their order: the groups are balanced by tokens over the N shards
+        (`plan_workers`), so every shard gets work when there are at least N groups."""
+        owner = plan_workers(groups, self.count)
+        return tuple(group for group in groups if owner[group.id] == self.index - 1)
 
 
 def parse_shard(text: str) -> Shard:
@@ -183,29 +190,39 @@ def parse_shard(text: str) -> Shard:
 
 
 def plan_workers(groups: tuple[PackGroup, ...], workers: int) -> dict[str, int]:
-    """Group id -> worker index: largest groups first, each to the least loaded worker (by tokens).
+    """Group id -> worker (or shard) index: largest groups first, each to the least loaded worker by tokens, then
+    by groups held (so groups of 0 estimated tokens spread too). The longest-processing-time-first rule (Graham,
+    "Bounds on multiprocessing timing anomalies", 1969): the busiest worker carries at most 4/3 of the optimum.
 
-    Deterministic, so the controller and every worker agree on it.
+    Deterministic, so the controller, every worker and every shard agree on it.
     """
-    load = [0] * max(workers, 1)
+    load = [(0, 0)] * max(workers, 1)
     owner = {}
     for group in sorted(groups, key=lambda g: (-g.tokens, g.id)):
         index = min(range(len(load)), key=lambda i: (load[i], i))
         owner[group.id] = index
-        load[index] += group.tokens
+        load[index] = (load[index][0] + group.tokens, load[index][1] + 1)
     return owner
+
+
+def resolve_policy(policy: str, device: str) -> str:
+    """`auto` of --determinism and --companions: `all` on the CPU, `sample` on a GPU; other values as given."""
+    if policy != "auto":
+        return policy
+    return "sample" if device.startswith("cuda") else "all"
 
 
 def determinism_cases(policy: str, device: str, groups: tuple[PackGroup, ...], owner: dict[str, int]) -> set[str]:
     """Case ids whose forwards are run a second time to check determinism.
 
-    `all`: every case; `off`: none; `auto`: every case on the CPU, and on a GPU the largest image and the largest
-    video of each worker's share (long sequences are the likeliest to meet non-deterministic kernels).
+    `all`: every case; `off`: none; `sample`: the largest image and the largest video of each worker's share (long
+    sequences are the likeliest to meet non-deterministic kernels); `auto`: `all` on the CPU, `sample` on a GPU.
     """
+    policy = resolve_policy(policy, device)
     cases = [case for group in groups for case in group.cases]
     if policy == "off":
         return set()
-    if policy == "all" or not device.startswith("cuda"):
+    if policy == "all":
         return {case.id for case in cases}
     chosen = set()
     for worker in sorted(set(owner.values())):
@@ -216,3 +233,62 @@ def determinism_cases(policy: str, device: str, groups: tuple[PackGroup, ...], o
                 chosen.add(max(of_kind, key=lambda case: (case.tokens, case.id)).id)
     return chosen
 
+
+@dataclass(frozen=True)
+class Probe:
+    """A companion swap planned for one pack group: the pack it runs and the positions kept in each swap forward.
+
+    `whole`: the pack is the group itself, so the group's packed forward is the swap's first pass; otherwise the
+    pack is two of the group's cases and costs one forward more.
+    """
+
+    group: str
+    cases: tuple[str, ...]
+    kept: tuple[tuple[int, ...], ...]
+    whole: bool
+
+    def cost(self, tokens: dict[str, int]) -> int:
+        """Packing-model tokens the swap adds (estimated)."""
+        pack = sum(tokens[case_id] for case_id in self.cases)
+        return pack * (len(self.kept) + (0 if self.whole else 1))
+
+
+def companion_probes(policy: str, device: str, groups: tuple[PackGroup, ...],
+                     owner: dict[str, int]) -> dict[str, Probe]:
+    """Group id -> its companion swap.
+
+    `all`: every group of two or more cases, the whole pack, its even positions kept and then its odd ones
+    (`vitparity.independence.alternate_halves`); `off`: none; `sample`: one probe per worker, the cheapest of its
+    groups' candidates: a group of exactly two cases (one swap forward, the group's packed forward reused) or the
+    two smallest cases of a larger group as a pack of their own (two forwards); the larger case is kept, the other
+    swapped. A leak in the packing model's code shows in any pack, so one probe per worker catches it.
+    `auto`: `all` on the CPU, `sample` on a GPU.
+    """
+    policy = resolve_policy(policy, device)
+    if policy == "off":
+        return {}
+    if policy == "all":
+        return {group.id: Probe(group.id, tuple(c.id for c in group.cases), alternate_halves(len(group.cases)), True)
+                for group in groups if len(group.cases) >= 2}
+    tokens = {case.id: case.tokens for group in groups for case in group.cases}
+    probes = {}
+    for worker in sorted(set(owner.values())):
+        candidates = [probe for group in groups if owner[group.id] == worker
+                      for probe in [_pair_probe(group)] if probe is not None]
+        if candidates:
+            best = min(candidates, key=lambda probe: (probe.cost(tokens), probe.group))
+            probes[best.group] = best
+    return probes
+
+
+def _pair_probe(group: PackGroup) -> Probe | None:
+    """The group's two smallest cases of known size (estimated tokens > 0), the larger one kept: in the group's order
+    when the group is just those two, else as a pack of their own, the larger first."""
+    readable = sorted((case for case in group.cases if case.tokens > 0), key=lambda case: (case.tokens, case.id))
+    if len(readable) < 2:
+        return None
+    larger, smaller = readable[1].id, readable[0].id
+    if len(group.cases) == 2:
+        order = tuple(case.id for case in group.cases)
+        return Probe(group.id, order, ((order.index(larger),),), True)
+    return Probe(group.id, (larger, smaller), ((0,),), False)

@@ -22,6 +22,7 @@ class Cost:
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
     loads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
     groups: int = 0
+    case_tokens: int = 0  # tokens of the cases compared, each counted once (the one-pass minimum is twice this)
     determinism_cases: int = 0
     over_budget: list[str] = field(default_factory=list)
     peak_bytes: int = 0
@@ -44,6 +45,7 @@ class Cost:
     def to_dict(self) -> dict:
         return {
             "forwards": self.forwards, "tokens": self.tokens, "loads": self.loads, "groups": self.groups,
+            "case_tokens": self.case_tokens,
             "determinism_cases": self.determinism_cases, "over_budget": self.over_budget,
             "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind, "companion_swaps": self.companion_swaps,
             "layer_traces": self.layer_traces, "attention": self.attention,
@@ -52,15 +54,23 @@ class Cost:
 
 
 PROPERTY = "vitparity"  # user property of a test: one Comparison row (JSON)
+FORWARDS_PROPERTY = "vitparity_forwards"  # user property of a test: the forwards it compared
 COST_KEY = "vitparity_cost"  # xdist workeroutput: this worker's Cost (JSON)
+LEFT_OUT_KEY = "vitparity_left_out"  # xdist workeroutput: why the plan deselected tests (JSON: reason -> names)
 WARNINGS_KEY = "vitparity_config_warnings"  # xdist workeroutput and JUnit property: config differences (JSON list)
 RESTORED_KEY = "vitparity_restored_buffers"  # xdist workeroutput and JUnit property: "side: buffer" (JSON list)
 
 
 def cost_line(cost: dict) -> str:
+    """`forwards: hf N (T tokens), packing M (U tokens); forward tokens: 1.29x the one-pass minimum`: the minimum
+    is one hf and one packing pass per case compared, twice the cases' tokens."""
     forwards, tokens = cost["forwards"], cost["tokens"]
-    return (f"forwards: hf {forwards['hf']} ({tokens['hf']} tokens), "
+    line = (f"forwards: hf {forwards['hf']} ({tokens['hf']} tokens), "
             f"packing {forwards['packing']} ({tokens['packing']} tokens)")
+    minimum = 2 * cost.get("case_tokens", 0)  # absent from the JUnit XML of runs before it was counted
+    if minimum:
+        line += f"; forward tokens: {(tokens['hf'] + tokens['packing']) / minimum:.2f}x the one-pass minimum"
+    return line
 
 
 def cost_details(cost: dict) -> str:
@@ -79,6 +89,7 @@ def total_cost(costs: dict[str, dict]) -> dict:
             for side in SIDES:
                 total[key][side] += cost[key][side]
         total["groups"] += cost["groups"]
+        total["case_tokens"] += cost.get("case_tokens", 0)
         total["determinism_cases"] += cost["determinism_cases"]
         total["companion_swaps"] += cost["companion_swaps"]
         total["layer_traces"] += cost["layer_traces"]

@@ -19,7 +19,8 @@ import pytest
 
 from ..choices import ALIGN_POLICIES, DEFAULT_THRESHOLD
 
-DETERMINISM_POLICIES = ("auto", "all", "off")
+DETERMINISM_POLICIES = ("auto", "all", "sample", "off")
+COMPANION_POLICIES = ("auto", "all", "sample", "off")
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,11 @@ OPTIONS = (
            "crop"),
     Option("threshold", "checks", "min per-token cosine (strictly greater) for packing vs non-packing parity",
            str(DEFAULT_THRESHOLD)),
-    Option("determinism", "checks", "second forward of each model to check determinism: auto (every case on the "
-           "CPU; on a GPU the largest image and video of each worker), all, off", "auto"),
+    Option("determinism", "checks", "second forward of each model to check determinism: auto (all on the CPU, "
+           "sample on a GPU), all (every case), sample (the largest image and video of each worker), off", "auto"),
+    Option("companions", "checks", "bit-exact companion swaps: auto (all on the CPU, sample on a GPU), all (every "
+           "pack group, both halves; packing features from forwards alone), sample (one two-case probe per worker; "
+           "then every case's packing features come from its pack), off", "auto"),
     Option("pack_tokens", "work", "token budget of a pack group (default: 16384 on the CPU, 131072 on CUDA)"),
     Option("shard", "work", "run shard K of N (K/N): whole pack groups, disjoint, together the full run"),
     Option("golden_dir", "goldens", "root folder of golden snapshots", "fixtures/golden"),

@@ -10,7 +10,7 @@ import pytest
 from ..compare import comparison_from_row
 from ..loading import missing_cuda_device
 from ..report import format_table
-from .costs import COST_KEY, PROPERTY, RESTORED_KEY, WARNINGS_KEY, cost_details, cost_line, total_cost
+from .costs import COST_KEY, LEFT_OUT_KEY, PROPERTY, RESTORED_KEY, WARNINGS_KEY, cost_details, cost_line, total_cost
 from .session import ParitySession
 
 class ParityReporter:
@@ -30,6 +30,8 @@ class ParityReporter:
     def pytest_testnodedown(self, node, error) -> None:
         """Under xdist, on the controller: a worker's cost as it shuts down."""
         output = getattr(node, "workeroutput", {})
+        if not self.session.left_out:  # every worker collects and selects alike; the controller collects nothing
+            self.session.left_out = json.loads(output.get(LEFT_OUT_KEY, "{}"))
         if output.get(COST_KEY):
             self.costs[node.gateway.id] = json.loads(output[COST_KEY])
         _merge(self.config_warnings, json.loads(output.get(WARNINGS_KEY, "[]")))
@@ -46,6 +48,7 @@ class ParityReporter:
         if workeroutput is not None:
             workeroutput[WARNINGS_KEY] = json.dumps(warnings)
             workeroutput[RESTORED_KEY] = json.dumps(restored)
+            workeroutput[LEFT_OUT_KEY] = json.dumps(self.session.left_out)
         else:
             _merge(self.config_warnings, warnings)
             _merge(self.restored_buffers, restored)
@@ -105,14 +108,15 @@ class ParityReporter:
                 "construction of the model class; --strict-buffers fails instead)", yellow=True,
             )
         shard = f"shard {s.shard}: " if s.shard else ""
-        cases = sum(len(g.cases) for g in plan.groups)
-        skipped = cases - len(plan.determinism)
         terminalreporter.write_line(
             f"{shard}{len(plan.groups)} of {len(plan.all_groups)} pack groups (budget {s.pack_tokens} tokens), "
-            f"{cases} cases; determinism {s.determinism}: {len(plan.determinism)} cases re-run"
-            + (f" (test_deterministic of the other {skipped} deselected; --determinism=all runs every case)"
-               if skipped else "")
+            f"{sum(len(g.cases) for g in plan.groups)} cases; determinism {s.determinism}: "
+            f"{len(plan.determinism)} cases re-run; companions {s.companions}: "
+            f"{len(plan.companions)} groups with a swap"
         )
+        for reason, names in self.session.left_out.items():
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+            terminalreporter.write_line(f"not run by the plan ({reason}): {shown}")
         for worker, cost in sorted(self.costs.items()):
             terminalreporter.write_line(f"{worker}: {cost_line(cost)}; {cost_details(cost)}")
             for group in cost["over_budget"]:

@@ -12,7 +12,10 @@ import pytest
 from xdist.scheduler import LoadScopeScheduling
 
 from ..media import MediaError
-from .cases import CaseError, PackGroup, ParityCase, collect_cases, determinism_cases, make_groups, plan_workers
+from .cases import (
+    CaseError, PackGroup, ParityCase, Probe, collect_cases, companion_probes, determinism_cases, make_groups,
+    plan_workers, resolve_policy,
+)
 from ..models import OneVisionEncoderConfig
 from ..pair import PairFiles
 from .settings import Settings
@@ -29,13 +32,17 @@ def _escaped(case_id: str) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """Every case and pack group of the run, this shard's groups and which worker runs each of them."""
+    """Every case and pack group of the run, this shard's groups, which worker runs each of them, and the forwards
+    the policies add: determinism re-runs and companion swaps (a worker's probe groups come first in `groups`, so
+    its swap has run before the groups whose packing features lean on it)."""
 
     cases: tuple[ParityCase, ...]
     all_groups: tuple[PackGroup, ...]
     groups: tuple[PackGroup, ...]  # this shard's
     owner: dict[str, int]  # group id -> worker index
     determinism: frozenset[str]  # case ids re-run to check determinism
+    companions: dict[str, Probe] = field(default_factory=dict)  # group id -> its companion swap
+    companion_policy: str = "all"  # resolved: all, sample or off
 
     def group_of(self, case_id: str) -> PackGroup:
         return self._groups_by_id[self._case_group[case_id]]
@@ -82,7 +89,19 @@ class GroupNeeds:
     determinism: set[str] = field(default_factory=set)
     goldens: set[str] = field(default_factory=set)
     packed: bool = False
-    companions: bool = False  # test_companions_do_not_leak is selected: one swap forward per case of the pack
+    companions: bool = False  # test_companions_do_not_leak is selected: the group's planned swap runs
+    from_pack: bool = False  # the cases' packing features come from the pack once a swap has shown no leak
+
+
+@dataclass
+class Selection:
+    """The items kept (in run order) and deselected, why the plan deselected items (reason -> test names), and the
+    groups whose cases take their packing features from their pack."""
+
+    kept: list[pytest.Item]
+    deselected: list[pytest.Item]
+    reasons: dict[str, list[str]]
+    from_pack: set[str]
 
 
 def worker_count() -> int:
@@ -105,10 +124,13 @@ def build_plan(settings: Settings, workers: int, files: PairFiles | None) -> Pla
     except (MediaError, CaseError) as err:
         raise pytest.UsageError(f"{settings.labels['media']}: {err}") from err
     groups = make_groups(cases, settings.pack_tokens)
-    mine = tuple(g for g in groups if settings.shard is None or settings.shard.holds(g.id))
+    mine = groups if settings.shard is None else settings.shard.groups(groups)
     owner = plan_workers(mine, workers)
     chosen = determinism_cases(settings.determinism, settings.device, mine, owner)
-    return Plan(cases, groups, mine, owner, frozenset(chosen))
+    probes = companion_probes(settings.companions, settings.device, mine, owner)
+    mine = tuple(sorted(mine, key=lambda group: group.id not in probes))  # stable: probes first, then as before
+    return Plan(cases, groups, mine, owner, frozenset(chosen), probes,
+                resolve_policy(settings.companions, settings.device))
 
 
 def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
@@ -118,22 +140,48 @@ def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
     return params.get(CASE_PARAM), params.get(GROUP_PARAM)
 
 
-def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
-    """(kept, deselected): other shards' work and determinism tests the policy does not run are deselected;
-    the kept items are ordered group by group (a group's case tests, then its packed tests)."""
+COMPANION_TEST = "test_companions_do_not_leak"
+ALONE_VS_PACKED_TEST = "test_packing_independent_of_neighbours"
+
+
+def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Selection:
+    """Keep this shard's items that the policies run, in order (group by group, a group's case tests, then its
+    packed tests); deselect the rest, saying why for what the plan leaves out.
+
+    Under --companions=sample, a worker whose probe swap is selected takes every case's packing features from its
+    pack (no forward alone): its groups' alone-vs-packed comparisons have nothing to compare and are deselected.
+    """
     mine = {group.id for group in plan.groups}
     rank = {group.id: index for index, group in enumerate(plan.groups)}
-    kept, deselected = [], []
+    kept, deselected, reasons = [], [], {}
+
+    def drop(item: pytest.Item, reason: str | None) -> None:
+        deselected.append(item)
+        if reason:
+            reasons.setdefault(reason, []).append(item.name)
+
     for item in items:
         group_id = group_id_of(plan, item)
-        if group_id is not None:
-            wanted = group_id in mine
+        case, group = item_scope(item)
+        in_shard = settings.shard is None or settings.shard.holds(item.nodeid)
+        if not (group_id in mine if group_id is not None else in_shard):
+            drop(item, None)
+        elif case is not None and item.originalname == "test_deterministic" and case.id not in plan.determinism:
+            drop(item, f"--determinism={settings.determinism}: case not re-run")
+        elif group is not None and item.originalname == COMPANION_TEST and group.id not in plan.companions:
+            drop(item, f"--companions={settings.companions}: no swap planned for this group")
         else:
-            wanted = settings.shard is None or settings.shard.holds(item.nodeid)
-        case, _ = item_scope(item)
-        if case is not None and item.originalname == "test_deterministic" and case.id not in plan.determinism:
-            wanted = False
-        (kept if wanted else deselected).append(item)
+            kept.append(item)
+    from_pack: set[str] = set()
+    if plan.companion_policy == "sample":
+        probing = {plan.owner[item_scope(item)[1].id] for item in kept if item.originalname == COMPANION_TEST}
+        from_pack = {group.id for group in plan.groups if plan.owner[group.id] in probing}
+        reason = ("--companions=sample: packing features come from the pack (no forward alone), neighbour "
+                  "independence is the probe's bit-exact swap")
+        for item in [item for item in kept if item.originalname == ALONE_VS_PACKED_TEST
+                     and item_scope(item)[1].id in from_pack]:
+            kept.remove(item)
+            drop(item, reason)
 
     def order(item: pytest.Item) -> tuple[int, int]:
         """Tests outside any case first; then group by group, a group's case tests before its packed tests."""
@@ -142,7 +190,7 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> tup
             return 0, 0
         return rank[group_id] + 1, int(item_scope(item)[1] is not None)
 
-    return sorted(kept, key=order), deselected  # sorted() is stable: collection order within a group stays
+    return Selection(sorted(kept, key=order), deselected, reasons, from_pack)  # stable: collection order stays
 
 
 def group_id_of(plan: Plan, item: pytest.Item) -> str | None:
@@ -151,19 +199,21 @@ def group_id_of(plan: Plan, item: pytest.Item) -> str | None:
     return group.id if group else plan.group_of(case.id).id if case else None
 
 
-def group_needs(plan: Plan, items: list[pytest.Item]) -> dict[str, GroupNeeds]:
-    """Group id -> what the selected `items` need of it (a group whose tests are all deselected needs nothing)."""
+def group_needs(plan: Plan, selection: Selection) -> dict[str, GroupNeeds]:
+    """Group id -> what the selected items need of it (a group whose tests are all deselected needs nothing)."""
     needs: dict[str, GroupNeeds] = {}
-    for item in items:
+    for item in selection.kept:
         case, group = item_scope(item)
         if case is None and group is None:
             continue
-        need = needs.setdefault(group_id_of(plan, item), GroupNeeds())
+        group_id = group_id_of(plan, item)
+        need = needs.setdefault(group_id, GroupNeeds(from_pack=group_id in selection.from_pack))
         if group is not None:
-            need.packed = True
+            need.packed |= item.originalname != COMPANION_TEST or plan.companions[group.id].whole
             need.cases.update(c.id for c in group.cases)
-            need.companions |= item.originalname == "test_companions_do_not_leak"
+            need.companions |= item.originalname == COMPANION_TEST
         else:
+            need.packed |= need.from_pack
             need.cases.add(case.id)
             if item.originalname == "test_deterministic":
                 need.determinism.add(case.id)

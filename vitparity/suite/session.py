@@ -1,11 +1,14 @@
 """The suite's state in one process (one per xdist worker): the two models, the pack group being worked on,
 and what the run cost.
 
-A pack group is computed in one go when its first test asks for it: its packed forward, the companion swaps of
-its pack, each needed case's forwards alone, the determinism re-runs the policy asks for, and from them only what
-the tests read (comparisons, swap verdicts, golden reductions, determinism verdicts). Features are dropped as soon
-as they are compared, and the group's results after its last test, so memory does not grow with the number of
-cases. Only a failing test pays for more: its per-layer trace decodes its cases again (vitparity.suite.tracing).
+A pack group is computed in one go when its first test asks for it: its packed forward, its planned companion
+swap, each needed case's forwards, the determinism re-runs the policy asks for, and from them only what the tests
+read (comparisons, swap verdicts, golden reductions, determinism verdicts). Each case's hf features come from a
+forward alone; its packing features from a forward alone, or, under --companions=sample once a swap of this
+process has shown bit for bit that neighbours leave a sample untouched, from its pack (no second packing
+forward). Features are dropped as soon as they are compared, and the group's results after its last test, so
+memory does not grow with the number of cases. Only a failing test pays for more: its per-layer trace decodes its
+cases again (vitparity.suite.tracing).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..pair import SIDES, ModelPair, PairFiles, SideLoadError, preflight_pair
 from ..report import format_report, write_cosine_heatmap
 from ..snapshots import GoldenData, GoldenFolder, file_sha256, model_fingerprint, reduce_features
 from .baseline import Baseline
-from .cases import PackGroup, ParityCase
+from .cases import PackGroup, ParityCase, Probe
 from .settings import Settings
 from .costs import Cost
 from .schedule import GroupNeeds, Plan
@@ -46,6 +49,14 @@ class CaseResult:
     metadata: dict = field(default_factory=dict)
     reductions: dict[str, tuple[np.ndarray, np.ndarray, list[int]]] = field(default_factory=dict)
     determinism: list[str] | None = None  # problems found; None when the policy did not re-run the case
+    packing_source: str = "alone"  # the forward its packing features come from: "alone" or "<group id> (...)"
+    determinism_forwards: str = ""  # the forwards the determinism verdict compared
+
+    def forwards(self, test: str) -> str:
+        """The forwards a test of this case compared (recorded with the test)."""
+        if test == "test_deterministic":
+            return self.determinism_forwards
+        return f"hf alone vs packing {self.packing_source}"
 
 
 @dataclass
@@ -58,7 +69,16 @@ class GroupResult:
     packed_vs_alone: list[Comparison]
     left_out: dict[str, str]  # case id -> why its media could not join the pack
     packed_ids: list[str] = field(default_factory=list)  # the case of each packed_vs_hf comparison
-    companions: list[SwapResult] = field(default_factory=list)  # one companion-swap verdict per case of the pack
+    companions: list[SwapResult] = field(default_factory=list)  # one verdict per case the swap queried
+    swap_forwards: str = ""  # the forwards the swap compared
+
+    def forwards(self, test: str) -> str:
+        """The forwards a test of this group compared (recorded with the test)."""
+        if test == "test_companions_do_not_leak":
+            return self.swap_forwards
+        if test == "test_packing_independent_of_neighbours":
+            return f"packing alone vs packing in {self.group.id}"
+        return f"hf alone vs packing in {self.group.id}"
 
 
 def pair_files(settings: Settings) -> PairFiles:
@@ -84,6 +104,7 @@ class ParitySession:
         self.settings = settings
         self.plan = plan
         self.needs: dict[str, GroupNeeds] = {}
+        self.left_out: dict[str, list[str]] = {}  # why the plan deselected tests: reason -> test names
         self.cost = Cost()
         self._files = files
         self._pair: ModelPair | None = None
@@ -92,6 +113,7 @@ class ParitySession:
         self._golden_folders: dict[str, Path] = {}
         self.baseline: Baseline | None = None  # --golden-baseline, checked (set by the plugin)
         self._current: GroupResult | None = None
+        self._swaps: list[str] = []  # "<probe>: bit-identical|differs" of every swap this process ran (the evidence)
 
     # models
 
@@ -234,18 +256,25 @@ class ParitySession:
                 except MediaError as err:
                     results[case.id] = CaseResult(case, error=str(err))
         samples = {case.id: self._sample(case, media[case.id]) for case in group.cases if case.id in media}
-        packed, swaps = self._packed_forward(list(samples.values()), companions=needs.companions) \
-            if needs.packed else ({}, [])
+        packed = self._packed_forward(list(samples.values())) if needs.packed else {}
+        probe = self.plan.companions.get(group.id) if needs.companions else None
+        swaps, swap_forwards = self._companion_swaps(probe, samples, packed) if probe else ([], "")
+        evidence = self._leak_evidence() if needs.from_pack else None
         packed_vs_hf, packed_vs_alone, packed_ids = [], [], []
         for case in group.cases:
             if case.id not in samples:
                 continue
             sample = samples.pop(case.id)
-            first = {side: self._forward(side, sample) for side in SIDES}
+            self.cost.case_tokens += sample.num_tokens
+            first = {"hf": self._forward("hf", sample)}
+            if evidence is not None and case.id in packed:
+                first["packing"], source = packed[case.id], f"in {group.id} ({evidence})"
+            else:
+                first["packing"], source = self._forward("packing", sample), "alone"
             result = CaseResult(
                 case, comparison=compare_features(first["hf"], first["packing"], name=case.id,
                                                   threshold=self.settings.threshold),
-                grid=sample.grid, metadata=sample.metadata,
+                grid=sample.grid, metadata=sample.metadata, packing_source=source,
             )
             if case.id in needs.goldens:
                 result.metadata["media_sha256"] = file_sha256(case.path)
@@ -256,62 +285,90 @@ class ParitySession:
                     first["hf"], packed[case.id], name=f"packed/{case.id}", threshold=self.settings.threshold,
                     labels=("hf", "packing"),
                 ))
-                packed_vs_alone.append(compare_features(
-                    first["packing"], packed[case.id], name=f"alone vs packed/{case.id}",
-                    threshold=NEIGHBOUR_MIN_COS[self.settings.dtype], labels=("alone", "packed"),
-                ))
+                if source == "alone":
+                    packed_vs_alone.append(compare_features(
+                        first["packing"], packed[case.id], name=f"alone vs packed/{case.id}",
+                        threshold=NEIGHBOUR_MIN_COS[self.settings.dtype], labels=("alone", "packed"),
+                    ))
             if case.id in needs.determinism:
                 self.cost.determinism_cases += 1
-                result.determinism = self._determinism_problems(case, media[case.id], sample, first)
+                result.determinism, result.determinism_forwards = self._determinism_problems(
+                    case, media[case.id], sample, first, rerun=("hf",) if source != "alone" else SIDES)
+                if source != "alone":
+                    result.determinism_forwards += f"; packing: features {source}, repeatability shown by that swap"
             results[case.id] = result
             del sample, first
         left_out = {case.id: results[case.id].error for case in group.cases
                     if case.id in results and results[case.id].error}
-        return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out, packed_ids, swaps)
+        return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out, packed_ids, swaps, swap_forwards)
 
-    def _packed_forward(self, samples: list[Sample], *,
-                        companions: bool) -> tuple[dict[str, torch.Tensor], list[SwapResult]]:
-        """The group's readable cases in one forward of the packing model, split back per case; with
-        `companions`, each case's companion swap, reusing that forward as the swap's first pass."""
+    def _leak_evidence(self) -> str | None:
+        """The swaps of this process that show the packing model's samples untouched by their neighbours (its code
+        is the same for every pack), or None when no swap has run or one found a difference."""
+        if not self._swaps or any(not line.endswith("bit-identical") for line in self._swaps):
+            return None
+        return "no leak in companion swap " + ", ".join(self._swaps)
+
+    def _packed_forward(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        """The group's readable cases in one forward of the packing model, split back per case."""
         if not samples:
-            return {}, []
+            return {}
         self.cost.count("packing", sum(sample.num_tokens for sample in samples))
         features = extract_packing(self.model("packing").model, samples)
-        swaps = self._companion_swaps(samples, features) if companions else []
-        return {sample.name: feature for sample, feature in zip(samples, features)}, swaps
+        return {sample.name: feature for sample, feature in zip(samples, features)}
 
-    def _companion_swaps(self, samples: list[Sample], features: list[torch.Tensor]) -> list[SwapResult]:
-        """Each sample's features with its companions' pixels replaced must be bit-identical to `features`: two more
-        packed forwards per pack (the even positions kept, then the odd ones); none for a pack of one."""
-        if len(samples) < 2:
-            return []
-        model, tokens = self.model("packing").model, sum(sample.num_tokens for sample in samples)
+    def _companion_swaps(self, probe: Probe, samples: dict[str, Sample],
+                         packed: dict[str, torch.Tensor]) -> tuple[list[SwapResult], str]:
+        """The planned swap of the group (`suite.cases.companion_probes`): each kept sample's features with the other
+        samples' pixels replaced must be bit-identical to those of the pack as given. The group's packed forward is
+        the first pass of a whole-group probe; a two-case probe runs its own. Also what was compared."""
+        pack = [samples[case_id] for case_id in probe.cases if case_id in samples]
+        if len(pack) < 2:
+            return [], ""
+        model, tokens = self.model("packing").model, sum(sample.num_tokens for sample in pack)
+        kept_sets = probe.kept if len(pack) == len(probe.cases) else alternate_halves(len(pack))
+        reused = probe.whole and all(sample.name in packed for sample in pack)
+        if reused:
+            before = [packed[sample.name] for sample in pack]
+        else:
+            self.cost.count("packing", tokens)
+            before = extract_packing(model, pack)
         swaps = []
-        for kept in alternate_halves(len(samples)):
+        for kept in kept_sets:
             self.cost.count("packing", tokens)
             self.cost.companion_swaps += 1
-            swaps.extend(companion_swap(model, samples, kept, before=features))
-        return sorted(swaps, key=lambda swap: swap.index)
+            swaps.extend(companion_swap(model, pack, kept, before=before))
+        swaps.sort(key=lambda swap: swap.index)
+        label = f"{probe.group}[{'+'.join(sample.name for sample in pack)}]"
+        self._swaps.append(f"{label}: " + ("bit-identical" if all(swap.passed for swap in swaps) else "differs"))
+        forwards = (f"packing in {label} ({len(pack)} samples, {tokens} tokens) vs the same pack with "
+                    f"{'the other half' if len(kept_sets) > 1 else 'the companions'} swapped, "
+                    f"{len(kept_sets)} swap forward{'s' if len(kept_sets) > 1 else ''}"
+                    + ("; the group's packed forward as first pass" if reused else "; a first pass of its own"))
+        return swaps, forwards
 
-    def _determinism_problems(self, case: ParityCase, media: Media, sample: Sample,
-                              first: dict[str, torch.Tensor]) -> list[str]:
-        """Decode again and compare pixels; run each model again on the same pixels and compare bit for bit.
+    def _determinism_problems(self, case: ParityCase, media: Media, sample: Sample, first: dict[str, torch.Tensor],
+                              *, rerun: tuple[str, ...]) -> tuple[list[str], str]:
+        """Decode again and compare pixels; run each model of `rerun` again alone on the same pixels and compare bit
+        for bit. Returns the problems and the forwards compared.
 
         A second pass that differs gets a third, and the message says which pass was the odd one.
         """
-        problems = []
+        problems, passes = [], {side: 2 for side in rerun}
         pixels = self.load_case_media(case).frames
         if not np.array_equal(media.frames, pixels):
             problems.append(f"decoding the media twice gave different pixels ({pixel_difference(media.frames, pixels)})")
-        for side in SIDES:
+        for side in rerun:
             second = self._forward(side, sample)
             if not (torch.isfinite(first[side]).all() and torch.isfinite(second).all()):
                 problems.append(f"{side} model gives NaN or Inf features (test_parity reports where)")
             elif not torch.equal(first[side], second):
                 third = self._forward(side, sample)
+                passes[side] = 3
                 problems.append(f"{side} model not deterministic: {feature_difference(first[side], second)} between "
                                 f"two passes on the same pixels; {odd_pass(first[side], second, third)}")
-        return problems
+        forwards = "media decoded twice; " + ", ".join(f"{side} alone x{count}" for side, count in passes.items())
+        return problems, forwards
 
     # goldens and failure reports
 

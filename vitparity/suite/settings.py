@@ -15,7 +15,7 @@ from ..media import ALIGN_POLICIES, check_scale, scale_suffix
 from ..models.packed_attention import BACKENDS, SDPA_KERNELS, available_backends, available_sdpa_kernels
 from ..pair import PairError, check_threshold
 from .cases import Shard, parse_shard
-from .options import DETERMINISM_POLICIES, OPTIONS, RawValue, raw_value
+from .options import COMPANION_POLICIES, DETERMINISM_POLICIES, OPTIONS, RawValue, raw_value
 
 # Tokens per pack group when --pack-tokens is not given. On a GPU: a ViT-L packed forward of 131k bf16 tokens
 # that keeps no hidden states needs a few GiB; on the CPU, groups stay small enough to run in seconds.
@@ -49,6 +49,7 @@ class Settings:
     strict_buffers: bool = False
     golden_baseline: Path | None = None  # a previous release's golden folder (vitparity.suite.baseline)
     baseline_min_cos: float | None = None  # None: the baseline drift is only reported
+    companions: str = "auto"
 
     @property
     def torch_dtype(self):
@@ -93,6 +94,8 @@ def resolve_settings(config: pytest.Config) -> Settings:
         raise bad("align", f"use one of {ALIGN_POLICIES}")
     if raw["determinism"].value not in DETERMINISM_POLICIES:
         raise bad("determinism", f"use one of {DETERMINISM_POLICIES}")
+    if raw["companions"].value not in COMPANION_POLICIES:
+        raise bad("companions", f"use one of {COMPANION_POLICIES}")
     try:
         threshold = check_threshold(float(raw["threshold"].value), raw["threshold"].label)
     except ValueError:
@@ -131,6 +134,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         align=raw["align"].value,
         threshold=threshold,
         determinism=raw["determinism"].value,
+        companions=raw["companions"].value,
         pack_tokens=pack_tokens,
         shard=shard,
         golden_dir=path("golden_dir"),

@@ -42,10 +42,12 @@ class TraceReport:
 
 
 def trace_failure(session: ParitySession, result: CaseResult | GroupResult) -> TraceReport:
-    """Trace the failing comparison(s) of a case (run alone) or of a group (each failing case inside its pack)."""
+    """Trace the failing comparison(s) of a case (alone, or inside its pack when its packing features came from
+    there) or of a group (each failing case inside its pack)."""
     report_dir = session.settings.report_dir
-    if isinstance(result, CaseResult):
-        return _trace(session, [result.case], pack=None, plot=report_dir / f"{result.case.id}-layers.png")
+    if isinstance(result, CaseResult):  # traced where its packing features came from: alone, or in its pack
+        pack = None if result.packing_source == "alone" else list(session.plan.group_of(result.case.id).cases)
+        return _trace(session, [result.case], pack=pack, plot=report_dir / f"{result.case.id}-layers.png")
     failing = {case_id for case_id, c in zip(result.packed_ids, result.packed_vs_hf) if not c.passed}
     cases = [case for case in result.group.cases if case.id in failing]
     pack = [case for case in result.group.cases if case.id in result.packed_ids]
