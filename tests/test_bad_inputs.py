@@ -139,9 +139,10 @@ def test_cuda_without_gpu_skips_with_a_reason_unless_required(suite) -> None:
     assert "CUDA is not available" in skipped.stdout.str()
     assert "NOTHING COMPARED: device cuda requested but CUDA is not available" in skipped.stdout.str()
     assert "--device cpu" in skipped.stdout.str() and "--require-device to fail" in skipped.stdout.str()
-    whole = suite.run("--device", "cuda")  # the deselected determinism re-runs are explained
-    assert "6 deselected" in whole.stdout.str()
-    assert "2 cases re-run (test_deterministic of the other 6 deselected; --determinism=all" in whole.stdout.str()
+    whole = suite.run("--device", "cuda")  # the tests the GPU plan deselects are explained
+    assert "9 deselected" in whole.stdout.str()
+    assert "not run by the plan (--determinism=auto: case not re-run): test_deterministic[" in whole.stdout.str()
+    assert "not run by the plan (--companions=auto: no swap planned for this group)" in whole.stdout.str()
     required = suite.run("-k", "coffee", "--device", "cuda", "--require-device")
     assert required.ret == 1 and "CUDA is not available" in required.stdout.str()
     assert suite.goldens() == before
