@@ -114,7 +114,8 @@ def _write_file(cv2, path: Path, frames: np.ndarray) -> None:
 def make_sample(case: str, config, dtype: torch.dtype, device: torch.device, seed: int) -> Sample:
     kind, t, height, width = CASES[case]
     frames = synthetic_frames(t, height, width, seed)
-    media = Media(f"synthetic-{case}", kind, frames[0] if kind == "image" else frames, {})
+    media = Media(f"synthetic-{case}", kind, frames[0] if kind == "image" else frames,
+                  {"width": width, "height": height})  # the native size, as a decoder records it
     return prepare_sample(media, patch_size=config.patch_size, dtype=dtype, device=device,
                           temporal_context=config.rope_temporal_size, name=case)
 
