@@ -81,6 +81,28 @@ EXAMPLES: dict[str, Example] = {
     'python -m pip install -e ".[media]"': Example(elsewhere="pyproject.toml's media extra (checked below)"),
     "python fixtures/make_media.py": Example(elsewhere="the --out DIR form below (it would rewrite fixtures/media)"),
     "python fixtures/make_media.py --out DIR": Example("script", {"DIR": "{tmp}/made"}),
+    # README: goldens across releases
+    "pytest -m golden --golden-baseline=fixtures/golden/onevision_encoder-41bbf9a8a5e4-bfloat16-8of64-crop":
+        Example(elsewhere="tests/test_goldens.py (--golden-baseline: drift, same weights, every mismatch)"),
+    **dict.fromkeys([
+        "vitparity golden-diff HEAD~1:fixtures/golden fixtures/golden", "vitparity golden-diff OLD NEW",
+        "vitparity golden-show GOLDEN.npz", 'git config diff.vitparity-golden.textconv "vitparity golden-show"',
+        "git diff HEAD~1 -- fixtures/golden",
+    ], Example(elsewhere="tests/test_goldens.py (golden-diff of two folders and of git revisions, the textconv "
+                         "driver through git diff)")),
+    # docs/release_tool.md: needs the release's repository, its stand-ins and transformers 4.x
+    **dict.fromkeys([
+        "PYTHONPATH=/tmp/tf4:$SHIMS:$RELEASE python extract_features_fp32.py --hf_model_path ckpt/hf "
+        "--packing_model_path ckpt/packing --root $RELEASE/model_factory/images --output_dir feat_author",
+        "vitparity extract --hf_model_path ckpt/hf --packing_model_path ckpt/packing --root "
+        "$RELEASE/model_factory/images --output_dir feat_vp --align resize --device cpu --dtype float32",
+        "PYTHONPATH=$SHIMS vitparity extract --hf_model_path ckpt_remote/hf --packing_model_path ckpt_remote/packing "
+        "--root $RELEASE/model_factory/images --output_dir feat_vp_remote --align resize --device cpu --dtype float32 "
+        "--trust_remote_code",
+    ], Example(elsewhere="run by hand for docs/release_tool.md; the same paths on this project's files: "
+                         "tests/test_align_resize.py, tests/test_temporal_context.py, tests/test_buffers.py")),
+    "python -m bench suite-plan --device cpu": Example(elsewhere="run by hand for docs/benchmarks.md (suite runs of "
+                                                               "minutes); not run by the tests"),
     # docs/benchmarks.md
     **dict.fromkeys([
         "python -m bench --help", "python -m bench --small", "python -m bench forward --json out.json",
@@ -108,7 +130,7 @@ def documented_commands() -> list[str]:
     for path in DOCS:
         for block in re.findall(r"```sh\n(.*?)```", path.read_text(), re.S):
             for line in block.replace("\\\n", " ").splitlines():
-                command = re.sub(r"\s+#\s.*$", "", line).strip()
+                command = "" if line.lstrip().startswith("#") else re.sub(r"\s+#\s.*$", "", line).strip()
                 if command:
                     commands.append(" ".join(command.split()))
     return commands
