@@ -52,7 +52,8 @@ def test_report_blocks_and_summary(comparisons: list[Comparison]) -> None:
         "FAIL",
         "FAIL",
     ]
-    assert "  FAIL: min cosine -1.000000 <= threshold 0.99" in lines
+    assert f"  FAIL: min cosine {comparisons[1].min_cos:.9f} <= threshold 0.99" in lines
+    assert comparisons[1].min_cos == pytest.approx(-1.0, abs=1e-6)
     assert "  FAIL: token count differs: hf 16 vs packing 15" in lines
     assert "cosine per token: min n/a  mean n/a  max n/a" in text
     assert lines[-1] == "Summary: 3 inputs, 1 passed, 2 failed"
