@@ -56,3 +56,8 @@ def test_verify_prints_the_size_seen_of_either_tools_folder(item: dict, line: st
     out = capsys.readouterr().out
     assert line in out.splitlines()
     assert describe_metadata({"inputs": {"image1": item}})[-1] == line
+
+
+def test_frames_made_in_memory_have_the_size_seen_as_native() -> None:
+    assert input_sizes({"kind": "image"}, 14, 28) == {"kind": "image", "width": 14, "height": 28, "orig_width": 14,
+                                                      "orig_height": 28}

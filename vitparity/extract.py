@@ -133,9 +133,10 @@ def prepare_sample(
 def input_sizes(media_metadata: dict, width: int, height: int) -> dict:
     """A decoded input's metadata with the sizes as the release's extraction tool records them in metadata.json:
     `width` / `height` the size the model sees (pixels, after scaling and alignment) and `orig_width` /
-    `orig_height` the native size; every other key of `media_metadata` (`scaled_*`, `aligned_*`, ...) kept."""
-    return {**media_metadata, "orig_width": media_metadata["width"], "orig_height": media_metadata["height"],
-            "width": int(width), "height": int(height)}
+    `orig_height` the native size (`media_metadata`'s `width` / `height`; the size seen when it has none, as for
+    frames made in memory); every other key of `media_metadata` (`scaled_*`, `aligned_*`, ...) kept."""
+    return {**media_metadata, "orig_width": media_metadata.get("width", int(width)),
+            "orig_height": media_metadata.get("height", int(height)), "width": int(width), "height": int(height)}
 
 
 def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
