@@ -27,6 +27,7 @@ from vitparity.snapshots import golden_file_stem
 from vitparity.suite.golden_upkeep import case_of_file, golden_key
 
 from conftest import REPO, golden_files
+from faults import build_variant
 
 HF_F32 = "onevision_encoder-41bbf9a8a5e4-float32-8of64-crop"
 PACKING_F32 = "onevision_encoder_packing-0a8da2050499-float32-8of64-crop"
@@ -121,14 +122,17 @@ def test_a_narrowed_update_deletes_nothing_and_says_why(suite, written, tmp_path
     assert count and int(count.group(1)) + ran == 18  # every golden of an existing case: run or listed as kept
 
 
-def test_goldens_of_a_refused_case_are_kept_with_the_reason(suite, written, tmp_path) -> None:
-    """A case whose parity fails (a threshold no pair meets) is refused: its goldens keep their bytes, and the
-    summary says why."""
+def test_goldens_of_a_refused_case_are_kept_with_the_reason(suite, written, tmp_path, monkeypatch) -> None:
+    """A case whose parity fails (a packing model whose code shifts the temporal positions, same weights and so the
+    same golden folder) is refused: its goldens keep their bytes, and the summary says why."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    packing = build_variant("temporal_off_by_one", tmp_path / "checkpoints")
     goldens = tmp_path / "G"
     shutil.copytree(written / "G", goldens)
     before = golden_files(goldens)
-    result = suite.run("parity_tests/test_golden.py", "--snapshot-update", "--threshold=0.9999999",
-                       f"--golden-dir={goldens}", f"--media={written / 'M'}", "-k", "astronaut_pan")
+    result = suite.run("parity_tests/test_golden.py", "--snapshot-update", f"--packing-model={packing}",
+                       "--trust-remote-code", f"--golden-dir={goldens}", f"--media={written / 'M'}",
+                       "-k", "astronaut_pan")
     out = result.stdout.str()
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     assert golden_files(goldens) == before
