@@ -51,7 +51,8 @@ EXAMPLES: dict[str, Example] = {
     "pytest": Example("suite"),
     "pytest -k video": Example("suite"),
     'pytest -m "not golden"': Example("suite"),
-    "pytest -n 4": Example("suite"),
+    "pytest -n 4": Example(elsewhere="tests/test_suite_work.py and tests/test_suite.py run the suite under -n 2 and "
+                                     "-n 3 (the same forwards as serial)"),
     "pytest --hf-model=/ckpt/onevision-encoder-large --packing-model=/ckpt/onevision-encoder-large-packing "
     "--device cuda --dtype bfloat16 --media=/data/more_media":
         Example("suite", {**CKPT, **MEDIA, "cuda": "cpu"}, ret=1, says=MISSING_GOLDEN),
@@ -61,8 +62,9 @@ EXAMPLES: dict[str, Example] = {
     "pytest --golden-dir=/data/goldens --snapshot-update --media=/data/more_media --align=resize --scales=0.5":
         Example("suite", MEDIA, says="snapshots generated"),
     "pytest --golden-dir=/data/goldens --media=/data/more_media --align=resize --scales=0.5": Example("suite", MEDIA),
-    "pytest --snapshot-update": Example("suite"),
-    "pytest --regenerate-goldens": Example("suite"),
+    **dict.fromkeys(["pytest --snapshot-update", "pytest --regenerate-goldens"], Example(
+        elsewhere="tests/test_suite.py (test_regenerate_rewrites_every_golden_and_orphans_fail_the_full_run, "
+                  "test_broken_pair_is_never_blessed) and tests/test_goldens.py")),
     # README: tox (each environment exists and runs what the README says)
     "tox -e regen": Example("tox", says="--regenerate-goldens"),
     "tox -e tests": Example("tox", says="pytest tests"),
@@ -175,14 +177,13 @@ def test_suite_examples_end_as_documented(suite, tmp_path, monkeypatch) -> None:
                          repos={"hf": "org/onevision-encoder-large", "packing": "org/onevision-encoder-large-packing"})
     committed = suite.goldens()
     for command in by_kind("suite"):
-        if command in ("pytest --snapshot-update", "pytest --regenerate-goldens"):  # the last two: they write there
-            assert suite.goldens() == committed, "an example wrote into the committed golden folder"
         example = EXAMPLES[command]
         result = suite.run(*args_of(command, tmp_path, "pytest"))
         out = result.stdout.str() + result.stderr.str()
         assert result.ret == example.ret, f"{command}\n{out[-3000:]}"
         assert example.says in out, command
         assert "Traceback" not in out and "INTERNALERROR" not in out, command
+    assert suite.goldens() == committed, "an example wrote into the committed golden folder"
     own = sorted(p.name for p in (tmp_path / "goldens").rglob("*.npz"))  # 8 bundled + 2 more media, at 0.5 only
     assert len(own) == 20 and all("@0.5-" in name for name in own)
     assert "test_golden[video-espresso_zoom.mp4@0.5-packing].npz" in own
