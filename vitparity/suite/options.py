@@ -19,8 +19,8 @@ import pytest
 
 from ..choices import ALIGN_POLICIES, DEFAULT_THRESHOLD
 
-DETERMINISM_POLICIES = ("auto", "all", "sample", "off")
-COMPANION_POLICIES = ("auto", "all", "sample", "off")
+# --determinism and --companions: one policy set, resolved by one rule (`cases.resolve_policy`)
+PLAN_POLICIES = ("auto", "all", "sample", "off")
 
 
 @dataclass(frozen=True)

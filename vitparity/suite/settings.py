@@ -15,7 +15,7 @@ from ..media import ALIGN_POLICIES, check_scale, scale_suffix
 from ..models.packed_attention import BACKENDS, SDPA_KERNELS, available_backends, available_sdpa_kernels
 from ..pair import PairError, check_threshold
 from .cases import Shard, parse_shard
-from .options import COMPANION_POLICIES, DETERMINISM_POLICIES, OPTIONS, RawValue, raw_value
+from .options import OPTIONS, PLAN_POLICIES, RawValue, raw_value
 
 # Tokens per pack group when --pack-tokens is not given. On a GPU: a ViT-L packed forward of 131k bf16 tokens
 # that keeps no hidden states needs a few GiB; on the CPU, groups stay small enough to run in seconds.
@@ -92,10 +92,9 @@ def resolve_settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(f"{raw['device'].label} / {raw['dtype'].label}: {err}") from err
     if raw["align"].value not in ALIGN_POLICIES:
         raise bad("align", f"use one of {ALIGN_POLICIES}")
-    if raw["determinism"].value not in DETERMINISM_POLICIES:
-        raise bad("determinism", f"use one of {DETERMINISM_POLICIES}")
-    if raw["companions"].value not in COMPANION_POLICIES:
-        raise bad("companions", f"use one of {COMPANION_POLICIES}")
+    for name in ("determinism", "companions"):
+        if raw[name].value not in PLAN_POLICIES:
+            raise bad(name, f"use one of {PLAN_POLICIES}")
     try:
         threshold = check_threshold(float(raw["threshold"].value), raw["threshold"].label)
     except ValueError:
