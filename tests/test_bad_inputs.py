@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -124,6 +125,26 @@ def test_media_folder_problems_are_usage_errors(suite, tmp_path) -> None:
         assert f"--media: {tmp_path / folder}: {words}" in result.stderr.str()
 
 
+def test_own_media_alone_and_a_case_by_its_exact_file(suite, tmp_path) -> None:
+    """--no-bundled-media with --media: only the files given (a folder and a single file, separated by
+    os.pathsep) are cases; a name that is a substring of bundled ones (pan) selects only its own file."""
+    own = tmp_path / "own"
+    own.mkdir()
+    shutil.copy(BUILTIN_MEDIA / "coffee_small.jpg", own / "espresso.jpg")
+    pan = tmp_path / "pan.mp4"
+    shutil.copy(BUILTIN_MEDIA / "coffee_zoom.mp4", pan)
+    result = suite.run("-m", "not golden", "--no-bundled-media", f"--media={own}{os.pathsep}{pan}", "-p", "no:randomly")
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    assert set(verdicts(result.stdout.str())) == {"image-espresso.jpg", "video-pan.mp4", "packed/image-espresso.jpg",
+                                                  "packed/video-pan.mp4"}
+    for args, words in ((("--no-bundled-media",), "--no-bundled-media: needs --media"),
+                        ((f"--media={own}{os.pathsep}{own}",), "is listed twice"),
+                        ((f"--media={tmp_path / 'notes.txt'}",), "unknown media extension '.txt'")):
+        (tmp_path / "notes.txt").write_text("not media")
+        bad = suite.run(*args)
+        assert bad.ret == pytest.ExitCode.USAGE_ERROR and words in bad.stderr.str(), (args, bad.stderr.str())
+
+
 def test_float16_on_cpu_is_a_usage_error(suite) -> None:
     result = suite.run("--dtype", "float16")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -134,11 +155,14 @@ def test_float16_on_cpu_is_a_usage_error(suite) -> None:
 def test_cuda_without_gpu_skips_with_a_reason_unless_required(suite) -> None:
     before = suite.goldens()
     skipped = suite.run("-k", "coffee", "--device", "cuda", "-rs")
-    assert skipped.ret == 0
+    assert skipped.ret == pytest.ExitCode.NO_TESTS_COLLECTED  # no green without a check
     assert skipped.parseoutcomes().get("skipped", 0) > 0 and "passed" not in skipped.parseoutcomes()
     assert "CUDA is not available" in skipped.stdout.str()
     assert "NOTHING COMPARED: device cuda requested but CUDA is not available" in skipped.stdout.str()
     assert "--device cpu" in skipped.stdout.str() and "--require-device to fail" in skipped.stdout.str()
+    assert "NOTHING CHECKED: all " in skipped.stdout.str() and "--allow-skip" in skipped.stdout.str()
+    allowed = suite.run("-k", "coffee", "--device", "cuda", "--allow-skip")
+    assert allowed.ret == 0 and "passed" not in allowed.parseoutcomes() and "NOTHING CHECKED" not in allowed.stdout.str()
     whole = suite.run("--device", "cuda")  # the tests the GPU plan deselects are explained
     assert "9 deselected" in whole.stdout.str()
     assert "not run by the plan (--determinism=auto: case not re-run): test_deterministic[" in whole.stdout.str()
@@ -174,7 +198,7 @@ def test_media_that_would_share_a_golden_is_a_usage_error(suite, tmp_path, first
 def test_cuda_index_beyond_the_visible_devices_skips_unless_required(suite, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    skipped = suite.run("-k", "coffee", "--device=cuda:3", "-rs")
+    skipped = suite.run("-k", "coffee", "--device=cuda:3", "-rs", "--allow-skip")
     assert skipped.ret == 0 and "passed" not in skipped.parseoutcomes()
     assert "device cuda:3 requested but 2 CUDA device(s) are visible" in skipped.stdout.str()
     required = suite.run("-k", "coffee", "--device=cuda:3", "--require-device")

@@ -59,6 +59,9 @@ EXAMPLES: dict[str, Example] = {
     "pytest --hf-model=org/onevision-encoder-large@v1.0 --packing-model=org/onevision-encoder-large-packing@v1.0":
         Example("suite"),
     'pytest -m "not golden" --media=/data/more_media': Example("suite", MEDIA),
+    'pytest -m "not golden" --no-bundled-media --media=/data/more_media:/data/clip.mp4':
+        Example("suite", {"/data/more_media:/data/clip.mp4": "{tmp}/more_media:{tmp}/clip.mp4"},
+                says="6 comparisons, 6 passed"),
     "pytest --golden-dir=/data/goldens --snapshot-update --media=/data/more_media --align=resize --scales=0.5":
         Example("suite", MEDIA, says="snapshots generated"),
     "pytest --golden-dir=/data/goldens --media=/data/more_media --align=resize --scales=0.5": Example("suite", MEDIA),
@@ -171,6 +174,7 @@ def more_media(folder: Path) -> Path:
 def test_suite_examples_end_as_documented(suite, tmp_path, monkeypatch) -> None:
     """In the order the README shows them: the golden-folder workflow writes before it checks."""
     more_media(tmp_path / "more_media")
+    shutil.copy(BUILTIN_MEDIA / "rocket_tilt.mp4", tmp_path / "clip.mp4")
     for side, source in (("hf", BUILTIN_HF), ("packing", BUILTIN_PACKING)):
         shutil.copytree(source, tmp_path / "ckpt" / side)
     cache_builtin_models(tmp_path / "hf-home", monkeypatch, refs=("main", "v1.0"),

@@ -23,6 +23,7 @@ from .suite.cases import PackGroup, ParityCase  # noqa: E402
 from .numerics import pinned_float32  # noqa: E402
 from .suite.settings import resolve_settings  # noqa: E402
 from .suite.costs import FORWARDS_PROPERTY, PROPERTY  # noqa: E402
+from .suite.nothing_checked import NothingChecked  # noqa: E402
 from .suite.baseline import BaselineReporter, baseline_property, check_baseline  # noqa: E402
 from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key  # noqa: E402
 from .suite.reporting import FailureWithoutFailedTest, ParityReporter  # noqa: E402
@@ -72,6 +73,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")
     if updating and not hasattr(config, "workerinput"):
         config.pluginmanager.register(GoldenUpkeep(session), "vitparity-golden-upkeep")
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(NothingChecked(settings.allow_skip), "vitparity-nothing-checked")
     if session.baseline is not None and not hasattr(config, "workerinput"):
         config.pluginmanager.register(BaselineReporter(session.baseline, settings), "vitparity-baseline")
 

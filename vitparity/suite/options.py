@@ -58,7 +58,12 @@ OPTIONS = (
     Option("device", "models", "cpu, cuda, cuda:N or auto (cuda when available)", "auto"),
     Option("dtype", "models", "float32, bfloat16, float16 or auto (bfloat16 on cuda, float32 on cpu)", "auto"),
     Option("require_device", "models", "fail instead of skip when the requested CUDA device is absent", flag=True),
-    Option("media", "cases", "extra folder of images and videos: each file becomes a case"),
+    Option("allow_skip", "checks", "exit 0 when every parity test was skipped (default: such a run compared "
+           "nothing and exits 5)", flag=True),
+    Option("media", "cases", "media of one's own, added to the bundled files: folders (every image and video "
+           "in each) and single files, several separated by os.pathsep (':' on Linux and macOS)"),
+    Option("no_bundled_media", "cases", "leave the bundled media (fixtures/media) out: only --media's files are "
+           "cases", flag=True),
     Option("num_frames", "cases", "frames sampled per video", "8"),
     Option("align", "cases", f"patch alignment of sizes that are not a multiple of the patch size: {ALIGN_POLICIES}",
            "crop"),

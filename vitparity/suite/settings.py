@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class Settings:
     golden_baseline: Path | None = None  # a previous release's golden folder (vitparity.suite.baseline)
     baseline_min_cos: float | None = None  # None: the baseline drift is only reported
     companions: str = "auto"
+    allow_skip: bool = False  # a run whose every parity test was skipped exits 0 (vitparity.suite.nothing_checked)
 
     @property
     def torch_dtype(self):
@@ -128,7 +130,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         device=device,
         dtype=dtype,
         require_device=raw["require_device"].value,
-        media_dirs=(BUILTIN_MEDIA, path("media")) if raw["media"].value else (BUILTIN_MEDIA,),
+        media_dirs=_media(config, raw, bad),
         num_frames=whole("num_frames", 1),
         align=raw["align"].value,
         threshold=threshold,
@@ -149,7 +151,27 @@ def resolve_settings(config: pytest.Config) -> Settings:
         strict_buffers=raw["strict_buffers"].value,
         golden_baseline=path("golden_baseline"),
         baseline_min_cos=_baseline_min_cos(raw, bad),
+        allow_skip=raw["allow_skip"].value,
     )
+
+
+def _media(config: pytest.Config, raw: dict[str, RawValue], bad) -> tuple[Path, ...]:
+    """The bundled media folder (unless --no-bundled-media), then each path of --media (folders and single files,
+    separated by os.pathsep), resolved like every path option; none empty, none twice."""
+    own: list[Path] = []
+    for part in str(raw["media"].value or "").split(os.pathsep) if raw["media"].value else []:
+        if not part.strip():
+            raise bad("media", f"an empty path (paths are separated by {os.pathsep!r})")
+        path = _resolve_path(config, RawValue(part.strip(), raw["media"].source, raw["media"].label)).resolve()
+        if path in own:
+            raise bad("media", f"{part.strip()} is listed twice")
+        own.append(path)
+    if not raw["no_bundled_media"].value:
+        return (BUILTIN_MEDIA, *(path for path in own if path != BUILTIN_MEDIA.resolve()))
+    if not own:
+        raise pytest.UsageError(f"{raw['no_bundled_media'].label}: needs --media (the files to run on instead of the "
+                                "bundled ones)")
+    return tuple(own)
 
 
 def _baseline_min_cos(raw: dict[str, RawValue], bad) -> float | None:
