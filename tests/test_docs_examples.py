@@ -87,8 +87,9 @@ EXAMPLES: dict[str, Example] = {
     "python fixtures/make_media.py": Example(elsewhere="the --out DIR form below (it would rewrite fixtures/media)"),
     "python fixtures/make_media.py --out DIR": Example("script", {"DIR": "{tmp}/made"}),
     # README: goldens across releases
-    "pytest -m golden --golden-baseline=fixtures/golden/onevision_encoder-41bbf9a8a5e4-bfloat16-8of64-crop":
-        Example(elsewhere="tests/test_goldens.py (--golden-baseline: drift, same weights, every mismatch)"),
+    "pytest -m golden --golden-dir=/data/goldens-v2 --snapshot-update --golden-baseline=/data/v1/fixtures/golden":
+        Example("suite", {"/data/goldens-v2": "{tmp}/goldens-v2", "/data/v1/fixtures/golden": "fixtures/golden"},
+                says="vitparity baseline drift"),
     **dict.fromkeys([
         "vitparity golden-diff HEAD~1:fixtures/golden fixtures/golden", "vitparity golden-diff OLD NEW",
         "vitparity golden-show GOLDEN.npz", 'git config diff.vitparity-golden.textconv "vitparity golden-show"',

@@ -193,7 +193,7 @@ def golden(request: pytest.FixtureRequest, parity: ParitySession, case_result: C
         folder = parity.golden_folder(side)
         request.node.user_properties.append((FOLDER_PROPERTY, json.dumps(str(folder))))
         failures = []
-        if parity.baseline is not None and parity.baseline.covers(folder):
+        if parity.baseline is not None and parity.baseline.covers(side):
             row, failure = parity.baseline.measure(data, side, golden_key(request.node.nodeid))
             request.node.user_properties.extend([baseline_property(row)] if row else [])
             failures.extend([failure] if failure else [])

@@ -78,8 +78,9 @@ OPTIONS = (
     Option("shard", "work", "run shard K of N (K/N): whole pack groups, disjoint, together the full run"),
     Option("golden_dir", "goldens", "root folder of golden snapshots", "fixtures/golden"),
     Option("regenerate_goldens", "goldens", "rewrite every selected golden (implies --snapshot-update)", flag=True),
-    Option("golden_baseline", "goldens", "a previous release's golden folder (<model_type>-<fingerprint>-<dtype>-"
-           "<F>of<C>-<align>): report each case's drift against it"),
+    Option("golden_baseline", "goldens", "a previous release's golden root (e.g. its fixtures/golden) or golden "
+           "folders (<model_type>-<fingerprint>-<dtype>-<F>of<C>-<align>, several separated by os.pathsep): report "
+           "each case's drift against it, for both models"),
     Option("baseline_min_cos", "goldens", "fail a case whose min projected cosine against --golden-baseline is not "
            "above this (default: report only)"),
     Option("report_dir", "report", "folder for heat maps of failing cases", "parity-report"),

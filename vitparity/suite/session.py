@@ -407,6 +407,7 @@ class ParitySession:
             "config_warnings": provenance["config_warnings"], "tf32": provenance["tf32"],
             "restored_buffers": provenance["restored_buffers"][side],
             "attention": self.cost.attention,
+            "layers": (self._files.hf_config if side == "hf" else self._files.packing_config).get("num_hidden_layers"),
         }
         return GoldenData.from_reduction(projection, norms, shape, meta, refusal=refusal,
                                          case=f"{side}/{result.case.id}")

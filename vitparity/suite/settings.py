@@ -48,7 +48,7 @@ class Settings:
     # How the user gave each option (flag, variable or ini key), for messages about its value; default: the flag.
     labels: dict[str, str] = field(default_factory=lambda: {option.name: option.cli for option in OPTIONS})
     strict_buffers: bool = False
-    golden_baseline: Path | None = None  # a previous release's golden folder (vitparity.suite.baseline)
+    golden_baseline: tuple[Path, ...] = ()  # a previous release's golden folders or root (vitparity.suite.baseline)
     baseline_min_cos: float | None = None  # None: the baseline drift is only reported
     companions: str = "auto"
     allow_skip: bool = False  # a run whose every parity test was skipped exits 0 (vitparity.suite.nothing_checked)
@@ -149,25 +149,32 @@ def resolve_settings(config: pytest.Config) -> Settings:
                                  f"on {device} in {dtype}"),
         labels={name: value.label for name, value in raw.items()},
         strict_buffers=raw["strict_buffers"].value,
-        golden_baseline=path("golden_baseline"),
+        golden_baseline=_paths(config, raw["golden_baseline"], bad, "golden_baseline"),
         baseline_min_cos=_baseline_min_cos(raw, bad),
         allow_skip=raw["allow_skip"].value,
     )
 
 
+def _paths(config: pytest.Config, raw: RawValue, bad, name: str) -> tuple[Path, ...]:
+    """A path option that takes several paths separated by os.pathsep, each resolved like every path option
+    (absolute); none empty, none twice. () when the option is not given."""
+    paths: list[Path] = []
+    for part in str(raw.value).split(os.pathsep) if raw.value else []:
+        if not part.strip():
+            raise bad(name, f"an empty path (paths are separated by {os.pathsep!r})")
+        path = _resolve_path(config, RawValue(part.strip(), raw.source, raw.label))
+        if path.resolve() in (known.resolve() for known in paths):
+            raise bad(name, f"{part.strip()} is listed twice")
+        paths.append(path)
+    return tuple(paths)
+
+
 def _media(config: pytest.Config, raw: dict[str, RawValue], bad) -> tuple[Path, ...]:
     """The bundled media folder (unless --no-bundled-media), then each path of --media (folders and single files,
     separated by os.pathsep), resolved like every path option; none empty, none twice."""
-    own: list[Path] = []
-    for part in str(raw["media"].value or "").split(os.pathsep) if raw["media"].value else []:
-        if not part.strip():
-            raise bad("media", f"an empty path (paths are separated by {os.pathsep!r})")
-        path = _resolve_path(config, RawValue(part.strip(), raw["media"].source, raw["media"].label)).resolve()
-        if path in own:
-            raise bad("media", f"{part.strip()} is listed twice")
-        own.append(path)
+    own = _paths(config, raw["media"], bad, "media")
     if not raw["no_bundled_media"].value:
-        return (BUILTIN_MEDIA, *(path for path in own if path != BUILTIN_MEDIA.resolve()))
+        return (BUILTIN_MEDIA, *(path for path in own if path.resolve() != BUILTIN_MEDIA.resolve()))
     if not own:
         raise pytest.UsageError(f"{raw['no_bundled_media'].label}: needs --media (the files to run on instead of the "
                                 "bundled ones)")
