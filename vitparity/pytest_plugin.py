@@ -24,6 +24,7 @@ from .numerics import pinned_float32  # noqa: E402
 from .suite.settings import resolve_settings  # noqa: E402
 from .suite.costs import FORWARDS_PROPERTY, PROPERTY  # noqa: E402
 from .suite.nothing_checked import NothingChecked  # noqa: E402
+from .suite.representative import check_representative  # noqa: E402
 from .suite.baseline import BaselineReporter, baseline_property, check_baseline  # noqa: E402
 from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key  # noqa: E402
 from .suite.reporting import FailureWithoutFailedTest, ParityReporter  # noqa: E402
@@ -68,6 +69,8 @@ def pytest_configure(config: pytest.Config) -> None:
     files = preflight(settings)
     session = ParitySession(settings, build_plan(settings, workers, files), files)
     session.baseline = check_baseline(settings, files)
+    check_representative(session.plan.all_groups, settings.pack_tokens, settings.require_representative,
+                         settings.labels["require_representative"])
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
     config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")

@@ -75,6 +75,9 @@ OPTIONS = (
            "pack group, both halves; packing features from forwards alone), sample (one two-case probe per worker; "
            "then every case's packing features come from its pack), off", "auto"),
     Option("pack_tokens", "work", "token budget of a pack group (default: 16384 on the CPU, 131072 on CUDA)"),
+    Option("require_representative", "work", "fail before any test when the media are too small for the card: no "
+           "case of 10,000 tokens or more, or no pack group filling half of --pack-tokens (default: a warning on "
+           "CUDA)", flag=True),
     Option("shard", "work", "run shard K of N (K/N): whole pack groups, disjoint, together the full run"),
     Option("golden_dir", "goldens", "root folder of golden snapshots", "fixtures/golden"),
     Option("regenerate_goldens", "goldens", "rewrite every selected golden (implies --snapshot-update)", flag=True),

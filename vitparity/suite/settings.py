@@ -51,6 +51,7 @@ class Settings:
     golden_baseline: tuple[Path, ...] = ()  # a previous release's golden folders or root (vitparity.suite.baseline)
     baseline_min_cos: float | None = None  # None: the baseline drift is only reported
     companions: str = "auto"
+    require_representative: bool = False  # media too small for the card fail (vitparity.suite.representative)
     allow_skip: bool = False  # a run whose every parity test was skipped exits 0 (vitparity.suite.nothing_checked)
 
     @property
@@ -152,6 +153,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         golden_baseline=_paths(config, raw["golden_baseline"], bad, "golden_baseline"),
         baseline_min_cos=_baseline_min_cos(raw, bad),
         allow_skip=raw["allow_skip"].value,
+        require_representative=raw["require_representative"].value,
     )
 
 
