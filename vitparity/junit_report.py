@@ -129,6 +129,14 @@ def _drift_badness(row: dict) -> tuple[bool, bool, float, str]:
     return bool(row.get("passed", True)), cos is not None, -1.0 if cos is None else cos, row.get("case", "")
 
 
+def _drift_verdict(row: dict) -> str:
+    if row.get("problem"):
+        return row["problem"]
+    if row.get("limit") is None:
+        return "report only"
+    return f"{'PASS' if row.get('passed', True) else 'FAIL'} (min cos > {row['limit']})"
+
+
 def _drift_line(row: dict) -> str:
     return (f"largest baseline drift: {row['side']}/{row['case']} min cos {_fmt(row.get('min_cos'), '.6f')}, max "
             f"norm drift {_fmt(row.get('max_norm_rel'), '.3e')}" + (f" ({row['problem']})" if row.get("problem") else ""))
@@ -177,7 +185,7 @@ def merge_report(runs: Sequence[JUnitRun]) -> tuple[str, bool]:
         lines += ["", "No test ran in any file."]
     if bad:
         lines += ["", f"### Failed tests ({len(bad)})", ""]
-        bad = sorted(bad, key=lambda item: _row_badness(item[1].worst or {"passed": False, "min_cos": None}))
+        bad = sorted(bad, key=lambda item: (item[1].worst is None, *_row_badness(item[1].worst or {})))
         for name, test in bad:
             first = _cell(test.message.splitlines()[0] if test.message else "")
             evidence = test.evidence()
@@ -189,7 +197,7 @@ def merge_report(runs: Sequence[JUnitRun]) -> tuple[str, bool]:
         for row in baseline:
             lines.append(f"| {_cell(row['case'])} | {row['side']} | {row['tokens']} | {_fmt(row.get('min_cos'), '.6f')} | "
                          f"{_fmt(row.get('mean_cos'), '.6f')} | {_fmt(row.get('max_norm_rel'), '.3e')} | "
-                         f"{_cell(row.get('problem') or ('PASS' if row.get('passed', True) else 'FAIL'))} |")
+                         f"{_cell(_drift_verdict(row))} |")
     if twice:
         lines += ["", f"### Tests run in more than one file ({len(twice)}): the shards overlap", ""]
         lines += [f"- `{test_id}`: {', '.join(names)}" for test_id, names in sorted(twice.items())]

@@ -44,6 +44,7 @@ class BaselineRow:
     mean_norm_rel: float | None = None
     problem: str = ""  # no baseline golden, token counts differ
     passed: bool = True
+    limit: float | None = None  # --baseline-min-cos of the run (None: report only)
 
     def verdict(self, min_cos: float | None) -> str:
         if self.problem:
@@ -98,7 +99,8 @@ class Baseline:
             return BaselineRow(case, side, tokens, problem=f"tokens differ: baseline {len(norms)}, this run {tokens}")
         d = reduction_drift(data.projection, data.norms, projection, norms)
         passed = self.min_cos is None or d.min_cos > self.min_cos
-        return BaselineRow(case, side, tokens, d.min_cos, d.mean_cos, d.max_norm_rel, d.mean_norm_rel, passed=passed)
+        return BaselineRow(case, side, tokens, d.min_cos, d.mean_cos, d.max_norm_rel, d.mean_norm_rel, passed=passed,
+                           limit=self.min_cos)
 
 
 def comparable(folder: Path, width: int | None, layers: int | None) -> str:

@@ -418,7 +418,7 @@ class ParitySession:
         text = format_report([comparison])
         t, h, w = result.grid
         if comparison.token_cos is not None and comparison.token_cos.size == t * h * w:
-            path = self.settings.report_dir / f"{comparison.name}.png"
+            path = self.settings.report_dir / f"{comparison.name}-heatmap.png"
             text += f"\nheat map: {write_cosine_heatmap(comparison.token_cos, result.grid, path, title=comparison.name)}"
         return text
 
