@@ -421,6 +421,19 @@ def test_seed_metadata_and_verify_blocks(features_dir: Path, capsys: pytest.Capt
     assert out.index("Frames:") < out.index("[1] image1")
 
 
+
+def test_verify_says_when_sampled_frames_repeat() -> None:
+    """8 frames sampled from a 5-frame clip: the line says the frames repeat; 2 of 5 needs no word."""
+    from vitparity.features_io import describe_metadata
+
+    def frames(sampled: int, total: int) -> str:
+        item = {"path": "clip.mp4", "sampled_frames": sampled, "total_frames": total}
+        return next(line for line in describe_metadata({"inputs": {"video1": item}}) if "Frames:" in line)
+
+    assert frames(8, 5) == "    Frames: 8/5 (the clip has 5 frames: sampled frames repeat)"
+    assert frames(2, 5) == "    Frames: 2/5"
+
+
 @pytest.mark.parametrize("key", ["head.probe", "encoder.layers.3.mlp.fc2.weight"])
 def test_non_finite_weights_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str) -> None:
     """A NaN where the penultimate features cannot see it (head, last layer) still stops extract."""

@@ -302,6 +302,7 @@ def test_the_readme_release_command_works_on_a_new_release(suite, noisy_hf, tmp_
     rows = {(m.group(1), m.group(2)): float(m.group(3)) for m in SIDE_ROW.finditer(out.split("baseline drift")[1])}
     assert 0.99 < rows[("image-coffee_small.jpg", "hf")] < 0.99999 and rows[("image-coffee_small.jpg", "packing")] == 1.0
     assert len(list((tmp_path / "goldens-v2").rglob("*.npz"))) == 2
+    assert "vitparity golden update" in out and "nothing deleted or kept" in out  # the section after every update
 
 
 @pytest.mark.parametrize("width, layers, words", [
@@ -379,6 +380,7 @@ def check_two_folder_diff(out: str) -> None:
     new_folder = HF_F32.replace("41bbf9a8a5e4", "feedfacecafe")
     assert f"only in NEW: {new_folder}/test_golden/test_golden[image-added.jpg-hf].npz" in out
     assert out.rstrip().endswith("14 identical, 1 changed, 1 added, 1 removed")
+    assert "test_golden[image-astronaut.jpg-hf].npz" not in out  # byte-identical: counted, not listed (README)
 
 
 def test_golden_diff_of_two_folders(two_folders, capsys) -> None:
