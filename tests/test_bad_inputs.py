@@ -10,6 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -213,3 +215,33 @@ def test_bad_option_values_name_where_they_came_from(suite, monkeypatch) -> None
     monkeypatch.delenv("VITPARITY_NUM_FRAMES")
     result = suite.run("--threshold=1.5")
     assert result.ret == pytest.ExitCode.USAGE_ERROR and "--threshold=1.5: must be in (0, 1)" in result.stderr.str()
+
+
+def test_media_too_small_for_the_card_warn_on_cuda_and_fail_when_required(suite, tmp_path) -> None:
+    """The bundled media (largest case 1,632 tokens) are no release gate: --require-representative stops the run;
+    a 1400x1400 image (10,000 patches of 14) packed with a small one fills 61% of a 16,384-token budget."""
+    small = suite.run("--require-representative", "--collect-only", "-q")
+    assert small.ret == pytest.ExitCode.USAGE_ERROR
+    assert ("--require-representative: the media are not representative of the card: no case reaches 10,000 tokens "
+            "(largest: video-chelsea_pan.mp4, 1,632); no pack reaches 50% of its 16,384-token budget") in small.stderr.str()
+    own = tmp_path / "own"
+    own.mkdir()
+    cv2.imwrite(str(own / "large.png"), np.zeros((1400, 1400, 3), np.uint8))
+    shutil.copy(BUILTIN_MEDIA / "coffee_small.jpg", own / "small.jpg")
+    large = suite.run("--require-representative", "--no-bundled-media", f"--media={own}", "--collect-only", "-q")
+    assert large.ret == 0, large.stderr.str()
+
+
+def test_media_scale_figures_and_when_they_warn() -> None:
+    from vitparity.suite.cases import PackGroup, ParityCase
+    from vitparity.suite.representative import media_scale, warnings
+
+    groups = (PackGroup("pack-a", (ParityCase("image-a.jpg", "image", Path("a.jpg"), 9_999),
+                                   ParityCase("image-b.jpg", "image", Path("b.jpg"), 100)), 16_384),
+              PackGroup("pack-b", (ParityCase("video-c.mp4", "video", Path("c.mp4"), 9_000),), 16_384))
+    scale = media_scale(groups, 16_384)
+    assert scale.line() == ("largest pack: pack-a 10,099 of 16,384 tokens (61.6% of its budget); largest case: "
+                            "image-a.jpg 9,999 tokens (estimated)")
+    assert scale.problems() == ["no case reaches 10,000 tokens (largest: image-a.jpg, 9,999)"]
+    assert warnings(scale, "cpu") == [] and len(warnings(scale, "cuda:0")) == 1
+    assert media_scale(groups, 32_768).problems()[1].startswith("no pack reaches 50% of its 32,768-token budget")
