@@ -163,6 +163,7 @@ def test_cuda_without_gpu_skips_with_a_reason_unless_required(suite) -> None:
     assert "NOTHING COMPARED: device cuda requested but CUDA is not available" in skipped.stdout.str()
     assert "--device cpu" in skipped.stdout.str() and "--require-device to fail" in skipped.stdout.str()
     assert "NOTHING CHECKED: all " in skipped.stdout.str() and "--allow-skip" in skipped.stdout.str()
+    assert suite.run("-k", "no_such_case").ret == pytest.ExitCode.NO_TESTS_COLLECTED  # every test deselected
     allowed = suite.run("-k", "coffee", "--device", "cuda", "--allow-skip")
     assert allowed.ret == 0 and "passed" not in allowed.parseoutcomes() and "NOTHING CHECKED" not in allowed.stdout.str()
     whole = suite.run("--device", "cuda")  # the tests the GPU plan deselects are explained

@@ -316,6 +316,9 @@ def test_an_incomparable_baseline_is_a_usage_error_naming_the_difference(suite, 
     assert result.ret == pytest.ExitCode.USAGE_ERROR and words in result.stderr.str(), result.stderr.str()
     nothing = suite.run(f"--golden-baseline={tmp_path}{os.pathsep}{tmp_path}")
     assert nothing.ret == pytest.ExitCode.USAGE_ERROR and "is listed twice" in nothing.stderr.str()
+    repeated = suite.run(f"--golden-baseline={folder}", f"--golden-baseline={tmp_path}")
+    assert repeated.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--golden-baseline is given 2 times and the last would replace the others" in repeated.stderr.str()
 
 
 def test_the_missing_golden_hint_proposes_only_comparable_folders(tmp_path) -> None:

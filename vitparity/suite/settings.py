@@ -159,7 +159,12 @@ def resolve_settings(config: pytest.Config) -> Settings:
 
 def _paths(config: pytest.Config, raw: RawValue, bad, name: str) -> tuple[Path, ...]:
     """A path option that takes several paths separated by os.pathsep, each resolved like every path option
-    (absolute); none empty, none twice. () when the option is not given."""
+    (absolute); none empty, none twice, the flag not repeated (pytest would keep the last). () when not given."""
+    flag = "--" + name.replace("_", "-")
+    given = sum(str(arg) == flag or str(arg).startswith(flag + "=") for arg in config.invocation_params.args)
+    if given > 1:
+        raise pytest.UsageError(f"{flag} is given {given} times and the last would replace the others: list the "
+                                f"paths in one {flag}, separated by {os.pathsep!r}")
     paths: list[Path] = []
     for part in str(raw.value).split(os.pathsep) if raw.value else []:
         if not part.strip():
