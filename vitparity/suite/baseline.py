@@ -133,7 +133,7 @@ def _candidates(path: Path, where: str) -> tuple[list[tuple[Path, GoldenFolder]]
     return inside, False
 
 
-def check_baseline(settings: Settings, files: PairFiles | None) -> Baseline | None:
+def check_baseline(settings: Settings, files: PairFiles) -> Baseline | None:
     """The `--golden-baseline` folders checked against this run's pair and settings (None when not given).
 
     pytest.UsageError naming what cannot be compared: not a golden folder or root, a named folder of another model
@@ -143,8 +143,6 @@ def check_baseline(settings: Settings, files: PairFiles | None) -> Baseline | No
         return None
     where = (f"{settings.labels.get('golden_baseline', '--golden-baseline')}="
              + os.pathsep.join(map(str, settings.golden_baseline)))
-    if files is None:  # the checkpoints cannot be read: every test fails on that already
-        return None
     configs = {"hf": files.hf_config, "packing": files.packing_config}
     context = files.temporal_context or settings.num_frames
     ours = {"dtype": settings.dtype, "frame protocol": f"{settings.num_frames}of{context}", "align": settings.align}
