@@ -139,6 +139,10 @@ def test_own_media_alone_and_a_case_by_its_exact_file(suite, tmp_path) -> None:
     assert result.ret == 0, result.stdout.str()[-2000:]
     assert set(verdicts(result.stdout.str())) == {"image-espresso.jpg", "video-pan.mp4", "packed/image-espresso.jpg",
                                                   "packed/video-pan.mp4"}
+    out = result.stdout.str()
+    assert re.search(r"^largest pack: pack-\w+ 803 of 16,384 tokens \(4\.9% of its budget\); largest case: "
+                     r"video-pan\.mp4 768 tokens \(estimated\)$", out, re.M), out[-3000:]
+    assert re.search(r"^worst case: (packed/)?(image-espresso\.jpg|video-pan\.mp4) PASS, min cos", out, re.M)
     for args, words in ((("--no-bundled-media",), "--no-bundled-media: needs --media"),
                         ((f"--media={own}{os.pathsep}{own}",), "is listed twice"),
                         ((f"--media={tmp_path / 'notes.txt'}",), "unknown media extension '.txt'")):
