@@ -6,9 +6,12 @@ from __future__ import annotations
 import re
 
 import json
+import os
 import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +127,30 @@ def test_media_folder_problems_are_usage_errors(suite, tmp_path) -> None:
         assert f"--media: {tmp_path / folder}: {words}" in result.stderr.str()
 
 
+def test_own_media_alone_and_a_case_by_its_exact_file(suite, tmp_path) -> None:
+    """--no-bundled-media with --media: only the files given (a folder and a single file, separated by
+    os.pathsep) are cases; a name that is a substring of bundled ones (pan) selects only its own file."""
+    own = tmp_path / "own"
+    own.mkdir()
+    shutil.copy(BUILTIN_MEDIA / "coffee_small.jpg", own / "espresso.jpg")
+    pan = tmp_path / "pan.mp4"
+    shutil.copy(BUILTIN_MEDIA / "coffee_zoom.mp4", pan)
+    result = suite.run("-m", "not golden", "--no-bundled-media", f"--media={own}{os.pathsep}{pan}", "-p", "no:randomly")
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    assert set(verdicts(result.stdout.str())) == {"image-espresso.jpg", "video-pan.mp4", "packed/image-espresso.jpg",
+                                                  "packed/video-pan.mp4"}
+    out = result.stdout.str()
+    assert re.search(r"^largest pack: pack-\w+ 803 of 16,384 tokens \(4\.9% of its budget\); largest case: "
+                     r"video-pan\.mp4 768 tokens \(estimated\)$", out, re.M), out[-3000:]
+    assert re.search(r"^worst case: (packed/)?(image-espresso\.jpg|video-pan\.mp4) PASS, min cos", out, re.M)
+    for args, words in ((("--no-bundled-media",), "--no-bundled-media: needs --media"),
+                        ((f"--media={own}{os.pathsep}{own}",), "is listed twice"),
+                        ((f"--media={tmp_path / 'notes.txt'}",), "unknown media extension '.txt'")):
+        (tmp_path / "notes.txt").write_text("not media")
+        bad = suite.run(*args)
+        assert bad.ret == pytest.ExitCode.USAGE_ERROR and words in bad.stderr.str(), (args, bad.stderr.str())
+
+
 def test_float16_on_cpu_is_a_usage_error(suite) -> None:
     result = suite.run("--dtype", "float16")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -134,11 +161,15 @@ def test_float16_on_cpu_is_a_usage_error(suite) -> None:
 def test_cuda_without_gpu_skips_with_a_reason_unless_required(suite) -> None:
     before = suite.goldens()
     skipped = suite.run("-k", "coffee", "--device", "cuda", "-rs")
-    assert skipped.ret == 0
+    assert skipped.ret == pytest.ExitCode.NO_TESTS_COLLECTED  # no green without a check
     assert skipped.parseoutcomes().get("skipped", 0) > 0 and "passed" not in skipped.parseoutcomes()
     assert "CUDA is not available" in skipped.stdout.str()
     assert "NOTHING COMPARED: device cuda requested but CUDA is not available" in skipped.stdout.str()
     assert "--device cpu" in skipped.stdout.str() and "--require-device to fail" in skipped.stdout.str()
+    assert "NOTHING CHECKED: all " in skipped.stdout.str() and "--allow-skip" in skipped.stdout.str()
+    assert suite.run("-k", "no_such_case").ret == pytest.ExitCode.NO_TESTS_COLLECTED  # every test deselected
+    allowed = suite.run("-k", "coffee", "--device", "cuda", "--allow-skip")
+    assert allowed.ret == 0 and "passed" not in allowed.parseoutcomes() and "NOTHING CHECKED" not in allowed.stdout.str()
     whole = suite.run("--device", "cuda")  # the tests the GPU plan deselects are explained
     assert "9 deselected" in whole.stdout.str()
     assert "not run by the plan (--determinism=auto: case not re-run): test_deterministic[" in whole.stdout.str()
@@ -174,7 +205,7 @@ def test_media_that_would_share_a_golden_is_a_usage_error(suite, tmp_path, first
 def test_cuda_index_beyond_the_visible_devices_skips_unless_required(suite, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    skipped = suite.run("-k", "coffee", "--device=cuda:3", "-rs")
+    skipped = suite.run("-k", "coffee", "--device=cuda:3", "-rs", "--allow-skip")
     assert skipped.ret == 0 and "passed" not in skipped.parseoutcomes()
     assert "device cuda:3 requested but 2 CUDA device(s) are visible" in skipped.stdout.str()
     required = suite.run("-k", "coffee", "--device=cuda:3", "--require-device")
@@ -189,3 +220,33 @@ def test_bad_option_values_name_where_they_came_from(suite, monkeypatch) -> None
     monkeypatch.delenv("VITPARITY_NUM_FRAMES")
     result = suite.run("--threshold=1.5")
     assert result.ret == pytest.ExitCode.USAGE_ERROR and "--threshold=1.5: must be in (0, 1)" in result.stderr.str()
+
+
+def test_media_too_small_for_the_card_warn_on_cuda_and_fail_when_required(suite, tmp_path) -> None:
+    """The bundled media (largest case 1,632 tokens) are no release gate: --require-representative stops the run;
+    a 1400x1400 image (10,000 patches of 14) packed with a small one fills 61% of a 16,384-token budget."""
+    small = suite.run("--require-representative", "--collect-only", "-q")
+    assert small.ret == pytest.ExitCode.USAGE_ERROR
+    assert ("--require-representative: the media are not representative of the card: no case reaches 10,000 tokens "
+            "(largest: video-chelsea_pan.mp4, 1,632); no pack reaches 50% of its 16,384-token budget") in small.stderr.str()
+    own = tmp_path / "own"
+    own.mkdir()
+    cv2.imwrite(str(own / "large.png"), np.zeros((1400, 1400, 3), np.uint8))
+    shutil.copy(BUILTIN_MEDIA / "coffee_small.jpg", own / "small.jpg")
+    large = suite.run("--require-representative", "--no-bundled-media", f"--media={own}", "--collect-only", "-q")
+    assert large.ret == 0, large.stderr.str()
+
+
+def test_media_scale_figures_and_when_they_warn() -> None:
+    from vitparity.suite.cases import PackGroup, ParityCase
+    from vitparity.suite.representative import media_scale, warnings
+
+    groups = (PackGroup("pack-a", (ParityCase("image-a.jpg", "image", Path("a.jpg"), 9_999),
+                                   ParityCase("image-b.jpg", "image", Path("b.jpg"), 100)), 16_384),
+              PackGroup("pack-b", (ParityCase("video-c.mp4", "video", Path("c.mp4"), 9_000),), 16_384))
+    scale = media_scale(groups, 16_384)
+    assert scale.line() == ("largest pack: pack-a 10,099 of 16,384 tokens (61.6% of its budget); largest case: "
+                            "image-a.jpg 9,999 tokens (estimated)")
+    assert scale.problems() == ["no case reaches 10,000 tokens (largest: image-a.jpg, 9,999)"]
+    assert warnings(scale, "cpu") == [] and len(warnings(scale, "cuda:0")) == 1
+    assert media_scale(groups, 32_768).problems()[1].startswith("no pack reaches 50% of its 32,768-token budget")

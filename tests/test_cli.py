@@ -23,6 +23,7 @@ from vitparity.junit_report import merge_report, read_junit
 from vitparity.media import decoder_record
 
 from conftest import edited_checkpoint
+from faults import build_variant
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = BUILTIN_MEDIA / "coffee_small.jpg"  # 105x70: 5x7 patches after cropping
@@ -420,6 +421,19 @@ def test_seed_metadata_and_verify_blocks(features_dir: Path, capsys: pytest.Capt
     assert out.index("Frames:") < out.index("[1] image1")
 
 
+
+def test_verify_says_when_sampled_frames_repeat() -> None:
+    """8 frames sampled from a 5-frame clip: the line says the frames repeat; 2 of 5 needs no word."""
+    from vitparity.features_io import describe_metadata
+
+    def frames(sampled: int, total: int) -> str:
+        item = {"path": "clip.mp4", "sampled_frames": sampled, "total_frames": total}
+        return next(line for line in describe_metadata({"inputs": {"video1": item}}) if "Frames:" in line)
+
+    assert frames(8, 5) == "    Frames: 8/5 (the clip has 5 frames: sampled frames repeat)"
+    assert frames(2, 5) == "    Frames: 2/5"
+
+
 @pytest.mark.parametrize("key", ["head.probe", "encoder.layers.3.mlp.fc2.weight"])
 def test_non_finite_weights_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str) -> None:
     """A NaN where the penultimate features cannot see it (head, last layer) still stops extract."""
@@ -685,6 +699,29 @@ def test_report_junit_fails_and_lists_failed_tests(suite, tmp_path: Path, capsys
     assert failed and all("video-broken.mp4" in test_id for test_id, _, _ in failed)
     assert all("broken.mp4" in message for _, _, message in failed)
     assert "| video-astronaut_pan.mp4 |" in out  # the other cases' rows are still there
+
+
+def test_report_junit_carries_the_verdict(suite, isolated, tmp_path: Path, capsys) -> None:
+    """A real failing run against the previous release's goldens: the report names the models and the code, puts
+    the worst case first, gives each failed parity test its worst cosine and first divergence, and the drift."""
+    packing = build_variant("attention_scale", tmp_path / "checkpoints")  # parity fails from layer 1 on
+    path = suite.path / "junit-verdict.xml"
+    result = suite.run("-k", "coffee", f"--packing-model={packing}", "--trust-remote-code", "--report-dir=report",
+                       f"--golden-baseline={suite.golden_root}", "--baseline-min-cos=0.9", f"--junitxml={path}")
+    assert result.ret == 1
+    code, out, _ = _run(capsys, "report-junit", path)
+    assert code == 1
+    head = out.split("| case |", 1)[0]
+    assert re.search(r"^worst case: (image|video)-coffee_\S+ FAIL, min cos 0\.\d{6}", head, re.M), head
+    assert re.search(r"^largest baseline drift: packing/\S+ min cos -?\d\.\d{6}", head, re.M), head
+    assert f"packing `{packing}`" in head and "model code: the checkpoints' own (--trust-remote-code)" in head
+    assert "largest pack: pack-" in head and "of its budget" in head
+    parity = re.findall(r"^- `parity_tests\.test_parity::test_parity\[(\S+)\]` \(failed, junit-verdict\.xml\): .*"
+                        r"\(worst cos (\d\.\d{6}) \(\S+\); first divergence: \S+: layer 1\)$", out, re.M)
+    assert len(parity) == 2 and float(parity[0][1]) <= float(parity[1][1]), out  # the worst first
+    drift = out.split("### Baseline drift", 1)[1]
+    assert "| packing |" in drift and "| hf |" in drift and "FAIL (min cos > 0.9)" in drift
+    assert drift.index("| packing |") < drift.index("| hf |")  # the packing model drifted, the hf did not
 
 
 @pytest.mark.parametrize("content, words", [

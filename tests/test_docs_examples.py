@@ -59,6 +59,9 @@ EXAMPLES: dict[str, Example] = {
     "pytest --hf-model=org/onevision-encoder-large@v1.0 --packing-model=org/onevision-encoder-large-packing@v1.0":
         Example("suite"),
     'pytest -m "not golden" --media=/data/more_media': Example("suite", MEDIA),
+    'pytest -m "not golden" --no-bundled-media --media=/data/more_media:/data/clip.mp4':
+        Example("suite", {"/data/more_media:/data/clip.mp4": "{tmp}/more_media:{tmp}/clip.mp4"},
+                says="6 comparisons, 6 passed"),
     "pytest --golden-dir=/data/goldens --snapshot-update --media=/data/more_media --align=resize --scales=0.5":
         Example("suite", MEDIA, says="snapshots generated"),
     "pytest --golden-dir=/data/goldens --media=/data/more_media --align=resize --scales=0.5": Example("suite", MEDIA),
@@ -84,8 +87,9 @@ EXAMPLES: dict[str, Example] = {
     "python fixtures/make_media.py": Example(elsewhere="the --out DIR form below (it would rewrite fixtures/media)"),
     "python fixtures/make_media.py --out DIR": Example("script", {"DIR": "{tmp}/made"}),
     # README: goldens across releases
-    "pytest -m golden --golden-baseline=fixtures/golden/onevision_encoder-41bbf9a8a5e4-bfloat16-8of64-crop":
-        Example(elsewhere="tests/test_goldens.py (--golden-baseline: drift, same weights, every mismatch)"),
+    "pytest -m golden --golden-dir=/data/goldens-v2 --snapshot-update --golden-baseline=/data/v1/fixtures/golden":
+        Example("suite", {"/data/goldens-v2": "{tmp}/goldens-v2", "/data/v1/fixtures/golden": "fixtures/golden"},
+                says="vitparity baseline drift"),
     **dict.fromkeys([
         "vitparity golden-diff HEAD~1:fixtures/golden fixtures/golden", "vitparity golden-diff OLD NEW",
         "vitparity golden-show GOLDEN.npz", 'git config diff.vitparity-golden.textconv "vitparity golden-show"',
@@ -171,6 +175,7 @@ def more_media(folder: Path) -> Path:
 def test_suite_examples_end_as_documented(suite, tmp_path, monkeypatch) -> None:
     """In the order the README shows them: the golden-folder workflow writes before it checks."""
     more_media(tmp_path / "more_media")
+    shutil.copy(BUILTIN_MEDIA / "rocket_tilt.mp4", tmp_path / "clip.mp4")
     for side, source in (("hf", BUILTIN_HF), ("packing", BUILTIN_PACKING)):
         shutil.copytree(source, tmp_path / "ckpt" / side)
     cache_builtin_models(tmp_path / "hf-home", monkeypatch, refs=("main", "v1.0"),

@@ -23,7 +23,7 @@ from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA
 from vitparity.cli import main
 from vitparity.loading import weight_files
 from vitparity.provenance_diff import provenance_diff
-from vitparity.snapshots import golden_file_stem
+from vitparity.snapshots import golden_file_stem, other_model_folders_hint
 from vitparity.suite.golden_upkeep import case_of_file, golden_key
 
 from conftest import REPO, golden_files
@@ -262,6 +262,75 @@ def test_a_baseline_made_another_way_is_a_usage_error(suite, tmp_path, folder, a
     assert f"--golden-baseline={path}: {words}" in result.stderr.str()
 
 
+PACKING_F32 = "onevision_encoder_packing-0a8da2050499-float32-8of64-crop"
+SIDE_ROW = re.compile(r"^((?:image|video)-\S+)\s+(hf|packing)\s+\d+\s+(\S+)\s", re.M)
+
+
+def fake_golden_folder(path: Path, width: int, layers: int | None = None) -> Path:
+    """A golden folder whose one golden holds features of `width` from a model of `layers` layers."""
+    (path / "test_golden").mkdir(parents=True)
+    meta = {"feature_shape": [4, width], **({"layers": layers} if layers is not None else {})}
+    np.savez(path / "test_golden" / "test_golden[image-coffee_small.jpg-hf].npz", projection=np.zeros((4, 16), np.float16),
+             norms=np.ones(4, np.float32), meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    return path
+
+
+def test_baseline_root_measures_both_models_in_one_run(suite, tmp_path) -> None:
+    """The previous release's golden root: the folder of each model under this run's settings is chosen in it."""
+    root = tmp_path / "v1-golden"
+    for name in (HF_F32, PACKING_F32, "onevision_encoder-41bbf9a8a5e4-bfloat16-8of64-crop"):
+        shutil.copytree(suite.golden_root / name, root / name)
+    result = suite.run("-m", "golden", "-k", "coffee_small", f"--golden-baseline={root}", "--baseline-min-cos=0.999")
+    out = result.stdout.str()
+    assert result.ret == 0, out[-3000:]
+    rows = {(m.group(1), m.group(2)): float(m.group(3)) for m in SIDE_ROW.finditer(out.split("baseline drift")[1])}
+    assert rows == {("image-coffee_small.jpg", "hf"): 1.0, ("image-coffee_small.jpg", "packing"): 1.0}
+    assert f"against hf {root / HF_F32}, packing {root / PACKING_F32}" in out
+
+    shutil.copytree(root / HF_F32, root / HF_F32.replace("41bbf9a8a5e4", "0123456789ab"))  # two releases' folders
+    twice = suite.run("-m", "golden", f"--golden-baseline={root}")
+    assert twice.ret == pytest.ExitCode.USAGE_ERROR and "2 baseline folders for the hf model" in twice.stderr.str()
+
+
+def test_the_readme_release_command_works_on_a_new_release(suite, noisy_hf, tmp_path) -> None:
+    """README's command as written, on a re-trained release: its goldens are written, both models are measured."""
+    result = suite.run("-m", "golden", "-k", "coffee_small", f"--hf-model={noisy_hf}",
+                       f"--golden-dir={tmp_path / 'goldens-v2'}", "--snapshot-update",
+                       f"--golden-baseline={suite.golden_root}")
+    out = result.stdout.str()
+    assert result.ret == 0, out[-3000:]
+    rows = {(m.group(1), m.group(2)): float(m.group(3)) for m in SIDE_ROW.finditer(out.split("baseline drift")[1])}
+    assert 0.99 < rows[("image-coffee_small.jpg", "hf")] < 0.99999 and rows[("image-coffee_small.jpg", "packing")] == 1.0
+    assert len(list((tmp_path / "goldens-v2").rglob("*.npz"))) == 2
+    assert "vitparity golden update" in out and "nothing deleted or kept" in out  # the section after every update
+
+
+@pytest.mark.parametrize("width, layers, words", [
+    (128, None, "cannot be compared with the hf model: feature width 128, this run's model 64"),
+    (64, 12, "cannot be compared with the hf model: layer count 12, this run's model 4"),
+])
+def test_an_incomparable_baseline_is_a_usage_error_naming_the_difference(suite, tmp_path, width, layers,
+                                                                          words) -> None:
+    folder = fake_golden_folder(tmp_path / HF_F32, width, layers)
+    result = suite.run(f"--golden-baseline={folder}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and words in result.stderr.str(), result.stderr.str()
+    nothing = suite.run(f"--golden-baseline={tmp_path}{os.pathsep}{tmp_path}")
+    assert nothing.ret == pytest.ExitCode.USAGE_ERROR and "is listed twice" in nothing.stderr.str()
+    repeated = suite.run(f"--golden-baseline={folder}", f"--golden-baseline={tmp_path}")
+    assert repeated.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--golden-baseline is given 2 times and the last would replace the others" in repeated.stderr.str()
+
+
+def test_the_missing_golden_hint_proposes_only_comparable_folders(tmp_path) -> None:
+    """A real checkpoint (width 1024) is never pointed at the tiny model's goldens (width 64) of the same type."""
+    this = tmp_path / "onevision_encoder-aaaaaaaaaaaa-float32-8of64-crop"
+    fake_golden_folder(tmp_path / HF_F32, 64)
+    fake_golden_folder(tmp_path / "onevision_encoder-bbbbbbbbbbbb-float32-8of64-crop", 1024)
+    lines = other_model_folders_hint(this, 1024)
+    assert "onevision_encoder-bbbbbbbbbbbb-float32-8of64-crop" in lines[0] and HF_F32 not in lines[0]
+    assert other_model_folders_hint(this, 768) == []
+
+
 def test_baseline_min_cos_needs_a_baseline(suite) -> None:
     result = suite.run("--baseline-min-cos=0.99")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -314,6 +383,7 @@ def check_two_folder_diff(out: str) -> None:
     new_folder = HF_F32.replace("41bbf9a8a5e4", "feedfacecafe")
     assert f"only in NEW: {new_folder}/test_golden/test_golden[image-added.jpg-hf].npz" in out
     assert out.rstrip().endswith("14 identical, 1 changed, 1 added, 1 removed")
+    assert "test_golden[image-astronaut.jpg-hf].npz" not in out  # byte-identical: counted, not listed (README)
 
 
 def test_golden_diff_of_two_folders(two_folders, capsys) -> None:

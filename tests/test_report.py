@@ -156,3 +156,25 @@ def test_heatmap_rejects_bad_input(tmp_path: Path, token_cos: np.ndarray, grid: 
     with pytest.raises(ValueError):
         write_cosine_heatmap(token_cos, grid, path)
     assert not path.exists()
+
+
+def test_tables_put_failures_first_then_the_lowest_cosine_and_name_the_worst_case() -> None:
+    from vitparity.compare import comparison_from_row
+    from vitparity.report import format_table, worst_case_line, worst_first
+
+    def row(name: str, min_cos: float | None, passed: bool) -> dict:
+        return {"name": name, "labels": ["hf", "packing"], "shape_a": [4, 8], "shape_b": [4, 8], "threshold": 0.99,
+                "passed": passed, "reason": "" if passed else "min cosine below", "min_cos": min_cos,
+                "mean_cos": min_cos, "max_cos": 1.0, "max_abs": 0.5, "mean_abs": 0.1}
+
+    comparisons = [comparison_from_row(r) for r in (row("a-pass-low", 0.991, True), row("b-fail", 0.95, False),
+                                                    row("c-pass", 0.9999, True), row("d-fail-nan", None, False),
+                                                    row("e-fail-worse", 0.5, False))]
+    ordered = [c.name for c in worst_first(comparisons)]
+    assert ordered == ["d-fail-nan", "e-fail-worse", "b-fail", "a-pass-low", "c-pass"]
+    table = format_table(worst_first(comparisons)).splitlines()
+    assert [line.split()[0] for line in table[2:]] == ordered
+    assert worst_case_line(comparisons).startswith("worst case: d-fail-nan FAIL, min cos n/a")
+    assert worst_case_line(comparisons[:3]) == ("worst case: b-fail FAIL, min cos 0.950000, mean cos 0.950000, max abs "
+                                                "diff 5.000e-01 (float32 figures)")
+    assert worst_case_line([]) == ""

@@ -52,7 +52,7 @@ def test_failing_parity_names_the_first_divergence(name, first, pattern, suite, 
     plot = suite.path / "report" / "image-coffee_small.jpg-layers.png"
     assert f"layer plot: {plot}" in text and properties["layer_trace_plot"] == str(plot)
     assert cv2.imread(str(plot)) is not None
-    assert (suite.path / "report" / "image-coffee_small.jpg.png").exists()  # the heat map, next to it
+    assert (suite.path / "report" / "image-coffee_small.jpg-heatmap.png").exists()  # the heat map, next to it
     assert "layer traces 1;" in result.stdout.str()
 
 

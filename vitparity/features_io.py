@@ -172,7 +172,10 @@ def describe_metadata(metadata: dict[str, Any]) -> list[str]:
             lines += [f"  {key}: {item.get('path', '?')}",
                       f"    Resolution: {seen}" + (f" (native {native})" if native != seen else "")]
             if "sampled_frames" in item or "total_frames" in item:
-                lines.append(f"    Frames: {item.get('sampled_frames', '?')}/{item.get('total_frames', '?')}")
+                sampled, total = item.get("sampled_frames", "?"), item.get("total_frames", "?")
+                repeat = isinstance(sampled, int) and isinstance(total, int) and sampled > total
+                lines.append(f"    Frames: {sampled}/{total}" + (f" (the clip has {total} frames: sampled frames "
+                                                                   "repeat)" if repeat else ""))
     lines += [f"WARNING: config difference (not a field that defines the weights): {warning}"
               for warning in metadata.get("config_warnings") or ()]
     restored = metadata.get("restored_buffers")

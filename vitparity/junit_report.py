@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compare import comparison_from_row
-from .report import TABLE_HEADER, table_cells
+from .report import TABLE_HEADER, table_cells, worst_case_line, worst_first
+from .suite.baseline import PROPERTY as BASELINE_KEY
 from .suite.costs import COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
+from .suite.run_record import RUN_KEY, run_lines
 
 BAD_OUTCOMES = ("failed", "error")
 
@@ -31,6 +33,18 @@ class TestOutcome:
     id: str  # module::name[params], as pytest names the test
     outcome: str  # passed, failed, error or skipped
     message: str = ""
+    worst: dict | None = None  # the comparison row of this test with the lowest min cosine
+    first_divergence: str = ""  # "<trace name>: <layer>" of each layer trace this test recorded
+
+    def evidence(self) -> str:
+        """`worst cos 0.912345 (packed/image-x.jpg); first divergence: ...` ("" when the test recorded neither)."""
+        parts = []
+        if self.worst is not None:
+            cos = self.worst.get("min_cos")
+            parts.append(f"worst cos {'n/a' if cos is None else format(cos, '.6f')} ({self.worst.get('name')})")
+        if self.first_divergence:
+            parts.append(f"first divergence: {self.first_divergence}")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -42,6 +56,8 @@ class JUnitRun:
     rows: list[dict] = field(default_factory=list)
     costs: dict[str, dict] = field(default_factory=dict)  # worker -> Cost.to_dict()
     config_warnings: list[str] = field(default_factory=list)
+    baseline: list[dict] = field(default_factory=list)  # BaselineRow of each golden test (--golden-baseline)
+    record: dict = field(default_factory=dict)  # what ran (suite.run_record)
 
 
 def _outcome(case: ET.Element) -> tuple[str, str]:
@@ -72,13 +88,28 @@ def read_junit(path: str | Path) -> JUnitRun:
                 run.costs[name[len(COST_KEY) + 1:]] = _json(prop.get("value", ""), path, name)
             elif name == WARNINGS_KEY:
                 run.config_warnings += _json(prop.get("value", ""), path, name)
+            elif name == RUN_KEY:
+                run.record = _json(prop.get("value", ""), path, name)
         for case in suite.iter("testcase"):
             test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
-            run.tests.append(TestOutcome(test_id, *_outcome(case)))
+            rows, divergences = [], []
             for prop in case.findall("properties/property"):
-                if prop.get("name") == PROPERTY:
-                    run.rows.append(_json(prop.get("value", ""), path, test_id))
+                name, value = prop.get("name", ""), prop.get("value", "")
+                if name == PROPERTY:
+                    rows.append(_json(value, path, test_id))
+                elif name == BASELINE_KEY:
+                    run.baseline.append(_json(value, path, test_id))
+                elif name.startswith("trace[") and name.endswith("] first_divergence") and value != "none":
+                    divergences.append(f"{name[len('trace['):-len('] first_divergence')]}: layer {value}")
+            worst = min(rows, key=_row_badness) if rows else None
+            run.tests.append(TestOutcome(test_id, *_outcome(case), worst, "; ".join(divergences)))
+            run.rows += rows
     return run
+
+
+def _row_badness(row: dict) -> tuple[bool, float]:
+    cos = row.get("min_cos")
+    return bool(row.get("passed")), -float("inf") if cos is None else cos
 
 
 def _json(text: str, path: Path, where: str):
@@ -86,6 +117,29 @@ def _json(text: str, path: Path, where: str):
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise JUnitError(f"{path}: property of {where} is not JSON ({err})") from None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _drift_badness(row: dict) -> tuple[bool, bool, float, str]:
+    """Failed rows first, then rows without figures (no baseline golden), then by ascending min cosine."""
+    cos = row.get("min_cos")
+    return bool(row.get("passed", True)), cos is not None, -1.0 if cos is None else cos, row.get("case", "")
+
+
+def _drift_verdict(row: dict) -> str:
+    if row.get("problem"):
+        return row["problem"]
+    if row.get("limit") is None:
+        return "report only"
+    return f"{'PASS' if row.get('passed', True) else 'FAIL'} (min cos > {row['limit']})"
+
+
+def _drift_line(row: dict) -> str:
+    return (f"largest baseline drift: {row['side']}/{row['case']} min cos {_fmt(row.get('min_cos'), '.6f')}, max "
+            f"norm drift {_fmt(row.get('max_norm_rel'), '.3e')}" + (f" ({row['problem']})" if row.get("problem") else ""))
 
 
 def _cell(text: str) -> str:
@@ -105,21 +159,45 @@ def merge_report(runs: Sequence[JUnitRun]) -> tuple[str, bool]:
     counts = {o: sum(t.outcome == o for _, t in tests) for o in ("passed", "failed", "error", "skipped")}
     passed = bool(tests) and not bad and not twice
 
+    comparisons = worst_first(comparisons)
+    baseline = sorted((row for run in runs for row in run.baseline), key=_drift_badness)
     lines = ["## vitparity parity report", ""]
     lines.append(f"{'PASS' if passed else 'FAIL'}: {len(tests)} tests from {len(runs)} JUnit files: "
                  + ", ".join(f"{counts[o]} {o}" for o in counts) + ".")
+    if comparisons:
+        lines += ["", _cell(worst_case_line(comparisons))]
+    if baseline:
+        lines += ["", _cell(_drift_line(baseline[0]))]
+    records = list(dict.fromkeys(json.dumps(run.record, sort_keys=True) for run in runs if run.record))
+    if records:
+        lines += ["", "### What ran", ""]
+        for record in records:
+            lines += [_cell(line) for line in run_lines(json.loads(record))]
     lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|---|" + "---:|" * 5 + "---|"]
     for c in comparisons:
         lines.append("| " + " | ".join(_cell(cell) for cell in table_cells(c, case_width=80, verdict_width=200)) + " |")
     failed_comparisons = sum(not c.passed for c in comparisons)
     lines += ["", f"{len(comparisons)} comparisons, {len(comparisons) - failed_comparisons} passed, "
                   f"{failed_comparisons} failed."]
+    if comparisons:
+        lines.append(_cell(worst_case_line(comparisons)))
     if not tests:
         lines += ["", "No test ran in any file."]
     if bad:
         lines += ["", f"### Failed tests ({len(bad)})", ""]
-        lines += [f"- `{test.id}` ({test.outcome}, {name}): {_cell(test.message.splitlines()[0] if test.message else '')}"
-                  for name, test in bad]
+        bad = sorted(bad, key=lambda item: (item[1].worst is None, *_row_badness(item[1].worst or {})))
+        for name, test in bad:
+            first = _cell(test.message.splitlines()[0] if test.message else "")
+            evidence = test.evidence()
+            lines.append(f"- `{test.id}` ({test.outcome}, {name}): {first}" + (f" ({_cell(evidence)})" if evidence else ""))
+    if baseline:
+        lines += ["", f"### Baseline drift ({len(baseline)} goldens against the previous release's; per token, "
+                      "float32 figures)", "",
+                  "| case | side | tokens | min cos | mean cos | max norm drift | verdict |", "|---|---|---:|---:|---:|---:|---|"]
+        for row in baseline:
+            lines.append(f"| {_cell(row['case'])} | {row['side']} | {row['tokens']} | {_fmt(row.get('min_cos'), '.6f')} | "
+                         f"{_fmt(row.get('mean_cos'), '.6f')} | {_fmt(row.get('max_norm_rel'), '.3e')} | "
+                         f"{_cell(_drift_verdict(row))} |")
     if twice:
         lines += ["", f"### Tests run in more than one file ({len(twice)}): the shards overlap", ""]
         lines += [f"- `{test_id}`: {', '.join(names)}" for test_id, names in sorted(twice.items())]

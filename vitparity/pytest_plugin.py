@@ -23,6 +23,8 @@ from .suite.cases import PackGroup, ParityCase  # noqa: E402
 from .numerics import pinned_float32  # noqa: E402
 from .suite.settings import resolve_settings  # noqa: E402
 from .suite.costs import FORWARDS_PROPERTY, PROPERTY  # noqa: E402
+from .suite.nothing_checked import NothingChecked  # noqa: E402
+from .suite.representative import check_representative  # noqa: E402
 from .suite.baseline import BaselineReporter, baseline_property, check_baseline  # noqa: E402
 from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key  # noqa: E402
 from .suite.reporting import FailureWithoutFailedTest, ParityReporter  # noqa: E402
@@ -67,11 +69,15 @@ def pytest_configure(config: pytest.Config) -> None:
     files = preflight(settings)
     session = ParitySession(settings, build_plan(settings, workers, files), files)
     session.baseline = check_baseline(settings, files)
+    check_representative(session.plan.all_groups, settings.pack_tokens, settings.require_representative,
+                         settings.labels["require_representative"])
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
     config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")
     if updating and not hasattr(config, "workerinput"):
         config.pluginmanager.register(GoldenUpkeep(session), "vitparity-golden-upkeep")
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(NothingChecked(settings.allow_skip), "vitparity-nothing-checked")
     if session.baseline is not None and not hasattr(config, "workerinput"):
         config.pluginmanager.register(BaselineReporter(session.baseline, settings), "vitparity-baseline")
 
@@ -190,7 +196,7 @@ def golden(request: pytest.FixtureRequest, parity: ParitySession, case_result: C
         folder = parity.golden_folder(side)
         request.node.user_properties.append((FOLDER_PROPERTY, json.dumps(str(folder))))
         failures = []
-        if parity.baseline is not None and parity.baseline.covers(folder):
+        if parity.baseline is not None and parity.baseline.covers(side):
             row, failure = parity.baseline.measure(data, side, golden_key(request.node.nodeid))
             request.node.user_properties.extend([baseline_property(row)] if row else [])
             failures.extend([failure] if failure else [])

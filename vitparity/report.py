@@ -102,6 +102,26 @@ def table_cells(c: Comparison, *, case_width: int = 32, verdict_width: int = 60)
     )
 
 
+def _badness(c: Comparison) -> tuple[bool, float, str]:
+    """Sort key, worst first: failures before passes, then the lowest min cosine (NaN counts as the lowest)."""
+    return c.passed, c.min_cos if math.isfinite(c.min_cos) else -math.inf, c.name or ""
+
+
+def worst_first(comparisons: Sequence[Comparison]) -> list[Comparison]:
+    """The comparisons, failures first, each part by ascending min cosine (then by name)."""
+    return sorted(comparisons, key=_badness)
+
+
+def worst_case_line(comparisons: Sequence[Comparison]) -> str:
+    """`worst case: <name> FAIL|PASS, min cos ..., max abs diff ...` of the comparison sorted first by
+    `worst_first` ("" for none). The figures are float32 comparisons."""
+    if not comparisons:
+        return ""
+    c = worst_first(comparisons)[0]
+    return (f"worst case: {c.name or '<unnamed>'} {'PASS' if c.passed else 'FAIL'}, min cos {_num(c.min_cos, '.6f')}, "
+            f"mean cos {_num(c.mean_cos, '.6f')}, max abs diff {_num(c.max_abs, '.3e')} (float32 figures)")
+
+
 def format_table(comparisons: Sequence[Comparison], *, case_width: int = 32,
                  verdict_width: int = 60) -> str:
     """Compact fixed-width table, one row per comparison."""

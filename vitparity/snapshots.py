@@ -237,7 +237,11 @@ class NpzGoldenExtension(SingleFileSnapshotExtension):
                    '-m "not golden", or write goldens into a folder of your own with --golden-dir=DIR '
                    "--snapshot-update (then pass the same --golden-dir); --snapshot-update alone writes into "
                    "the committed folder")
-            yield from other_model_folders_hint(Path(self.golden_dir))
+            try:
+                width = load_golden(serialized_data)[2].get("feature_shape", [None])[-1]
+            except GoldenCorrupt:
+                width = None
+            yield from other_model_folders_hint(Path(self.golden_dir), width)
             return
         try:
             diff = compare_golden(serialized_data, snapshot_data)
@@ -302,14 +306,41 @@ _FOLDER_NAME = re.compile(r"(?P<type>.+)-(?P<fp>[0-9a-f]{12})-(?P<dtype>float32|
                           r"(?P<frames>\d+)of(?P<context>\d+)-(?P<align>[a-z_]+)")
 
 
-def other_model_folders_hint(folder: Path) -> list[str]:
-    """Lines naming the golden folders next to `folder` of the same model type (other weights or settings: e.g.
-    the previous release's) and how to measure this model against one; [] when there is none."""
+def golden_shape(folder: Path) -> tuple[int | None, int | None]:
+    """(feature width, layer count) that a golden folder's first golden records (None: not recorded; goldens written
+    before the layer count was recorded lack it). GoldenCorrupt naming the file when it cannot be read;
+    FileNotFoundError when the folder holds no golden."""
+    path = next(iter(sorted(folder.glob("*/*.npz"))), None)
+    if path is None:
+        raise FileNotFoundError(f"{folder} holds no golden (.npz) file")
+    try:
+        _, _, meta = load_golden(path.read_bytes())
+    except GoldenCorrupt as err:
+        raise GoldenCorrupt(f"{path}: {err}") from None
+    shape = meta.get("feature_shape") or [None, None]
+    return shape[-1], meta.get("layers")
+
+
+def _same_width(folder: Path, width: int | None) -> bool:
+    """Whether the goldens of `folder` hold features of `width` (True when either is unknown)."""
+    try:
+        theirs = golden_shape(folder)[0]
+    except (GoldenCorrupt, FileNotFoundError):
+        return False
+    return width is None or theirs is None or theirs == width
+
+
+def other_model_folders_hint(folder: Path, width: int | None = None) -> list[str]:
+    """Lines naming the golden folders next to `folder` of the same model type whose features can be compared
+    with this run's (features of `width`; other weights or settings: e.g. the previous release's) and how to
+    measure this model against one; [] when there is none (never the built-in tiny model's goldens for a real
+    checkpoint: their width differs)."""
     parsed = GoldenFolder.parse(folder.name)
     if parsed is None or not folder.parent.is_dir():
         return []
     others = sorted(path.name for path in folder.parent.iterdir() if path.is_dir() and path != folder
-                    and getattr(GoldenFolder.parse(path.name), "model_type", None) == parsed.model_type)
+                    and getattr(GoldenFolder.parse(path.name), "model_type", None) == parsed.model_type
+                    and _same_width(path, width))
     if not others:
         return []
     same = [name for name in others if name.endswith(f"-{parsed.settings}")]

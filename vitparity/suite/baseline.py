@@ -1,28 +1,31 @@
 """Release-to-release drift: this run's features, case by case, against the goldens of a previous release.
 
-`--golden-baseline=DIR` names one golden folder (`<model_type>-<fingerprint>-<dtype>-<F>of<C>-<align>`, e.g. the
-last release's `fixtures/golden/onevision_encoder-<fp>-bfloat16-8of64-crop`). The model of this pair with that
-model type has each case's golden reduction compared with the baseline golden of the same case
-(`vitparity.snapshots.reduction_drift`: projected cosine and relative norm difference per token, float32). The
+`--golden-baseline=PATHS` names the previous release's golden root (e.g. its `fixtures/golden`: the folder of each
+model of this pair under this run's dtype, frames and alignment is chosen in it), or golden folders
+(`<model_type>-<fingerprint>-<dtype>-<F>of<C>-<align>`), several separated by os.pathsep: both models are measured
+in one run. Each model of this pair has each case's golden reduction compared with the baseline golden of the same
+case (`vitparity.snapshots.reduction_drift`: projected cosine and relative norm difference per token, float32). The
 figures go to the summary (a table of their own) and to JUnit (user property `vitparity_baseline`, one JSON row
 per golden test). `--baseline-min-cos=X` fails a case whose minimum projected cosine is not above X; without it
 the drift is only reported.
 
-A folder of another model type, dtype, frame protocol or alignment is a usage error naming the mismatch: its
-features were made another way and drift against it would mean nothing.
+A usage error names what cannot be compared: a named folder of another model type (the fingerprint's family),
+dtype, frame protocol or alignment, a baseline whose feature width or layer count differs from this run's model
+(e.g. the built-in tiny model's goldens for a real checkpoint), two baseline folders for one model, or none at all.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
 
 from ..pair import PairFiles
-from ..snapshots import GoldenCorrupt, GoldenData, GoldenFolder, load_golden, reduction_drift
+from ..snapshots import GoldenCorrupt, GoldenData, GoldenFolder, golden_shape, load_golden, reduction_drift
 from .settings import Settings
 
 PROPERTY = "vitparity_baseline"  # user property of a golden test: its BaselineRow (JSON)
@@ -41,6 +44,7 @@ class BaselineRow:
     mean_norm_rel: float | None = None
     problem: str = ""  # no baseline golden, token counts differ
     passed: bool = True
+    limit: float | None = None  # --baseline-min-cos of the run (None: report only)
 
     def verdict(self, min_cos: float | None) -> str:
         if self.problem:
@@ -52,16 +56,19 @@ class BaselineRow:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The baseline golden folder, what its name says, and the failure limit (None: report only)."""
+    """The baseline golden folder of each side measured (side -> folder) and the failure limit (None: report
+    only)."""
 
-    folder: Path
-    parsed: GoldenFolder
+    folders: dict[str, Path]
     min_cos: float | None
 
-    def covers(self, golden_folder: Path) -> bool:
-        """Whether this run's golden folder of one side holds a model of the baseline's model type."""
-        parsed = GoldenFolder.parse(Path(golden_folder).name)
-        return parsed is not None and parsed.model_type == self.parsed.model_type
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{side} {folder}" for side, folder in sorted(self.folders.items()))
+
+    def covers(self, side: str) -> bool:
+        """Whether the model of this side has a baseline folder."""
+        return side in self.folders
 
     def measure(self, data: GoldenData, side: str, golden_path: tuple[str, str]) -> tuple[BaselineRow | None, str]:
         """(row, failure text or ""): `compare`, with a baseline golden that cannot be read, or a cosine not above
@@ -73,14 +80,14 @@ class Baseline:
         if row.passed:
             return row, ""
         return row, (f"{side}/{row.case}: min projected cosine {row.min_cos:.6f} against the baseline golden in "
-                     f"{self.folder} is not above --baseline-min-cos={self.min_cos} (mean {row.mean_cos:.6f}, max "
-                     f"norm drift {row.max_norm_rel:.3e}; float32 figures)")
+                     f"{self.folders[side]} is not above --baseline-min-cos={self.min_cos} (mean {row.mean_cos:.6f}, "
+                     f"max norm drift {row.max_norm_rel:.3e}; float32 figures)")
 
     def compare(self, data: GoldenData, side: str, golden_path: tuple[str, str]) -> BaselineRow:
         """`data` (one case and side of this run) against the baseline golden at <folder>/<module>/<stem>.npz.
 
         GoldenCorrupt naming the file when the baseline golden cannot be read."""
-        path = self.folder / golden_path[0] / f"{golden_path[1]}.npz"
+        path = self.folders[side] / golden_path[0] / f"{golden_path[1]}.npz"
         case, tokens = data.meta.get("case", ""), len(data.norms)
         if not path.is_file():
             return BaselineRow(case, side, tokens, problem=f"no baseline golden {path.name}")
@@ -92,39 +99,85 @@ class Baseline:
             return BaselineRow(case, side, tokens, problem=f"tokens differ: baseline {len(norms)}, this run {tokens}")
         d = reduction_drift(data.projection, data.norms, projection, norms)
         passed = self.min_cos is None or d.min_cos > self.min_cos
-        return BaselineRow(case, side, tokens, d.min_cos, d.mean_cos, d.max_norm_rel, d.mean_norm_rel, passed=passed)
+        return BaselineRow(case, side, tokens, d.min_cos, d.mean_cos, d.max_norm_rel, d.mean_norm_rel, passed=passed,
+                           limit=self.min_cos)
 
 
-def check_baseline(settings: Settings, files: PairFiles | None) -> Baseline | None:
-    """The `--golden-baseline` folder checked against this run's pair and settings (None when not given).
+def comparable(folder: Path, width: int | None, layers: int | None) -> str:
+    """"" when the goldens of `folder` can be compared with features of `width` from a model of `layers` layers,
+    else the difference ("feature width 64, this run's model 1024"); a folder without a readable golden says so."""
+    try:
+        theirs_width, theirs_layers = golden_shape(folder)
+    except (GoldenCorrupt, FileNotFoundError) as err:
+        return str(err)
+    for name, theirs, ours in (("feature width", theirs_width, width), ("layer count", theirs_layers, layers)):
+        if theirs is not None and ours is not None and theirs != ours:
+            return f"{name} {theirs}, this run's model {ours}"
+    return ""
 
-    pytest.UsageError naming the mismatch: not a golden folder, another model type, dtype, frame protocol or
-    alignment."""
-    folder = settings.golden_baseline
-    if folder is None:
-        return None
-    where = f"--golden-baseline={folder}"
-    if not folder.is_dir():
+
+def _candidates(path: Path, where: str) -> tuple[list[tuple[Path, GoldenFolder]], bool]:
+    """(golden folders of one --golden-baseline entry, whether it named a golden folder itself); a golden root
+    gives every golden folder in it. UsageError when it is neither."""
+    if not path.is_dir():
         raise pytest.UsageError(f"{where}: no such folder")
-    parsed = GoldenFolder.parse(folder.name)
-    if parsed is None:
-        raise pytest.UsageError(f"{where}: not a golden folder (its name must read "
-                                "<model_type>-<fingerprint>-<dtype>-<F>of<C>-<align>, e.g. a folder under fixtures/golden)")
-    if files is not None:
-        types = (files.hf_config.get("model_type"), files.packing_config.get("model_type"))
-        if parsed.model_type not in types:
-            raise pytest.UsageError(f"{where}: model type {parsed.model_type}, this pair's models are "
-                                    f"{types[0]} and {types[1]}")
-        context = files.temporal_context or settings.num_frames
-    else:
-        context = parsed.context  # the checkpoints cannot be read: every test fails on that already
-    protocol = f"{settings.num_frames}of{context}"
-    for name, theirs, ours in (("dtype", parsed.dtype, settings.dtype),
-                               ("frame protocol", f"{parsed.num_frames}of{parsed.context}", protocol),
-                               ("align", parsed.align, settings.align)):
-        if theirs != ours:
-            raise pytest.UsageError(f"{where}: {name} {theirs}, this run {ours}")
-    return Baseline(folder, parsed, settings.baseline_min_cos)
+    parsed = GoldenFolder.parse(path.name)
+    if parsed is not None:
+        return [(path, parsed)], True
+    inside = [(sub, GoldenFolder.parse(sub.name)) for sub in sorted(path.iterdir()) if sub.is_dir()]
+    inside = [(sub, parsed) for sub, parsed in inside if parsed is not None]
+    if not inside:
+        raise pytest.UsageError(f"{where}: not a golden folder nor a root holding any (a golden folder's name reads "
+                                "<model_type>-<fingerprint>-<dtype>-<F>of<C>-<align>, e.g. a folder under "
+                                "fixtures/golden; a root is e.g. the previous release's fixtures/golden)")
+    return inside, False
+
+
+def check_baseline(settings: Settings, files: PairFiles) -> Baseline | None:
+    """The `--golden-baseline` folders checked against this run's pair and settings (None when not given).
+
+    pytest.UsageError naming what cannot be compared: not a golden folder or root, a named folder of another model
+    type, dtype, frame protocol or alignment, a feature width or layer count that differs from this run's model,
+    two folders for one model, or no folder for either model."""
+    if not settings.golden_baseline:
+        return None
+    where = (f"{settings.labels.get('golden_baseline', '--golden-baseline')}="
+             + os.pathsep.join(map(str, settings.golden_baseline)))
+    configs = {"hf": files.hf_config, "packing": files.packing_config}
+    context = files.temporal_context or settings.num_frames
+    ours = {"dtype": settings.dtype, "frame protocol": f"{settings.num_frames}of{context}", "align": settings.align}
+    chosen: dict[str, list[Path]] = {}
+    for entry in settings.golden_baseline:
+        label = f"{where}: {entry}" if len(settings.golden_baseline) > 1 else where
+        candidates, named = _candidates(entry, label)
+        for folder, parsed in candidates:
+            sides = [side for side, config in configs.items() if config.get("model_type") == parsed.model_type]
+            theirs = {"dtype": parsed.dtype, "frame protocol": f"{parsed.num_frames}of{parsed.context}",
+                      "align": parsed.align}
+            problem = (f"model type {parsed.model_type}, this pair's models are {configs['hf'].get('model_type')} "
+                       f"and {configs['packing'].get('model_type')}" if not sides else
+                       next((f"{name} {theirs[name]}, this run {ours[name]}" for name in ours
+                             if theirs[name] != ours[name]), ""))
+            if problem and named:
+                raise pytest.UsageError(f"{label}: {problem}")
+            if problem:
+                continue  # a root holds goldens of other settings too
+            for side in sides:
+                config = configs[side]
+                difference = comparable(folder, config.get("hidden_size"), config.get("num_hidden_layers"))
+                if difference:
+                    raise pytest.UsageError(f"{label}: {folder.name} cannot be compared with the {side} model: "
+                                            f"{difference}")
+                chosen.setdefault(side, []).append(folder)
+    for side, folders in chosen.items():
+        if len(folders) > 1:
+            raise pytest.UsageError(f"{where}: {len(folders)} baseline folders for the {side} model: "
+                                    f"{', '.join(str(f) for f in folders)} (name the previous release's)")
+    if not chosen:
+        raise pytest.UsageError(f"{where}: no golden folder of this pair's models ({configs['hf'].get('model_type')}, "
+                                f"{configs['packing'].get('model_type')}) with "
+                                f"{ours['dtype']}-{ours['frame protocol']}-{ours['align']}")
+    return Baseline({side: folders[0] for side, folders in chosen.items()}, settings.baseline_min_cos)
 
 
 def _cell(value: float | None, spec: str) -> str:
@@ -147,7 +200,7 @@ class BaselineReporter:
     def pytest_terminal_summary(self, terminalreporter) -> None:
         write = terminalreporter.write_line
         terminalreporter.write_sep("=", "vitparity baseline drift")
-        write(f"against {self.baseline.folder} (per token, float32 figures of {self.settings.dtype} features on "
+        write(f"against {self.baseline.label} (per token, float32 figures of {self.settings.dtype} features on "
               f"{self.settings.device}: projected cosine, relative norm difference)")
         if not self.rows:
             write("no golden test ran: no drift measured")

@@ -78,13 +78,15 @@ def estimate_tokens(kind: str, size: tuple[int, int] | None, *, patch_size: int,
 
 def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_frames: int,
                   scales: tuple[float, ...] = (1.0,)) -> tuple[ParityCase, ...]:
-    """Every image and video of the given folders at every scale, with unique readable ids and token estimates.
+    """Every image and video of the given folders (and each single media file given instead of a folder) at every
+    scale, with unique readable ids and token estimates.
 
-    Raises MediaError for a folder that cannot be listed and CaseError for files that would share an id.
+    Raises MediaError for a folder that cannot be listed or a file that is not an image or video, and CaseError for
+    files that would share an id.
     """
     cases: dict[str, ParityCase] = {}
     for folder in media_dirs:
-        for path in discover_media(folder):
+        for path in media_files(folder):
             kind = media_kind(path)
             size = image_size(path) if kind == "image" else video_size(path)
             for scale in scales:
@@ -99,6 +101,16 @@ def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_fr
                     )
                 cases[stem] = case
     return tuple(cases.values())
+
+
+def media_files(path: Path) -> list[Path]:
+    """The media of one --media entry: a folder's images and videos (`discover_media`), or the file itself.
+
+    MediaError naming `path` when it is missing, an empty or mixed folder, or a file of no media type."""
+    if Path(path).is_file():
+        media_kind(path)  # MediaError for another extension
+        return [Path(path)]
+    return discover_media(path)
 
 
 def _group(cases: list[ParityCase], budget: int) -> PackGroup:

@@ -155,7 +155,7 @@ class GoldenUpkeep:
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         result = self.result
-        if result is None or not (result.deleted or result.kept or result.deselected):
+        if result is None:
             return
         write = terminalreporter.write_line
         root = terminalreporter.config.rootpath
@@ -174,6 +174,8 @@ class GoldenUpkeep:
             if terminalreporter.verbosity > 0:
                 for action in result.deselected:
                     write(f"kept {shown(action.path)}: {action.reason}")
+        if not (result.deleted or result.kept or result.deselected):
+            write("nothing deleted or kept: every golden of the folders this update wrote belongs to a case it ran")
         if result.errored:
             write(f"update incomplete: {len(result.errored)} case(s) errored, their goldens were kept, not "
                   f"replaced: {', '.join(result.errored)}", red=True)

@@ -58,7 +58,12 @@ OPTIONS = (
     Option("device", "models", "cpu, cuda, cuda:N or auto (cuda when available)", "auto"),
     Option("dtype", "models", "float32, bfloat16, float16 or auto (bfloat16 on cuda, float32 on cpu)", "auto"),
     Option("require_device", "models", "fail instead of skip when the requested CUDA device is absent", flag=True),
-    Option("media", "cases", "extra folder of images and videos: each file becomes a case"),
+    Option("allow_skip", "checks", "exit 0 when every parity test was skipped (default: such a run compared "
+           "nothing and exits 5)", flag=True),
+    Option("media", "cases", "media of one's own, added to the bundled files: folders (every image and video "
+           "in each) and single files, several separated by os.pathsep (':' on Linux and macOS)"),
+    Option("no_bundled_media", "cases", "leave the bundled media (fixtures/media) out: only --media's files are "
+           "cases", flag=True),
     Option("num_frames", "cases", "frames sampled per video", "8"),
     Option("align", "cases", f"patch alignment of sizes that are not a multiple of the patch size: {ALIGN_POLICIES}",
            "crop"),
@@ -70,11 +75,15 @@ OPTIONS = (
            "pack group, both halves; packing features from forwards alone), sample (one two-case probe per worker; "
            "then every case's packing features come from its pack), off", "auto"),
     Option("pack_tokens", "work", "token budget of a pack group (default: 16384 on the CPU, 131072 on CUDA)"),
+    Option("require_representative", "work", "fail before any test when the media are too small for the card: no "
+           "case of 10,000 tokens or more, or no pack group filling half of --pack-tokens (default: a warning on "
+           "CUDA)", flag=True),
     Option("shard", "work", "run shard K of N (K/N): whole pack groups, disjoint, together the full run"),
     Option("golden_dir", "goldens", "root folder of golden snapshots", "fixtures/golden"),
     Option("regenerate_goldens", "goldens", "rewrite every selected golden (implies --snapshot-update)", flag=True),
-    Option("golden_baseline", "goldens", "a previous release's golden folder (<model_type>-<fingerprint>-<dtype>-"
-           "<F>of<C>-<align>): report each case's drift against it"),
+    Option("golden_baseline", "goldens", "a previous release's golden root (e.g. its fixtures/golden) or golden "
+           "folders (<model_type>-<fingerprint>-<dtype>-<F>of<C>-<align>, several separated by os.pathsep): report "
+           "each case's drift against it, for both models"),
     Option("baseline_min_cos", "goldens", "fail a case whose min projected cosine against --golden-baseline is not "
            "above this (default: report only)"),
     Option("report_dir", "report", "folder for heat maps of failing cases", "parity-report"),

@@ -9,8 +9,10 @@ import pytest
 
 from ..compare import comparison_from_row
 from ..loading import missing_cuda_device
-from ..report import format_table
+from ..report import format_table, worst_case_line, worst_first
 from .costs import COST_KEY, LEFT_OUT_KEY, PROPERTY, RESTORED_KEY, WARNINGS_KEY, cost_details, cost_line, total_cost
+from .representative import media_scale, warnings as representative_warnings
+from .run_record import RUN_KEY, run_record
 from .session import ParitySession
 
 class ParityReporter:
@@ -66,6 +68,10 @@ class ParityReporter:
         xml = config.stash.get(xml_key, None)
         if xml is None:
             return
+        s = self.session.settings
+        scale = media_scale(self.session.plan.all_groups, s.pack_tokens) if self.session.plan.all_groups else None
+        xml.add_global_property(RUN_KEY, json.dumps(run_record(s, scale.line() if scale else "",
+                                                               representative_warnings(scale, s.device))))
         if self.config_warnings:
             xml.add_global_property(WARNINGS_KEY, json.dumps(self.config_warnings))
         if self.restored_buffers:
@@ -114,6 +120,11 @@ class ParityReporter:
             f"{len(plan.determinism)} cases re-run; companions {s.companions}: "
             f"{len(plan.companions)} groups with a swap"
         )
+        scale = media_scale(plan.all_groups, s.pack_tokens) if plan.all_groups else None
+        if scale is not None:
+            terminalreporter.write_line(scale.line())
+        for warning in representative_warnings(scale, s.device):
+            terminalreporter.write_line(f"WARNING: {warning}", yellow=True)
         for reason, names in self.session.left_out.items():
             shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
             terminalreporter.write_line(f"not run by the plan ({reason}): {shown}")
@@ -125,7 +136,9 @@ class ParityReporter:
             total = total_cost(self.costs)
             terminalreporter.write_line(f"total: {cost_line(total)}; {cost_details(total)}")
         if self.rows:
-            terminalreporter.write_line(format_table([comparison_from_row(r) for r in self.rows]))
+            comparisons = worst_first([comparison_from_row(r) for r in self.rows])
+            terminalreporter.write_line(format_table(comparisons))
+            terminalreporter.write_line(worst_case_line(comparisons))
             failed = sum(not r["passed"] for r in self.rows)
             terminalreporter.write_line(f"{len(self.rows)} comparisons, {len(self.rows) - failed} passed, {failed} failed")
 

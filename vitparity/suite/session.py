@@ -407,6 +407,7 @@ class ParitySession:
             "config_warnings": provenance["config_warnings"], "tf32": provenance["tf32"],
             "restored_buffers": provenance["restored_buffers"][side],
             "attention": self.cost.attention,
+            "layers": (self._files.hf_config if side == "hf" else self._files.packing_config).get("num_hidden_layers"),
         }
         return GoldenData.from_reduction(projection, norms, shape, meta, refusal=refusal,
                                          case=f"{side}/{result.case.id}")
@@ -417,7 +418,7 @@ class ParitySession:
         text = format_report([comparison])
         t, h, w = result.grid
         if comparison.token_cos is not None and comparison.token_cos.size == t * h * w:
-            path = self.settings.report_dir / f"{comparison.name}.png"
+            path = self.settings.report_dir / f"{comparison.name}-heatmap.png"
             text += f"\nheat map: {write_cosine_heatmap(comparison.token_cos, result.grid, path, title=comparison.name)}"
         return text
 

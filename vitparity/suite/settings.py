@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +48,11 @@ class Settings:
     # How the user gave each option (flag, variable or ini key), for messages about its value; default: the flag.
     labels: dict[str, str] = field(default_factory=lambda: {option.name: option.cli for option in OPTIONS})
     strict_buffers: bool = False
-    golden_baseline: Path | None = None  # a previous release's golden folder (vitparity.suite.baseline)
+    golden_baseline: tuple[Path, ...] = ()  # a previous release's golden folders or root (vitparity.suite.baseline)
     baseline_min_cos: float | None = None  # None: the baseline drift is only reported
     companions: str = "auto"
+    require_representative: bool = False  # media too small for the card fail (vitparity.suite.representative)
+    allow_skip: bool = False  # a run whose every parity test was skipped exits 0 (vitparity.suite.nothing_checked)
 
     @property
     def torch_dtype(self):
@@ -128,7 +131,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         device=device,
         dtype=dtype,
         require_device=raw["require_device"].value,
-        media_dirs=(BUILTIN_MEDIA, path("media")) if raw["media"].value else (BUILTIN_MEDIA,),
+        media_dirs=_media(config, raw, bad),
         num_frames=whole("num_frames", 1),
         align=raw["align"].value,
         threshold=threshold,
@@ -147,9 +150,42 @@ def resolve_settings(config: pytest.Config) -> Settings:
                                  f"on {device} in {dtype}"),
         labels={name: value.label for name, value in raw.items()},
         strict_buffers=raw["strict_buffers"].value,
-        golden_baseline=path("golden_baseline"),
+        golden_baseline=_paths(config, raw["golden_baseline"], bad, "golden_baseline"),
         baseline_min_cos=_baseline_min_cos(raw, bad),
+        allow_skip=raw["allow_skip"].value,
+        require_representative=raw["require_representative"].value,
     )
+
+
+def _paths(config: pytest.Config, raw: RawValue, bad, name: str) -> tuple[Path, ...]:
+    """A path option that takes several paths separated by os.pathsep, each resolved like every path option
+    (absolute); none empty, none twice, the flag not repeated (pytest would keep the last). () when not given."""
+    flag = "--" + name.replace("_", "-")
+    given = sum(str(arg) == flag or str(arg).startswith(flag + "=") for arg in config.invocation_params.args)
+    if given > 1:
+        raise pytest.UsageError(f"{flag} is given {given} times and the last would replace the others: list the "
+                                f"paths in one {flag}, separated by {os.pathsep!r}")
+    paths: list[Path] = []
+    for part in str(raw.value).split(os.pathsep) if raw.value else []:
+        if not part.strip():
+            raise bad(name, f"an empty path (paths are separated by {os.pathsep!r})")
+        path = _resolve_path(config, RawValue(part.strip(), raw.source, raw.label))
+        if path.resolve() in (known.resolve() for known in paths):
+            raise bad(name, f"{part.strip()} is listed twice")
+        paths.append(path)
+    return tuple(paths)
+
+
+def _media(config: pytest.Config, raw: dict[str, RawValue], bad) -> tuple[Path, ...]:
+    """The bundled media folder (unless --no-bundled-media), then each path of --media (folders and single files,
+    separated by os.pathsep), resolved like every path option; none empty, none twice."""
+    own = _paths(config, raw["media"], bad, "media")
+    if not raw["no_bundled_media"].value:
+        return (BUILTIN_MEDIA, *(path for path in own if path.resolve() != BUILTIN_MEDIA.resolve()))
+    if not own:
+        raise pytest.UsageError(f"{raw['no_bundled_media'].label}: needs --media (the files to run on instead of the "
+                                "bundled ones)")
+    return tuple(own)
 
 
 def _baseline_min_cos(raw: dict[str, RawValue], bad) -> float | None:

@@ -1,0 +1,64 @@
+"""The GPU workflow (.github/workflows/gpu-parity.yml) read as data, and its verdict scripts run under bash with
+each outcome of the shards: no green without a check, except the announced skip of a fork's pull request."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vitparity.suite.options import OPTIONS
+
+from conftest import REPO
+
+WORKFLOW = yaml.safe_load((REPO / ".github" / "workflows" / "gpu-parity.yml").read_text())
+
+
+def step(job: str, name: str) -> dict:
+    return next(s for s in WORKFLOW["jobs"][job]["steps"] if s.get("name") == name)
+
+
+def run_step(job: str, name: str, tmp_path: Path, **env: str) -> tuple[int, str, str]:
+    """(exit status, stdout, job summary) of a step's script under bash -e, as the runner runs it."""
+    summary = tmp_path / "summary.md"
+    summary.write_text("")
+    result = subprocess.run(["bash", "-e", "-c", step(job, name)["run"]], capture_output=True, text=True,
+                            env={**os.environ, "GITHUB_STEP_SUMMARY": str(summary), **env}, timeout=30)
+    return result.returncode, result.stdout, summary.read_text()
+
+
+@pytest.mark.parametrize("result, fork, status", [
+    ("success", "false", 0),
+    ("failure", "false", 1),
+    ("cancelled", "false", 1),
+    ("skipped", "false", 1),  # shards that did not run are no pass
+    ("skipped", "true", 0),  # a fork's pull request: announced, not gated
+    ("failure", "true", 1),
+])
+def test_the_final_job_passes_only_when_the_shards_passed(tmp_path, result, fork, status) -> None:
+    assert WORKFLOW["jobs"]["parity"]["if"] == "always()"
+    code, out, _ = run_step("parity", "Every shard passed", tmp_path, SHARD_RESULT=result, FORK_PR=fork)
+    assert code == status, out
+
+
+def test_a_fork_skip_is_announced_in_the_summary(tmp_path) -> None:
+    name = "A fork's pull request is announced, not gated"
+    assert step("parity", name)["if"] == "needs.shard.result == 'skipped'"
+    assert "NOT GATED: pull request from a fork" in run_step("parity", name, tmp_path, FORK_PR="true")[2]
+    assert run_step("parity", name, tmp_path, FORK_PR="false")[2] == ""
+
+
+def test_the_release_run_uses_its_media_folder() -> None:
+    inputs = WORKFLOW[True]["workflow_dispatch"]["inputs"]  # PyYAML reads the key `on` as True
+    assert {"media_dir", "require_representative"} <= set(inputs)
+    env = WORKFLOW["jobs"]["shard"]["env"]
+    assert "inputs.media_dir" in env["VITPARITY_MEDIA"] and "vars.VITPARITY_MEDIA" in env["VITPARITY_MEDIA"]
+    assert "inputs.media_dir" in env["VITPARITY_NO_BUNDLED_MEDIA"]
+    assert "inputs.require_representative" in env["VITPARITY_REQUIRE_REPRESENTATIVE"]
+    known = {option.env for option in OPTIONS}
+    assert sorted(name for name in env if name.startswith("VITPARITY_") and name not in known) == []
+    check = step("shard", "GPUs and checkpoints")["run"]
+    assert "a release run needs its media folder" in check and 'github.ref_type }}" = "tag"' in check
