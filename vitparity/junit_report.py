@@ -108,7 +108,7 @@ def merge_report(runs: Sequence[JUnitRun]) -> tuple[str, bool]:
     lines = ["## vitparity parity report", ""]
     lines.append(f"{'PASS' if passed else 'FAIL'}: {len(tests)} tests from {len(runs)} JUnit files: "
                  + ", ".join(f"{counts[o]} {o}" for o in counts) + ".")
-    lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|---|" + "---:|" * 5 + "---|"]
+    lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|---|" + "---:|" * (len(TABLE_HEADER) - 2) + "---|"]
     for c in comparisons:
         lines.append("| " + " | ".join(_cell(cell) for cell in table_cells(c, case_width=80, verdict_width=200)) + " |")
     failed_comparisons = sum(not c.passed for c in comparisons)
