@@ -67,27 +67,34 @@ RESTORED_KEY = "vitparity_restored_buffers"  # xdist workeroutput and JUnit prop
 
 def cost_line(cost: dict) -> str:
     """`forwards: hf N (T tokens), packing M (U tokens); forward tokens: 1.29x the one-pass minimum`: the minimum
-    is one hf and one packing pass per case compared, twice the cases' tokens. A float32 probe adds
-    `; float32 probe: 2 forwards (U tokens), 1.31x counting the probe`."""
+    is one hf and one packing pass per case compared, twice the cases' tokens (a float32 probe: `cost_details`)."""
     forwards, tokens = cost["forwards"], cost["tokens"]
     line = (f"forwards: hf {forwards['hf']} ({tokens['hf']} tokens), "
             f"packing {forwards['packing']} ({tokens['packing']} tokens)")
     minimum = 2 * cost.get("case_tokens", 0)  # absent from the JUnit XML of runs before it was counted
     if minimum:
         line += f"; forward tokens: {(tokens['hf'] + tokens['packing']) / minimum:.2f}x the one-pass minimum"
-    probe = cost.get("probe_forwards", 0)
-    if probe:
-        line += f"; float32 probe: {probe} forwards ({cost['probe_tokens']} tokens)"
-        if minimum:
-            line += f", {(tokens['hf'] + tokens['packing'] + cost['probe_tokens']) / minimum:.2f}x counting the probe"
     return line
+
+
+def probe_details(cost: dict) -> str:
+    """`float32 probe: 2 loads, 2 forwards (70 tokens), 1.31x the one-pass minimum counting it; ` (empty without a
+    probe): the loads and forwards of the float32 probe of a 16-bit run (vitparity.suite.probe)."""
+    if not cost.get("probe_loads"):
+        return ""
+    text = f"float32 probe: {cost['probe_loads']} loads, {cost['probe_forwards']} forwards ({cost['probe_tokens']} tokens)"
+    minimum = 2 * cost.get("case_tokens", 0)
+    if minimum:
+        total = cost["tokens"]["hf"] + cost["tokens"]["packing"] + cost["probe_tokens"]
+        text += f", {total / minimum:.2f}x the one-pass minimum counting it"
+    return text + "; "
 
 
 def cost_details(cost: dict) -> str:
     loads = cost["loads"]
-    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; pack groups {cost['groups']}; "
+    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; {probe_details(cost)}pack groups {cost['groups']}; "
             f"determinism re-runs {cost['determinism_cases']}; companion swaps {cost['companion_swaps']}; "
-            f"layer traces {cost['layer_traces']}; float32 probe loads {cost.get('probe_loads', 0)}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
+            f"layer traces {cost['layer_traces']}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
             f"({cost['peak_kind']})")
 
 
