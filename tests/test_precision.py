@@ -151,3 +151,23 @@ def test_bfloat16_run_probes_one_case_in_float32(suite) -> None:
     (probe,) = [row for row in rows if row["bar_dtype"] == "float32"]
     assert probe["name"] == "fp32 probe/image-coffee_small.jpg" and probe["passed"]
     assert {row["norm_gap_bar"] for row in rows if row["bar_dtype"] == "bfloat16"} == {0.5}
+
+
+def test_noise_measurement_separates_faults_from_numerics(capsys) -> None:
+    """`python -m bench.precision_noise` (docs/detection.md's figures, there on the ViT-L config) on the small
+    config: every fault moves the features more than every numerics-only variant, by the bar it is meant for."""
+    from bench.precision_noise import main as measure
+
+    assert measure(["--config", "small", "--height", "56", "--width", "70", "--dtypes", "float32"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) == 7 and cells[1] in ("benign", "fault"):
+            rows[cells[0]] = (cells[1], float(cells[3]), float(cells[4]))
+    assert len(rows) == 7
+    benign = [figures for kind, *figures in rows.values() if kind == "benign"]
+    worst_direction, worst_norm = max(f[0] for f in benign), max(f[1] for f in benign)
+    assert worst_direction < FLOAT32.cos_gap and worst_norm < FLOAT32.norm_gap
+    for name in ("attention_scale_2pct", "feature_mlp_bias_dropped", "weights_bf16_rounded"):
+        assert rows[name][1] > 10 * worst_direction, name
+    assert rows["features_doubled"][2] > FLOAT32.norm_gap
