@@ -76,11 +76,13 @@ def loaded_model_problems(model: torch.nn.Module, checkpoint: str | Path | None 
     differs is a problem naming the tensor, the count and the largest difference. RoPE `inv_freq` buffers are
     compared with the formula of their own axis (`expected_inv_freq`), within INV_FREQ_RTOL (one ulp of a 16-bit
     dtype); other non-persistent buffers are checked against a fresh construction when the model loads
-    (`buffers.check_buffers`). A parameter the checkpoint does not hold is named; so is a checkpoint that cannot be read.
+    (`buffers.check_buffers`). A parameter the checkpoint does not hold is named; so is a checkpoint that cannot be
+    read.
     """
     problems: list[str] = []
     saved_names: set[str] = set()
-    norms = {name for name, module in model.named_modules() if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm))
+    norms = {name for name, module in model.named_modules()
+             if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm))
              or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))}
     tensors = dict([*model.named_parameters(), *model.named_buffers()])
     for name, tensor in tensors.items():

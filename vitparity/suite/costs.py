@@ -82,7 +82,8 @@ def probe_details(cost: dict) -> str:
     probe): the loads and forwards of the float32 probe of a 16-bit run (vitparity.suite.probe)."""
     if not cost.get("probe_loads"):
         return ""
-    text = f"float32 probe: {cost['probe_loads']} loads, {cost['probe_forwards']} forwards ({cost['probe_tokens']} tokens)"
+    text = (f"float32 probe: {cost['probe_loads']} loads, {cost['probe_forwards']} forwards "
+            f"({cost['probe_tokens']} tokens)")
     minimum = 2 * cost.get("case_tokens", 0)
     if minimum:
         total = cost["tokens"]["hf"] + cost["tokens"]["packing"] + cost["probe_tokens"]
@@ -92,7 +93,8 @@ def probe_details(cost: dict) -> str:
 
 def cost_details(cost: dict) -> str:
     loads = cost["loads"]
-    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; {probe_details(cost)}pack groups {cost['groups']}; "
+    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; {probe_details(cost)}"
+            f"pack groups {cost['groups']}; "
             f"determinism re-runs {cost['determinism_cases']}; companion swaps {cost['companion_swaps']}; "
             f"layer traces {cost['layer_traces']}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
             f"({cost['peak_kind']})")

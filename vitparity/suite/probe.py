@@ -11,6 +11,8 @@ and tokens are counted in the cost line.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..compare import Comparison, compare_features
@@ -34,7 +36,7 @@ def load_float32_pair(files: PairFiles, settings: Settings, cost: Cost) -> Model
 
 
 def run_probe(files: PairFiles, settings: Settings, cost: Cost, name: str, media: Media, *,
-              attention: callable) -> tuple[Comparison, str]:
+              attention: Callable[[torch.nn.Module, torch.nn.Module], str]) -> tuple[Comparison, str]:
     """The float32 comparison of one case (`name`, decoded `media`) and what ran ("float32 probe of <case>
     (<tokens> tokens): packed backend ..."). `attention(hf, packing)` applies the run's attention choice to the
     float32 models and returns what runs (a choice float32 cannot run falls back to auto, and says so).
