@@ -341,6 +341,8 @@ class ParitySession:
             comparison, ran = run_probe(self._files, s, self.cost, case_id, media[case_id], attention=attention)
         except ModelLoadError as err:
             return case_id, None, f"the float32 probe could not load the models: {err}", "float32 probe: not run"
+        except (RuntimeError, ValueError, TypeError) as err:  # a model that cannot run in float32: the verdict says so
+            return case_id, None, f"the float32 probe failed: {type(err).__name__}: {err}", "float32 probe: failed"
         return case_id, comparison, None, ran
 
     def _leak_evidence(self) -> str | None:
