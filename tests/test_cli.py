@@ -720,7 +720,7 @@ def test_verify_judges_the_precision_bars_of_the_folder_dtype(copy_dir: Path,
     _rewrite(copy_dir, PACKING_FILE, lambda arrays: arrays.update({key: 2 * value for key, value in arrays.items()}))
     code, out, _ = _run(capsys, "verify", "--features_dir", copy_dir)
     assert code == 1 and "precision float32 bars: mean 1-cos <= 3.5e-06, norm gap <= 0.002" in out
-    assert "FAIL: norm gap 1.000e+00 > 0.002 (float32 magnitude bar)" in out and "min cosine 1.0" in out
+    assert "FAIL: norm gap 1.000e+00 > 0.002 (float32 magnitude bar)" in out and "cosine per token: min 1.000000" in out
     code, out, _ = _run(capsys, "verify", "--features_dir", copy_dir, "--max-norm-gap", "off")
     assert code == 0, out
     code, out, err = _run(capsys, "verify", "--features_dir", copy_dir, "--max_cos_gap", "0")
