@@ -748,3 +748,17 @@ def test_report_junit_lists_config_differences(suite, tmp_path: Path, capsys) ->
     assert code == 0
     section = out.split("### Config differences (1)\n\n", 1)[1]
     assert section.startswith("- ") and "hidden_act" in section.splitlines()[0]
+
+
+def test_verify_judges_the_precision_bars_of_the_folder_dtype(copy_dir: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Doubled packing features keep a cosine of 1 and fail the float32 magnitude bar; `off` turns the bar off; a bad
+    limit is a usage error naming the option (the suite's rule, vitparity.precision.parse_bar)."""
+    _rewrite(copy_dir, PACKING_FILE, lambda arrays: arrays.update({key: 2 * value for key, value in arrays.items()}))
+    code, out, _ = _run(capsys, "verify", "--features_dir", copy_dir)
+    assert code == 1 and "precision float32 bars: mean 1-cos <= 3.5e-06, norm gap <= 0.002" in out
+    assert "FAIL: norm gap 1.000e+00 > 0.002 (float32 magnitude bar)" in out and "cosine per token: min 1.000000" in out
+    code, out, _ = _run(capsys, "verify", "--features_dir", copy_dir, "--max-norm-gap", "off")
+    assert code == 0, out
+    code, out, err = _run(capsys, "verify", "--features_dir", copy_dir, "--max_cos_gap", "0")
+    assert code == 2 and out == "" and "--max_cos_gap=0: a limit must be a finite number > 0" in err

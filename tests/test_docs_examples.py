@@ -127,6 +127,12 @@ EXAMPLES: dict[str, Example] = {
         "HF_MODULES_CACHE=/tmp/hf_modules python -m pytest parity_tests --packing-model=/tmp/variants/rope_half_split "
         "--trust-remote-code --dtype=bfloat16 --device=cpu --report-dir=/tmp/report",
     ], Example(elsewhere=FAULTS)),
+    **dict.fromkeys([
+        "python -m bench.precision_noise --config vit-l --dtypes float32,bfloat16",
+        "python -m bench.precision_noise --config vit-l --height 448 --width 448 --seed 1",
+        "python -m bench.precision_noise --config small --height 56 --width 70",
+    ], Example(elsewhere="tests/test_precision.py (test_noise_measurement_separates_faults_from_numerics) runs it on "
+                         "the small config; the ViT-L figures take minutes on the CPU")),
 }
 
 

@@ -22,6 +22,7 @@ from vitparity.compare import DEFAULT_THRESHOLD
 from vitparity.extract import TEMPORAL_CONTEXT, prepare_sample
 from vitparity.loading import load_model
 from vitparity.media import load_media
+from vitparity.precision import Bars
 from vitparity.report import write_layer_trace_plot
 from vitparity.trace import LAYER_COUNT, SHIFTED, TEMPORAL, LayerTrace, trace_layers
 
@@ -44,6 +45,22 @@ EXPECTED = {
     "layer_removed": (2, [LAYER_COUNT]),
     "cross_sample_attention": (None, []),  # invisible to a sample run alone; see test_trace_in_a_pack
     "neighbour_leak_1e-6": (None, []),  # the same; 1e-6 is below any threshold even in a pack
+    "rope_buffer_wrong_axis": (1, []),
+    # below the threshold at every layer: located by the float32 bars (BAR_FIRST_DIVERGENCE)
+    "attention_scale_2pct": (None, []),
+    "feature_mlp_bias_dropped": (None, []),
+    "weights_bf16_rounded": (None, []),
+    "features_doubled": (None, []),
+    # not on the features' path: only test_loaded_weights sees them
+    "norm_gain_zeroed": (None, []),
+    "loaded_bias_one_element": (None, []),
+}
+# float32, with the float32 precision bars: the hidden state where a fault below the threshold first shows.
+BAR_FIRST_DIVERGENCE = {
+    "attention_scale_2pct": 1,
+    "feature_mlp_bias_dropped": 3,  # hidden_states[3], the output of the layer whose bias was dropped
+    "weights_bf16_rounded": 1,
+    "features_doubled": 0,  # every hidden state doubled: the magnitude bar
 }
 VIDEO_ONLY = ("positions_ignored", "temporal_off_by_one")
 FIRST_LINE = re.compile(r"^first divergence: hidden_states\[(\d+)\]$", re.M)
@@ -81,6 +98,15 @@ def test_trace_names_the_first_divergence(name: str, dtype: str, tmp_path: Path)
         assert image.first_divergence == first and TEMPORAL not in image.pattern_names, image.format()
 
 
+@pytest.mark.parametrize("name", BAR_FIRST_DIVERGENCE)
+def test_float32_bars_locate_faults_below_the_threshold(name: str, tmp_path: Path) -> None:
+    hf, packing = _variant_models(name, torch.float32, tmp_path)
+    sample = _sample(IMAGE, torch.float32, "image")
+    assert _trace(hf, packing, sample).first_divergence is None  # the threshold alone sees nothing
+    trace = _trace(hf, packing, sample, bars=Bars.for_dtype("float32"))
+    assert trace.first_divergence == BAR_FIRST_DIVERGENCE[name], trace.format()
+
+
 def test_every_fault_has_an_expected_trace() -> None:
     assert set(EXPECTED) == {v.name for v in VARIANTS if v.kind == FAULT}
 
@@ -92,8 +118,8 @@ def test_trace_finds_no_divergence_without_a_fault(name: str | None, dtype: str,
         hf, packing = (load_model(path, dtype=DTYPES[dtype]).model for path in (BUILTIN_HF, BUILTIN_PACKING))
     else:
         hf, packing = _variant_models(name, DTYPES[dtype], tmp_path)
-    trace = _trace(hf, packing, _sample(VIDEO, DTYPES[dtype], "video"))
-    assert trace.first_divergence is None and not trace.patterns, trace.format()
+    trace = _trace(hf, packing, _sample(VIDEO, DTYPES[dtype], "video"), bars=Bars.for_dtype(dtype))
+    assert trace.first_divergence is None and not trace.patterns, trace.format()  # threshold and the dtype's bars
     assert len(trace.rows) == trace.hf_count == trace.packing_count == 5
     assert all(row.min_cos > DEFAULT_THRESHOLD for row in trace.rows)
 

@@ -24,6 +24,7 @@ from .features_io import HF_FILE, PACKING_FILE, describe_metadata, read_features
 from .loading import DTYPES, ModelLoadError, library_versions, missing_cuda_device, read_config, resolve_device_dtype
 from .media import ALIGN_POLICIES, Media, MediaError, decoder_record, load_image, load_video, media_kind
 from .numerics import pinned_float32
+from .precision import AUTO, BAR_DTYPES, Bars, parse_bar
 from .pair import check_num_frames, check_threshold, preflight_pair
 from .report import format_report
 from .trace import LayerTrace, trace_layers
@@ -45,6 +46,20 @@ def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
     parser.add_argument(*flags, dest=name, **kwargs)
 
 
+def _bar_option(parser: argparse.ArgumentParser, name: str, what: str) -> None:
+    """`--max_cos_gap` / `--max_norm_gap`: "auto", "off" or a limit, by the suite's rule (`precision.parse_bar`);
+    a bad value is a usage error (exit 2) naming the option."""
+
+    def parse(text: str) -> str | float:
+        try:
+            return parse_bar(text, f"--{name}")
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    _option(parser, name, type=parse, default=AUTO,
+            help=f"{what}: auto (the dtype's default, docs/detection.md), off, or a number")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitparity", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vitparity {__version__}")
@@ -63,6 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(extract, "num_frames", type=int, default=8, help="frames sampled per video (default 8)")
     _option(extract, "output_dir", metavar="DIR", default="./features", help="default ./features")
     _option(extract, "threshold", type=float, default=DEFAULT_THRESHOLD, help="minimum per-token cosine")
+    _bar_option(extract, "max_cos_gap", "direction bar, the largest mean per-token (1 - cosine)")
+    _bar_option(extract, "max_norm_gap", "magnitude bar, the largest per-token |norm(packing) / norm(hf) - 1|")
     _option(extract, "device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     _option(extract, "dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on cuda, else float32")
     _option(extract, "align", choices=ALIGN_POLICIES, default="crop", help="how sizes become multiples of the patch")
@@ -78,6 +95,8 @@ def _build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="compare the features of a features folder")
     _option(verify, "features_dir", metavar="DIR", required=True)
     _option(verify, "threshold", type=float, default=DEFAULT_THRESHOLD, help="minimum per-token cosine")
+    _bar_option(verify, "max_cos_gap", "direction bar, the largest mean per-token (1 - cosine)")
+    _bar_option(verify, "max_norm_gap", "magnitude bar, the largest per-token |norm(packing) / norm(hf) - 1|")
 
     convert = commands.add_parser("convert", help="convert a checkpoint to the other layout (HF <-> packing)")
     convert.add_argument("source", metavar="SOURCE_DIR",
@@ -256,12 +275,13 @@ def run_extract(args: argparse.Namespace) -> int:
                 _progress(f"tracing {sample.name} layer by layer ...")
                 trace = trace_layers(
                     pair.hf.model, pair.packing.model, sample, pack=samples, threshold=args.threshold,
-                    temporal_context=context,
+                    temporal_context=context, bars=Bars.for_dtype(provenance["dtype"], args.max_cos_gap,
+                                                                  args.max_norm_gap),
                 )
                 metadata["inputs"][sample.name]["layer_trace"] = trace.to_json()
     write_features(args.output_dir, hf_features, packing_features, metadata)
     _progress(f"wrote {HF_FILE}, {PACKING_FILE} and metadata.json to {args.output_dir}")
-    return verify_folder(args.output_dir, args.threshold)
+    return verify_folder(args.output_dir, args.threshold, args.max_cos_gap, args.max_norm_gap)
 
 
 def _one_sided(name: str, shape: tuple[int, ...], missing_from: str, threshold: float) -> Comparison:
@@ -273,12 +293,17 @@ def _one_sided(name: str, shape: tuple[int, ...], missing_from: str, threshold: 
     )
 
 
-def verify_folder(features_dir: str, threshold: float) -> int:
-    """Print the folder's Metadata and Inputs blocks and any config warning, compare every key, print the report;
-    0 when all pass, 1 otherwise."""
+def verify_folder(features_dir: str, threshold: float, max_cos_gap: str | float = AUTO,
+                  max_norm_gap: str | float = AUTO) -> int:
+    """Print the folder's Metadata and Inputs blocks and any config warning, compare every key by the threshold and
+    the precision bars of the dtype the folder's metadata names (`vitparity.precision`; none for a folder that names
+    no known dtype, said in the output), print the report; 0 when all pass, 1 otherwise."""
     check_threshold(threshold, "--threshold")
     hf, packing, metadata = read_features(features_dir)
     print("\n".join(describe_metadata(metadata)) + "\n")
+    dtype = metadata.get("dtype")
+    bars = Bars.for_dtype(dtype, max_cos_gap, max_norm_gap) if dtype in BAR_DTYPES else None
+    print(f"precision {bars.describe()}" if bars else f"no precision bars: the metadata names no dtype of {BAR_DTYPES}")
     comparisons = []
     for key in [*hf, *(key for key in packing if key not in hf)]:
         if key not in packing:
@@ -286,7 +311,7 @@ def verify_folder(features_dir: str, threshold: float) -> int:
         elif key not in hf:
             comparisons.append(_one_sided(key, packing[key].shape, HF_FILE, threshold))
         else:
-            comparisons.append(compare_features(hf[key], packing[key], name=key, threshold=threshold))
+            comparisons.append(compare_features(hf[key], packing[key], name=key, threshold=threshold, bars=bars))
     title = f"{metadata.get('hf_model_path', '?')} vs {metadata.get('packing_model_path', '?')}"
     print(format_report(comparisons, title=title))
     inputs = metadata.get("inputs", {})
@@ -337,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "extract":
             return run_extract(args)
         if args.command == "verify":
-            return verify_folder(args.features_dir, args.threshold)
+            return verify_folder(args.features_dir, args.threshold, args.max_cos_gap, args.max_norm_gap)
         if args.command == "report-junit":
             return run_report_junit(args.junit_files)
         if args.command == "golden-diff":

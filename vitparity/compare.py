@@ -11,6 +11,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .choices import DEFAULT_THRESHOLD
+from .precision import Bars
 
 # The same model on the same sample, run alone or packed with others: min per-token cosine must exceed this.
 # Tighter than the packing-vs-non-packing threshold; looser in half precision, where kernels tile
@@ -40,6 +41,13 @@ class Comparison:
     mean_abs: float
     token_cos: np.ndarray | None = field(default=None, repr=False, compare=False)
     labels: tuple[str, str] = ("hf", "packing")
+    norm_gap: float = math.nan  # largest per-token |norm(b) / norm(a) - 1|
+    bars: Bars | None = None  # the precision bars it was judged by (None: the threshold only)
+
+    @property
+    def cos_gap(self) -> float:
+        """Mean over tokens of (1 - cosine), the figure the direction bar limits."""
+        return 1.0 - self.mean_cos
 
     def row(self) -> dict[str, Any]:
         """JSON-serialisable summary; non-finite numbers become ``None``."""
@@ -60,6 +68,11 @@ class Comparison:
             "max_cos": num(self.max_cos),
             "max_abs": num(self.max_abs),
             "mean_abs": num(self.mean_abs),
+            "cos_gap": num(self.cos_gap),
+            "norm_gap": num(self.norm_gap),
+            "cos_gap_bar": self.bars.cos_gap if self.bars else None,
+            "norm_gap_bar": self.bars.norm_gap if self.bars else None,
+            "bar_dtype": self.bars.dtype if self.bars else None,
         }
 
 
@@ -122,6 +135,16 @@ def cosine_per_token(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     return np.asarray(cos, dtype=np.float32)
 
 
+def norm_gap_per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|norm(b) / norm(a) - 1| per token of two equally shaped float32 arrays (N, D), in float64: 0 for two zero
+    tokens, inf for a zero token against a non-zero one."""
+    na = np.sqrt(np.einsum("...d,...d->...", a, a, dtype=np.float64))
+    nb = np.sqrt(np.einsum("...d,...d->...", b, b, dtype=np.float64))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gap = np.abs(nb / na - 1.0)
+    return np.where(na == 0, np.where(nb == 0, 0.0, np.inf), gap)
+
+
 def _squeeze_batch(arr: np.ndarray, label: str) -> tuple[np.ndarray | None, str]:
     """Reduce (1, N, D) to (N, D); return (None, reason) for any other layout."""
     if arr.ndim == 3:
@@ -159,18 +182,21 @@ def compare_features(
     name: str = "",
     threshold: float = DEFAULT_THRESHOLD,
     labels: tuple[str, str] = ("hf", "packing"),
+    bars: Bars | None = None,
 ) -> Comparison:
     """Compare features ``a`` and ``b`` token by token.
 
     Passes only when shapes agree (after squeezing a batch of 1), every value
-    is finite, there is at least one token, and the minimum per-token cosine
-    is strictly greater than ``threshold``.  Shapes are never truncated.
+    is finite, there is at least one token, the minimum per-token cosine
+    is strictly greater than ``threshold`` and, with ``bars``, the mean
+    (1 - cosine) and the largest per-token |norm(b) / norm(a) - 1| are within
+    them (`vitparity.precision.Bars`).  Shapes are never truncated.
     """
     threshold = float(threshold)
     if math.isnan(threshold):
         raise ValueError("threshold must not be NaN")
     if _is_tensor(a) and _is_tensor(b):
-        fast = _compare_on_device(a, b, name=name, threshold=threshold, labels=labels)
+        fast = _compare_on_device(a, b, name=name, threshold=threshold, labels=labels, bars=bars)
         if fast is not None:
             return fast
         a, b = a.detach().float().cpu().numpy(), b.detach().float().cpu().numpy()
@@ -179,10 +205,11 @@ def compare_features(
     label_a, label_b = labels
     nan = math.nan
 
-    def result(reasons: list[str], stats: tuple[float, ...], cos: np.ndarray | None) -> Comparison:
+    def result(reasons: list[str], stats: tuple[float, ...], cos: np.ndarray | None, norm_gap: float = nan
+               ) -> Comparison:
         return Comparison(
             name, tuple(raw_a.shape), tuple(raw_b.shape), threshold, not reasons,
-            "; ".join(reasons), *stats, token_cos=cos, labels=(label_a, label_b),
+            "; ".join(reasons), *stats, token_cos=cos, labels=(label_a, label_b), norm_gap=norm_gap, bars=bars,
         )
 
     xa, reason_a = _squeeze_batch(cast_a, label_a)
@@ -213,17 +240,22 @@ def compare_features(
         _nan_stat(np.max, abs_diff, finite),
         _nan_stat(lambda v: np.mean(v, dtype=np.float64), abs_diff, finite),
     )
+    norm_gap = _nan_stat(np.max, norm_gap_per_token(xa, xb), finite) if finite else nan
     min_cos = stats[0]
-    if not reasons and not min_cos > threshold:
-        reasons.append(below_threshold(min_cos, threshold))
-    return result(reasons, stats, token_cos)
+    if not reasons:
+        if not min_cos > threshold:
+            reasons.append(below_threshold(min_cos, threshold))
+        if bars is not None:
+            reasons += bars.reasons(1.0 - stats[1], norm_gap)
+    return result(reasons, stats, token_cos, norm_gap)
 
 
 def _is_tensor(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "device")
 
 
-def _compare_on_device(a, b, *, name: str, threshold: float, labels: tuple[str, str]) -> Comparison | None:
+def _compare_on_device(a, b, *, name: str, threshold: float, labels: tuple[str, str],
+                       bars: Bars | None) -> Comparison | None:
     """`compare_features` of two torch tensors where they are (e.g. on the GPU), copying only per-token cosines.
 
     Covers the common case: equal (N, D) or (1, N, D) shapes with every value finite in float32. Returns None
@@ -242,8 +274,11 @@ def _compare_on_device(a, b, *, name: str, threshold: float, labels: tuple[str, 
     dot = torch.linalg.vecdot(xa, xb)
     na, nb = torch.linalg.vector_norm(xa, dim=-1), torch.linalg.vector_norm(xb, dim=-1)
     abs_diff = (xa - xb).abs()
+    na64, nb64 = torch.linalg.vector_norm(xa.double(), dim=-1), torch.linalg.vector_norm(xb.double(), dim=-1)
+    gap = torch.where(na64 == 0, torch.where(nb64 == 0, 0.0, math.inf), (nb64 / na64 - 1.0).abs())
     summary = torch.stack([dot.sum(), na.sum(), nb.sum(), abs_diff.max(), abs_diff.mean(dtype=torch.float64).float()])
     summary = summary.cpu().tolist()
+    norm_gap = float(gap.max())
     if not all(math.isfinite(v) for v in summary):  # NaN, Inf or overflow somewhere: full diagnostics on the host
         return None
     cos = (dot / (na * nb)).clamp(-1.0, 1.0)
@@ -252,12 +287,14 @@ def _compare_on_device(a, b, *, name: str, threshold: float, labels: tuple[str, 
     cos = torch.where(zero_a & zero_b, 1.0, torch.where(zero_a | zero_b, 0.0, cos))
     token_cos = cos.cpu().numpy().astype(np.float32)
     token_cos.setflags(write=False)
-    min_cos = float(token_cos.min())
+    min_cos, mean_cos = float(token_cos.min()), float(np.mean(token_cos, dtype=np.float64))
     reasons = [] if min_cos > threshold else [below_threshold(min_cos, threshold)]
+    if bars is not None:
+        reasons += bars.reasons(1.0 - mean_cos, norm_gap)
     return Comparison(
         name, shape_a, shape_b, threshold, not reasons, "; ".join(reasons),
-        min_cos, float(np.mean(token_cos, dtype=np.float64)), float(token_cos.max()), summary[3], summary[4],
-        token_cos=token_cos, labels=labels,
+        min_cos, mean_cos, float(token_cos.max()), summary[3], summary[4],
+        token_cos=token_cos, labels=labels, norm_gap=norm_gap, bars=bars,
     )
 
 
@@ -280,4 +317,6 @@ def comparison_from_row(row: dict[str, Any]) -> Comparison:
         max_abs=num(row["max_abs"]),
         mean_abs=num(row["mean_abs"]),
         labels=tuple(row["labels"]),
+        norm_gap=num(row.get("norm_gap")),
+        bars=Bars(row["cos_gap_bar"], row["norm_gap_bar"], row["bar_dtype"]) if row.get("bar_dtype") else None,
     )

@@ -173,7 +173,7 @@ def merge_report(runs: Sequence[JUnitRun]) -> tuple[str, bool]:
         lines += ["", "### What ran", ""]
         for record in records:
             lines += [_cell(line) for line in run_lines(json.loads(record))]
-    lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|---|" + "---:|" * 5 + "---|"]
+    lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|---|" + "---:|" * (len(TABLE_HEADER) - 2) + "---|"]
     for c in comparisons:
         lines.append("| " + " | ".join(_cell(cell) for cell in table_cells(c, case_width=80, verdict_width=200)) + " |")
     failed_comparisons = sum(not c.passed for c in comparisons)

@@ -7,7 +7,8 @@ Rules, each with one message (PairError):
 - sides: the hf model is a non-packing model and the packing model a packing one;
 - config: the two configs agree on every field that defines the weights (`checks.WEIGHT_FIELDS`); other
   differences (`checks.NUMERIC_FIELDS`) are warnings, or errors with `strict_config`;
-- weights: no NaN / Inf, no all-zero matrix, RoPE tables that are the formula (`checks.loaded_model_problems`);
+- weights: every loaded tensor equal to the checkpoint's, element by element; no NaN / Inf, no all-zero matrix or
+  norm gain, RoPE tables that are the formula of their own axis (`checks.loaded_model_problems`);
   non-persistent buffers as a fresh construction gives them (`vitparity.buffers`, applied when each model loads:
   restored and named, or refused with `strict_buffers`);
 - temporal context: the hf config's `rope_temporal_size` when config.json has the field, the release's 64 otherwise
@@ -192,7 +193,8 @@ class ModelPair:
     def weight_problems(self) -> dict[str, list[str]]:
         """Side -> problems of its loaded parameters and buffers (`checks.loaded_model_problems`), found once."""
         if self._weight_problems is None:
-            self._weight_problems = {side: loaded_model_problems(self.side(side).model) for side in SIDES}
+            self._weight_problems = {side: loaded_model_problems(self.side(side).model, self.side(side).path)
+                                     for side in SIDES}
         return self._weight_problems
 
     def provenance(self) -> dict[str, Any]:

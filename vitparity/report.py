@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 
 from vitparity.compare import Comparison
+from vitparity.precision import margin
 
 # Heatmap layout, in pixels.
 HEATMAP_MARGIN = 8
@@ -47,6 +48,20 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
+def precision_line(c: Comparison) -> str:
+    """The figures the precision bars judge, each with its bar and margin: `float32 bars: mean 1-cos 1.822e-06
+    (0.456 of the bar 4e-06); norm gap 2.206e-04 (0.221 of the bar 0.001)`; `no precision bars` without them."""
+    if c.bars is None:
+        return f"no precision bars: mean 1-cos {_num(c.cos_gap, '.3e')}, norm gap {_num(c.norm_gap, '.3e')}"
+
+    def part(label: str, value: float, limit: float | None) -> str:
+        bar = f" of the bar {limit:g}" if limit is not None else ""
+        return f"{label} {_num(value, '.3e')} ({margin(value, limit).removesuffix(' of the bar')}{bar})"
+
+    return (f"{c.bars.dtype} bars: {part('mean 1-cos', c.cos_gap, c.bars.cos_gap)}; "
+            f"{part('norm gap', c.norm_gap, c.bars.norm_gap)}")
+
+
 def _verdict(c: Comparison) -> str:
     """``PASS (...)`` or ``FAIL: reason``."""
     if c.passed:
@@ -65,6 +80,7 @@ def format_report(comparisons: Sequence[Comparison], *, title: str = "") -> str:
             f"  max abs diff: {_num(c.max_abs, '.3e')}   mean abs diff: {_num(c.mean_abs, '.3e')}",
             f"  cosine per token: min {_num(c.min_cos, '.6f')}  mean {_num(c.mean_cos, '.6f')}"
             f"  max {_num(c.max_cos, '.6f')}",
+            f"  {precision_line(c)}",
             f"  {_verdict(c)}",
             "",
         ]
@@ -86,7 +102,16 @@ def _tokens(c: Comparison) -> str:
     return counts[0] if counts[0] == counts[1] else "/".join(counts)
 
 
-TABLE_HEADER = ("case", "tokens", "max abs", "mean abs", "min cos", "mean cos", "verdict")
+TABLE_HEADER = ("case", "tokens", "max abs", "mean abs", "min cos", "mean cos", "mean 1-cos (of bar)",
+                "norm gap (of bar)", "verdict")
+
+
+def _against_bar(value: float, limit: float | None, on: bool) -> str:
+    """`1.822e-06 (0.456)`: a figure and the fraction of its bar it uses; `(off)` when the bar is off."""
+    if not on:
+        return _num(value, ".3e")
+    fraction = margin(value, limit).removesuffix(" of the bar")
+    return f"{_num(value, '.3e')} ({fraction})"
 
 
 def table_cells(c: Comparison, *, case_width: int = 32, verdict_width: int = 60) -> tuple[str, ...]:
@@ -98,6 +123,8 @@ def table_cells(c: Comparison, *, case_width: int = 32, verdict_width: int = 60)
         _num(c.mean_abs, ".3e"),
         _num(c.min_cos, ".6f"),
         _num(c.mean_cos, ".6f"),
+        _against_bar(c.cos_gap, c.bars.cos_gap if c.bars else None, c.bars is not None),
+        _against_bar(c.norm_gap, c.bars.norm_gap if c.bars else None, c.bars is not None),
         _shorten("PASS" if c.passed else f"FAIL: {c.reason}", verdict_width),
     )
 
@@ -128,7 +155,7 @@ def format_table(comparisons: Sequence[Comparison], *, case_width: int = 32,
     header = TABLE_HEADER
     rows = [table_cells(c, case_width=case_width, verdict_width=verdict_width) for c in comparisons]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    numeric = {1, 2, 3, 4, 5}
+    numeric = {1, 2, 3, 4, 5, 6, 7}
 
     def line(cells: Sequence[str]) -> str:
         padded = [

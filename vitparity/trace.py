@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
+from .precision import Bars
 from .extract import TEMPORAL_CONTEXT, Sample, hf_hidden_states, packing_hidden_states
 
 SHIFTED = "hidden_states shifted by one"
@@ -156,12 +157,14 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _compare(a: torch.Tensor, b: torch.Tensor, threshold: float) -> Comparison:
-    return compare_features(a, b, threshold=threshold)
+def _compare(a: torch.Tensor, b: torch.Tensor, threshold: float, bars: Bars | None = None) -> Comparison:
+    return compare_features(a, b, threshold=threshold, bars=bars)
 
 
-def _rows(hf: tuple[torch.Tensor, ...], packing: tuple[torch.Tensor, ...], threshold: float) -> tuple[LayerRow, ...]:
-    return tuple(LayerRow.from_comparison(i, _compare(a, b, threshold)) for i, (a, b) in enumerate(zip(hf, packing)))
+def _rows(hf: tuple[torch.Tensor, ...], packing: tuple[torch.Tensor, ...], threshold: float,
+          bars: Bars | None = None) -> tuple[LayerRow, ...]:
+    return tuple(LayerRow.from_comparison(i, _compare(a, b, threshold, bars))
+                 for i, (a, b) in enumerate(zip(hf, packing)))
 
 
 def _first_divergence(rows: tuple[LayerRow, ...], hf_count: int, packing_count: int) -> int | None:
@@ -239,14 +242,17 @@ def trace_layers(
     pack: list[Sample] | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     temporal_context: int | None = TEMPORAL_CONTEXT,
+    bars: Bars | None = None,
 ) -> LayerTrace:
     """Trace one sample through both models and compare every hidden state.
 
     pack: the samples the packing model runs together (must hold `sample` itself once); default the sample
-    alone. temporal_context: as for extract_hf (the non-packing model's rope_temporal_size).
+    alone. temporal_context: as for extract_hf (the non-packing model's rope_temporal_size). bars: the precision
+    bars each hidden state must also hold (`vitparity.precision`), so that a fault below the threshold is located
+    too; the patterns' cross-layer comparisons use the threshold alone.
     """
     hf, packing = _hidden_pair(hf_model, packing_model, sample, pack, temporal_context)
-    rows = _rows(hf, packing, threshold)
+    rows = _rows(hf, packing, threshold, bars)
     first = _first_divergence(rows, len(hf), len(packing))
     patterns: list[Pattern] = []
     if first is not None:
@@ -255,7 +261,8 @@ def trace_layers(
         if sample.kind == "video" and sample.grid[0] > 1 and first > 0 and not patterns:
             frame = _first_frame(sample)
             frame_pack = [frame if other is sample else other for other in pack or [sample]]
-            frame_rows = _rows(*_hidden_pair(hf_model, packing_model, frame, frame_pack, temporal_context), threshold)
+            frame_rows = _rows(*_hidden_pair(hf_model, packing_model, frame, frame_pack, temporal_context), threshold,
+                               bars)
             if all(row.passed for row in frame_rows):
                 patterns.append(Pattern(TEMPORAL, (
                     f"the video diverges from hidden_states[{first}] while its first frame in its place (temporal "

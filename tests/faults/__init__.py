@@ -38,6 +38,8 @@ class Variant:
     mechanism: str  # "code" (planted in modeling_planted.py), "weights" (edited tensors) or "config" (config.json)
     description: str
     config: tuple[tuple[str, object], ...] = ()  # config.json fields a "config" variant sets
+    goldens: bool = True  # False: its runs leave the golden tests out, so the verdict comes from the other checks
+    caught_by: tuple[str, ...] = ()  # test groups (detection.group_of) that must be among the failures, both dtypes
 
 
 VARIANTS = (
@@ -67,8 +69,29 @@ VARIANTS = (
             "video frame positions round(i/(T-1)*64) instead of round(i/(T-1)*63)"),
     Variant("neighbour_leak_1e-6", FAULT, "packing", "code",
             "every hidden state of a packed sample gets 1e-6 x the mean of the other samples' tokens"),
+    Variant("attention_scale_2pct", FAULT, "packing", "code",
+            "attention scale 1.02/sqrt(head_dim) instead of 1/sqrt(head_dim)", caught_by=("test_parity",)),
+    Variant("feature_mlp_bias_dropped", FAULT, "packing", "weights",
+            "MLP output bias of the layer that produces the features (the second-to-last) zeroed by the converter",
+            goldens=False, caught_by=("test_parity",)),
+    Variant("weights_bf16_rounded", FAULT, "packing", "weights",
+            "every packing weight rounded through bfloat16 by the converter (saved as float32)",
+            goldens=False, caught_by=("test_parity",)),
+    Variant("features_doubled", FAULT, "packing", "code",
+            "every hidden state twice as large (a layer scale folded in twice): cosine 1", caught_by=("test_parity",)),
+    Variant("norm_gain_zeroed", FAULT, "packing", "weights",
+            "layernorm_post gain (1-D, not on the features' path) all zeros in the checkpoint",
+            goldens=False, caught_by=("test_loaded_weights[packing]",)),
+    Variant("rope_buffer_wrong_axis", FAULT, "packing", "code",
+            "RoPE kept in inv_freq_t/h/w buffers; inv_freq_h holds the t axis's frequencies (each value a RoPE "
+            "frequency of some axis)", caught_by=("test_loaded_weights[packing]",)),
+    Variant("loaded_bias_one_element", FAULT, "packing", "code",
+            "the loader changes one element of layernorm_post.bias (not on the features' path) by 0.5 after "
+            "loading", caught_by=("test_loaded_weights[packing]",)),
     Variant("gelu_tanh", BENIGN, "packing", "code",
             "GELU with the tanh approximation"),
+    Variant("attention_fp32", BENIGN, "packing", "code",
+            "packed attention computed in float32 and cast back to the input dtype"),
     Variant("rope_input_dtype", BENIGN, "packing", "code",
             "RoPE applied in the input dtype instead of float32"),
     Variant("layer_norm_eps_1e-5", BENIGN, "packing", "code",
@@ -99,14 +122,41 @@ def _copy_checkpoint(source: Path, folder: Path) -> dict:
     return json.loads((source / "config.json").read_text())
 
 
-def _swap_q_and_k(folder: Path) -> None:
+def _swap_q_and_k(tensors: dict[str, torch.Tensor], config: dict) -> None:
     """Swap the q and k row blocks of every `self_attn.qkv` weight and bias (a pure weight change)."""
-    path = folder / "model.safetensors"
-    tensors = load_file(str(path))
     for name, tensor in tensors.items():
         if ".self_attn.qkv." in name:
             q, k, v = tensor.chunk(3, dim=0)
             tensors[name] = torch.cat([k, q, v], dim=0).contiguous()
+
+
+def _drop_feature_bias(tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Zero the fc2 bias of the layer whose output is the features (hidden_states[-2]: the second-to-last)."""
+    name = f"encoder.layers.{config['num_hidden_layers'] - 2}.mlp.fc2.bias"
+    tensors[name] = torch.zeros_like(tensors[name])
+
+
+def _round_through_bf16(tensors: dict[str, torch.Tensor], config: dict) -> None:
+    for name, tensor in tensors.items():
+        tensors[name] = tensor.to(torch.bfloat16).to(tensor.dtype)
+
+
+def _zero_post_norm_gain(tensors: dict[str, torch.Tensor], config: dict) -> None:
+    tensors["layernorm_post.weight"] = torch.zeros_like(tensors["layernorm_post.weight"])
+
+
+WEIGHT_EDITS = {
+    "qk_swapped": _swap_q_and_k,
+    "feature_mlp_bias_dropped": _drop_feature_bias,
+    "weights_bf16_rounded": _round_through_bf16,
+    "norm_gain_zeroed": _zero_post_norm_gain,
+}
+
+
+def _edit_weights(folder: Path, edit, config: dict) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors, config)
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
@@ -116,9 +166,9 @@ def build_variant(variant: Variant | str, root: Path) -> Path:
     folder = Path(root) / variant.name
     config = _copy_checkpoint(builtin_folder(variant.side), folder)
     if variant.mechanism == "weights":
-        if variant.name != "qk_swapped":
+        if variant.name not in WEIGHT_EDITS:
             raise ValueError(f"no weight edit for {variant.name}")
-        _swap_q_and_k(folder)
+        _edit_weights(folder, WEIGHT_EDITS[variant.name], config)
         return folder
     if variant.mechanism == "config":
         config.update(dict(variant.config))
@@ -137,7 +187,7 @@ def suite_args(variant: Variant, folder: Path, dtype: str, *, golden_dir: Path, 
     packing = folder if variant.side == "packing" else BUILTIN_PACKING
     # A config variant is another model (its config is in the golden fingerprint): no committed golden is its own,
     # so its runs judge parity, determinism and the weights only.
-    goldens = ["-m", "not golden"] if variant.mechanism == "config" else []
+    goldens = ["-m", "not golden"] if variant.mechanism == "config" or not variant.goldens else []
     return [
         "--hf-model", str(hf), "--packing-model", str(packing), "--trust-remote-code",
         "--dtype", dtype, "--device", "cpu", "--golden-dir", str(golden_dir), "--report-dir", str(report_dir),

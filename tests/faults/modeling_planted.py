@@ -45,6 +45,15 @@ def rope_in_input_dtype(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return x * cos + rotate_pairs(x) * sin
 
 
+def attention_in_float32(original):
+    """`packed_attention` on float32 copies of q, k, v, its output cast back to their dtype."""
+
+    def upcast(q, k, v, *args, **kwargs):
+        return original(q.float(), k.float(), v.float(), *args, **kwargs).to(q.dtype)
+
+    return upcast
+
+
 def attention_across_samples(original):
     """`packed_attention` that treats the whole pack as one sample (no block-diagonal mask)."""
 
@@ -91,6 +100,7 @@ GLOBAL_PLANTS = {
     "rope_half_split": {"apply_rope": lambda original: rope_half_split},
     "cross_sample_attention": {"packed_attention": attention_across_samples},
     "rope_input_dtype": {"apply_rope": lambda original: rope_in_input_dtype},
+    "attention_fp32": {"packed_attention": attention_in_float32},
 }
 
 
@@ -101,11 +111,37 @@ class AxesSwappedRotary(VisionRotary3D):
         return super().forward(positions[..., [0, 2, 1]])
 
 
+class AxisBufferRotary(VisionRotary3D):
+    """RoPE whose inverse frequencies live in non-persistent buffers `inv_freq_t/h/w`, as the release keeps them,
+    with the t axis's frequencies repeated in the h axis's buffer (every value is some axis's frequency)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__(head_dim, theta)
+        inv_t, inv_h, inv_w = super().inv_freqs()
+        wrong_h = inv_t.repeat(-(-inv_h.numel() // inv_t.numel()))[:inv_h.numel()]
+        for axis, table in zip("thw", (inv_t, wrong_h, inv_w)):
+            self.register_buffer(f"inv_freq_{axis}", table, persistent=False)
+
+    def inv_freqs(self, device=None):
+        return tuple(getattr(self, f"inv_freq_{axis}").float().to(device) for axis in "thw")
+
+
 class SkippedEncoderLayer(EncoderLayer):
     """A layer whose weights load but which is never applied."""
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
+
+
+def _scale_2pct(model: nn.Module) -> None:
+    for layer in model.encoder.layers:
+        if not hasattr(layer.self_attn, "scale"):
+            raise RuntimeError("cannot plant: the attention module has no `scale` attribute")
+        layer.self_attn.scale = 1.02 * layer.self_attn.head_dim ** -0.5
+
+
+def _axis_buffers(model: nn.Module) -> None:
+    model.rotary = AxisBufferRotary(model.rotary.head_dim, model.rotary.theta)
 
 
 def _wrong_scale(model: nn.Module) -> None:
@@ -143,6 +179,8 @@ def _norm_eps(model: nn.Module) -> None:
 MODULE_PLANTS = {
     "rope_axes_swapped": _swap_axes,
     "attention_scale": _wrong_scale,
+    "attention_scale_2pct": _scale_2pct,
+    "rope_buffer_wrong_axis": _axis_buffers,
     "layer_missing": _skip_layer,
     "layer_removed": _skip_layer,
     "gelu_tanh": _gelu_tanh,
@@ -151,6 +189,7 @@ MODULE_PLANTS = {
 # Changes to the inputs or outputs of forward, made by the model classes below.
 PACKING_IO_PLANTS = (
     "positions_ignored", "temporal_off_by_one", "channels_last", "hidden_states_shifted", "neighbour_leak_1e-6",
+    "features_doubled", "loaded_bias_one_element",
 )
 NEIGHBOUR_LEAK = 1e-6
 HF_IO_PLANTS = ("clip_mean_std_swapped", "hidden_states_shifted")
@@ -220,6 +259,16 @@ class PlantedPackingModel(OneVisionEncoderPackingModel):
         super().__init__(config)
         self.planted_variant = _plant(self, PACKING_IO_PLANTS + tuple(GLOBAL_PLANTS))
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """The loaded model; `loaded_bias_one_element` then changes one loaded value (a loader bug)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.planted_variant == "loaded_bias_one_element":
+            with torch.no_grad():
+                model.layernorm_post.bias[0] += 0.5
+        return loaded
+
     def forward(self, hidden_states, grid_thw, patch_positions=None, output_hidden_states=None, return_dict=None):
         variant = self.planted_variant
         grid = torch.as_tensor(grid_thw).tolist()
@@ -240,6 +289,10 @@ class PlantedPackingModel(OneVisionEncoderPackingModel):
             outputs = _remove_skipped_layer(outputs)
         elif variant == "neighbour_leak_1e-6":
             outputs = _leak_neighbours(outputs, [t * h * w for t, h, w in grid])
+        elif variant == "features_doubled":
+            outputs.last_hidden_state = 2 * outputs.last_hidden_state
+            if outputs.hidden_states is not None:
+                outputs.hidden_states = tuple(2 * h for h in outputs.hidden_states)
         return _finish(outputs, return_dict, self.config)
 
 

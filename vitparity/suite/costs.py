@@ -30,6 +30,9 @@ class Cost:
     companion_swaps: int = 0  # packed forwards with companions swapped, two per pack (counted in the packing forwards)
     layer_traces: int = 0  # failing cases traced layer by layer (their forwards are not in the counts above)
     attention: str = ""  # what the loaded models run: "packed backend sdpa, attention kernel default"
+    probe_loads: int = 0  # models loaded in float32 for the float32 probe (vitparity.suite.probe)
+    probe_forwards: int = 0  # the probe's float32 forwards (not in the counts above)
+    probe_tokens: int = 0
 
     def count(self, side: str, tokens: int) -> None:
         self.forwards[side] += 1
@@ -49,6 +52,7 @@ class Cost:
             "determinism_cases": self.determinism_cases, "over_budget": self.over_budget,
             "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind, "companion_swaps": self.companion_swaps,
             "layer_traces": self.layer_traces, "attention": self.attention,
+            "probe_loads": self.probe_loads, "probe_forwards": self.probe_forwards, "probe_tokens": self.probe_tokens,
         }
 
 
@@ -63,7 +67,7 @@ RESTORED_KEY = "vitparity_restored_buffers"  # xdist workeroutput and JUnit prop
 
 def cost_line(cost: dict) -> str:
     """`forwards: hf N (T tokens), packing M (U tokens); forward tokens: 1.29x the one-pass minimum`: the minimum
-    is one hf and one packing pass per case compared, twice the cases' tokens."""
+    is one hf and one packing pass per case compared, twice the cases' tokens (a float32 probe: `cost_details`)."""
     forwards, tokens = cost["forwards"], cost["tokens"]
     line = (f"forwards: hf {forwards['hf']} ({tokens['hf']} tokens), "
             f"packing {forwards['packing']} ({tokens['packing']} tokens)")
@@ -73,9 +77,24 @@ def cost_line(cost: dict) -> str:
     return line
 
 
+def probe_details(cost: dict) -> str:
+    """`float32 probe: 2 loads, 2 forwards (70 tokens), 1.31x the one-pass minimum counting it; ` (empty without a
+    probe): the loads and forwards of the float32 probe of a 16-bit run (vitparity.suite.probe)."""
+    if not cost.get("probe_loads"):
+        return ""
+    text = (f"float32 probe: {cost['probe_loads']} loads, {cost['probe_forwards']} forwards "
+            f"({cost['probe_tokens']} tokens)")
+    minimum = 2 * cost.get("case_tokens", 0)
+    if minimum:
+        total = cost["tokens"]["hf"] + cost["tokens"]["packing"] + cost["probe_tokens"]
+        text += f", {total / minimum:.2f}x the one-pass minimum counting it"
+    return text + "; "
+
+
 def cost_details(cost: dict) -> str:
     loads = cost["loads"]
-    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; pack groups {cost['groups']}; "
+    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; {probe_details(cost)}"
+            f"pack groups {cost['groups']}; "
             f"determinism re-runs {cost['determinism_cases']}; companion swaps {cost['companion_swaps']}; "
             f"layer traces {cost['layer_traces']}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
             f"({cost['peak_kind']})")
@@ -93,6 +112,8 @@ def total_cost(costs: dict[str, dict]) -> dict:
         total["determinism_cases"] += cost["determinism_cases"]
         total["companion_swaps"] += cost["companion_swaps"]
         total["layer_traces"] += cost["layer_traces"]
+        for key in ("probe_loads", "probe_forwards", "probe_tokens"):
+            total[key] += cost.get(key, 0)
         total["attention"] = total["attention"] or cost["attention"]
         total["over_budget"] += cost["over_budget"]
         if cost["peak_bytes"] >= total["peak_bytes"]:

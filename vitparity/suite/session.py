@@ -34,6 +34,7 @@ from .baseline import Baseline
 from .cases import PackGroup, ParityCase, Probe
 from .settings import Settings
 from .costs import Cost
+from .probe import run_probe
 from .schedule import GroupNeeds, Plan
 
 
@@ -51,12 +52,26 @@ class CaseResult:
     determinism: list[str] | None = None  # problems found; None when the policy did not re-run the case
     packing_source: str = "alone"  # the forward its packing features come from: "alone" or "<group id> (...)"
     determinism_forwards: str = ""  # the forwards the determinism verdict compared
+    reference: Comparison | None = None  # the float32 probe of a 16-bit run, when this case is the process's probe
+    reference_error: str | None = None  # why the float32 probe of this case could not run
+    reference_forwards: str = ""  # what the probe ran
+
+    @property
+    def comparisons(self) -> list[Comparison]:
+        """What test_parity records: the run's comparison, and the float32 probe's when this case carries it."""
+        return [c for c in (self.comparison, self.reference) if c is not None]
+
+    @property
+    def passed(self) -> bool:
+        """The run's comparison and, when there is one, the float32 probe pass."""
+        return all(c.passed for c in self.comparisons) and self.reference_error is None
 
     def forwards(self, test: str) -> str:
         """The forwards a test of this case compared (recorded with the test)."""
         if test == "test_deterministic":
             return self.determinism_forwards
-        return f"hf alone vs packing {self.packing_source}"
+        probe = f"; {self.reference_forwards}" if test == "test_parity" and self.reference_forwards else ""
+        return f"hf alone vs packing {self.packing_source}{probe}"
 
 
 @dataclass
@@ -114,6 +129,7 @@ class ParitySession:
         self.baseline: Baseline | None = None  # --golden-baseline, checked (set by the plugin)
         self._current: GroupResult | None = None
         self._swaps: list[str] = []  # "<probe>: bit-identical|differs" of every swap this process ran (the evidence)
+        self._probed = False  # the float32 probe of a 16-bit run has run in this process (once)
 
     # models
 
@@ -256,9 +272,10 @@ class ParitySession:
                 except MediaError as err:
                     results[case.id] = CaseResult(case, error=str(err))
         samples = {case.id: self._sample(case, media[case.id]) for case in group.cases if case.id in media}
+        probe = self._float32_probe(samples, media)
         packed = self._packed_forward(list(samples.values())) if needs.packed else {}
-        probe = self.plan.companions.get(group.id) if needs.companions else None
-        swaps, swap_forwards = self._companion_swaps(probe, samples, packed) if probe else ([], "")
+        swap_probe = self.plan.companions.get(group.id) if needs.companions else None
+        swaps, swap_forwards = self._companion_swaps(swap_probe, samples, packed) if swap_probe else ([], "")
         evidence = self._leak_evidence() if needs.from_pack else None
         packed_vs_hf, packed_vs_alone, packed_ids = [], [], []
         for case in group.cases:
@@ -273,9 +290,11 @@ class ParitySession:
                 first["packing"], source = self._forward("packing", sample), "alone"
             result = CaseResult(
                 case, comparison=compare_features(first["hf"], first["packing"], name=case.id,
-                                                  threshold=self.settings.threshold),
+                                                  threshold=self.settings.threshold, bars=self.settings.bars),
                 grid=sample.grid, metadata=sample.metadata, packing_source=source,
             )
+            if probe is not None and probe[0] == case.id:
+                result.reference, result.reference_error, result.reference_forwards = probe[1:]
             if case.id in needs.goldens:
                 result.metadata["media_sha256"] = file_sha256(case.path)
                 result.reductions = {side: (*reduce_features(first[side]), list(first[side].shape)) for side in SIDES}
@@ -283,7 +302,7 @@ class ParitySession:
                 packed_ids.append(case.id)
                 packed_vs_hf.append(compare_features(
                     first["hf"], packed[case.id], name=f"packed/{case.id}", threshold=self.settings.threshold,
-                    labels=("hf", "packing"),
+                    labels=("hf", "packing"), bars=self.settings.bars,
                 ))
                 if source == "alone":
                     packed_vs_alone.append(compare_features(
@@ -301,6 +320,30 @@ class ParitySession:
         left_out = {case.id: results[case.id].error for case in group.cases
                     if case.id in results and results[case.id].error}
         return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out, packed_ids, swaps, swap_forwards)
+
+    def _float32_probe(self, samples: dict[str, Sample], media: dict[str, Media]
+                       ) -> tuple[str, Comparison | None, str | None, str] | None:
+        """The float32 probe (`vitparity.suite.probe`) of a 16-bit run, once per process, on the smallest readable
+        case of the first group it computes: (case id, comparison, error, what ran), or None (no probe here)."""
+        if self._probed or not self.settings.probes or not samples:
+            return None
+        self._probed = True
+        case_id = min(samples, key=lambda key: (samples[key].num_tokens, key))
+        s = self.settings
+
+        def attention(hf: torch.nn.Module, packing: torch.nn.Module) -> str:
+            try:
+                return apply_attention_choice(hf, packing, s.packed_backend, s.attention_kernel)
+            except ValueError as err:
+                return apply_attention_choice(hf, packing, "auto", "auto") + f" (the run's choice: {err})"
+
+        try:
+            comparison, ran = run_probe(self._files, s, self.cost, case_id, media[case_id], attention=attention)
+        except ModelLoadError as err:
+            return case_id, None, f"the float32 probe could not load the models: {err}", "float32 probe: not run"
+        except (RuntimeError, ValueError, TypeError) as err:  # a model that cannot run in float32: the verdict says so
+            return case_id, None, f"the float32 probe failed: {type(err).__name__}: {err}", "float32 probe: failed"
+        return case_id, comparison, None, ran
 
     def _leak_evidence(self) -> str | None:
         """The swaps of this process that show the packing model's samples untouched by their neighbours (its code
@@ -392,7 +435,7 @@ class ParitySession:
         """The golden of one case and side, with its provenance; when updating, a broken pair is refused."""
         refusal = ""
         if updating:
-            if not result.comparison.passed:
+            if not result.passed:
                 refusal = "packing vs non-packing parity fails for this case"
             elif any(self.weight_problems().values()):
                 refusal = "the loaded weights are not sane (see test_loaded_weights)"
@@ -413,9 +456,15 @@ class ParitySession:
                                          case=f"{side}/{result.case.id}")
 
     def parity_failure(self, result: CaseResult) -> str:
-        """The failure text of a case whose packing and non-packing features differ, with its heat map."""
+        """The failure text of a case whose packing and non-packing features differ (in the run's dtype, or in
+        the float32 probe, which is then named), with its heat map."""
         comparison = result.comparison
-        text = format_report([comparison])
+        text = format_report(result.comparisons)
+        if result.reference_error:
+            text += f"\n{result.reference_error}"
+        if result.reference is not None:
+            text += (f"\n{result.reference_forwards}: "
+                     + ("passes" if result.reference.passed else f"FAILS ({result.reference.reason})"))
         t, h, w = result.grid
         if comparison.token_cos is not None and comparison.token_cos.size == t * h * w:
             path = self.settings.report_dir / f"{comparison.name}-heatmap.png"

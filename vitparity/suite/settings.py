@@ -15,6 +15,7 @@ from ..loading import DTYPES, resolve_device_dtype
 from ..media import ALIGN_POLICIES, check_scale, scale_suffix
 from ..models.packed_attention import BACKENDS, SDPA_KERNELS, available_backends, available_sdpa_kernels
 from ..pair import PairError, check_threshold
+from ..precision import AUTO, OFF, Bars, parse_bar
 from .cases import Shard, parse_shard
 from .options import OPTIONS, PLAN_POLICIES, RawValue, raw_value
 
@@ -53,10 +54,29 @@ class Settings:
     companions: str = "auto"
     require_representative: bool = False  # media too small for the card fail (vitparity.suite.representative)
     allow_skip: bool = False  # a run whose every parity test was skipped exits 0 (vitparity.suite.nothing_checked)
+    max_cos_gap: str | float = AUTO  # "auto", "off" or a limit (vitparity.precision.parse_bar)
+    max_norm_gap: str | float = AUTO
+    fp32_probe: str = AUTO  # "auto" or "off"
 
     @property
     def torch_dtype(self):
         return DTYPES[self.dtype]
+
+    @property
+    def bars(self) -> Bars:
+        """The precision bars of packing vs non-packing comparisons in the run's dtype."""
+        return Bars.for_dtype(self.dtype, self.max_cos_gap, self.max_norm_gap)
+
+    @property
+    def probe_bars(self) -> Bars:
+        """The bars of the float32 probe: float32 defaults, each bar off when the option turns it off."""
+        return Bars.for_dtype("float32", OFF if self.max_cos_gap == OFF else AUTO,
+                              OFF if self.max_norm_gap == OFF else AUTO)
+
+    @property
+    def probes(self) -> bool:
+        """Whether a worker runs the float32 probe: a 16-bit run with --fp32-probe auto."""
+        return self.fp32_probe == AUTO and self.dtype != "float32"
 
 
 def _resolve_path(config: pytest.Config, raw: RawValue) -> Path:
@@ -98,6 +118,14 @@ def resolve_settings(config: pytest.Config) -> Settings:
     for name in ("determinism", "companions"):
         if raw[name].value not in PLAN_POLICIES:
             raise bad(name, f"use one of {PLAN_POLICIES}")
+    bars = {}
+    for name in ("max_cos_gap", "max_norm_gap"):
+        try:
+            bars[name] = parse_bar(raw[name].value, raw[name].label)
+        except ValueError as err:
+            raise pytest.UsageError(str(err)) from None
+    if raw["fp32_probe"].value not in (AUTO, OFF):
+        raise bad("fp32_probe", f"use one of {(AUTO, OFF)}")
     try:
         threshold = check_threshold(float(raw["threshold"].value), raw["threshold"].label)
     except ValueError:
@@ -154,6 +182,9 @@ def resolve_settings(config: pytest.Config) -> Settings:
         baseline_min_cos=_baseline_min_cos(raw, bad),
         allow_skip=raw["allow_skip"].value,
         require_representative=raw["require_representative"].value,
+        max_cos_gap=bars["max_cos_gap"],
+        max_norm_gap=bars["max_norm_gap"],
+        fp32_probe=raw["fp32_probe"].value,
     )
 
 

@@ -74,7 +74,7 @@ def _trace(session: ParitySession, cases: list[ParityCase], *, pack: list[Parity
         try:
             traces.append(trace_layers(
                 hf.model, packing.model, sample, pack=list(samples.values()) if pack is not None else None,
-                threshold=settings.threshold, temporal_context=session.pair().temporal_context,
+                threshold=settings.threshold, temporal_context=session.pair().temporal_context, bars=settings.bars,
             ))
         except (RuntimeError, ValueError, TypeError, AttributeError) as err:  # the verdict stands; say why
             problems.append(f"per-layer trace of {case.id} failed: {type(err).__name__}: {err}")
