@@ -39,6 +39,7 @@ SESSION_KEY = pytest.StashKey[ParitySession]()
 MARKERS = {
     "image": "an image case",
     "video": "a video case",
+    "codec": "a video's codec-style sparse case (vitparity.codec)",
     "packed": "a pack group: several cases in one forward of the packing model",
     "golden": "comparison with the committed golden snapshot",
     "gpu": "runs on a CUDA device",

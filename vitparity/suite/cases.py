@@ -33,7 +33,8 @@ def stable_key(text: str) -> int:
 @dataclass(frozen=True)
 class ParityCase:
     """One media file at one resolution scale; its id (`image-astronaut.jpg`, `image-astronaut.jpg@0.5` at half
-    the native size) is stable on every machine.
+    the native size) is stable on every machine. Kind "codec" (`codec-astronaut_pan.mp4`): the video's
+    codec-style sparse selection at native size (`vitparity.codec`).
 
     `tokens` is the patch count estimated from the file's stated size (0 when it cannot be read: the case
     then fails when it is decoded), used to plan groups and workers.
@@ -73,12 +74,13 @@ def estimate_tokens(kind: str, size: tuple[int, int] | None, *, patch_size: int,
     width, height = scaled_size(*size, scale)
     whole = math.floor if align == "crop" else math.ceil
     per_frame = whole(width / patch_size) * whole(height / patch_size)
-    return per_frame * (num_frames if kind == "video" else 1)
+    return per_frame * (1 if kind == "image" else num_frames)
 
 
 def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_frames: int,
-                  scales: tuple[float, ...] = (1.0,)) -> tuple[ParityCase, ...]:
-    """Every image and video of the given folders at every scale, with unique readable ids and token estimates.
+                  scales: tuple[float, ...] = (1.0,), codec_frames: int = 0) -> tuple[ParityCase, ...]:
+    """Every image and video of the given folders at every scale, with unique readable ids and token estimates;
+    with `codec_frames` > 0, also each video's codec-style case of that budget (frames' worth of tokens).
 
     Raises MediaError for a folder that cannot be listed and CaseError for files that would share an id.
     """
@@ -87,10 +89,13 @@ def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_fr
         for path in discover_media(folder):
             kind = media_kind(path)
             size = image_size(path) if kind == "image" else video_size(path)
-            for scale in scales:
-                tokens = estimate_tokens(kind, size, patch_size=patch_size, align=align, num_frames=num_frames,
+            variants = [(kind, f"{kind}-{path.name}{scale_suffix(scale)}", scale, num_frames) for scale in scales]
+            if kind == "video" and codec_frames:
+                variants.append(("codec", f"codec-{path.name}", 1.0, codec_frames))
+            for case_kind, case_id, scale, frames in variants:
+                tokens = estimate_tokens(case_kind, size, patch_size=patch_size, align=align, num_frames=frames,
                                          scale=scale)
-                case = ParityCase(f"{kind}-{path.name}{scale_suffix(scale)}", kind, path, tokens, scale)
+                case = ParityCase(case_id, case_kind, path, tokens, scale)
                 stem = golden_file_stem(case.id)
                 if stem in cases:
                     raise CaseError(

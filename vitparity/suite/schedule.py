@@ -88,6 +88,7 @@ class GroupNeeds:
     cases: set[str] = field(default_factory=set)
     determinism: set[str] = field(default_factory=set)
     goldens: set[str] = field(default_factory=set)
+    paths: set[str] = field(default_factory=set)  # cases whose hf explicit-positions call runs (test_input_paths)
     packed: bool = False
     companions: bool = False  # test_companions_do_not_leak is selected: the group's planned swap runs
     from_pack: bool = False  # the cases' packing features come from the pack once a swap has shown no leak
@@ -119,7 +120,7 @@ def build_plan(settings: Settings, workers: int, files: PairFiles | None) -> Pla
     try:
         cases = collect_cases(
             list(settings.media_dirs), patch_size=patch_size, align=settings.align,
-            num_frames=settings.num_frames, scales=settings.scales,
+            num_frames=settings.num_frames, scales=settings.scales, codec_frames=settings.codec_frames,
         )
     except (MediaError, CaseError) as err:
         raise pytest.UsageError(f"{settings.labels['media']}: {err}") from err
@@ -142,6 +143,7 @@ def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
 
 COMPANION_TEST = "test_companions_do_not_leak"
 ALONE_VS_PACKED_TEST = "test_packing_independent_of_neighbours"
+INPUT_PATHS_TEST = "test_input_paths"
 
 
 def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Selection:
@@ -168,6 +170,8 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Sel
             drop(item, None)
         elif case is not None and item.originalname == "test_deterministic" and case.id not in plan.determinism:
             drop(item, f"--determinism={settings.determinism}: case not re-run")
+        elif case is not None and item.originalname == INPUT_PATHS_TEST and case.kind == "image":
+            drop(item, "images: the hf model takes an image one way here (explicit positions are checked on videos)")
         elif group is not None and item.originalname == COMPANION_TEST and group.id not in plan.companions:
             drop(item, f"--companions={settings.companions}: no swap planned for this group")
         else:
@@ -217,6 +221,8 @@ def group_needs(plan: Plan, selection: Selection) -> dict[str, GroupNeeds]:
             need.cases.add(case.id)
             if item.originalname == "test_deterministic":
                 need.determinism.add(case.id)
+            if item.originalname == INPUT_PATHS_TEST:
+                need.paths.add(case.id)
             if item.get_closest_marker("golden"):
                 need.goldens.add(case.id)
     return needs

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from ..codec import context_frames, prepare_codec_sample
 from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample
@@ -51,11 +52,14 @@ class CaseResult:
     determinism: list[str] | None = None  # problems found; None when the policy did not re-run the case
     packing_source: str = "alone"  # the forward its packing features come from: "alone" or "<group id> (...)"
     determinism_forwards: str = ""  # the forwards the determinism verdict compared
+    paths: list[Comparison] = field(default_factory=list)  # the hf explicit-positions path vs the other forwards
 
     def forwards(self, test: str) -> str:
         """The forwards a test of this case compared (recorded with the test)."""
         if test == "test_deterministic":
             return self.determinism_forwards
+        if test == "test_input_paths":
+            return "; ".join(comparison.name for comparison in self.paths)
         return f"hf alone vs packing {self.packing_source}"
 
 
@@ -197,9 +201,11 @@ class ParitySession:
     # cases and groups
 
     def load_case_media(self, case: ParityCase) -> Media:
-        """Decode the case's image or video (frames sampled and aligned to the models' patch size)."""
+        """Decode the case's image or video (frames sampled and aligned to the models' patch size); a codec-style
+        case samples the whole temporal context (64 frames) at native size."""
         s = self.settings
-        return load_media(case.path, num_frames=s.num_frames, patch_size=self.pair().patch_size, align=s.align,
+        frames = context_frames(self.pair().temporal_context) if case.kind == "codec" else s.num_frames
+        return load_media(case.path, num_frames=frames, patch_size=self.pair().patch_size, align=s.align,
                           scale=case.scale)
 
     def decode_sample(self, case: ParityCase) -> Sample:
@@ -208,17 +214,41 @@ class ParitySession:
 
     def _sample(self, case: ParityCase, media: Media) -> Sample:
         s, pair = self.settings, self.pair()
+        if case.kind == "codec":
+            try:
+                return prepare_codec_sample(
+                    media, patch_size=pair.patch_size, budget_frames=s.codec_frames, dtype=s.torch_dtype,
+                    device=s.device, name=case.id, normalization=pair.normalization,
+                )
+            except ValueError as err:
+                raise MediaError(case.path, f"codec-style selection: {err}") from None
         return prepare_sample(
             media, patch_size=pair.patch_size, dtype=s.torch_dtype, device=s.device,
             temporal_context=pair.temporal_context, name=case.id, normalization=pair.normalization,
         )
 
-    def _forward(self, side: str, sample: Sample) -> torch.Tensor:
+    def _forward(self, side: str, sample: Sample, *, path: str = "context") -> torch.Tensor:
+        """Features of one model for one sample alone; the hf model is called the `path` way (`extract.hf_inputs`)."""
         model = self.model(side).model
         self.cost.count(side, sample.num_tokens)
         if side == "hf":
-            return extract_hf(model, sample, temporal_context=self.pair().temporal_context)
+            return extract_hf(model, sample, temporal_context=self.pair().temporal_context, path=path)
         return extract_packing(model, [sample])[0]
+
+    def _input_paths(self, case: ParityCase, sample: Sample, first: dict[str, torch.Tensor]) -> list[Comparison]:
+        """The release's explicit-positions call (path 2: the sample's own frames, a codec case's mosaics, with
+        `patch_positions`) compared token for token with the hf model's context call (path 1, or path 3's sparse
+        `visible_indices`) and with the packing model."""
+        explicit = self._forward("hf", sample, path="positions")
+        context = "sparse visible_indices" if sample.context is not None else "64-frame context"
+        label = "patch_positions" + (" on mosaics" if sample.context is not None else "")
+        threshold = self.settings.threshold
+        return [
+            compare_features(first["hf"], explicit, name=f"positions~context/{case.id}",
+                             threshold=threshold, labels=(f"hf {context}", f"hf {label}")),
+            compare_features(explicit, first["packing"], name=f"positions~packing/{case.id}",
+                             threshold=threshold, labels=(f"hf {label}", "packing")),
+        ]
 
     def group_result(self, group: PackGroup) -> GroupResult:
         """The group's results, computed when its first test asks (the previous group's are dropped first)."""
@@ -276,6 +306,10 @@ class ParitySession:
                                                   threshold=self.settings.threshold),
                 grid=sample.grid, metadata=sample.metadata, packing_source=source,
             )
+            self.cost.path_tokens += 2 * sample.num_tokens
+            if case.id in needs.paths:
+                result.paths = self._input_paths(case, sample, first)
+                self.cost.path_tokens += sample.num_tokens
             if case.id in needs.goldens:
                 result.metadata["media_sha256"] = file_sha256(case.path)
                 result.reductions = {side: (*reduce_features(first[side]), list(first[side].shape)) for side in SIDES}
@@ -408,6 +442,8 @@ class ParitySession:
             "restored_buffers": provenance["restored_buffers"][side],
             "attention": self.cost.attention,
         }
+        if "codec_selection" in result.metadata:  # a changed selection is named apart from a changed model
+            meta["codec_selection"] = result.metadata["codec_selection"]
         return GoldenData.from_reduction(projection, norms, shape, meta, refusal=refusal,
                                          case=f"{side}/{result.case.id}")
 
