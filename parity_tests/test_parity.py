@@ -26,3 +26,16 @@ def test_input_paths(case_result, record_comparison) -> None:
     failed = [comparison for comparison in case_result.paths if not comparison.passed]
     if failed:
         pytest.fail(format_report(failed, title=f"{case_result.case.id}: input paths"), pytrace=False)
+
+
+def test_token_order(case_result, record_comparison) -> None:
+    """Neither model masks attention by order: a codec-style case fed in a shuffled order (tokens with their
+    positions) on every path that takes an order gives the same features, put back in order (catches index
+    sorting and order-dependent kernels)."""
+    if not case_result.token_order:
+        pytest.fail(f"{case_result.case.id}: no path was fed in another order", pytrace=False)
+    for comparison in case_result.token_order:
+        record_comparison(comparison)
+    failed = [comparison for comparison in case_result.token_order if not comparison.passed]
+    if failed:
+        pytest.fail(format_report(failed, title=f"{case_result.case.id}: token order"), pytrace=False)

@@ -117,13 +117,33 @@ def select_tokens(frames: np.ndarray, patch_size: int, budget_frames: int) -> Co
 def mosaic(pixels: torch.Tensor, selection: CodecSelection, patch_size: int) -> torch.Tensor:
     """The kept patches of the context `pixels` (C, T, H, W) laid out row-major, in order, in `budget_frames`
     frames of the same patch grid: (C, budget_frames, H, W), same dtype and device."""
-    c = pixels.shape[0]
-    _, h, w = selection.grid
-    p = patch_size
     index = torch.from_numpy(selection.visible_indices).to(pixels.device)
-    kept = patchify(pixels, p)[index]
-    frames = selection.budget_frames
-    return kept.reshape(frames, h, w, c, p, p).permute(3, 0, 1, 4, 2, 5).reshape(c, frames, h * p, w * p)
+    return unpatchify(patchify(pixels, patch_size)[index], selection.budget_frames, pixels.shape[0], patch_size,
+                      selection.grid[1:])
+
+
+def unpatchify(tokens: torch.Tensor, frames: int, channels: int, patch_size: int, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Tokens (frames*h*w, C*p*p) in (C, p, p) order laid out frame-major, row-major: (C, frames, h*p, w*p)."""
+    h, w = grid_hw
+    p = patch_size
+    return tokens.reshape(frames, h, w, channels, p, p).permute(3, 0, 1, 4, 2, 5).reshape(channels, frames, h * p, w * p)
+
+
+def permuted(sample: Sample, permutation: torch.Tensor) -> Sample:
+    """A sparse (codec-style) sample with its tokens in another order: the mosaic re-laid in that order, and its
+    positions and visible indices permuted with them. Token i of the result is token permutation[i] of `sample`.
+
+    permutation: (K,) int64 on the host. ValueError for a sample without explicit positions and sparse indices.
+    """
+    if sample.positions is None or sample.context is None:
+        raise ValueError(f"{sample.name}: only a sparse sample (explicit positions and visible_indices) is permuted")
+    c = sample.pixels.shape[0]
+    t, h, w = sample.grid
+    p = sample.pixels.shape[2] // h
+    pixels = unpatchify(patchify(sample.pixels, p)[permutation.to(sample.pixels.device)], t, c, p, (h, w))
+    return Sample(sample.name, sample.kind, pixels, sample.grid, sample.frame_positions, dict(sample.metadata),
+                  positions=sample.positions[permutation.to(sample.positions.device)], context=sample.context,
+                  visible_indices=sample.visible_indices[permutation])
 
 
 def prepare_codec_sample(
@@ -155,6 +175,11 @@ def prepare_codec_sample(
         positions=torch.from_numpy(selection.positions).to(device),
         context=context, visible_indices=torch.from_numpy(selection.visible_indices),
     )
+
+
+def token_permutation(count: int, seed: int = 0) -> torch.Tensor:
+    """A fixed random order of `count` tokens ((count,) int64, host): the same on every machine."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))
 
 
 def context_frames(temporal_context: int | None) -> int:

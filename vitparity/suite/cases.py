@@ -239,6 +239,17 @@ def determinism_cases(policy: str, device: str, groups: tuple[PackGroup, ...], o
     return chosen
 
 
+def token_order_cases(groups: tuple[PackGroup, ...], owner: dict[str, int]) -> set[str]:
+    """Case ids fed in a shuffled token order (`test_token_order`): the smallest codec-style case of each worker's
+    share. Order dependence is in a model's code, the same for every input, so one case per worker shows it."""
+    chosen = set()
+    for worker in sorted(set(owner.values())):
+        codec = [case for group in groups if owner[group.id] == worker for case in group.cases if case.kind == "codec"]
+        if codec:
+            chosen.add(min(codec, key=lambda case: (case.tokens, case.id)).id)
+    return chosen
+
+
 @dataclass(frozen=True)
 class Probe:
     """A companion swap planned for one pack group: the pack it runs and the positions kept in each swap forward.

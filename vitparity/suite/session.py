@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from ..codec import context_frames, prepare_codec_sample
+from ..codec import context_frames, permuted, prepare_codec_sample, token_permutation
 from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample
@@ -53,6 +53,7 @@ class CaseResult:
     packing_source: str = "alone"  # the forward its packing features come from: "alone" or "<group id> (...)"
     determinism_forwards: str = ""  # the forwards the determinism verdict compared
     paths: list[Comparison] = field(default_factory=list)  # the hf explicit-positions path vs the other forwards
+    token_order: list[Comparison] = field(default_factory=list)  # each path fed shuffled, restored, vs in order
 
     def forwards(self, test: str) -> str:
         """The forwards a test of this case compared (recorded with the test)."""
@@ -60,6 +61,8 @@ class CaseResult:
             return self.determinism_forwards
         if test == "test_input_paths":
             return "; ".join(comparison.name for comparison in self.paths)
+        if test == "test_token_order":
+            return "; ".join(comparison.name for comparison in self.token_order)
         return f"hf alone vs packing {self.packing_source}"
 
 
@@ -310,6 +313,8 @@ class ParitySession:
             if case.id in needs.paths:
                 result.paths = self._input_paths(case, sample, first)
                 self.cost.path_tokens += sample.num_tokens
+            if case.id in needs.token_order:
+                result.token_order = self._token_order(case, sample, first)
             if case.id in needs.goldens:
                 result.metadata["media_sha256"] = file_sha256(case.path)
                 result.reductions = {side: (*reduce_features(first[side]), list(first[side].shape)) for side in SIDES}
@@ -335,6 +340,23 @@ class ParitySession:
         left_out = {case.id: results[case.id].error for case in group.cases
                     if case.id in results and results[case.id].error}
         return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out, packed_ids, swaps, swap_forwards)
+
+    def _token_order(self, case: ParityCase, sample: Sample, first: dict[str, torch.Tensor]) -> list[Comparison]:
+        """A sparse case fed in a fixed shuffled order (tokens with their positions) on every path that takes an
+        order (hf sparse visible_indices, hf mosaic with patch_positions, packing), its features put back in order
+        and compared with the same model's features in order: neither model masks attention by order."""
+        permutation = token_permutation(sample.num_tokens)
+        shuffled, restore = permuted(sample, permutation), torch.argsort(permutation)
+        runs = (("hf", "context", "hf sparse visible_indices"), ("hf", "positions", "hf mosaic patch_positions"),
+                ("packing", "context", "packing"))
+        comparisons = []
+        for side, path, label in runs:
+            features = self._forward(side, shuffled, path=path)[restore.to(first[side].device)]
+            comparisons.append(compare_features(
+                first[side], features, name=f"order~{label.split()[-1] if side == 'hf' else 'packing'}/{case.id}",
+                threshold=self.settings.threshold, labels=(f"{label} in order", f"{label} shuffled"),
+            ))
+        return comparisons
 
     def _leak_evidence(self) -> str | None:
         """The swaps of this process that show the packing model's samples untouched by their neighbours (its code
