@@ -59,6 +59,8 @@ EXAMPLES: dict[str, Example] = {
     "pytest --hf-model=org/onevision-encoder-large@v1.0 --packing-model=org/onevision-encoder-large-packing@v1.0":
         Example("suite"),
     'pytest -m "not golden" --media=/data/more_media': Example("suite", MEDIA),
+    'pytest -m "codec and not golden"': Example("suite"),
+    "pytest --codec-cases=off": Example("suite"),
     "pytest --golden-dir=/data/goldens --snapshot-update --media=/data/more_media --align=resize --scales=0.5":
         Example("suite", MEDIA, says="snapshots generated"),
     "pytest --golden-dir=/data/goldens --media=/data/more_media --align=resize --scales=0.5": Example("suite", MEDIA),
