@@ -114,3 +114,14 @@ def test_a_shuffled_order_gives_the_same_features_put_back(tiny_models, codec_sa
                                 name=path, threshold=0.9999).passed
     assert compare_features(extract_packing(packing, [codec_sample])[0],
                             extract_packing(packing, [shuffled])[0][restore], name="packing", threshold=0.9999).passed
+
+
+def test_a_changed_selection_is_named_apart_from_a_changed_model() -> None:
+    from vitparity.provenance_diff import provenance_diff
+
+    old = {"case": "codec-a.mp4", "codec_selection": {"budget_frames": 8, "indices_sha256": "0123456789abcdef"}}
+    new = {"case": "codec-a.mp4", "codec_selection": {"budget_frames": 8, "indices_sha256": "fedcba9876543210"}}
+    cause = provenance_diff(old, new).likely_cause()
+    assert cause is not None and "codec-style selection kept other tokens" in cause and "not the model" in cause
+    budget = provenance_diff(old, {**old, "codec_selection": {**old["codec_selection"], "budget_frames": 4}})
+    assert budget.likely_cause() is None  # a setting changed: not an environment cause
