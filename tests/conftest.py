@@ -16,7 +16,7 @@ pytest_plugins = ["pytester", "faults.isolation"]  # faults.isolation: the isola
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "fixtures" / "golden"
-ROW = re.compile(r"^((?:packed/)?(?:image|video)-\S+)\s+\d+\s+\S+\s+\S+\s+\S+\s+\S+\s+(PASS|FAIL)", re.M)
+ROW = re.compile(r"^((?:[\w~]+/)?(?:image|video|codec|assets)-\S+)\s+\d+\s+\S+\s+\S+\s+\S+\s+\S+\s+(PASS|FAIL)", re.M)
 
 
 @dataclass

@@ -177,11 +177,12 @@ def hf_inputs(sample: Sample, dtype: torch.dtype, *, temporal_context: int | Non
     visible (the model embeds visible patches only): the T sampled frames scattered whole at their positions, or,
     for a sparse sample, its context frames and its `visible_indices` in its token order.
     path "positions" (path 2): the sample's own frames (1, C, T, H, W) and `patch_positions` (1, N, 3), the
-    explicit (t, h, w) of each token (`token_positions`).
+    explicit (t, h, w) of each token (`token_positions`). A sample with explicit positions and no context (a codec
+    asset folder's mosaics) is called this way on either path.
     Indices are built on the host so that the model checks their range without reading the device.
     """
     pixels = sample.pixels.to(dtype)
-    if path == "positions":
+    if path == "positions" or (sample.positions is not None and sample.context is None):
         return {"pixel_values": pixels.unsqueeze(0), "patch_positions": token_positions(sample).unsqueeze(0)}
     if path != "context":
         raise ValueError(f"unknown non-packing input path {path!r}; use one of {HF_PATHS}")

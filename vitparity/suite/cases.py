@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..codec_assets import estimated_tokens, is_asset_folder
 from ..independence import alternate_halves
 from ..media import discover_media, media_kind, scale_suffix, scaled_size
 from ..media_probe import image_size, video_size
@@ -34,7 +35,8 @@ def stable_key(text: str) -> int:
 class ParityCase:
     """One media file at one resolution scale; its id (`image-astronaut.jpg`, `image-astronaut.jpg@0.5` at half
     the native size) is stable on every machine. Kind "codec" (`codec-astronaut_pan.mp4`): the video's
-    codec-style sparse selection at native size (`vitparity.codec`).
+    codec-style sparse selection at native size (`vitparity.codec`). Kind "assets" (`assets-<folder>`): a codec
+    asset folder of the release (`vitparity.codec_assets`).
 
     `tokens` is the patch count estimated from the file's stated size (0 when it cannot be read: the case
     then fails when it is decoded), used to plan groups and workers.
@@ -80,13 +82,17 @@ def estimate_tokens(kind: str, size: tuple[int, int] | None, *, patch_size: int,
 def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_frames: int,
                   scales: tuple[float, ...] = (1.0,), codec_frames: int = 0) -> tuple[ParityCase, ...]:
     """Every image and video of the given folders at every scale, with unique readable ids and token estimates;
-    with `codec_frames` > 0, also each video's codec-style case of that budget (frames' worth of tokens).
+    with `codec_frames` > 0, also each video's codec-style case of that budget (frames' worth of tokens); each codec
+    asset folder (a subfolder with the release's layout) as one case.
 
     Raises MediaError for a folder that cannot be listed and CaseError for files that would share an id.
     """
     cases: dict[str, ParityCase] = {}
     for folder in media_dirs:
-        for path in discover_media(folder):
+        for path in discover_media(folder, accept_folder=is_asset_folder):
+            if path.is_dir():
+                _add(cases, ParityCase(f"assets-{path.name}", "assets", path, estimated_tokens(path)))
+                continue
             kind = media_kind(path)
             size = image_size(path) if kind == "image" else video_size(path)
             variants = [(kind, f"{kind}-{path.name}{scale_suffix(scale)}", scale, num_frames) for scale in scales]
@@ -95,15 +101,19 @@ def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_fr
             for case_kind, case_id, scale, frames in variants:
                 tokens = estimate_tokens(case_kind, size, patch_size=patch_size, align=align, num_frames=frames,
                                          scale=scale)
-                case = ParityCase(case_id, case_kind, path, tokens, scale)
-                stem = golden_file_stem(case.id)
-                if stem in cases:
-                    raise CaseError(
-                        f"two media files would share the case id or golden file {stem}: {cases[stem].path} and "
-                        f"{path} (rename one)"
-                    )
-                cases[stem] = case
+                _add(cases, ParityCase(case_id, case_kind, path, tokens, scale))
     return tuple(cases.values())
+
+
+def _add(cases: dict[str, ParityCase], case: ParityCase) -> None:
+    """Add `case` under its golden file stem; CaseError when another case has it."""
+    stem = golden_file_stem(case.id)
+    if stem in cases:
+        raise CaseError(
+            f"two media files would share the case id or golden file {stem}: {cases[stem].path} and "
+            f"{case.path} (rename one)"
+        )
+    cases[stem] = case
 
 
 def _group(cases: list[ParityCase], budget: int) -> PackGroup:

@@ -175,6 +175,8 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Sel
             drop(item, f"--determinism={settings.determinism}: case not re-run")
         elif case is not None and item.originalname == INPUT_PATHS_TEST and case.kind == "image":
             drop(item, "images: the hf model takes an image one way here (explicit positions are checked on videos)")
+        elif case is not None and item.originalname == INPUT_PATHS_TEST and case.kind == "assets":
+            drop(item, "codec asset folders: the hf model takes mosaics one way (explicit positions), in test_parity")
         elif case is not None and item.originalname == TOKEN_ORDER_TEST and case.id not in plan.token_order:
             drop(item, "token order: one codec-style case per worker is fed shuffled")
         elif group is not None and item.originalname == COMPANION_TEST and group.id not in plan.companions:

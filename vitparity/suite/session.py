@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from ..codec import context_frames, permuted, prepare_codec_sample, token_permutation
+from ..codec_assets import folder_sha256, load_assets, prepare_assets_sample
 from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample
@@ -205,8 +206,11 @@ class ParitySession:
 
     def load_case_media(self, case: ParityCase) -> Media:
         """Decode the case's image or video (frames sampled and aligned to the models' patch size); a codec-style
-        case samples the whole temporal context (64 frames) at native size."""
+        case samples the whole temporal context (64 frames) at native size; a codec asset folder gives its mosaics
+        and positions, checked (`vitparity.codec_assets.load_assets`)."""
         s = self.settings
+        if case.kind == "assets":
+            return load_assets(case.path, patch_size=self.pair().patch_size)
         frames = context_frames(self.pair().temporal_context) if case.kind == "codec" else s.num_frames
         return load_media(case.path, num_frames=frames, patch_size=self.pair().patch_size, align=s.align,
                           scale=case.scale)
@@ -217,6 +221,9 @@ class ParitySession:
 
     def _sample(self, case: ParityCase, media: Media) -> Sample:
         s, pair = self.settings, self.pair()
+        if case.kind == "assets":
+            return prepare_assets_sample(media, patch_size=pair.patch_size, dtype=s.torch_dtype, device=s.device,
+                                         name=case.id, normalization=pair.normalization)
         if case.kind == "codec":
             try:
                 return prepare_codec_sample(
@@ -316,7 +323,8 @@ class ParitySession:
             if case.id in needs.token_order:
                 result.token_order = self._token_order(case, sample, first)
             if case.id in needs.goldens:
-                result.metadata["media_sha256"] = file_sha256(case.path)
+                result.metadata["media_sha256"] = (folder_sha256(case.path) if case.kind == "assets"
+                                                   else file_sha256(case.path))
                 result.reductions = {side: (*reduce_features(first[side]), list(first[side].shape)) for side in SIDES}
             if case.id in packed:
                 packed_ids.append(case.id)
@@ -464,8 +472,9 @@ class ParitySession:
             "restored_buffers": provenance["restored_buffers"][side],
             "attention": self.cost.attention,
         }
-        if "codec_selection" in result.metadata:  # a changed selection is named apart from a changed model
-            meta["codec_selection"] = result.metadata["codec_selection"]
+        for key in ("codec_selection", "codec_assets"):  # a changed selection is named apart from a changed model
+            if key in result.metadata:
+                meta[key] = result.metadata[key]
         return GoldenData.from_reduction(projection, norms, shape, meta, refusal=refusal,
                                          case=f"{side}/{result.case.id}")
 
