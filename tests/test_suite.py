@@ -56,7 +56,7 @@ def test_default_suite_passes_and_loads_each_model_once(suite) -> None:
     assert "24 snapshots passed" in out
     found = verdicts(out)
     cases = [case for case in found if "/" not in case]
-    paths = [case for case in found if case.startswith("positions~")]
+    paths = [case for case in found if case.startswith("pos~")]
     order = [case for case in found if case.startswith("order~")]
     # 12 cases (4 images, 4 videos, their 4 codec-style cases), 12 packed rows, 2 explicit-positions rows per video
     # and codec case, 3 token-order rows (one codec case: hf sparse, hf mosaic, packing)
@@ -107,8 +107,7 @@ def test_planted_fault_fails_with_table_and_heat_maps(suite, faulty_packing) -> 
     result = suite.run(f"--packing-model={faulty_packing}", "-m", "not golden", "--report-dir=report")
     assert result.ret == 1
     found = verdicts(result.stdout.str())
-    packing_rows = {case: verdict for case, verdict in found.items() if not case.startswith(("positions~context/",
-                                                                                          "order~"))}
+    packing_rows = {case: verdict for case, verdict in found.items() if not case.startswith(("pos~ctx/", "order~"))}
     assert len(packing_rows) == 12 + 12 + 8 and set(packing_rows.values()) == {"FAIL"}  # cases, packed, paths
     assert len(found) - len(packing_rows) == 8 + 3  # the hf model against itself, and each model shuffled: pass
     assert set(found.values()) - set(packing_rows.values()) <= {"PASS"}

@@ -254,9 +254,9 @@ class ParitySession:
         label = "patch_positions" + (" on mosaics" if sample.context is not None else "")
         threshold = self.settings.threshold
         return [
-            compare_features(first["hf"], explicit, name=f"positions~context/{case.id}",
+            compare_features(first["hf"], explicit, name=f"pos~ctx/{case.id}",
                              threshold=threshold, labels=(f"hf {context}", f"hf {label}")),
-            compare_features(explicit, first["packing"], name=f"positions~packing/{case.id}",
+            compare_features(explicit, first["packing"], name=f"pos~packing/{case.id}",
                              threshold=threshold, labels=(f"hf {label}", "packing")),
         ]
 
@@ -355,13 +355,13 @@ class ParitySession:
         and compared with the same model's features in order: neither model masks attention by order."""
         permutation = token_permutation(sample.num_tokens)
         shuffled, restore = permuted(sample, permutation), torch.argsort(permutation)
-        runs = (("hf", "context", "hf sparse visible_indices"), ("hf", "positions", "hf mosaic patch_positions"),
-                ("packing", "context", "packing"))
+        runs = (("hf", "context", "sparse", "hf sparse visible_indices"),
+                ("hf", "positions", "mosaic", "hf mosaic patch_positions"), ("packing", "context", "packing", "packing"))
         comparisons = []
-        for side, path, label in runs:
+        for side, path, short, label in runs:
             features = self._forward(side, shuffled, path=path)[restore.to(first[side].device)]
             comparisons.append(compare_features(
-                first[side], features, name=f"order~{label.split()[-1] if side == 'hf' else 'packing'}/{case.id}",
+                first[side], features, name=f"order~{short}/{case.id}",
                 threshold=self.settings.threshold, labels=(f"{label} in order", f"{label} shuffled"),
             ))
         return comparisons
