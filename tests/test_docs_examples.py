@@ -77,6 +77,7 @@ EXAMPLES: dict[str, Example] = {
     "--video2 2.mp4 --num_frames 8 --output_dir ./features": Example("cli", {"A": str(BUILTIN_HF),
                                                                               "B": str(BUILTIN_PACKING)}),
     "vitparity extract --root ./media --output_dir ./features": Example("cli"),
+    "vitparity extract --root ./media --codec --output_dir ./codec": Example("cli"),
     "vitparity extract --images a.jpg b.png c.jpg --videos d.mp4 --output_dir ./features": Example("cli"),
     "vitparity verify --features_dir ./features --threshold 0.99": Example("cli"),
     "vitparity convert HF_DIR OUT_DIR": Example("cli", {"HF_DIR": str(BUILTIN_HF), "OUT_DIR": "{tmp}/converted"}),
