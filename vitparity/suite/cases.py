@@ -82,7 +82,8 @@ def estimate_tokens(kind: str, size: tuple[int, int] | None, *, patch_size: int,
 def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_frames: int,
                   scales: tuple[float, ...] = (1.0,), codec_frames: int = 0) -> tuple[ParityCase, ...]:
     """Every image and video of the given folders at every scale, with unique readable ids and token estimates;
-    with `codec_frames` > 0, also each video's codec-style case of that budget (frames' worth of tokens); each codec
+    with `codec_frames` > 0 and scale 1 listed, also each video's codec-style case of that budget (frames' worth of
+    tokens, native size); each codec
     asset folder (a subfolder with the release's layout) as one case.
 
     Raises MediaError for a folder that cannot be listed and CaseError for files that would share an id.
@@ -96,7 +97,7 @@ def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_fr
             kind = media_kind(path)
             size = image_size(path) if kind == "image" else video_size(path)
             variants = [(kind, f"{kind}-{path.name}{scale_suffix(scale)}", scale, num_frames) for scale in scales]
-            if kind == "video" and codec_frames:
+            if kind == "video" and codec_frames and 1.0 in scales:  # native size only: with scale 1 listed
                 variants.append(("codec", f"codec-{path.name}", 1.0, codec_frames))
             for case_kind, case_id, scale, frames in variants:
                 tokens = estimate_tokens(case_kind, size, patch_size=patch_size, align=align, num_frames=frames,
