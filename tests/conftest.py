@@ -17,7 +17,7 @@ pytest_plugins = ["pytester", "faults.isolation"]  # faults.isolation: the isola
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "fixtures" / "golden"
 # case, tokens, max abs, mean abs, min cos, mean cos, then mean 1-cos and norm gap (each "value (fraction of bar)")
-ROW = re.compile(r"^((?:packed/)?(?:image|video)-\S+)\s+\d+\s+\S+\s+\S+\s+\S+\s+\S+(?:\s+\S+(?: \(\S+\))?){0,2}\s+"
+ROW = re.compile(r"^((?:[\w~]+/)?(?:image|video|codec|assets)-\S+)\s+\d+\s+\S+\s+\S+\s+\S+\s+\S+(?:\s+\S+(?: \(\S+\))?){0,2}\s+"
                  r"(PASS|FAIL)", re.M)
 
 

@@ -62,6 +62,8 @@ EXAMPLES: dict[str, Example] = {
     'pytest -m "not golden" --no-bundled-media --media=/data/more_media:/data/clip.mp4':
         Example("suite", {"/data/more_media:/data/clip.mp4": "{tmp}/more_media:{tmp}/clip.mp4"},
                 says="6 comparisons, 6 passed"),
+    'pytest -m "codec and not golden"': Example("suite"),
+    "pytest --codec-cases=off": Example("suite"),
     "pytest --golden-dir=/data/goldens --snapshot-update --media=/data/more_media --align=resize --scales=0.5":
         Example("suite", MEDIA, says="snapshots generated"),
     "pytest --golden-dir=/data/goldens --media=/data/more_media --align=resize --scales=0.5": Example("suite", MEDIA),
@@ -78,6 +80,7 @@ EXAMPLES: dict[str, Example] = {
     "--video2 2.mp4 --num_frames 8 --output_dir ./features": Example("cli", {"A": str(BUILTIN_HF),
                                                                               "B": str(BUILTIN_PACKING)}),
     "vitparity extract --root ./media --output_dir ./features": Example("cli"),
+    "vitparity extract --root ./media --codec --output_dir ./codec": Example("cli"),
     "vitparity extract --images a.jpg b.png c.jpg --videos d.mp4 --output_dir ./features": Example("cli"),
     "vitparity verify --features_dir ./features --threshold 0.99": Example("cli"),
     "vitparity convert HF_DIR OUT_DIR": Example("cli", {"HF_DIR": str(BUILTIN_HF), "OUT_DIR": "{tmp}/converted"}),

@@ -66,7 +66,7 @@ def written(tmp_path_factory) -> Path:
         cwd=REPO, env=env, capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stdout[-3000:]
-    assert len(golden_files(root / "G")) == 20
+    assert len(golden_files(root / "G")) == 30  # 10 cases and the 5 videos' codec-style cases, two models each
     return root
 
 
@@ -96,9 +96,12 @@ def test_update_keeps_goldens_of_an_erroring_case_and_deletes_only_removed_media
     assert all(reason == "no media file of this collection gives its case" for _, reason in deleted)
     kept = re.findall(r"^kept (\S+): (.*)$", out, re.M)
     assert sorted(Path(path).name for path, _ in kept) == [
+        "test_golden[codec-clip.mp4-hf].npz", "test_golden[codec-clip.mp4-packing].npz",
         "test_golden[video-clip.mp4-hf].npz", "test_golden[video-clip.mp4-packing].npz"]
-    assert all(reason.startswith("errored: video-clip.mp4: ") and "clip.mp4" in reason for _, reason in kept)
-    assert "update incomplete: 1 case(s) errored, their goldens were kept, not replaced: video-clip.mp4" in out
+    assert all(reason.startswith(("errored: video-clip.mp4: ", "errored: codec-clip.mp4: ")) and "clip.mp4" in reason
+               for _, reason in kept)
+    assert re.search(r"update incomplete: 2 case\(s\) errored, their goldens were kept, not replaced: "
+                     r"(video-clip.mp4, codec-clip.mp4|codec-clip.mp4, video-clip.mp4)", out)
     assert "unused snapshots deleted" not in out and "unused snapshot deleted" not in out
 
 
@@ -119,7 +122,7 @@ def test_a_narrowed_update_deletes_nothing_and_says_why(suite, written, tmp_path
     assert all(f"kept because the run is narrowed ({why})" in reason for _, reason in kept)
     count = re.search(r"^kept (\d+) goldens of cases this run did not select \(-v lists them\)$", out, re.M)
     ran = len(re.findall(r"^PASSED parity_tests/test_golden.py::test_golden\[(?!image-renamed)", out, re.M))
-    assert count and int(count.group(1)) + ran == 18  # every golden of an existing case: run or listed as kept
+    assert count and int(count.group(1)) + ran == 28  # every golden of an existing case: run or listed as kept
 
 
 def test_goldens_of_a_refused_case_are_kept_with_the_reason(suite, written, tmp_path, monkeypatch) -> None:
@@ -132,7 +135,7 @@ def test_goldens_of_a_refused_case_are_kept_with_the_reason(suite, written, tmp_
     before = golden_files(goldens)
     result = suite.run("parity_tests/test_golden.py", "--snapshot-update", f"--packing-model={packing}",
                        "--trust-remote-code", f"--golden-dir={goldens}", f"--media={written / 'M'}",
-                       "-k", "astronaut_pan")
+                       "-k", "video-astronaut_pan")
     out = result.stdout.str()
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     assert golden_files(goldens) == before
@@ -202,7 +205,7 @@ def noisy_hf(tmp_path_factory) -> Path:
     return folder
 
 
-BASELINE_ROW = re.compile(r"^((?:image|video)-\S+)\s+(hf|packing)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(.+)$", re.M)
+BASELINE_ROW = re.compile(r"^((?:image|video|codec|assets)-\S+)\s+(hf|packing)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(.+)$", re.M)
 
 
 def baseline_rows(out: str) -> dict[str, tuple]:
@@ -219,7 +222,7 @@ def test_baseline_reports_the_drift_of_a_noisy_release(suite, noisy_hf) -> None:
     assert result.ret == 1 and "no golden for this case and model" in out  # a new fingerprint: no golden yet
     assert f"to measure this model against one (e.g. the previous release's), run with --golden-baseline={baseline}" in out
     rows = baseline_rows(out)
-    assert len(rows) == 8
+    assert len(rows) == len(list((baseline / "test_golden").glob("*-hf].npz")))  # every case the baseline has
     for case, (side, tokens, min_cos, mean_cos, max_norm, verdict) in rows.items():
         assert side == "hf" and verdict == "report only"
         assert 0.99 < min_cos < 0.99999 and min_cos <= mean_cos < 1.0 and 1e-4 < max_norm < 5e-2, (case, rows[case])
@@ -240,7 +243,7 @@ def test_baseline_of_the_same_weights_under_another_folder_reports_cosine_one(su
                        f"--golden-baseline={suite.golden_root / HF_F32}", "--baseline-min-cos=0.999999")
     assert result.ret == 0, result.stdout.str()[-3000:]
     rows = baseline_rows(result.stdout.str())
-    assert len(rows) == 8
+    assert len(rows) == len(list((suite.golden_root / HF_F32 / "test_golden").glob("*-hf].npz")))
     # cosine 1.0 to the 6 decimals printed; norms within float32 rounding of the machine that wrote the goldens
     assert all(row[2] == 1.0 and row[3] == 1.0 and row[4] < 1e-5 for row in rows.values()), rows
     assert all(row[5] == "PASS (min cos > 0.999999)" for row in rows.values())
@@ -364,6 +367,12 @@ def two_folders(tmp_path) -> tuple[Path, Path]:
     return old, new
 
 
+def committed_float32_goldens() -> int:
+    """Goldens of both models in the committed float32 folders (the OLD side of `two_folders`)."""
+    return sum(len(list((REPO / "fixtures" / "golden" / folder / "test_golden").glob("*.npz")))
+               for folder in (HF_F32, PACKING_F32))
+
+
 def golden_diff(capsys, *args) -> tuple[int, str, str]:
     code = main(["golden-diff", *map(str, args)])
     out, err = capsys.readouterr()
@@ -382,7 +391,7 @@ def check_two_folder_diff(out: str) -> None:
     assert f"only in OLD: {HF_F32}/test_golden/test_golden[video-rocket_tilt.mp4-hf].npz" in out
     new_folder = HF_F32.replace("41bbf9a8a5e4", "feedfacecafe")
     assert f"only in NEW: {new_folder}/test_golden/test_golden[image-added.jpg-hf].npz" in out
-    assert out.rstrip().endswith("14 identical, 1 changed, 1 added, 1 removed")
+    assert out.rstrip().endswith(f"{committed_float32_goldens() - 2} identical, 1 changed, 1 added, 1 removed")
     assert "test_golden[image-astronaut.jpg-hf].npz" not in out  # byte-identical: counted, not listed (README)
 
 
@@ -392,7 +401,7 @@ def test_golden_diff_of_two_folders(two_folders, capsys) -> None:
     check_two_folder_diff(out)
     code, new_only, _ = golden_diff(capsys, "--new-only", *two_folders)
     assert code == 0 and "only in OLD" not in new_only.replace("only in OLD (not listed)", "")
-    assert new_only.rstrip().endswith("14 identical, 1 changed, 1 added, 1 only in OLD (not listed)")
+    assert new_only.rstrip().endswith(f"{committed_float32_goldens() - 2} identical, 1 changed, 1 added, 1 only in OLD (not listed)")
 
 
 def test_golden_diff_of_one_folder_at_two_git_revisions(two_folders, tmp_path, capsys, monkeypatch) -> None:

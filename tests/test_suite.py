@@ -36,7 +36,7 @@ def faulty_packing(tmp_path_factory) -> Path:
 
 
 COST = re.compile(r"^(main|gw\d+|total): forwards: hf (\d+) \((\d+) tokens\), packing (\d+) \((\d+) tokens\); "
-                  r"(?:forward tokens: [\d.]+x the one-pass minimum; )?model loads: hf (\d+), packing (\d+)", re.M)
+                  r"(?:forward tokens: [\d.]+x the one-pass minimum[^;]*; )?model loads: hf (\d+), packing (\d+)", re.M)
 
 
 def costs(output: str) -> dict[str, tuple[int, ...]]:
@@ -51,23 +51,33 @@ def run_total(output: str) -> tuple[int, ...]:
 
 def test_default_suite_passes_and_loads_each_model_once(suite) -> None:
     result = suite.run()
-    result.assert_outcomes(passed=40)
+    result.assert_outcomes(passed=65)
     out = result.stdout.str()
-    assert "16 snapshots passed" in out
+    assert "24 snapshots passed" in out
     found = verdicts(out)
-    assert len(found) == 16 and set(found.values()) == {"PASS"}
-    # 8 cases: each model once per case, once more for the determinism check (every case on the CPU), one
-    # packed forward per group holding every case once, and two more of the whole pack per group (companion swap:
-    # the even positions kept, then the odd ones).
-    tokens = sum(found_tokens(out, case) for case in found if not case.startswith("packed/"))
+    cases = [case for case in found if "/" not in case]
+    paths = [case for case in found if case.startswith("pos~")]
+    order = [case for case in found if case.startswith("order~")]
+    # 12 cases (4 images, 4 videos, their 4 codec-style cases), 12 packed rows, 2 explicit-positions rows per video
+    # and codec case, 3 token-order rows (one codec case: hf sparse, hf mosaic, packing)
+    assert len(cases) == 12 and len(paths) == 16 and len(order) == 3 and len(found) == 43
+    assert set(found.values()) == {"PASS"}
+    # each model once per case, once more for the determinism check (every case on the CPU), the hf model once
+    # more per video and codec case (explicit positions), one packed forward per group holding every case once,
+    # two more of the whole pack per group (companion swap: the even positions kept, then the odd ones), and the
+    # token-order case once more on each path.
+    tokens = sum(found_tokens(out, case) for case in cases)
+    path_tokens = sum(found_tokens(out, case) for case in cases if not case.startswith("image-"))
+    shuffled = found_tokens(out, order[0])
     packs = [[]]  # the table lists each group's packed rows together, after its cases
     for case in found:
         if case.startswith("packed/"):
             packs[-1].append(found_tokens(out, case))
-        elif packs[-1]:
+        elif packs[-1] and "/" not in case:
             packs.append([])
-    assert len(packs) == 2 and sum(len(pack) for pack in packs) == 8 and "companion swaps 4;" in out
-    assert costs(out)["main"] == (16, 2 * tokens, 16 + 2 + 4, 5 * tokens, 1, 1)
+    assert len(packs) == 2 and sum(len(pack) for pack in packs) == 12 and "companion swaps 4;" in out
+    assert costs(out)["main"] == (24 + 8 + 2, 2 * tokens + path_tokens + 2 * shuffled, 24 + 2 + 4 + 1,
+                                  5 * tokens + shuffled, 1, 1)
 
 
 def found_tokens(output: str, case: str) -> int:
@@ -85,9 +95,10 @@ def test_k_video_selects_only_video_cases_and_xdist_agrees(suite) -> None:
     parallel = suite.run("-k", "video", "-n", "2")
     assert serial.ret == parallel.ret == 0
     assert verdicts(serial.stdout.str()) == verdicts(parallel.stdout.str())
-    assert len(verdicts(serial.stdout.str())) == 4
+    assert len(verdicts(serial.stdout.str())) == 4 + 2 * 4  # each video, and its explicit-positions call twice
     assert run_total(serial.stdout.str())[:4] == run_total(parallel.stdout.str())[:4]  # no forward done twice
-    assert costs(serial.stdout.str())["main"][:4] == (8, 2 * 4448, 8, 2 * 4448)  # 4 videos, no packed forward
+    # 4 videos, no packed forward: the hf model also with explicit positions
+    assert costs(serial.stdout.str())["main"][:4] == (12, 3 * 4448, 8, 2 * 4448)
     for worker, cost in costs(parallel.stdout.str()).items():
         assert worker == "total" or cost[4:] in ((1, 1), (0, 0))  # a worker with no group loads nothing
 
@@ -96,13 +107,16 @@ def test_planted_fault_fails_with_table_and_heat_maps(suite, faulty_packing) -> 
     result = suite.run(f"--packing-model={faulty_packing}", "-m", "not golden", "--report-dir=report")
     assert result.ret == 1
     found = verdicts(result.stdout.str())
-    assert len(found) == 16 and set(found.values()) == {"FAIL"}
+    packing_rows = {case: verdict for case, verdict in found.items() if not case.startswith(("pos~ctx/", "order~"))}
+    assert len(packing_rows) == 12 + 12 + 8 and set(packing_rows.values()) == {"FAIL"}  # cases, packed, paths
+    assert len(found) - len(packing_rows) == 8 + 3  # the hf model against itself, and each model shuffled: pass
+    assert set(found.values()) - set(packing_rows.values()) <= {"PASS"}
     outcomes = result.parseoutcomes()
-    assert outcomes["failed"] >= 9  # 8 cases, the packed batch
+    assert outcomes["failed"] >= 9  # 12 cases, the packed batch
     heat_maps = sorted(p.name for p in (suite.path / "report").glob("*.png") if not p.name.endswith("-layers.png"))
-    assert len(heat_maps) == 8 and all(name.startswith(("image-", "video-")) for name in heat_maps)
+    assert len(heat_maps) == 12 and all(name.startswith(("image-", "video-", "codec-")) for name in heat_maps)
     layer_plots = sorted(p.name for p in (suite.path / "report").glob("*-layers.png"))
-    assert len(layer_plots) == 10  # one per failing test: 8 cases, 2 pack groups
+    assert len(layer_plots) == 14  # one per failing test_parity or test_packed: 12 cases, 2 pack groups
 
 
 def test_modified_golden_fails(suite) -> None:
@@ -222,8 +236,9 @@ def test_nondeterministic_model_is_caught_by_the_determinism_check(suite, tmp_pa
     folder = code_variant(tmp_path / "noisy", "NoisyPackingModel")
     result = suite.run(f"--packing-model={folder}", "--trust-remote-code", "-m", "not golden and not packed")
     found = verdicts(result.stdout.str())
-    assert len(found) == 8 and set(found.values()) == {"PASS"}  # parity alone cannot see it
-    assert failed_tests(result) == {f"test_deterministic[{case}]" for case in found}
+    cases = [case for case in found if "/" not in case]  # and the input-path and token-order rows of those cases
+    assert len(cases) == 12 and set(found.values()) == {"PASS"}  # parity alone cannot see it
+    assert failed_tests(result) == {f"test_deterministic[{case}]" for case in cases}
     assert "packing model not deterministic" in result.stdout.str()
     assert "between two passes on the same pixels" in result.stdout.str() and "decoding" not in result.stdout.str()
     assert "a third pass differs from both" in result.stdout.str()  # fresh noise on every pass: no odd one out

@@ -99,7 +99,7 @@ def test_companion_swap_catches_a_leak_below_every_threshold(suite, isolated, tm
 @pytest.mark.parametrize("backend", available_backends("cpu", torch.float32))
 def test_suite_passes_on_every_cpu_backend(backend, suite) -> None:
     result = suite.run(f"--packed-backend={backend}")
-    result.assert_outcomes(passed=40)
+    result.assert_outcomes(passed=65)
     out = result.stdout.str()
     assert f"packed backend: {backend}  attention kernel: auto" in out
     assert f"(ran: packed backend {backend}, attention kernel default)" in out
@@ -133,7 +133,10 @@ def test_scales_add_readable_cases_that_pass(suite) -> None:
     result = suite.run("--scales=1,0.5", "-m", "not golden")
     assert result.ret == 0
     found = verdicts(result.stdout.str())
-    assert len(found) == 32 and set(found.values()) == {"PASS"}
+    # 16 cases and 4 codec-style ones (native size only), their packed rows, 2 explicit-positions rows per video
+    # and codec case, 3 token-order rows
+    assert f"{20 + 20 + 2 * 12 + 3} comparisons, {20 + 20 + 2 * 12 + 3} passed, 0 failed" in result.stdout.str()
+    assert set(found.values()) == {"PASS"}
     assert {"image-astronaut.jpg", "image-astronaut.jpg@0.5", "video-coffee_zoom.mp4@0.5",
             "packed/video-coffee_zoom.mp4@0.5"} <= set(found)
     assert "scales: 1,0.5" in result.stdout.str()

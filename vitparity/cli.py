@@ -17,6 +17,7 @@ from . import __version__
 from .builtin import builtin_paths
 from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
 from .convert import ConversionError, convert_checkpoint
+from .codec import context_frames, prepare_codec_sample
 from .extract import extract_hf, extract_packing, prepare_sample
 from .golden_diff import describe_golden, diff_golden_sets, format_golden_diff
 from .junit_report import merge_report, read_junit
@@ -89,6 +90,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(extract, "strict_buffers", action="store_true",
             help="refuse a model whose non-persistent buffers loading left different from a fresh construction "
                  "(default: restore them and name them)")
+    _option(extract, "codec", action="store_true",
+            help="also each video's codec-style sparse case (<key>_codec, e.g. video1_codec): 64 frames, a budget of "
+                 "--num_frames frames' worth of tokens, the selection in metadata.json")
     _option(extract, "trace_layers", action="store_true",
             help="compare every hidden state of every input too and store the figures in metadata.json")
 
@@ -229,10 +233,14 @@ def run_extract(args: argparse.Namespace) -> int:
                        name=key, normalization=pair.normalization)
         for key, item in media.items()
     ]
+    paths = {key: item.path for key, item in media.items()}
+    if args.codec:
+        samples += _codec_samples(media, args, pair, dtype=dtype, device=device)
+        paths.update({f"{key}_codec": item.path for key, item in media.items() if item.kind == "video"})
     hf_features: dict[str, np.ndarray] = {}
     with pinned_float32(device, dtype):
         for index, sample in enumerate(samples, start=1):
-            _progress(f"[{index}/{len(samples)}] {sample.name} {Path(media[sample.name].path).name}: {sample.num_tokens} tokens")
+            _progress(f"[{index}/{len(samples)}] {sample.name} {Path(paths[sample.name]).name}: {sample.num_tokens} tokens")
             hf_features[sample.name] = extract_hf(pair.hf.model, sample, temporal_context=context).cpu().numpy()[None]
         _progress(f"packing model: {len(samples)} inputs in one pass ...")
         packed = extract_packing(pair.packing.model, samples)
@@ -282,6 +290,27 @@ def run_extract(args: argparse.Namespace) -> int:
     write_features(args.output_dir, hf_features, packing_features, metadata)
     _progress(f"wrote {HF_FILE}, {PACKING_FILE} and metadata.json to {args.output_dir}")
     return verify_folder(args.output_dir, args.threshold, args.max_cos_gap, args.max_norm_gap)
+
+
+def _codec_samples(media: dict[str, Media], args: argparse.Namespace, pair, *, dtype: torch.dtype,
+                   device: str) -> list:
+    """`<key>_codec` of every video: its temporal context (64 frames) decoded again and the codec-style selection of
+    --num_frames frames' worth of tokens (`vitparity.codec`); the kept indices are added to its metadata."""
+    samples = []
+    for key, item in media.items():
+        if item.kind != "video":
+            continue
+        frames = load_video(item.path, num_frames=context_frames(pair.temporal_context), patch_size=pair.patch_size,
+                            align=args.align)
+        try:
+            sample = prepare_codec_sample(frames, patch_size=pair.patch_size, budget_frames=args.num_frames,
+                                          dtype=dtype, device=device, name=f"{key}_codec",
+                                          normalization=pair.normalization)
+        except ValueError as err:
+            raise MediaError(item.path, f"codec-style selection: {err}") from None
+        sample.metadata["codec_selection"]["visible_indices"] = sample.visible_indices.tolist()
+        samples.append(sample)
+    return samples
 
 
 def _one_sided(name: str, shape: tuple[int, ...], missing_from: str, threshold: float) -> Comparison:

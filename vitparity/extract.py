@@ -52,6 +52,12 @@ class Sample:
     grid: tuple[int, int, int]  # (t, h, w) in patches
     frame_positions: list[int]  # temporal RoPE position of each frame
     metadata: dict = field(default_factory=dict)
+    # Explicit (N, 3) long (t, h, w) positions of the tokens of `pixels` (None: the grid with frame_positions).
+    positions: torch.Tensor | None = None
+    # A sparse sample (codec-style): the context frames (C, T_context, H, W) and the (K,) int64 host indices of its
+    # tokens in their grid, in the order of the tokens of `pixels` (None: the frames are scattered as a whole).
+    context: torch.Tensor | None = None
+    visible_indices: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -148,7 +154,10 @@ def patchify(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def token_positions(sample: Sample) -> torch.Tensor:
-    """(N, 3) long (t, h, w) RoPE positions of a sample's tokens, t taken from its frame positions."""
+    """(N, 3) long (t, h, w) RoPE positions of a sample's tokens: its explicit positions, else the grid with t
+    taken from its frame positions."""
+    if sample.positions is not None:
+        return sample.positions
     t, h, w = sample.grid
     device = sample.pixels.device
     frames = host_to_device(torch.tensor(sample.frame_positions), device)
@@ -156,14 +165,30 @@ def token_positions(sample: Sample) -> torch.Tensor:
     return torch.stack(grids, dim=-1).reshape(-1, 3)
 
 
-def hf_inputs(sample: Sample, dtype: torch.dtype, *, temporal_context: int | None = TEMPORAL_CONTEXT) -> dict:
+HF_PATHS = ("context", "positions")
+
+
+def hf_inputs(sample: Sample, dtype: torch.dtype, *, temporal_context: int | None = TEMPORAL_CONTEXT,
+              path: str = "context") -> dict:
     """Keyword arguments of the non-packing model's forward for one sample (without output flags).
 
-    Images: pixel_values (1, C, H, W). Videos: the model interface takes all `context` frames; only the T
-    sampled ones are written and only their tokens are listed as visible (the model embeds visible patches
-    only). Indices are built on the host so that the model checks their range without reading the device.
+    path "context" (the release's paths 1 and 3): images as pixel_values (1, C, H, W); videos through the
+    temporal context: the model interface takes all `context` frames and only the sample's tokens are listed as
+    visible (the model embeds visible patches only): the T sampled frames scattered whole at their positions, or,
+    for a sparse sample, its context frames and its `visible_indices` in its token order.
+    path "positions" (path 2): the sample's own frames (1, C, T, H, W) and `patch_positions` (1, N, 3), the
+    explicit (t, h, w) of each token (`token_positions`). A sample with explicit positions and no context (a codec
+    asset folder's mosaics) is called this way on either path.
+    Indices are built on the host so that the model checks their range without reading the device.
     """
     pixels = sample.pixels.to(dtype)
+    if path == "positions" or (sample.positions is not None and sample.context is None):
+        return {"pixel_values": pixels.unsqueeze(0), "patch_positions": token_positions(sample).unsqueeze(0)}
+    if path != "context":
+        raise ValueError(f"unknown non-packing input path {path!r}; use one of {HF_PATHS}")
+    if sample.context is not None:
+        return {"pixel_values": sample.context.to(dtype).unsqueeze(0),
+                "visible_indices": sample.visible_indices.reshape(1, -1)}
     if sample.kind == "image":
         return {"pixel_values": pixels[:, 0].unsqueeze(0)}
     c, t, height, width = pixels.shape
@@ -197,10 +222,10 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def hf_hidden_states(
-    model: torch.nn.Module, sample: Sample, *, temporal_context: int | None = TEMPORAL_CONTEXT
+    model: torch.nn.Module, sample: Sample, *, temporal_context: int | None = TEMPORAL_CONTEXT, path: str = "context"
 ) -> tuple[torch.Tensor, ...]:
     """Every hidden state (0: embedding output) of the non-packing model for one sample, each (N, D), model dtype."""
-    inputs = hf_inputs(sample, model_dtype(model), temporal_context=temporal_context)
+    inputs = hf_inputs(sample, model_dtype(model), temporal_context=temporal_context, path=path)
     hidden = hidden_states_of(model(**inputs, output_hidden_states=True))
     return tuple(h[0] for h in hidden)
 
@@ -231,10 +256,11 @@ def _penultimate(model: torch.nn.Module, inputs: dict, full_forward: bool) -> to
 @torch.inference_mode()
 def extract_hf(
     model: torch.nn.Module, sample: Sample, *, temporal_context: int | None = TEMPORAL_CONTEXT,
-    full_forward: bool = False,
+    full_forward: bool = False, path: str = "context",
 ) -> torch.Tensor:
-    """Penultimate features (N, D) float32 of the non-packing model for one sample."""
-    inputs = hf_inputs(sample, model_dtype(model), temporal_context=temporal_context)
+    """Penultimate features (N, D) float32 of the non-packing model for one sample, called the `path` way
+    (`hf_inputs`)."""
+    inputs = hf_inputs(sample, model_dtype(model), temporal_context=temporal_context, path=path)
     return _penultimate(model, inputs, full_forward)[0].float()
 
 

@@ -18,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -89,10 +90,11 @@ def media_kind(path: StrPath) -> str:
     raise MediaError(path, f"unknown media extension {suffix or '(none)'!r}; expected one of {known}")
 
 
-def discover_media(directory: StrPath) -> list[Path]:
-    """The image and video files directly inside ``directory``, sorted by name.
+def discover_media(directory: StrPath, *, accept_folder: Callable[[Path], bool] | None = None) -> list[Path]:
+    """The image and video files directly inside ``directory``, and the subfolders `accept_folder` accepts (codec
+    asset folders), sorted by name.
 
-    Nothing is skipped silently: a folder that holds anything else (a subfolder, a file of another type) or no
+    Nothing is skipped silently: a folder that holds anything else (another subfolder, a file of another type) or no
     media at all is an error naming those entries. Hidden entries (names starting with ".") are ignored.
     """
     folder = Path(directory)
@@ -102,7 +104,8 @@ def discover_media(directory: StrPath) -> list[Path]:
         raise MediaError(directory, "not a folder")
     known = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
     entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
-    files = [entry for entry in entries if entry.is_file() and entry.suffix.lower() in known]
+    files = [entry for entry in entries if (entry.is_file() and entry.suffix.lower() in known)
+             or (accept_folder is not None and entry.is_dir() and accept_folder(entry))]
     others = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in entries if entry not in files)
     if others:
         raise MediaError(

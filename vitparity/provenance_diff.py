@@ -23,6 +23,9 @@ KEY_ALIASES = {"versions.cv2": "versions.opencv"}
 ENVIRONMENT_CAUSES = (
     ("decoder", "decoded pixels may differ"),
     ("ffmpeg", "decoded pixels may differ"),
+    ("codec_selection.indices_sha256", "the codec-style selection kept other tokens (decoded pixels or the rule "
+                                       "changed), not the model"),
+    ("codec_selection.rule", "the codec-style selection rule changed, not the model"),
     ("versions.opencv", "decoded pixels may differ"),
     ("device", "another device computes differently"),
     ("tf32", "float32 matmuls ran at another precision"),

@@ -41,6 +41,8 @@ SESSION_KEY = pytest.StashKey[ParitySession]()
 MARKERS = {
     "image": "an image case",
     "video": "a video case",
+    "codec": "a codec-style sparse case: a video's (vitparity.codec) or a codec asset folder's",
+    "assets": "a codec asset folder of the release (vitparity.codec_assets)",
     "packed": "a pack group: several cases in one forward of the packing model",
     "golden": "comparison with the committed golden snapshot",
     "gpu": "runs on a CUDA device",
@@ -95,7 +97,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     extra = [pytest.mark.gpu] if session.settings.device.startswith("cuda") else []
     if CASE_PARAM in metafunc.fixturenames:
         metafunc.parametrize(CASE_PARAM, [
-            pytest.param(case, id=case.id, marks=[getattr(pytest.mark, case.kind), *extra])
+            pytest.param(case, id=case.id, marks=[getattr(pytest.mark, case.kind), *extra]
+                         + ([pytest.mark.codec] if case.kind == "assets" else []))
             for case in session.plan.cases
         ])
     if GROUP_PARAM in metafunc.fixturenames:

@@ -1,5 +1,5 @@
 """The suite's forward plan and shard split: how many forward tokens each plan spends over the one-pass minimum
-(one hf and one packing pass per case), and how evenly `--shard=K/N` spreads the tokens.
+(one pass per case and input path: the packing model and each hf call), and how evenly `--shard=K/N` spreads the tokens.
 
 Plan efficiency: the suite from the shell (built-in models, CPU) under the CPU's default plan and under the GPU's
 (`--determinism=sample --companions=sample`), on the bundled media and with the smallest count of extra videos; the
@@ -40,9 +40,11 @@ def scale_media(opts, workdir: Path, count: int) -> Path:
 
 
 def shard_balance(media: Path | None, budget: int, count: int) -> dict:
-    """Tokens of each of `count` shards of the suite's plan (CPU defaults: crop, 8 frames, the built-in patch)."""
+    """Tokens of each of `count` shards of the suite's plan (CPU defaults: crop, 8 frames, codec-style cases of 8
+    frames' worth of tokens, the built-in patch)."""
     folders = [BUILTIN_MEDIA] + ([media] if media is not None else [])
-    cases = collect_cases(folders, patch_size=OneVisionEncoderConfig().patch_size, align="crop", num_frames=8)
+    cases = collect_cases(folders, patch_size=OneVisionEncoderConfig().patch_size, align="crop", num_frames=8,
+                          codec_frames=8)
     groups = make_groups(cases, budget)
     shards = [parse_shard(f"{k}/{count}").groups(groups) for k in range(1, count + 1)]
     tokens = [sum(group.tokens for group in shard) for shard in shards]

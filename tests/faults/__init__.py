@@ -26,6 +26,7 @@ from vitparity.builtin import BUILTIN_HF, BUILTIN_PACKING
 PLANTED_MODULE = Path(__file__).with_name("modeling_planted.py")
 PLANTED_CLASSES = {"packing": "PlantedPackingModel", "hf": "PlantedHFModel"}
 FAULT, BENIGN = "fault", "benign"
+PATH_CASES = "video or codec"  # the cases whose forwards take explicit positions or sparse indices
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Variant:
     config: tuple[tuple[str, object], ...] = ()  # config.json fields a "config" variant sets
     goldens: bool = True  # False: its runs leave the golden tests out, so the verdict comes from the other checks
     caught_by: tuple[str, ...] = ()  # test groups (detection.group_of) that must be among the failures, both dtypes
+    select: str = ""  # a -m expression the suite runs under (a fault of one input path: the cases that take it)
 
 
 VARIANTS = (
@@ -96,6 +98,18 @@ VARIANTS = (
             "RoPE applied in the input dtype instead of float32"),
     Variant("layer_norm_eps_1e-5", BENIGN, "packing", "code",
             "every norm with eps 1e-5 instead of the config's 1e-6 (config.json unchanged)"),
+    Variant("positions_hw_swapped", FAULT, "hf", "code",
+            "explicit patch_positions read as (t, w, h) (path 2 only)", select=PATH_CASES),
+    Variant("positions_temporal_dropped", FAULT, "hf", "code",
+            "the temporal position of explicit patch_positions dropped (t = 0; path 2 only)", select=PATH_CASES),
+    Variant("sparse_positions_sorted", FAULT, "hf", "code",
+            "RoPE positions of sparse visible_indices taken in sorted order, apart from their tokens (path 3 only)",
+            select=PATH_CASES),
+    Variant("mosaic_column_major", FAULT, "hf", "code",
+            "frames given with explicit patch_positions read column by column (path 2 only)", select=PATH_CASES),
+    Variant("sparse_gather_after_prenorm", BENIGN, "hf", "code",
+            "visible tokens gathered after layernorm_pre (every patch embedded and normed first), as the release "
+            "does", select=PATH_CASES),
     Variant("config_gelu_tanh", BENIGN, "packing", "config",
             "config.json says hidden_act gelu_pytorch_tanh (hf: gelu), as a release with a fused tanh GELU would",
             config=(("hidden_act", "gelu_pytorch_tanh"),)),
@@ -188,6 +202,8 @@ def suite_args(variant: Variant, folder: Path, dtype: str, *, golden_dir: Path, 
     # A config variant is another model (its config is in the golden fingerprint): no committed golden is its own,
     # so its runs judge parity, determinism and the weights only.
     goldens = ["-m", "not golden"] if variant.mechanism == "config" or not variant.goldens else []
+    if variant.select:
+        goldens = ["-m", f"({variant.select})" + (" and not golden" if goldens else "")]
     return [
         "--hf-model", str(hf), "--packing-model", str(packing), "--trust-remote-code",
         "--dtype", dtype, "--device", "cpu", "--golden-dir", str(golden_dir), "--report-dir", str(report_dir),

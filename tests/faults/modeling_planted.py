@@ -192,7 +192,39 @@ PACKING_IO_PLANTS = (
     "features_doubled", "loaded_bias_one_element",
 )
 NEIGHBOUR_LEAK = 1e-6
-HF_IO_PLANTS = ("clip_mean_std_swapped", "hidden_states_shifted")
+HF_IO_PLANTS = (
+    "clip_mean_std_swapped", "hidden_states_shifted", "positions_hw_swapped", "positions_temporal_dropped",
+    "sparse_positions_sorted", "mosaic_column_major", "sparse_gather_after_prenorm",
+)
+
+
+def _grid_positions_of(indices: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """(B, K) indices into a (t, h, w) token grid -> (B, K, 3) (t, h, w) rows."""
+    _, h, w = grid
+    return torch.stack([indices // (h * w), indices % (h * w) // w, indices % w], dim=-1)
+
+
+def _read_column_major(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, T, H, W) frames whose patches, read row-major, come in the column-major order of the given ones."""
+    b, c, t, height, width = pixel_values.shape
+    p = patch_size
+    h, w = height // p, width // p
+    grid = pixel_values.reshape(b, c, t, h, p, w, p).permute(0, 1, 2, 5, 3, 4, 6)  # (b, c, t, w, h, p, p)
+    grid = grid.reshape(b, c, t, h, w, p, p).permute(0, 1, 2, 3, 5, 4, 6)  # the column-major run laid row-major
+    return grid.reshape(b, c, t, height, width)
+
+
+def _gather_after_norm(model: nn.Module):
+    """(embeddings, layernorm_pre) forwards that embed and norm every patch and then gather the visible ones."""
+    embed, norm = model.embeddings.forward, model.layernorm_pre.forward
+
+    def embed_norm_gather(pixel_values, token_indices):
+        x = norm(embed(pixel_values, None))
+        if token_indices is None:
+            return x
+        return x[torch.arange(x.shape[0], device=x.device)[:, None], token_indices]
+
+    return embed_norm_gather, lambda x: x
 
 
 def _plant(model: nn.Module, known: tuple[str, ...]) -> str:
@@ -311,7 +343,27 @@ class PlantedHFModel(OneVisionEncoderModel):
             std = torch.tensor(CLIP_STD, device=pixel_values.device).view(shape)
             raw = pixel_values.float() * std + mean  # undo the correct normalisation ...
             pixel_values = ((raw - std) / mean).to(pixel_values.dtype)  # ... and redo it with mean and std swapped
-        outputs = super().forward(pixel_values, visible_indices, patch_positions, output_hidden_states, return_dict=True)
+        variant = self.planted_variant
+        if patch_positions is not None and variant in ("positions_hw_swapped", "positions_temporal_dropped"):
+            patch_positions = torch.as_tensor(patch_positions).clone()
+            if variant == "positions_hw_swapped":
+                patch_positions = patch_positions[..., [0, 2, 1]]
+            else:
+                patch_positions[..., 0] = 0
+        if patch_positions is not None and variant == "mosaic_column_major":
+            pixel_values = _read_column_major(pixel_values, self.config.patch_size)
+        if visible_indices is not None and patch_positions is None and variant == "sparse_positions_sorted":
+            p = self.config.patch_size
+            grid = (pixel_values.shape[2], pixel_values.shape[3] // p, pixel_values.shape[4] // p)
+            patch_positions = _grid_positions_of(torch.as_tensor(visible_indices).sort(dim=-1).values, grid)
+        if variant == "sparse_gather_after_prenorm":
+            self.embeddings.forward, self.layernorm_pre.forward = _gather_after_norm(self)
+        try:
+            outputs = super().forward(pixel_values, visible_indices, patch_positions, output_hidden_states,
+                                      return_dict=True)
+        finally:
+            if variant == "sparse_gather_after_prenorm":
+                del self.embeddings.forward, self.layernorm_pre.forward
         if self.planted_variant == "hidden_states_shifted":
             outputs = _shift_hidden_states(outputs)
         return _finish(outputs, return_dict, self.config)

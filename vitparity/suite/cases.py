@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..codec_assets import estimated_tokens, is_asset_folder
 from ..independence import alternate_halves
 from ..media import discover_media, media_kind, scale_suffix, scaled_size
 from ..media_probe import image_size, video_size
@@ -33,7 +34,9 @@ def stable_key(text: str) -> int:
 @dataclass(frozen=True)
 class ParityCase:
     """One media file at one resolution scale; its id (`image-astronaut.jpg`, `image-astronaut.jpg@0.5` at half
-    the native size) is stable on every machine.
+    the native size) is stable on every machine. Kind "codec" (`codec-astronaut_pan.mp4`): the video's
+    codec-style sparse selection at native size (`vitparity.codec`). Kind "assets" (`assets-<folder>`): a codec
+    asset folder of the release (`vitparity.codec_assets`).
 
     `tokens` is the patch count estimated from the file's stated size (0 when it cannot be read: the case
     then fails when it is decoded), used to plan groups and workers.
@@ -73,13 +76,15 @@ def estimate_tokens(kind: str, size: tuple[int, int] | None, *, patch_size: int,
     width, height = scaled_size(*size, scale)
     whole = math.floor if align == "crop" else math.ceil
     per_frame = whole(width / patch_size) * whole(height / patch_size)
-    return per_frame * (num_frames if kind == "video" else 1)
+    return per_frame * (1 if kind == "image" else num_frames)
 
 
 def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_frames: int,
-                  scales: tuple[float, ...] = (1.0,)) -> tuple[ParityCase, ...]:
+                  scales: tuple[float, ...] = (1.0,), codec_frames: int = 0) -> tuple[ParityCase, ...]:
     """Every image and video of the given folders (and each single media file given instead of a folder) at every
-    scale, with unique readable ids and token estimates.
+    scale, with unique readable ids and token estimates; with `codec_frames` > 0 and scale 1 listed, also each
+    video's codec-style case of that budget (frames' worth of tokens, native size); each codec asset folder (a
+    subfolder with the release's layout) as one case.
 
     Raises MediaError for a folder that cannot be listed or a file that is not an image or video, and CaseError for
     files that would share an id.
@@ -87,30 +92,41 @@ def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_fr
     cases: dict[str, ParityCase] = {}
     for folder in media_dirs:
         for path in media_files(folder):
+            if path.is_dir():
+                _add(cases, ParityCase(f"assets-{path.name}", "assets", path, estimated_tokens(path)))
+                continue
             kind = media_kind(path)
             size = image_size(path) if kind == "image" else video_size(path)
-            for scale in scales:
-                tokens = estimate_tokens(kind, size, patch_size=patch_size, align=align, num_frames=num_frames,
+            variants = [(kind, f"{kind}-{path.name}{scale_suffix(scale)}", scale, num_frames) for scale in scales]
+            if kind == "video" and codec_frames and 1.0 in scales:  # native size only: with scale 1 listed
+                variants.append(("codec", f"codec-{path.name}", 1.0, codec_frames))
+            for case_kind, case_id, scale, frames in variants:
+                tokens = estimate_tokens(case_kind, size, patch_size=patch_size, align=align, num_frames=frames,
                                          scale=scale)
-                case = ParityCase(f"{kind}-{path.name}{scale_suffix(scale)}", kind, path, tokens, scale)
-                stem = golden_file_stem(case.id)
-                if stem in cases:
-                    raise CaseError(
-                        f"two media files would share the case id or golden file {stem}: {cases[stem].path} and "
-                        f"{path} (rename one)"
-                    )
-                cases[stem] = case
+                _add(cases, ParityCase(case_id, case_kind, path, tokens, scale))
     return tuple(cases.values())
 
 
 def media_files(path: Path) -> list[Path]:
-    """The media of one --media entry: a folder's images and videos (`discover_media`), or the file itself.
+    """The media of one --media entry: a folder's images, videos and codec asset folders (`discover_media`), or
+    the file itself.
 
     MediaError naming `path` when it is missing, an empty or mixed folder, or a file of no media type."""
     if Path(path).is_file():
         media_kind(path)  # MediaError for another extension
         return [Path(path)]
-    return discover_media(path)
+    return discover_media(path, accept_folder=is_asset_folder)
+
+
+def _add(cases: dict[str, ParityCase], case: ParityCase) -> None:
+    """Add `case` under its golden file stem; CaseError when another case has it."""
+    stem = golden_file_stem(case.id)
+    if stem in cases:
+        raise CaseError(
+            f"two media files would share the case id or golden file {stem}: {cases[stem].path} and "
+            f"{case.path} (rename one)"
+        )
+    cases[stem] = case
 
 
 def _group(cases: list[ParityCase], budget: int) -> PackGroup:
@@ -243,6 +259,17 @@ def determinism_cases(policy: str, device: str, groups: tuple[PackGroup, ...], o
             of_kind = [case for case in share if case.kind == kind]
             if of_kind:
                 chosen.add(max(of_kind, key=lambda case: (case.tokens, case.id)).id)
+    return chosen
+
+
+def token_order_cases(groups: tuple[PackGroup, ...], owner: dict[str, int]) -> set[str]:
+    """Case ids fed in a shuffled token order (`test_token_order`): the smallest codec-style case of each worker's
+    share. Order dependence is in a model's code, the same for every input, so one case per worker shows it."""
+    chosen = set()
+    for worker in sorted(set(owner.values())):
+        codec = [case for group in groups if owner[group.id] == worker for case in group.cases if case.kind == "codec"]
+        if codec:
+            chosen.add(min(codec, key=lambda case: (case.tokens, case.id)).id)
     return chosen
 
 

@@ -22,7 +22,8 @@ class Cost:
     tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
     loads: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
     groups: int = 0
-    case_tokens: int = 0  # tokens of the cases compared, each counted once (the one-pass minimum is twice this)
+    case_tokens: int = 0  # tokens of the cases compared, each counted once
+    path_tokens: int = 0  # tokens of each (case, input path) compared, each counted once: the one-pass minimum
     determinism_cases: int = 0
     over_budget: list[str] = field(default_factory=list)
     peak_bytes: int = 0
@@ -48,7 +49,7 @@ class Cost:
     def to_dict(self) -> dict:
         return {
             "forwards": self.forwards, "tokens": self.tokens, "loads": self.loads, "groups": self.groups,
-            "case_tokens": self.case_tokens,
+            "case_tokens": self.case_tokens, "path_tokens": self.path_tokens,
             "determinism_cases": self.determinism_cases, "over_budget": self.over_budget,
             "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind, "companion_swaps": self.companion_swaps,
             "layer_traces": self.layer_traces, "attention": self.attention,
@@ -66,13 +67,19 @@ RESTORED_KEY = "vitparity_restored_buffers"  # xdist workeroutput and JUnit prop
 
 
 def cost_line(cost: dict) -> str:
-    """`forwards: hf N (T tokens), packing M (U tokens); forward tokens: 1.29x the one-pass minimum`: the minimum
-    is one hf and one packing pass per case compared, twice the cases' tokens (a float32 probe: `cost_details`)."""
+    """`forwards: hf N (T tokens), packing M (U tokens); forward tokens: 1.29x the one-pass minimum (each case and
+    input path once)`: the minimum is one pass per (case, input path) compared: the packing model and each hf call
+    of the case (the context call, and the explicit-positions call where it runs). Runs written before paths were
+    counted have only `case_tokens`: their minimum is one hf and one packing pass per case. A float32 probe: `cost_details`."""
     forwards, tokens = cost["forwards"], cost["tokens"]
     line = (f"forwards: hf {forwards['hf']} ({tokens['hf']} tokens), "
             f"packing {forwards['packing']} ({tokens['packing']} tokens)")
-    minimum = 2 * cost.get("case_tokens", 0)  # absent from the JUnit XML of runs before it was counted
+    minimum = cost.get("path_tokens", 0)
     if minimum:
+        line += (f"; forward tokens: {(tokens['hf'] + tokens['packing']) / minimum:.2f}x the one-pass minimum "
+                 "(each case and input path once)")
+    elif cost.get("case_tokens"):  # absent from the JUnit XML of runs before it was counted
+        minimum = 2 * cost["case_tokens"]
         line += f"; forward tokens: {(tokens['hf'] + tokens['packing']) / minimum:.2f}x the one-pass minimum"
     return line
 
@@ -109,6 +116,7 @@ def total_cost(costs: dict[str, dict]) -> dict:
                 total[key][side] += cost[key][side]
         total["groups"] += cost["groups"]
         total["case_tokens"] += cost.get("case_tokens", 0)
+        total["path_tokens"] += cost.get("path_tokens", 0)
         total["determinism_cases"] += cost["determinism_cases"]
         total["companion_swaps"] += cost["companion_swaps"]
         total["layer_traces"] += cost["layer_traces"]

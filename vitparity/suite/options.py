@@ -95,6 +95,9 @@ OPTIONS = (
     Option("report_dir", "report", "folder for heat maps of failing cases", "parity-report"),
     Option("scales", "cases", "comma-separated fractions of the native size, each a case of every image and video "
            "(1 = native; e.g. 1,0.5)", "1"),
+    Option("codec_cases", "cases", "codec-style case of each video (codec-<file>, marker codec): on or off", "on"),
+    Option("codec_frames", "cases", "budget of a codec-style case in frames' worth of tokens, 1 to the temporal "
+           "context (default: --num-frames)"),
     Option("packed_backend", "models", "packed attention backend of the packing model (sdpa, varlen, nested, "
            "flash_attn, flash_attn_4, flex, eager; a value not available here lists those that are)", "auto"),
     Option("attention_kernel", "models", "SDPA kernel tried first by both models (a value not available here lists "

@@ -14,7 +14,7 @@ from xdist.scheduler import LoadScopeScheduling
 from ..media import MediaError
 from .cases import (
     CaseError, PackGroup, ParityCase, Probe, collect_cases, companion_probes, determinism_cases, make_groups,
-    plan_workers, resolve_policy,
+    plan_workers, resolve_policy, token_order_cases,
 )
 from ..models import OneVisionEncoderConfig
 from ..pair import PairFiles
@@ -43,6 +43,7 @@ class Plan:
     determinism: frozenset[str]  # case ids re-run to check determinism
     companions: dict[str, Probe] = field(default_factory=dict)  # group id -> its companion swap
     companion_policy: str = "all"  # resolved: all, sample or off
+    token_order: frozenset[str] = frozenset()  # case ids fed in a shuffled token order
 
     def group_of(self, case_id: str) -> PackGroup:
         return self._groups_by_id[self._case_group[case_id]]
@@ -88,6 +89,8 @@ class GroupNeeds:
     cases: set[str] = field(default_factory=set)
     determinism: set[str] = field(default_factory=set)
     goldens: set[str] = field(default_factory=set)
+    paths: set[str] = field(default_factory=set)  # cases whose hf explicit-positions call runs (test_input_paths)
+    token_order: set[str] = field(default_factory=set)  # cases fed in a shuffled order (test_token_order)
     packed: bool = False
     companions: bool = False  # test_companions_do_not_leak is selected: the group's planned swap runs
     from_pack: bool = False  # the cases' packing features come from the pack once a swap has shown no leak
@@ -119,7 +122,7 @@ def build_plan(settings: Settings, workers: int, files: PairFiles | None) -> Pla
     try:
         cases = collect_cases(
             list(settings.media_dirs), patch_size=patch_size, align=settings.align,
-            num_frames=settings.num_frames, scales=settings.scales,
+            num_frames=settings.num_frames, scales=settings.scales, codec_frames=settings.codec_frames,
         )
     except (MediaError, CaseError) as err:
         raise pytest.UsageError(f"{settings.labels['media']}: {err}") from err
@@ -130,7 +133,7 @@ def build_plan(settings: Settings, workers: int, files: PairFiles | None) -> Pla
     probes = companion_probes(settings.companions, settings.device, mine, owner)
     mine = tuple(sorted(mine, key=lambda group: group.id not in probes))  # stable: probes first, then as before
     return Plan(cases, groups, mine, owner, frozenset(chosen), probes,
-                resolve_policy(settings.companions, settings.device))
+                resolve_policy(settings.companions, settings.device), frozenset(token_order_cases(mine, owner)))
 
 
 def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
@@ -142,6 +145,8 @@ def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
 
 COMPANION_TEST = "test_companions_do_not_leak"
 ALONE_VS_PACKED_TEST = "test_packing_independent_of_neighbours"
+INPUT_PATHS_TEST = "test_input_paths"
+TOKEN_ORDER_TEST = "test_token_order"
 
 
 def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Selection:
@@ -168,6 +173,12 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Sel
             drop(item, None)
         elif case is not None and item.originalname == "test_deterministic" and case.id not in plan.determinism:
             drop(item, f"--determinism={settings.determinism}: case not re-run")
+        elif case is not None and item.originalname == INPUT_PATHS_TEST and case.kind == "image":
+            drop(item, "images: the hf model takes an image one way here (explicit positions are checked on videos)")
+        elif case is not None and item.originalname == INPUT_PATHS_TEST and case.kind == "assets":
+            drop(item, "codec asset folders: the hf model takes mosaics one way (explicit positions), in test_parity")
+        elif case is not None and item.originalname == TOKEN_ORDER_TEST and case.id not in plan.token_order:
+            drop(item, "token order: one codec-style case per worker is fed shuffled")
         elif group is not None and item.originalname == COMPANION_TEST and group.id not in plan.companions:
             drop(item, f"--companions={settings.companions}: no swap planned for this group")
         else:
@@ -217,6 +228,10 @@ def group_needs(plan: Plan, selection: Selection) -> dict[str, GroupNeeds]:
             need.cases.add(case.id)
             if item.originalname == "test_deterministic":
                 need.determinism.add(case.id)
+            if item.originalname == INPUT_PATHS_TEST:
+                need.paths.add(case.id)
+            if item.originalname == TOKEN_ORDER_TEST:
+                need.token_order.add(case.id)
             if item.get_closest_marker("golden"):
                 need.goldens.add(case.id)
     return needs

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from ..codec import context_frames, permuted, prepare_codec_sample, token_permutation
+from ..codec_assets import folder_sha256, load_assets, prepare_assets_sample
 from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample
@@ -55,6 +57,8 @@ class CaseResult:
     reference: Comparison | None = None  # the float32 probe of a 16-bit run, when this case is the process's probe
     reference_error: str | None = None  # why the float32 probe of this case could not run
     reference_forwards: str = ""  # what the probe ran
+    paths: list[Comparison] = field(default_factory=list)  # the hf explicit-positions path vs the other forwards
+    token_order: list[Comparison] = field(default_factory=list)  # each path fed shuffled, restored, vs in order
 
     @property
     def comparisons(self) -> list[Comparison]:
@@ -70,6 +74,10 @@ class CaseResult:
         """The forwards a test of this case compared (recorded with the test)."""
         if test == "test_deterministic":
             return self.determinism_forwards
+        if test == "test_input_paths":
+            return "; ".join(comparison.name for comparison in self.paths)
+        if test == "test_token_order":
+            return "; ".join(comparison.name for comparison in self.token_order)
         probe = f"; {self.reference_forwards}" if test == "test_parity" and self.reference_forwards else ""
         return f"hf alone vs packing {self.packing_source}{probe}"
 
@@ -213,9 +221,14 @@ class ParitySession:
     # cases and groups
 
     def load_case_media(self, case: ParityCase) -> Media:
-        """Decode the case's image or video (frames sampled and aligned to the models' patch size)."""
+        """Decode the case's image or video (frames sampled and aligned to the models' patch size); a codec-style
+        case samples the whole temporal context (64 frames) at native size; a codec asset folder gives its mosaics
+        and positions, checked (`vitparity.codec_assets.load_assets`)."""
         s = self.settings
-        return load_media(case.path, num_frames=s.num_frames, patch_size=self.pair().patch_size, align=s.align,
+        if case.kind == "assets":
+            return load_assets(case.path, patch_size=self.pair().patch_size)
+        frames = context_frames(self.pair().temporal_context) if case.kind == "codec" else s.num_frames
+        return load_media(case.path, num_frames=frames, patch_size=self.pair().patch_size, align=s.align,
                           scale=case.scale)
 
     def decode_sample(self, case: ParityCase) -> Sample:
@@ -224,17 +237,44 @@ class ParitySession:
 
     def _sample(self, case: ParityCase, media: Media) -> Sample:
         s, pair = self.settings, self.pair()
+        if case.kind == "assets":
+            return prepare_assets_sample(media, patch_size=pair.patch_size, dtype=s.torch_dtype, device=s.device,
+                                         name=case.id, normalization=pair.normalization)
+        if case.kind == "codec":
+            try:
+                return prepare_codec_sample(
+                    media, patch_size=pair.patch_size, budget_frames=s.codec_frames, dtype=s.torch_dtype,
+                    device=s.device, name=case.id, normalization=pair.normalization,
+                )
+            except ValueError as err:
+                raise MediaError(case.path, f"codec-style selection: {err}") from None
         return prepare_sample(
             media, patch_size=pair.patch_size, dtype=s.torch_dtype, device=s.device,
             temporal_context=pair.temporal_context, name=case.id, normalization=pair.normalization,
         )
 
-    def _forward(self, side: str, sample: Sample) -> torch.Tensor:
+    def _forward(self, side: str, sample: Sample, *, path: str = "context") -> torch.Tensor:
+        """Features of one model for one sample alone; the hf model is called the `path` way (`extract.hf_inputs`)."""
         model = self.model(side).model
         self.cost.count(side, sample.num_tokens)
         if side == "hf":
-            return extract_hf(model, sample, temporal_context=self.pair().temporal_context)
+            return extract_hf(model, sample, temporal_context=self.pair().temporal_context, path=path)
         return extract_packing(model, [sample])[0]
+
+    def _input_paths(self, case: ParityCase, sample: Sample, first: dict[str, torch.Tensor]) -> list[Comparison]:
+        """The release's explicit-positions call (path 2: the sample's own frames, a codec case's mosaics, with
+        `patch_positions`) compared token for token with the hf model's context call (path 1, or path 3's sparse
+        `visible_indices`) and with the packing model."""
+        explicit = self._forward("hf", sample, path="positions")
+        context = "sparse visible_indices" if sample.context is not None else "64-frame context"
+        label = "patch_positions" + (" on mosaics" if sample.context is not None else "")
+        threshold = self.settings.threshold
+        return [
+            compare_features(first["hf"], explicit, name=f"pos~ctx/{case.id}",
+                             threshold=threshold, labels=(f"hf {context}", f"hf {label}")),
+            compare_features(explicit, first["packing"], name=f"pos~packing/{case.id}",
+                             threshold=threshold, labels=(f"hf {label}", "packing")),
+        ]
 
     def group_result(self, group: PackGroup) -> GroupResult:
         """The group's results, computed when its first test asks (the previous group's are dropped first)."""
@@ -293,10 +333,17 @@ class ParitySession:
                                                   threshold=self.settings.threshold, bars=self.settings.bars),
                 grid=sample.grid, metadata=sample.metadata, packing_source=source,
             )
+            self.cost.path_tokens += 2 * sample.num_tokens
+            if case.id in needs.paths:
+                result.paths = self._input_paths(case, sample, first)
+                self.cost.path_tokens += sample.num_tokens
+            if case.id in needs.token_order:
+                result.token_order = self._token_order(case, sample, first)
             if probe is not None and probe[0] == case.id:
                 result.reference, result.reference_error, result.reference_forwards = probe[1:]
             if case.id in needs.goldens:
-                result.metadata["media_sha256"] = file_sha256(case.path)
+                result.metadata["media_sha256"] = (folder_sha256(case.path) if case.kind == "assets"
+                                                   else file_sha256(case.path))
                 result.reductions = {side: (*reduce_features(first[side]), list(first[side].shape)) for side in SIDES}
             if case.id in packed:
                 packed_ids.append(case.id)
@@ -344,6 +391,23 @@ class ParitySession:
         except (RuntimeError, ValueError, TypeError) as err:  # a model that cannot run in float32: the verdict says so
             return case_id, None, f"the float32 probe failed: {type(err).__name__}: {err}", "float32 probe: failed"
         return case_id, comparison, None, ran
+
+    def _token_order(self, case: ParityCase, sample: Sample, first: dict[str, torch.Tensor]) -> list[Comparison]:
+        """A sparse case fed in a fixed shuffled order (tokens with their positions) on every path that takes an
+        order (hf sparse visible_indices, hf mosaic with patch_positions, packing), its features put back in order
+        and compared with the same model's features in order: neither model masks attention by order."""
+        permutation = token_permutation(sample.num_tokens)
+        shuffled, restore = permuted(sample, permutation), torch.argsort(permutation)
+        runs = (("hf", "context", "sparse", "hf sparse visible_indices"),
+                ("hf", "positions", "mosaic", "hf mosaic patch_positions"), ("packing", "context", "packing", "packing"))
+        comparisons = []
+        for side, path, short, label in runs:
+            features = self._forward(side, shuffled, path=path)[restore.to(first[side].device)]
+            comparisons.append(compare_features(
+                first[side], features, name=f"order~{short}/{case.id}",
+                threshold=self.settings.threshold, labels=(f"{label} in order", f"{label} shuffled"),
+            ))
+        return comparisons
 
     def _leak_evidence(self) -> str | None:
         """The swaps of this process that show the packing model's samples untouched by their neighbours (its code
@@ -452,6 +516,9 @@ class ParitySession:
             "attention": self.cost.attention,
             "layers": (self._files.hf_config if side == "hf" else self._files.packing_config).get("num_hidden_layers"),
         }
+        for key in ("codec_selection", "codec_assets"):  # a changed selection is named apart from a changed model
+            if key in result.metadata:
+                meta[key] = result.metadata[key]
         return GoldenData.from_reduction(projection, norms, shape, meta, refusal=refusal,
                                          case=f"{side}/{result.case.id}")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ..builtin import BUILTIN_MEDIA, builtin_paths
+from ..extract import TEMPORAL_CONTEXT
 from ..hub import hub_id
 from ..loading import DTYPES, resolve_device_dtype
 from ..media import ALIGN_POLICIES, check_scale, scale_suffix
@@ -22,6 +23,7 @@ from .options import OPTIONS, PLAN_POLICIES, RawValue, raw_value
 # Tokens per pack group when --pack-tokens is not given. On a GPU: a ViT-L packed forward of 131k bf16 tokens
 # that keeps no hidden states needs a few GiB; on the CPU, groups stay small enough to run in seconds.
 DEFAULT_PACK_TOKENS = {"cpu": 16_384, "cuda": 131_072}
+CODEC_SWITCH = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Settings:
     max_cos_gap: str | float = AUTO  # "auto", "off" or a limit (vitparity.precision.parse_bar)
     max_norm_gap: str | float = AUTO
     fp32_probe: str = AUTO  # "auto" or "off"
+    codec_frames: int = 0  # budget of each video's codec-style case in frames' worth of tokens; 0: no codec cases
 
     @property
     def torch_dtype(self):
@@ -185,7 +188,23 @@ def resolve_settings(config: pytest.Config) -> Settings:
         max_cos_gap=bars["max_cos_gap"],
         max_norm_gap=bars["max_norm_gap"],
         fp32_probe=raw["fp32_probe"].value,
+        codec_frames=_codec_frames(raw, bad, whole),
     )
+
+
+def _codec_frames(raw: dict[str, RawValue], bad, whole) -> int:
+    """--codec-cases (on / off) and --codec-frames (1 to the temporal context, default --num-frames): the budget of
+    each codec-style case, 0 when they are off."""
+    switch = str(raw["codec_cases"].value).strip().lower()
+    if switch not in CODEC_SWITCH:
+        raise bad("codec_cases", f"use one of {CODEC_SWITCH}")
+    frames = whole("codec_frames", 1) if raw["codec_frames"].value else whole("num_frames", 1)
+    if frames > TEMPORAL_CONTEXT:
+        name = "codec_frames" if raw["codec_frames"].value else "num_frames"
+        raise bad(name, f"codec-style cases take at most {TEMPORAL_CONTEXT} frames' worth of tokens (the temporal "
+                        "context): set --codec-frames, or --codec-cases=off")
+    return frames if switch == "on" else 0
+
 
 
 def _paths(config: pytest.Config, raw: RawValue, bad, name: str) -> tuple[Path, ...]:
