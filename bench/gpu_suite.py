@@ -3,8 +3,8 @@
     python -m bench gpu-suite --out gpu-suite                 # H100 / H200: bfloat16 and float32, -n 1
     python -m bench gpu-suite --out /tmp/gs --small           # tiny config and media, on the CPU (about 3.5 min)
 
-For each dtype: both models built with the bench's weights and written as checkpoints, media written (two images,
-two videos, added to the bundled ones by --media), then two pytest processes over every suite test with `-n 1`:
+For each dtype: both models built with the bench's weights and written as checkpoints, media written (an image and a
+video, added to the bundled ones by --media), then two pytest processes over every suite test with `-n 1`:
 the first writes goldens into a folder of its own (`--golden-dir=... --snapshot-update`), the second checks every
 test against them. Each run's exit status, counts and summary lines are printed and written to
 OUT/results.json; each run's full output to OUT/<dtype>-<run>.txt. Exit status 1 when any run failed.
@@ -26,8 +26,7 @@ from .sections.suite_run import REPO, write_checkpoints
 from .workloads import build_models, write_media
 
 MEDIA = {
-    "real": [("gpusuite_image1.jpg", 1, 720, 1280), ("gpusuite_image2.jpg", 1, 1080, 1920),
-             ("gpusuite_video1.mp4", 24, 360, 640), ("gpusuite_video2.mp4", 24, 480, 854)],
+    "real": [("gpusuite_image1.jpg", 1, 720, 1280), ("gpusuite_video1.mp4", 24, 480, 854)],
     "small": [("gpusuite_image1.jpg", 1, 56, 70), ("gpusuite_video1.mp4", 12, 42, 56)],
 }
 COUNTS = re.compile(r"(\d+) (passed|failed|skipped|error|errors|deselected|xfailed|xpassed)")
