@@ -163,6 +163,12 @@ def describe_metadata(metadata: dict[str, Any]) -> list[str]:
         f"  Device: {metadata.get('device', '?')}",
         f"  Num frames: {metadata.get('num_frames', '?')}",
     ]
+    models = metadata.get("models")
+    if isinstance(models, dict):
+        for side in ("hf", "packing"):
+            code = (models.get(side) or {}).get("code") if isinstance(models.get(side), dict) else None
+            if isinstance(code, dict):
+                lines.append(f"  {side} code: {code_line(code)}")
     inputs = metadata.get("inputs")
     if isinstance(inputs, dict) and inputs:
         lines.append("Inputs")
@@ -180,6 +186,17 @@ def describe_metadata(metadata: dict[str, Any]) -> list[str]:
         lines += [f"NOTE: {side} model: restored buffers: {', '.join(names)} (left wrong by loading; restored from "
                   "a fresh construction of its class)" for side, names in restored.items() if names]
     return lines
+
+
+def code_line(code: dict[str, Any]) -> str:
+    """One line for a recorded code choice (`checkpoint_code.CodeRecord.to_dict`): source, class, files' digests."""
+    files = ", ".join(f"{name} {str(digest)[:8]}" for name, digest in (code.get("files") or {}).items())
+    text = f"{code.get('source', '?')} {code.get('class', '?')} [{files}]"
+    if code.get("source") == "vitparity" and code.get("auto_map"):
+        text += f" (NOT the checkpoint's own code {code['auto_map']}: --own-classes set it aside)"
+    if code.get("flash_attn"):
+        text += f" (flash-attn: {code['flash_attn']})"
+    return text
 
 
 def input_resolution(item: dict[str, Any]) -> tuple[str, str]:

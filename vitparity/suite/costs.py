@@ -58,6 +58,7 @@ FORWARDS_PROPERTY = "vitparity_forwards"  # user property of a test: the forward
 COST_KEY = "vitparity_cost"  # xdist workeroutput: this worker's Cost (JSON)
 LEFT_OUT_KEY = "vitparity_left_out"  # xdist workeroutput: why the plan deselected tests (JSON: reason -> names)
 WARNINGS_KEY = "vitparity_config_warnings"  # xdist workeroutput and JUnit property: config differences (JSON list)
+CODE_KEY = "vitparity_code"  # JUnit property: side -> the code that ran it (`checkpoint_code.CodeRecord`, JSON)
 RESTORED_KEY = "vitparity_restored_buffers"  # xdist workeroutput and JUnit property: "side: buffer" (JSON list)
 
 

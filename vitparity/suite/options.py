@@ -48,7 +48,11 @@ OPTIONS = (
     Option("hf_model", "models", "non-packing checkpoint folder or hub id org/name[@revision] "
            "(default: the built-in tiny model)"),
     Option("packing_model", "models", "packing checkpoint folder or hub id (default: the built-in tiny packing model)"),
-    Option("trust_remote_code", "models", "allow a checkpoint's own code (auto_map) to run", flag=True),
+    Option("trust_remote_code", "models", "gate a checkpoint's own code (auto_map): the release's modeling files",
+           flag=True),
+    Option("own_classes", "models", "check a checkpoint that ships its own code (auto_map) with vitparity's own "
+           "classes instead (said in the summary); without this or --trust-remote-code such a checkpoint is refused",
+           flag=True),
     # pytest owns --strict-config (its own ini checks), hence the longer name.
     Option("strict_model_config", "models", "any difference of the two models' configs fails (default: only fields "
            "that define the weights; others are reported and feature parity decides)", flag=True),

@@ -10,7 +10,7 @@ import pytest
 from ..compare import comparison_from_row
 from ..loading import missing_cuda_device
 from ..report import format_table
-from .costs import COST_KEY, LEFT_OUT_KEY, PROPERTY, RESTORED_KEY, WARNINGS_KEY, cost_details, cost_line, total_cost
+from .costs import CODE_KEY, COST_KEY, LEFT_OUT_KEY, PROPERTY, RESTORED_KEY, WARNINGS_KEY, cost_details, cost_line, total_cost
 from .session import ParitySession
 
 class ParityReporter:
@@ -66,6 +66,9 @@ class ParityReporter:
         xml = config.stash.get(xml_key, None)
         if xml is None:
             return
+        code = self.session.code()
+        if code:
+            xml.add_global_property(CODE_KEY, json.dumps({side: record.to_dict() for side, record in code.items()}))
         if self.config_warnings:
             xml.add_global_property(WARNINGS_KEY, json.dumps(self.config_warnings))
         if self.restored_buffers:
@@ -82,6 +85,12 @@ class ParityReporter:
         if not (self.rows or self.costs or s.shard or no_device):
             return  # no parity test ran (e.g. another test tree in this repository)
         terminalreporter.write_sep("=", "vitparity parity summary")
+        code = self.session.code()
+        if code:
+            terminalreporter.write_line("code checked: " + "; ".join(f"{side}: {record.headline()}"
+                                                                    for side, record in code.items()))
+            for side, record in code.items():
+                terminalreporter.write_line(f"  {side} code: {record.describe()}")
         if no_device:
             terminalreporter.write_line(
                 f"NOTHING COMPARED: device {s.device} requested but {no_device}; the tests that need it were skipped. "

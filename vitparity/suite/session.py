@@ -84,12 +84,14 @@ class GroupResult:
 def pair_files(settings: Settings) -> PairFiles:
     """Both checkpoints resolved and their config files checked (`vitparity.pair.preflight_pair`)."""
     return preflight_pair(settings.hf_model, settings.packing_model, num_frames=settings.num_frames,
-                          num_frames_name=settings.labels["num_frames"], strict_config=settings.strict_config)
+                          num_frames_name=settings.labels["num_frames"], strict_config=settings.strict_config,
+                          trust_remote_code=settings.trust_remote_code, own_classes=settings.own_classes)
 
 
 def preflight(settings: Settings) -> PairFiles:
     """What is known about the pair before any test (`vitparity.pair.preflight_pair`: checkpoints that cannot be
-    found or fetched, unreadable config files, swapped sides, configs that differ, frames vs temporal context,
+    found or fetched, a checkpoint with code of its own and neither --trust-remote-code nor --own-classes, code that
+    cannot be imported, unreadable config files, swapped sides, configs that differ, frames vs temporal context,
     normalisation) is one usage error at start, as in the CLI, instead of the same failure in every test."""
     try:
         return pair_files(settings)
@@ -143,8 +145,7 @@ class ParitySession:
             s = self.settings
             try:
                 self._pair = self._files.load(
-                    dtype=s.torch_dtype, device=s.device, trust_remote_code=s.trust_remote_code,
-                    strict_config=s.strict_config, strict_buffers=s.strict_buffers, check_weights=False,
+                    dtype=s.torch_dtype, device=s.device, strict_config=s.strict_config, strict_buffers=s.strict_buffers, check_weights=False,
                     on_load=self._count_load,
                 )
             except SideLoadError as err:
@@ -157,6 +158,10 @@ class ParitySession:
                 message = f"the {side} model is not checked: the {failed} model did not load: {message}"
             pytest.fail(message, pytrace=False)
         return self._pair
+
+    def code(self) -> dict:
+        """Side -> the code that runs it (`checkpoint_code.CodeRecord`), chosen and imported at preflight."""
+        return dict(self._files.code or {})
 
     def config_warnings(self) -> list[str]:
         """Config differences that change only numerics, once the pair is loaded (else none)."""

@@ -50,6 +50,7 @@ class Settings:
     golden_baseline: Path | None = None  # a previous release's golden folder (vitparity.suite.baseline)
     baseline_min_cos: float | None = None  # None: the baseline drift is only reported
     companions: str = "auto"
+    own_classes: bool = False  # --own-classes: vitparity's classes on a checkpoint that ships its own code
 
     @property
     def torch_dtype(self):
@@ -116,6 +117,9 @@ def resolve_settings(config: pytest.Config) -> Settings:
         value, folder = raw[name].value, path(name)
         return value if folder is not None and not folder.exists() and hub_id(str(value)) else folder
 
+    if raw["trust_remote_code"].value and raw["own_classes"].value:
+        raise pytest.UsageError(f"{raw['trust_remote_code'].label} and {raw['own_classes'].label} exclude each other: "
+                                "run the checkpoints' own code or vitparity's classes, not both")
     hf_model, packing_model = model("hf_model"), model("packing_model")
     if hf_model is None or packing_model is None:
         default_hf, default_packing = builtin_paths()
@@ -124,6 +128,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         hf_model=hf_model,
         packing_model=packing_model,
         trust_remote_code=raw["trust_remote_code"].value,
+        own_classes=raw["own_classes"].value,
         strict_config=raw["strict_model_config"].value,
         device=device,
         dtype=dtype,
