@@ -13,18 +13,21 @@ class. While it is imported on a machine where flash-attn cannot be imported, `f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers.dynamic_module_utils import get_class_from_dynamic_module, get_relative_import_files
+from transformers.utils import logging as hf_logging
 
 from .features_io import code_line
 from .flash_attn_standin import DESCRIPTION as STANDIN_DESCRIPTION
-from .flash_attn_standin import standin_installed, uses_standin
+from .flash_attn_standin import StandInUnsupported, standin_installed, uses_standin
 from .hub import ModelLoadError, ModelRef
 
 TRUST_FLAG = "--trust-remote-code"
@@ -113,7 +116,9 @@ def import_checkpoint_class(folder: Path, entry: str) -> tuple[type, str | None]
     """The checkpoint's own class named by `entry` (its auto_map AutoModel), and what served its flash-attn imports
     (None when it bound none).
 
-    Resolved directly: `AutoModel` prefers a class registered for the config (this package registers every
+    The code is imported as it is; only when that fails for want of flash-attn (and the real package cannot be
+    imported) is it imported again with `flash_attn_standin` installed, so code that imports flash-attn optionally
+    keeps its own fallback. Resolved directly: `AutoModel` prefers a class registered for the config (this package registers every
     model_type it knows), so it would silently run the project's code instead of the checkpoint's. ModelLoadError
     names the file and the class when the code cannot be imported.
     """
@@ -123,8 +128,16 @@ def import_checkpoint_class(folder: Path, entry: str) -> tuple[type, str | None]
         if not Path(name).is_file():
             raise ModelLoadError(f"{name}: missing; {path.name} imports it (class {class_name}, auto_map {entry})")
     try:
-        with standin_installed() as installed:
-            cls = get_class_from_dynamic_module(entry, str(folder))
+        try:
+            with _quiet_transformers():  # its requirement check logs each missing package before raising
+                cls, installed = get_class_from_dynamic_module(entry, str(folder)), False
+        except ImportError as err:
+            if not _needs_flash_attn(err):
+                raise
+            with standin_installed() as installed:  # False when the real package imports: the error stands
+                cls = get_class_from_dynamic_module(entry, str(folder))
+    except StandInUnsupported as err:
+        raise ModelLoadError(f"{path}: class {class_name}: {err}") from None
     except AttributeError as err:
         raise ModelLoadError(f"{path}: no class {class_name} in the checkpoint's code ({err})") from None
     except Exception as err:  # failed import, missing requirement, error raised by the module's own code
@@ -141,6 +154,21 @@ def import_checkpoint_class(folder: Path, entry: str) -> tuple[type, str | None]
                                 for module in modules for value in vars(module).values()):
         return cls, f"flash_attn {getattr(real, '__version__', '?')} (the installed package)"
     return cls, None
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _needs_flash_attn(err: ImportError) -> bool:
+    """Whether an import failed for want of flash-attn (transformers' requirement check, or the import itself)."""
+    return str(getattr(err, "name", "") or "").startswith("flash_attn") or "flash_attn" in str(err)
 
 
 def own_code_files(cls: type) -> dict[str, str]:
