@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers.dynamic_module_utils import get_class_from_dynamic_module, get_relative_import_files
+from transformers.dynamic_module_utils import get_class_from_dynamic_module, get_relative_imports
 from transformers.utils import logging as hf_logging
 
 from .features_io import code_line
@@ -100,14 +100,30 @@ def _check_source(path: Path, entry: str, class_name: str) -> None:
         raise ModelLoadError(f"{path}:{err.lineno}: not valid Python ({err.msg}); it holds {what}") from None
 
 
+def relative_import_files(path: Path, entry: str, class_name: str) -> list[Path]:
+    """`path` and every file it imports relatively (recursively); ModelLoadError names a missing one and its
+    importer."""
+    found, queue = [path], [path]
+    while queue:
+        importer = queue.pop()
+        for module in get_relative_imports(str(importer)):
+            file = path.parent / f"{module}.py"
+            if not file.is_file():
+                raise ModelLoadError(f"{file}: missing; {importer.name} imports it (class {class_name}, auto_map "
+                                     f"{entry})")
+            if file not in found:
+                found.append(file)
+                queue.append(file)
+    return found
+
+
 def code_files(folder: Path, entries: list[str]) -> dict[str, str]:
     """File name -> sha256 of each code file the entries name, with the files they import relatively."""
     files: dict[str, str] = {}
     for entry in entries:
-        path, _ = _module_file(folder, entry)
-        for name in [str(path), *get_relative_import_files(path)]:
-            file = Path(name)
-            if file.is_file():
+        path, class_name = _module_file(folder, entry)
+        if path.is_file():
+            for file in relative_import_files(path, entry, class_name):
                 files.setdefault(file.relative_to(folder).as_posix(), file_digest(file))
     return dict(sorted(files.items()))
 
@@ -124,9 +140,8 @@ def import_checkpoint_class(folder: Path, entry: str) -> tuple[type, str | None]
     """
     path, class_name = _module_file(folder, entry)
     _check_source(path, entry, class_name)
-    for name in get_relative_import_files(path):
-        if not Path(name).is_file():
-            raise ModelLoadError(f"{name}: missing; {path.name} imports it (class {class_name}, auto_map {entry})")
+    for file in relative_import_files(path, entry, class_name)[1:]:
+        _check_source(file, entry, class_name)
     try:
         try:
             with _quiet_transformers():  # its requirement check logs each missing package before raising
