@@ -30,6 +30,8 @@ class Cost:
     companion_swaps: int = 0  # packed forwards with companions swapped, two per pack (counted in the packing forwards)
     layer_traces: int = 0  # failing cases traced layer by layer (their forwards are not in the counts above)
     attention: str = ""  # what the loaded models run: "packed backend sdpa, attention kernel default"
+    reference: dict[str, int] = field(default_factory=lambda: {"forwards": 0, "tokens": 0, "loads": 0})
+    outputs_cases: int = 0  # cases whose last_hidden_state and pooler_output were compared
 
     def count(self, side: str, tokens: int) -> None:
         self.forwards[side] += 1
@@ -48,7 +50,8 @@ class Cost:
             "case_tokens": self.case_tokens,
             "determinism_cases": self.determinism_cases, "over_budget": self.over_budget,
             "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind, "companion_swaps": self.companion_swaps,
-            "layer_traces": self.layer_traces, "attention": self.attention,
+            "layer_traces": self.layer_traces, "attention": self.attention, "reference": self.reference,
+            "outputs_cases": self.outputs_cases,
         }
 
 
@@ -58,6 +61,7 @@ FORWARDS_PROPERTY = "vitparity_forwards"  # user property of a test: the forward
 COST_KEY = "vitparity_cost"  # xdist workeroutput: this worker's Cost (JSON)
 LEFT_OUT_KEY = "vitparity_left_out"  # xdist workeroutput: why the plan deselected tests (JSON: reason -> names)
 WARNINGS_KEY = "vitparity_config_warnings"  # xdist workeroutput and JUnit property: config differences (JSON list)
+REFERENCE_KEY = "vitparity_reference"  # JUnit property: the outputs and reference line of the summary
 CODE_KEY = "vitparity_code"  # JUnit property: side -> the code that ran it (`checkpoint_code.CodeRecord`, JSON)
 RESTORED_KEY = "vitparity_restored_buffers"  # xdist workeroutput and JUnit property: "side: buffer" (JSON list)
 
@@ -68,15 +72,22 @@ def cost_line(cost: dict) -> str:
     forwards, tokens = cost["forwards"], cost["tokens"]
     line = (f"forwards: hf {forwards['hf']} ({tokens['hf']} tokens), "
             f"packing {forwards['packing']} ({tokens['packing']} tokens)")
+    reference = cost.get("reference") or {"forwards": 0, "tokens": 0}
+    if reference["forwards"]:
+        line += f", reference {reference['forwards']} ({reference['tokens']} tokens)"
     minimum = 2 * cost.get("case_tokens", 0)  # absent from the JUnit XML of runs before it was counted
     if minimum:
-        line += f"; forward tokens: {(tokens['hf'] + tokens['packing']) / minimum:.2f}x the one-pass minimum"
+        ran = tokens["hf"] + tokens["packing"] + reference["tokens"]
+        line += f"; forward tokens: {ran / minimum:.2f}x the one-pass minimum"
     return line
 
 
 def cost_details(cost: dict) -> str:
     loads = cost["loads"]
-    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; pack groups {cost['groups']}; "
+    reference = (cost.get("reference") or {}).get("loads", 0)
+    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}"
+            + (f", reference {reference}" if reference else "")
+            + f"; outputs compared {cost.get('outputs_cases', 0)} cases; pack groups {cost['groups']}; "
             f"determinism re-runs {cost['determinism_cases']}; companion swaps {cost['companion_swaps']}; "
             f"layer traces {cost['layer_traces']}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
             f"({cost['peak_kind']})")
@@ -94,6 +105,9 @@ def total_cost(costs: dict[str, dict]) -> dict:
         total["determinism_cases"] += cost["determinism_cases"]
         total["companion_swaps"] += cost["companion_swaps"]
         total["layer_traces"] += cost["layer_traces"]
+        total["outputs_cases"] += cost.get("outputs_cases", 0)
+        for key, value in (cost.get("reference") or {}).items():
+            total["reference"][key] += value
         total["attention"] = total["attention"] or cost["attention"]
         total["over_budget"] += cost["over_budget"]
         if cost["peak_bytes"] >= total["peak_bytes"]:

@@ -17,6 +17,7 @@ from .cases import (
     plan_workers, resolve_policy,
 )
 from ..models import OneVisionEncoderConfig
+from ..checkpoint_code import CHECKPOINT_CODE
 from ..pair import PairFiles
 from .settings import Settings
 
@@ -43,6 +44,8 @@ class Plan:
     determinism: frozenset[str]  # case ids re-run to check determinism
     companions: dict[str, Probe] = field(default_factory=dict)  # group id -> its companion swap
     companion_policy: str = "all"  # resolved: all, sample or off
+    outputs: frozenset[str] = frozenset()  # case ids whose other outputs (and reference) are compared
+    reference_off: str = ""  # why no reference runs ("" when it does)
 
     def group_of(self, case_id: str) -> PackGroup:
         return self._groups_by_id[self._case_group[case_id]]
@@ -87,6 +90,8 @@ class GroupNeeds:
 
     cases: set[str] = field(default_factory=set)
     determinism: set[str] = field(default_factory=set)
+    outputs: set[str] = field(default_factory=set)  # last_hidden_state and pooler_output compared
+    reference: set[str] = field(default_factory=set)  # features compared with vitparity's own classes
     goldens: set[str] = field(default_factory=set)
     packed: bool = False
     companions: bool = False  # test_companions_do_not_leak is selected: the group's planned swap runs
@@ -129,8 +134,10 @@ def build_plan(settings: Settings, workers: int, files: PairFiles | None) -> Pla
     chosen = determinism_cases(settings.determinism, settings.device, mine, owner)
     probes = companion_probes(settings.companions, settings.device, mine, owner)
     mine = tuple(sorted(mine, key=lambda group: group.id not in probes))  # stable: probes first, then as before
+    outputs = determinism_cases(settings.outputs, settings.device, mine, owner)  # the same sampling rule
     return Plan(cases, groups, mine, owner, frozenset(chosen), probes,
-                resolve_policy(settings.companions, settings.device))
+                resolve_policy(settings.companions, settings.device), frozenset(outputs),
+                reference_off(settings, files))
 
 
 def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
@@ -141,6 +148,17 @@ def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
 
 
 COMPANION_TEST = "test_companions_do_not_leak"
+OUTPUTS_TESTS = ("test_outputs", "test_reference")
+
+
+def reference_off(settings: Settings, files: PairFiles | None) -> str:
+    """Why vitparity's own classes are not run as a reference ("" when they are): --no-reference, or no checkpoint
+    code runs (the reference would compare vitparity's classes with themselves)."""
+    if not settings.reference:
+        return f"{settings.labels['no_reference']}: the reference is switched off"
+    if files is None or not any(code.source == CHECKPOINT_CODE for code in (files.code or {}).values()):
+        return "no checkpoint code runs: vitparity's own classes would be their own reference"
+    return ""
 ALONE_VS_PACKED_TEST = "test_packing_independent_of_neighbours"
 
 
@@ -168,6 +186,11 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Sel
             drop(item, None)
         elif case is not None and item.originalname == "test_deterministic" and case.id not in plan.determinism:
             drop(item, f"--determinism={settings.determinism}: case not re-run")
+        elif case is not None and item.originalname in OUTPUTS_TESTS and case.id not in plan.outputs:
+            drop(item, f"--outputs={settings.outputs}: case's last_hidden_state, pooler_output and reference not "
+                       "compared")
+        elif case is not None and item.originalname == "test_reference" and plan.reference_off:
+            drop(item, plan.reference_off)
         elif group is not None and item.originalname == COMPANION_TEST and group.id not in plan.companions:
             drop(item, f"--companions={settings.companions}: no swap planned for this group")
         else:
@@ -217,6 +240,10 @@ def group_needs(plan: Plan, selection: Selection) -> dict[str, GroupNeeds]:
             need.cases.add(case.id)
             if item.originalname == "test_deterministic":
                 need.determinism.add(case.id)
+            if item.originalname == "test_outputs":
+                need.outputs.add(case.id)
+            if item.originalname == "test_reference":
+                need.reference.add(case.id)
             if item.get_closest_marker("golden"):
                 need.goldens.add(case.id)
     return needs

@@ -24,9 +24,11 @@ from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample
 from ..independence import SwapResult, alternate_halves, companion_swap
-from ..loading import LoadedModel, ModelLoadError, library_versions, missing_cuda_device
+from ..loading import LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device
 from ..media import Media, MediaError, decoder_record, load_media
 from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
+from ..outputs import (ModelOutputs, ReferenceVerdict, compare_outputs, converted_weight_problems, hf_outputs,
+                       packing_outputs, reference_verdict)
 from ..pair import SIDES, ModelPair, PairFiles, SideLoadError, preflight_pair
 from ..report import format_report, write_cosine_heatmap
 from ..snapshots import GoldenData, GoldenFolder, file_sha256, model_fingerprint, reduce_features
@@ -51,11 +53,19 @@ class CaseResult:
     determinism: list[str] | None = None  # problems found; None when the policy did not re-run the case
     packing_source: str = "alone"  # the forward its packing features come from: "alone" or "<group id> (...)"
     determinism_forwards: str = ""  # the forwards the determinism verdict compared
+    outputs: list[Comparison] | None = None  # last_hidden_state and pooler_output, hf vs packing
+    # each model's features vs vitparity's own classes, or why the reference could not run
+    reference: ReferenceVerdict | str | None = None
 
     def forwards(self, test: str) -> str:
         """The forwards a test of this case compared (recorded with the test)."""
         if test == "test_deterministic":
             return self.determinism_forwards
+        if test == "test_outputs":
+            return "hf alone vs packing alone, whole forwards (the features' own forwards)"
+        if test == "test_reference":
+            return ("hf alone and packing alone vs vitparity's own classes on the hf checkpoint's weights "
+                    "(early-exit forward)")
         return f"hf alone vs packing {self.packing_source}"
 
 
@@ -116,6 +126,9 @@ class ParitySession:
         self.baseline: Baseline | None = None  # --golden-baseline, checked (set by the plugin)
         self._current: GroupResult | None = None
         self._swaps: list[str] = []  # "<probe>: bit-identical|differs" of every swap this process ran (the evidence)
+        self._reference: LoadedModel | None = None
+        self._reference_error: str | None = None
+        self._converted: list[str] | None = None
 
     # models
 
@@ -271,16 +284,27 @@ class ParitySession:
                 continue
             sample = samples.pop(case.id)
             self.cost.case_tokens += sample.num_tokens
-            first = {"hf": self._forward("hf", sample)}
-            if evidence is not None and case.id in packed:
-                first["packing"], source = packed[case.id], f"in {group.id} ({evidence})"
+            whole = case.id in needs.outputs or case.id in needs.reference  # features from whole forwards
+            outputs: dict[str, ModelOutputs] = {}
+            if whole:
+                self.cost.outputs_cases += case.id in needs.outputs
+                outputs = {side: self._whole_forward(side, sample) for side in SIDES}
+                first, source = {side: outputs[side].features for side in SIDES}, "alone"
+            elif evidence is not None and case.id in packed:
+                first = {"hf": self._forward("hf", sample), "packing": packed[case.id]}
+                source = f"in {group.id} ({evidence})"
             else:
-                first["packing"], source = self._forward("packing", sample), "alone"
+                first, source = {side: self._forward(side, sample) for side in SIDES}, "alone"
             result = CaseResult(
                 case, comparison=compare_features(first["hf"], first["packing"], name=case.id,
                                                   threshold=self.settings.threshold),
                 grid=sample.grid, metadata=sample.metadata, packing_source=source,
             )
+            if case.id in needs.outputs:
+                result.outputs = compare_outputs(outputs["hf"], outputs["packing"], case.id, self.settings.threshold)
+            if case.id in needs.reference:
+                result.reference = self._reference_verdict(sample, first, result.comparison.passed, case.id)
+            del outputs
             if case.id in needs.goldens:
                 result.metadata["media_sha256"] = file_sha256(case.path)
                 result.reductions = {side: (*reduce_features(first[side]), list(first[side].shape)) for side in SIDES}
@@ -298,7 +322,7 @@ class ParitySession:
             if case.id in needs.determinism:
                 self.cost.determinism_cases += 1
                 result.determinism, result.determinism_forwards = self._determinism_problems(
-                    case, media[case.id], sample, first, rerun=("hf",) if source != "alone" else SIDES)
+                    case, media[case.id], sample, first, rerun=("hf",) if source != "alone" else SIDES, whole=whole)
                 if source != "alone":
                     result.determinism_forwards += f"; packing: features {source}, repeatability shown by that swap"
             results[case.id] = result
@@ -306,6 +330,50 @@ class ParitySession:
         left_out = {case.id: results[case.id].error for case in group.cases
                     if case.id in results and results[case.id].error}
         return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out, packed_ids, swaps, swap_forwards)
+
+    def _whole_forward(self, side: str, sample: Sample) -> ModelOutputs:
+        """One sample alone through one model, whole: its features, last_hidden_state and pooler_output."""
+        self.cost.count(side, sample.num_tokens)
+        if side == "hf":
+            return hf_outputs(self.model("hf").model, sample, temporal_context=self.pair().temporal_context)
+        return packing_outputs(self.model("packing").model, sample)
+
+    def reference_model(self) -> LoadedModel:
+        """vitparity's own non-packing class loaded with the hf checkpoint's weights (once); a checkpoint these
+        classes cannot load fails each reference test with the same message."""
+        if self._reference is None and self._reference_error is None:
+            s = self.settings
+            self.cost.reference["loads"] += 1
+            try:
+                self._reference = load_model(self._files.hf, dtype=s.torch_dtype, device=s.device, own_classes=True,
+                                             strict_buffers=s.strict_buffers)
+            except ModelLoadError as err:
+                self._reference_error = (f"vitparity's own classes cannot load the hf checkpoint's weights as the "
+                                         f"reference: {err} (a release that changes the architecture on purpose: "
+                                         f"{s.labels['no_reference']})")
+        if self._reference_error is not None:
+            raise ModelLoadError(self._reference_error)
+        return self._reference
+
+    def _reference_verdict(self, sample: Sample, features: dict[str, torch.Tensor], pair_passed: bool,
+                           name: str) -> ReferenceVerdict | str:
+        """Both models' features against the reference's (or why the reference could not run)."""
+        try:
+            reference = self.reference_model().model
+        except ModelLoadError as err:
+            return str(err)
+        self.cost.reference["forwards"] += 1
+        self.cost.reference["tokens"] += sample.num_tokens
+        expected = extract_hf(reference, sample, temporal_context=self.pair().temporal_context)
+        return reference_verdict(features["hf"], features["packing"], expected, pair_passed, name,
+                                 self.settings.threshold)
+
+    def converted_weights(self) -> list[str]:
+        """Each packing tensor against the hf tensor it comes from by the converter's mapping, exactly (once)."""
+        if self._converted is None:
+            hf, packing = self.models()
+            self._converted = converted_weight_problems(hf.model, packing.model)
+        return self._converted
 
     def _leak_evidence(self) -> str | None:
         """The swaps of this process that show the packing model's samples untouched by their neighbours (its code
@@ -353,22 +421,27 @@ class ParitySession:
         return swaps, forwards
 
     def _determinism_problems(self, case: ParityCase, media: Media, sample: Sample, first: dict[str, torch.Tensor],
-                              *, rerun: tuple[str, ...]) -> tuple[list[str], str]:
+                              *, rerun: tuple[str, ...], whole: bool = False) -> tuple[list[str], str]:
         """Decode again and compare pixels; run each model of `rerun` again alone on the same pixels and compare bit
         for bit. Returns the problems and the forwards compared.
 
-        A second pass that differs gets a third, and the message says which pass was the odd one.
+        A second pass that differs gets a third, and the message says which pass was the odd one. `whole`: the
+        first pass was a whole forward (`_whole_forward`), and so are the others.
         """
+
+        def again(side: str) -> torch.Tensor:
+            return self._whole_forward(side, sample).features if whole else self._forward(side, sample)
+
         problems, passes = [], {side: 2 for side in rerun}
         pixels = self.load_case_media(case).frames
         if not np.array_equal(media.frames, pixels):
             problems.append(f"decoding the media twice gave different pixels ({pixel_difference(media.frames, pixels)})")
         for side in rerun:
-            second = self._forward(side, sample)
+            second = again(side)
             if not (torch.isfinite(first[side]).all() and torch.isfinite(second).all()):
                 problems.append(f"{side} model gives NaN or Inf features (test_parity reports where)")
             elif not torch.equal(first[side], second):
-                third = self._forward(side, sample)
+                third = again(side)
                 passes[side] = 3
                 problems.append(f"{side} model not deterministic: {feature_difference(first[side], second)} between "
                                 f"two passes on the same pixels; {odd_pass(first[side], second, third)}")

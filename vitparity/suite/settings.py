@@ -51,6 +51,8 @@ class Settings:
     baseline_min_cos: float | None = None  # None: the baseline drift is only reported
     companions: str = "auto"
     own_classes: bool = False  # --own-classes: vitparity's classes on a checkpoint that ships its own code
+    outputs: str = "auto"  # cases whose last_hidden_state / pooler_output (and reference) are compared
+    reference: bool = True  # False: --no-reference
 
     @property
     def torch_dtype(self):
@@ -93,7 +95,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(f"{raw['device'].label} / {raw['dtype'].label}: {err}") from err
     if raw["align"].value not in ALIGN_POLICIES:
         raise bad("align", f"use one of {ALIGN_POLICIES}")
-    for name in ("determinism", "companions"):
+    for name in ("determinism", "companions", "outputs"):
         if raw[name].value not in PLAN_POLICIES:
             raise bad(name, f"use one of {PLAN_POLICIES}")
     try:
@@ -129,6 +131,8 @@ def resolve_settings(config: pytest.Config) -> Settings:
         packing_model=packing_model,
         trust_remote_code=raw["trust_remote_code"].value,
         own_classes=raw["own_classes"].value,
+        outputs=raw["outputs"].value,
+        reference=not raw["no_reference"].value,
         strict_config=raw["strict_model_config"].value,
         device=device,
         dtype=dtype,
