@@ -28,7 +28,7 @@ from ..loading import LoadedModel, ModelLoadError, library_versions, load_model,
 from ..media import Media, MediaError, decoder_record, load_media
 from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
 from ..outputs import (ModelOutputs, ReferenceVerdict, compare_outputs, converted_weight_problems, hf_outputs,
-                       packing_outputs, reference_verdict)
+                       output_bars, packing_outputs, reference_verdict)
 from ..pair import SIDES, ModelPair, PairFiles, SideLoadError, preflight_pair
 from ..report import format_report, write_cosine_heatmap
 from ..snapshots import GoldenData, GoldenFolder, file_sha256, model_fingerprint, reduce_features
@@ -301,7 +301,8 @@ class ParitySession:
                 grid=sample.grid, metadata=sample.metadata, packing_source=source,
             )
             if case.id in needs.outputs:
-                result.outputs = compare_outputs(outputs["hf"], outputs["packing"], case.id, self.settings.threshold)
+                result.outputs = compare_outputs(outputs["hf"], outputs["packing"], case.id,
+                                                 output_bars(self.settings.threshold, self.settings.dtype))
             if case.id in needs.reference:
                 result.reference = self._reference_verdict(sample, first, result.comparison.passed, case.id)
             del outputs
