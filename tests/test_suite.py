@@ -51,7 +51,7 @@ def run_total(output: str) -> tuple[int, ...]:
 
 def test_default_suite_passes_and_loads_each_model_once(suite) -> None:
     result = suite.run()
-    result.assert_outcomes(passed=40)
+    result.assert_outcomes(passed=49)  # 40 + test_outputs per case + test_converted_weights
     out = result.stdout.str()
     assert "16 snapshots passed" in out
     found = verdicts(out)
