@@ -21,8 +21,9 @@ def test_outputs(parity_case, case_result, record_comparison) -> None:
 
 
 def test_reference(parity, parity_case, case_result, record_comparison, layer_trace) -> None:
-    """Each model's penultimate features against vitparity's own classes on the same weights: a fault both release
-    files share (common mode) passes parity but not this; a failure names the odd one out."""
+    """Each model's penultimate features against vitparity's own classes on the hf checkpoint's weights (the hf
+    model itself when it runs them): a fault both release files share (common mode) passes parity but not this; a
+    failure names the odd one out."""
     verdict = case_result.reference
     if isinstance(verdict, str):
         pytest.fail(verdict, pytrace=False)

@@ -24,6 +24,7 @@ from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample
 from ..independence import SwapResult, alternate_halves, companion_swap
+from ..checkpoint_code import OWN_CODE
 from ..loading import LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device
 from ..media import Media, MediaError, decoder_record, load_media
 from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
@@ -358,7 +359,11 @@ class ParitySession:
 
     def _reference_verdict(self, sample: Sample, features: dict[str, torch.Tensor], pair_passed: bool,
                            name: str) -> ReferenceVerdict | str:
-        """Both models' features against the reference's (or why the reference could not run)."""
+        """Both models' features against the reference's (or why the reference could not run). When the hf model
+        already runs vitparity's own class on the hf weights, it is the reference: its features, no other forward."""
+        if self._files.code and self._files.code["hf"].source == OWN_CODE:
+            return reference_verdict(features["hf"], features["packing"], features["hf"], pair_passed, name,
+                                     self.settings.threshold)
         try:
             reference = self.reference_model().model
         except ModelLoadError as err:
