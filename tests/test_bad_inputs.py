@@ -141,7 +141,7 @@ def test_cuda_without_gpu_skips_with_a_reason_unless_required(suite) -> None:
     assert "NOTHING COMPARED: device cuda requested but CUDA is not available" in skipped.stdout.str()
     assert "--device cpu" in skipped.stdout.str() and "--require-device to fail" in skipped.stdout.str()
     whole = suite.run("--device", "cuda")  # the tests the GPU plan deselects are explained
-    assert "23 deselected" in whole.stdout.str()  # 9, 6 test_outputs (sampled) and 8 test_reference (no checkpoint code)
+    assert "15 deselected" in whole.stdout.str()  # 9, and 6 test_outputs (sampled)
     assert "not run by the plan (--determinism=auto: case not re-run): test_deterministic[" in whole.stdout.str()
     assert "not run by the plan (--companions=auto: no swap planned for this group)" in whole.stdout.str()
     required = suite.run("-k", "coffee", "--device", "cuda", "--require-device")

@@ -151,6 +151,20 @@ COMPANION_TEST = "test_companions_do_not_leak"
 OUTPUTS_TESTS = ("test_outputs", "test_reference")
 
 
+class InapplicableTests:
+    """Leaves out the reference tests when no reference runs (`Plan.reference_off`, said in the summary and the
+    JUnit XML), before any other plugin sees the collection. Not deselected: they do not apply to the run, and a
+    deselection would make a full run look narrowed (syrupy then no longer judges unused goldens)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        if self.plan.reference_off:
+            items[:] = [item for item in items if getattr(item, "originalname", "") != "test_reference"]
+
+
 def reference_off(settings: Settings, files: PairFiles | None) -> str:
     """Why vitparity's own classes are not run as a reference ("" when they are): --no-reference, or no checkpoint
     code runs (the reference would compare vitparity's classes with themselves)."""
@@ -189,8 +203,6 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Sel
         elif case is not None and item.originalname in OUTPUTS_TESTS and case.id not in plan.outputs:
             drop(item, f"--outputs={settings.outputs}: case's last_hidden_state, pooler_output and reference not "
                        "compared")
-        elif case is not None and item.originalname == "test_reference" and plan.reference_off:
-            drop(item, plan.reference_off)
         elif group is not None and item.originalname == COMPANION_TEST and group.id not in plan.companions:
             drop(item, f"--companions={settings.companions}: no swap planned for this group")
         else:
