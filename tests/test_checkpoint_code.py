@@ -150,3 +150,30 @@ def test_suite_gates_the_checkpoint_code_and_says_so_first(suite, tmp_path, dtyp
     assert run.code["packing"]["files"]["modeling_onevision_encoder_packing.py"] == digest
     report, passed = merge_report([run])
     assert not passed and f"modeling_onevision_encoder_packing.py {digest[:8]}" in report
+
+
+def test_conflicting_or_bad_options_are_usage_errors(suite, release, monkeypatch) -> None:
+    monkeypatch.setenv("VITPARITY_OWN_CLASSES", "1")
+    both = suite.run("--trust-remote-code", "-k", "coffee_small")
+    assert both.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--trust-remote-code and VITPARITY_OWN_CLASSES exclude each other" in both.stderr.str()
+    monkeypatch.delenv("VITPARITY_OWN_CLASSES")
+    bad = suite.run("--outputs=some", "-k", "coffee_small")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR and "--outputs=some: use one of" in bad.stderr.str()
+
+
+def test_own_classes_and_no_reference_are_said_in_the_summary(suite, release, tmp_path) -> None:
+    hf, packing = release
+    own = suite.run(f"--hf-model={hf}", f"--packing-model={packing}", "--own-classes", "-m", "not golden", "-k",
+                    "coffee_small")
+    assert own.ret == 0
+    head = own.stdout.str().split("vitparity parity summary", 1)[1].splitlines()
+    assert head[1].startswith("code checked: hf: vitparity's own classes (OneVisionEncoderModel, its own code "
+                              f"{RELEASE_CLASSES['hf'][1]} NOT run (--own-classes))")
+    assert "reference OFF (no checkpoint code runs" in own.stdout.str()
+    junit = tmp_path / "off.xml"
+    off = suite.run(f"--hf-model={hf}", f"--packing-model={packing}", "--trust-remote-code", "--no-reference",
+                    "-m", "not golden", "-k", "coffee_small", f"--junitxml={junit}")
+    assert off.ret == 0 and "test_reference" not in off.stdout.str()
+    assert "reference OFF (--no-reference: the reference is switched off)" in off.stdout.str()
+    assert "reference OFF (--no-reference" in junit.read_text()
