@@ -117,7 +117,7 @@ def test_extract_refuses_without_a_flag_and_records_the_code_with_it(release, tm
     capsys.readouterr()
     assert main(["verify", "--features_dir", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert f"packing code: checkpoint code {RELEASE_CLASSES['packing'][1]}" in out and "stand-in" in out
+    assert f"Code of the packing model: checkpoint code {RELEASE_CLASSES['packing'][1]}" in out and "stand-in" in out
 
 
 def test_suite_refuses_checkpoint_code_without_a_flag_in_one_usage_error(suite, release) -> None:

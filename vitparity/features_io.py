@@ -163,12 +163,6 @@ def describe_metadata(metadata: dict[str, Any]) -> list[str]:
         f"  Device: {metadata.get('device', '?')}",
         f"  Num frames: {metadata.get('num_frames', '?')}",
     ]
-    models = metadata.get("models")
-    if isinstance(models, dict):
-        for side in ("hf", "packing"):
-            code = (models.get(side) or {}).get("code") if isinstance(models.get(side), dict) else None
-            if isinstance(code, dict):
-                lines.append(f"  {side} code: {code_line(code)}")
     inputs = metadata.get("inputs")
     if isinstance(inputs, dict) and inputs:
         lines.append("Inputs")
@@ -179,6 +173,12 @@ def describe_metadata(metadata: dict[str, Any]) -> list[str]:
                       f"    Resolution: {seen}" + (f" (native {native})" if native != seen else "")]
             if "sampled_frames" in item or "total_frames" in item:
                 lines.append(f"    Frames: {item.get('sampled_frames', '?')}/{item.get('total_frames', '?')}")
+    models = metadata.get("models")
+    if isinstance(models, dict):
+        for side in ("hf", "packing"):
+            code = models.get(side).get("code") if isinstance(models.get(side), dict) else None
+            if isinstance(code, dict):
+                lines.append(f"Code of the {side} model: {code_line(code)}")
     lines += [f"WARNING: config difference (not a field that defines the weights): {warning}"
               for warning in metadata.get("config_warnings") or ()]
     restored = metadata.get("restored_buffers")

@@ -60,15 +60,21 @@ def hf_outputs(model: torch.nn.Module, sample: Sample, *, temporal_context: int 
 
 
 @torch.inference_mode()
-def packing_outputs(model: torch.nn.Module, sample: Sample) -> ModelOutputs:
-    """The packing model's outputs for one sample alone, from one whole forward."""
-    inputs = packing_inputs([sample], model.config.patch_size, model_dtype(model))
+def packing_outputs(model: torch.nn.Module, samples: list[Sample]) -> list[ModelOutputs]:
+    """The packing model's outputs for samples packed into one whole forward, split back per sample
+    (pooler_output: one row per sample)."""
+    inputs = packing_inputs(samples, model.config.patch_size, model_dtype(model))
     result = model(**inputs, output_hidden_states=True, return_dict=True)
-    features = hidden_states_of(result)[FEATURE_LAYER]
-    if features.shape[0] != inputs["hidden_states"].shape[0]:
-        raise RuntimeError(f"packing model returned {features.shape[0]} feature tokens for "
-                           f"{inputs['hidden_states'].shape[0]} input patches")
-    return _outputs(result, features, batch_first=False)
+    features, total = hidden_states_of(result)[FEATURE_LAYER], inputs["hidden_states"].shape[0]
+    last, pooled = result.last_hidden_state, getattr(result, "pooler_output", None)
+    if features.shape[0] != total or last.shape[0] != total:
+        raise RuntimeError(f"packing model returned {features.shape[0]} feature tokens and {last.shape[0]} "
+                           f"last_hidden_state tokens for {total} input patches")
+    if pooled is not None and pooled.shape[0] != len(samples):
+        raise RuntimeError(f"packing model returned {pooled.shape[0]} pooler_output rows for {len(samples)} samples")
+    sizes = [sample.num_tokens for sample in samples]
+    return [ModelOutputs(f.float(), h.float(), None if pooled is None else pooled[i:i + 1].float())
+            for i, (f, h) in enumerate(zip(features.split(sizes), last.split(sizes)))]
 
 
 def compare_outputs(hf: ModelOutputs, packing: ModelOutputs, name: str, bars: dict[str, float]) -> list[Comparison]:

@@ -22,7 +22,7 @@ import torch
 
 from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
-from ..extract import Sample, extract_hf, extract_packing, prepare_sample
+from ..extract import Sample, extract_hf, extract_packing, prepare_sample, stops_early
 from ..independence import SwapResult, alternate_halves, companion_swap
 from ..checkpoint_code import OWN_CODE
 from ..loading import LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device
@@ -275,9 +275,12 @@ class ParitySession:
                 except MediaError as err:
                     results[case.id] = CaseResult(case, error=str(err))
         samples = {case.id: self._sample(case, media[case.id]) for case in group.cases if case.id in media}
-        packed = self._packed_forward(list(samples.values())) if needs.packed else {}
+        # Under --companions=sample the pack stands in for the packing forwards alone: it is then a whole forward
+        # when a case of the group has its other outputs checked, which come from it.
+        pack_whole = needs.from_pack and bool((needs.outputs | needs.reference) & set(samples))
+        packed, pack_outputs = self._packed_forward(list(samples.values()), pack_whole) if needs.packed else ({}, {})
         probe = self.plan.companions.get(group.id) if needs.companions else None
-        swaps, swap_forwards = self._companion_swaps(probe, samples, packed) if probe else ([], "")
+        swaps, swap_forwards = (self._companion_swaps(probe, samples, packed, pack_whole) if probe else ([], ""))
         evidence = self._leak_evidence() if needs.from_pack else None
         packed_vs_hf, packed_vs_alone, packed_ids = [], [], []
         for case in group.cases:
@@ -287,7 +290,12 @@ class ParitySession:
             self.cost.case_tokens += sample.num_tokens
             whole = case.id in needs.outputs or case.id in needs.reference  # features from whole forwards
             outputs: dict[str, ModelOutputs] = {}
-            if whole:
+            if whole and evidence is not None and case.id in pack_outputs:
+                self.cost.outputs_cases += case.id in needs.outputs
+                outputs = {"hf": self._whole_forward("hf", sample), "packing": pack_outputs[case.id]}
+                first = {side: outputs[side].features for side in SIDES}
+                source = f"in {group.id} ({evidence})"
+            elif whole:
                 self.cost.outputs_cases += case.id in needs.outputs
                 outputs = {side: self._whole_forward(side, sample) for side in SIDES}
                 first, source = {side: outputs[side].features for side in SIDES}, "alone"
@@ -307,6 +315,7 @@ class ParitySession:
             if case.id in needs.reference:
                 result.reference = self._reference_verdict(sample, first, result.comparison.passed, case.id)
             del outputs
+            pack_outputs.pop(case.id, None)
             if case.id in needs.goldens:
                 result.metadata["media_sha256"] = file_sha256(case.path)
                 result.reductions = {side: (*reduce_features(first[side]), list(first[side].shape)) for side in SIDES}
@@ -338,7 +347,7 @@ class ParitySession:
         self.cost.count(side, sample.num_tokens)
         if side == "hf":
             return hf_outputs(self.model("hf").model, sample, temporal_context=self.pair().temporal_context)
-        return packing_outputs(self.model("packing").model, sample)
+        return packing_outputs(self.model("packing").model, [sample])[0]
 
     def reference_model(self) -> LoadedModel:
         """vitparity's own non-packing class loaded with the hf checkpoint's weights (once); a checkpoint these
@@ -388,16 +397,22 @@ class ParitySession:
             return None
         return "no leak in companion swap " + ", ".join(self._swaps)
 
-    def _packed_forward(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        """The group's readable cases in one forward of the packing model, split back per case."""
+    def _packed_forward(self, samples: list[Sample], whole: bool) -> tuple[dict[str, torch.Tensor],
+                                                                             dict[str, ModelOutputs]]:
+        """The group's readable cases in one forward of the packing model, split back per case: their features,
+        and with `whole` (a whole forward) all their outputs."""
         if not samples:
-            return {}
+            return {}, {}
         self.cost.count("packing", sum(sample.num_tokens for sample in samples))
+        if whole:
+            outputs = packing_outputs(self.model("packing").model, samples)
+            return ({sample.name: out.features for sample, out in zip(samples, outputs)},
+                    {sample.name: out for sample, out in zip(samples, outputs)})
         features = extract_packing(self.model("packing").model, samples)
-        return {sample.name: feature for sample, feature in zip(samples, features)}
+        return {sample.name: feature for sample, feature in zip(samples, features)}, {}
 
-    def _companion_swaps(self, probe: Probe, samples: dict[str, Sample],
-                         packed: dict[str, torch.Tensor]) -> tuple[list[SwapResult], str]:
+    def _companion_swaps(self, probe: Probe, samples: dict[str, Sample], packed: dict[str, torch.Tensor],
+                         pack_whole: bool = False) -> tuple[list[SwapResult], str]:
         """The planned swap of the group (`suite.cases.companion_probes`): each kept sample's features with the other
         samples' pixels replaced must be bit-identical to those of the pack as given. The group's packed forward is
         the first pass of a whole-group probe; a two-case probe runs its own. Also what was compared."""
@@ -406,7 +421,9 @@ class ParitySession:
             return [], ""
         model, tokens = self.model("packing").model, sum(sample.num_tokens for sample in pack)
         kept_sets = probe.kept if len(pack) == len(probe.cases) else alternate_halves(len(pack))
-        reused = probe.whole and all(sample.name in packed for sample in pack)
+        # the swap forwards stop early where the model can: a whole packed forward is reused only where it cannot
+        reused = (probe.whole and all(sample.name in packed for sample in pack)
+                  and not (pack_whole and stops_early(model)))
         if reused:
             before = [packed[sample.name] for sample in pack]
         else:
