@@ -11,7 +11,8 @@ import pytest
 from faults.release import RELEASE_VARIANTS, build_release_variant
 
 pytestmark = pytest.mark.usefixtures("isolated")
-CASE = "image-astronaut.jpg"  # the largest image: the GPU plan's sample includes it
+CASE = "image-astronaut.jpg"  # the largest image: the GPU plan's outputs sample includes it
+SMALLEST = "image-coffee_small.jpg"  # the smallest case: the GPU plan's reference sample
 RUNS = {"float32-cpu-plan": ("--dtype=float32",),
         "bfloat16-gpu-plan": ("--dtype=bfloat16", "--determinism=sample", "--companions=sample", "--outputs=sample")}
 
@@ -30,7 +31,7 @@ def outcomes(result: pytest.RunResult) -> dict[str, str]:
 def test_release_variant_verdict(suite, tmp_path, variant, run) -> None:
     hf, packing = build_release_variant(variant, tmp_path)
     args = [f"--hf-model={hf}", f"--packing-model={packing}", "-m", "not golden", "-k",
-            f"{CASE} or converted_weights", *RUNS[run]]
+            f"{CASE} or {SMALLEST} or converted_weights", *RUNS[run]]
     if variant.failing:  # without the flag: one usage error, no test
         refused = suite.run(*args)
         assert refused.ret == pytest.ExitCode.USAGE_ERROR and "--trust-remote-code" in refused.stderr.str()

@@ -148,8 +148,8 @@ def reference_line(settings, plan) -> str:
                "cases")
     if plan.reference_off:
         return f"{outputs}; reference OFF ({plan.reference_off})"
-    return (f"{outputs}; reference: vitparity's own classes on the hf checkpoint's weights, on the same "
-            f"{len(plan.outputs)} cases")
+    return (f"{outputs}; reference: vitparity's own classes on the hf checkpoint's weights, on "
+            f"{len(plan.reference)} cases")
 
 
 def _merge(known: list[str], new: list[str]) -> None:

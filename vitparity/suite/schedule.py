@@ -44,7 +44,8 @@ class Plan:
     determinism: frozenset[str]  # case ids re-run to check determinism
     companions: dict[str, Probe] = field(default_factory=dict)  # group id -> its companion swap
     companion_policy: str = "all"  # resolved: all, sample or off
-    outputs: frozenset[str] = frozenset()  # case ids whose other outputs (and reference) are compared
+    outputs: frozenset[str] = frozenset()  # case ids whose last_hidden_state and pooler_output are compared
+    reference: frozenset[str] = frozenset()  # case ids compared with vitparity's own classes (when one runs)
     reference_off: str = ""  # why no reference runs ("" when it does)
 
     def group_of(self, case_id: str) -> PackGroup:
@@ -137,6 +138,7 @@ def build_plan(settings: Settings, workers: int, files: PairFiles | None) -> Pla
     outputs = determinism_cases(settings.outputs, settings.device, mine, owner)  # the same sampling rule
     return Plan(cases, groups, mine, owner, frozenset(chosen), probes,
                 resolve_policy(settings.companions, settings.device), frozenset(outputs),
+                frozenset(reference_cases(settings.outputs, settings.device, mine, owner)),
                 reference_off(settings, files))
 
 
@@ -148,7 +150,21 @@ def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
 
 
 COMPANION_TEST = "test_companions_do_not_leak"
-OUTPUTS_TESTS = ("test_outputs", "test_reference")
+
+
+def reference_cases(policy: str, device: str, groups: tuple[PackGroup, ...], owner: dict[str, int]) -> set[str]:
+    """Case ids whose features are compared with the reference (one more forward each): `all` (the CPU's `auto`)
+    every case; `off` none; `sample` (a GPU's `auto`) the smallest case of each worker's share, which keeps the GPU
+    plan within 1.3x the one-pass minimum on the bundled media (a fault shared by both release files does not
+    depend on the input's size)."""
+    policy = resolve_policy(policy, device)
+    if policy in ("all", "off"):
+        return {case.id for group in groups for case in group.cases} if policy == "all" else set()
+    chosen = set()
+    for worker in sorted(set(owner.values())):
+        share = [case for group in groups if owner[group.id] == worker for case in group.cases]
+        chosen.add(min(share, key=lambda case: (case.tokens, case.id)).id)
+    return chosen
 
 
 class InapplicableTests:
@@ -200,9 +216,10 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Sel
             drop(item, None)
         elif case is not None and item.originalname == "test_deterministic" and case.id not in plan.determinism:
             drop(item, f"--determinism={settings.determinism}: case not re-run")
-        elif case is not None and item.originalname in OUTPUTS_TESTS and case.id not in plan.outputs:
-            drop(item, f"--outputs={settings.outputs}: case's last_hidden_state, pooler_output and reference not "
-                       "compared")
+        elif case is not None and item.originalname == "test_outputs" and case.id not in plan.outputs:
+            drop(item, f"--outputs={settings.outputs}: case's last_hidden_state and pooler_output not compared")
+        elif case is not None and item.originalname == "test_reference" and case.id not in plan.reference:
+            drop(item, f"--outputs={settings.outputs}: case not compared with the reference")
         elif group is not None and item.originalname == COMPANION_TEST and group.id not in plan.companions:
             drop(item, f"--companions={settings.companions}: no swap planned for this group")
         else:
