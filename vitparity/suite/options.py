@@ -75,7 +75,8 @@ OPTIONS = (
            "then every case's packing features come from its pack), off", "auto"),
     Option("outputs", "checks", "compare last_hidden_state and pooler_output too (and, when checkpoint code runs, "
            "each model with vitparity's own classes as a reference): auto (all on the CPU, sample on a GPU), all, "
-           "sample (the largest image and video of each worker), off", "auto"),
+           "sample (outputs: the largest image and video of each worker; reference: its smallest case), off",
+           "auto"),
     Option("no_reference", "checks", "do not compare the checkpoint's code with vitparity's own classes (a release "
            "that changes the architecture on purpose); recorded and shown in the summary", flag=True),
     Option("pack_tokens", "work", "token budget of a pack group (default: 16384 on the CPU, 131072 on CUDA)"),
