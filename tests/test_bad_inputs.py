@@ -47,7 +47,6 @@ def broken_checkpoint(tmp_path: Path, kind: str) -> Path:
     [
         ("no-weights", "no weight"),
         ("truncated", "cannot read safetensors weights"),
-        ("remote-code", "--trust-remote-code"),
     ],
 )
 def test_unloadable_model_fails_every_test_with_one_clear_message(suite, tmp_path, kind, words) -> None:
@@ -62,16 +61,18 @@ def test_unloadable_model_fails_every_test_with_one_clear_message(suite, tmp_pat
     assert out.count(f"{folder}") >= outcomes.get("failed", 0) + outcomes.get("errors", 0) >= 10
     assert words in out
     assert suite.goldens() == before
-    if kind != "remote-code":  # the hf checkpoint's problem, named as such in the packing model's own test
-        weights = suite.run(f"--hf-model={folder}", "-k", "loaded_weights").stdout.str()
-        assert f"the packing model is not checked: the hf model did not load: {folder}" in weights
+    # the hf checkpoint's problem, named as such in the packing model's own test
+    weights = suite.run(f"--hf-model={folder}", "-k", "loaded_weights").stdout.str()
+    assert f"the packing model is not checked: the hf model did not load: {folder}" in weights
 
 
 def test_problems_known_before_any_test_are_one_usage_error(suite, tmp_path) -> None:
     """A missing checkpoint, swapped sides or configs that define other weights: one message at start, no test."""
     swapped = [f"--hf-model={BUILTIN_PACKING}", f"--packing-model={BUILTIN_HF}"]
     other = edited_checkpoint(BUILTIN_PACKING, tmp_path / "other-theta", rope_theta=5000.0)
+    remote = broken_checkpoint(tmp_path, "remote-code")
     for args, words in [
+        ([f"--hf-model={remote}"], "ships its own code (config.json auto_map AutoModel: modeling_someone.SomeoneModel)"),
         ([f"--hf-model={tmp_path / 'missing'}"], "model path does not exist"),
         (swapped, "given as the hf model but it is a packing model"),
         ([f"--packing-model={other}"], "do not describe the same model (fields that define the weights): rope_theta"),
@@ -171,7 +172,7 @@ def test_cuda_without_gpu_skips_with_a_reason_unless_required(suite) -> None:
     allowed = suite.run("-k", "coffee", "--device", "cuda", "--allow-skip")
     assert allowed.ret == 0 and "passed" not in allowed.parseoutcomes() and "NOTHING CHECKED" not in allowed.stdout.str()
     whole = suite.run("--device", "cuda")  # the tests the GPU plan deselects are explained
-    assert "9 deselected" in whole.stdout.str()
+    assert "15 deselected" in whole.stdout.str()  # 9, and 6 test_outputs (sampled)
     assert "not run by the plan (--determinism=auto: case not re-run): test_deterministic[" in whole.stdout.str()
     assert "not run by the plan (--companions=auto: no swap planned for this group)" in whole.stdout.str()
     required = suite.run("-k", "coffee", "--device", "cuda", "--require-device")

@@ -668,10 +668,12 @@ def test_report_junit_merges_shards(shard_junit: list[Path], capsys: pytest.Capt
     cases = _table_cases(out)
     media = sorted(f"{'video' if p.suffix == '.mp4' else 'image'}-{p.name}" for p in BUILTIN_MEDIA.iterdir()
                    if p.suffix in (".jpg", ".png", ".mp4"))
-    assert sorted(cases) == sorted(media + [f"packed/{m}" for m in media])  # every case once, from both shards
+    outputs = [f"{name}/{m}" for m in media for name in ("last_hidden_state", "pooler_output")]
+    # every case once, from both shards
+    assert sorted(cases) == sorted(media + [f"packed/{m}" for m in media] + outputs)
     shard_cases = [set(_table_cases(merge_report([read_junit(p)])[0])) for p in shard_junit]
     assert all(shard_cases) and not shard_cases[0] & shard_cases[1]
-    assert "16 comparisons, 16 passed, 0 failed." in out
+    assert "32 comparisons, 32 passed, 0 failed." in out
     for path in shard_junit:
         assert re.search(rf"^- {path.name} main: forwards: hf \d+ \(\d+ tokens\), packing \d+ \(\d+ tokens\); "
                          r"forward tokens: \d+\.\d\dx the one-pass minimum; model loads: hf 1, packing 1", out, re.M)

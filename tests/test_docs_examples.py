@@ -54,9 +54,10 @@ EXAMPLES: dict[str, Example] = {
     "pytest -n 4": Example(elsewhere="tests/test_suite_work.py and tests/test_suite.py run the suite under -n 2 and "
                                      "-n 3 (the same forwards as serial)"),
     "pytest --hf-model=/ckpt/onevision-encoder-large --packing-model=/ckpt/onevision-encoder-large-packing "
-    "--device cuda --dtype bfloat16 --media=/data/more_media":
+    "--trust-remote-code --device cuda --dtype bfloat16 --media=/data/more_media":
         Example("suite", {**CKPT, **MEDIA, "cuda": "cpu"}, ret=1, says=MISSING_GOLDEN),
-    "pytest --hf-model=org/onevision-encoder-large@v1.0 --packing-model=org/onevision-encoder-large-packing@v1.0":
+    "pytest --hf-model=org/onevision-encoder-large@v1.0 --packing-model=org/onevision-encoder-large-packing@v1.0 "
+    "--trust-remote-code":
         Example("suite"),
     'pytest -m "not golden" --media=/data/more_media': Example("suite", MEDIA),
     'pytest -m "not golden" --no-bundled-media --media=/data/more_media:/data/clip.mp4':

@@ -28,7 +28,7 @@ from faults.detection import detection_from_reports, format_text_table, group_of
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA
 from vitparity.cli import main
 from vitparity.features_io import read_features
-from vitparity.loading import load_model
+from vitparity.loading import ModelLoadError, load_model
 from vitparity.pair import PairError, load_pair
 from vitparity.snapshots import model_fingerprint
 
@@ -128,7 +128,10 @@ def test_variants_run_their_own_code(isolated, tmp_path) -> None:
         else:
             assert loaded.source == "vitparity", loaded.describe()
         assert loaded.side == variant.side
-        plain = load_model(folder)  # without trust: the project's own class on the same weights
+        if variant.mechanism == "code":
+            with pytest.raises(ModelLoadError, match="--own-classes"):  # never the project's class silently
+                load_model(folder)
+        plain = load_model(folder, own_classes=True)  # asked for: the project's own class on the same weights
         assert plain.source == "vitparity" and not plain.class_name.startswith("Planted")
 
 

@@ -43,9 +43,9 @@ def test_the_rule() -> None:
 def test_config_without_the_field_gets_64_before_and_after_loading(remote_pair: tuple[Path, Path]) -> None:
     hf, packing = remote_pair
     assert "rope_temporal_size" not in json.loads((hf / "config.json").read_text())
-    assert preflight_pair(hf, packing, num_frames=64).temporal_context == 64
+    assert preflight_pair(hf, packing, num_frames=64, trust_remote_code=True).temporal_context == 64
     with pytest.raises(PairError, match=r"num_frames=65 does not fit .*rope_temporal_size=64"):
-        preflight_pair(hf, packing, num_frames=65)
+        preflight_pair(hf, packing, num_frames=65, trust_remote_code=True)
     pair = load_pair(hf, packing, trust_remote_code=True)
     assert not hasattr(pair.hf.model.config, "rope_temporal_size")
     assert pair.temporal_context == 64 and pair.provenance()["temporal_context"] == 64

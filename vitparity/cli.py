@@ -84,7 +84,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(extract, "device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     _option(extract, "dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on cuda, else float32")
     _option(extract, "align", choices=ALIGN_POLICIES, default="crop", help="how sizes become multiples of the patch")
-    _option(extract, "trust_remote_code", action="store_true", help="allow a checkpoint's own model code")
+    _option(extract, "trust_remote_code", action="store_true",
+            help="run a checkpoint's own code (auto_map): the release's modeling files")
+    _option(extract, "own_classes", action="store_true",
+            help="check a checkpoint that ships its own code (auto_map) with vitparity's own classes instead; "
+                 "without this or --trust-remote-code such a checkpoint is refused")
     _option(extract, "strict_config", action="store_true",
             help="any config difference is an error (default: only fields that define the weights)")
     _option(extract, "strict_buffers", action="store_true",
@@ -215,14 +219,15 @@ def run_extract(args: argparse.Namespace) -> int:
     inputs = resolve_inputs(args)
     # Wrong model paths, swapped sides, configs that differ, too many frames or disagreeing processors fail here,
     # before any media is decoded.
-    files = preflight_pair(hf_path, packing_path, strict_config=args.strict_config)
+    files = preflight_pair(hf_path, packing_path, strict_config=args.strict_config,
+                           trust_remote_code=args.trust_remote_code, own_classes=args.own_classes)
     has_video = any(kind == "video" for kind, _ in inputs.values())
     check_num_frames(args.num_frames, files.temporal_context if has_video else None, hf_path, "--num_frames")
 
     _progress(f"loading {len(inputs)} inputs ...")
     media = _load_inputs(inputs, num_frames=args.num_frames, patch_size=files.patch_size, align=args.align)
     pair = files.load(
-        dtype=dtype, device=device, trust_remote_code=args.trust_remote_code, strict_config=args.strict_config,
+        dtype=dtype, device=device, strict_config=args.strict_config,
         strict_buffers=args.strict_buffers,
         on_load=lambda side, ref: _progress(f"loading {'HF' if side == 'hf' else side} model {ref.spec} ..."),
     )

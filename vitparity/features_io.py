@@ -176,6 +176,12 @@ def describe_metadata(metadata: dict[str, Any]) -> list[str]:
                 repeat = isinstance(sampled, int) and isinstance(total, int) and sampled > total
                 lines.append(f"    Frames: {sampled}/{total}" + (f" (the clip has {total} frames: sampled frames "
                                                                    "repeat)" if repeat else ""))
+    models = metadata.get("models")
+    if isinstance(models, dict):
+        for side in ("hf", "packing"):
+            code = models.get(side).get("code") if isinstance(models.get(side), dict) else None
+            if isinstance(code, dict):
+                lines.append(f"Code of the {side} model: {code_line(code)}")
     lines += [f"WARNING: config difference (not a field that defines the weights): {warning}"
               for warning in metadata.get("config_warnings") or ()]
     restored = metadata.get("restored_buffers")
@@ -183,6 +189,17 @@ def describe_metadata(metadata: dict[str, Any]) -> list[str]:
         lines += [f"NOTE: {side} model: restored buffers: {', '.join(names)} (left wrong by loading; restored from "
                   "a fresh construction of its class)" for side, names in restored.items() if names]
     return lines
+
+
+def code_line(code: dict[str, Any]) -> str:
+    """One line for a recorded code choice (`checkpoint_code.CodeRecord.to_dict`): source, class, files' digests."""
+    files = ", ".join(f"{name} {str(digest)[:8]}" for name, digest in (code.get("files") or {}).items())
+    text = f"{code.get('source', '?')} {code.get('class', '?')} [{files}]"
+    if code.get("source") == "vitparity" and code.get("auto_map"):
+        text += f" (NOT the checkpoint's own code {code['auto_map']}: --own-classes set it aside)"
+    if code.get("flash_attn"):
+        text += f" (flash-attn: {code['flash_attn']})"
+    return text
 
 
 def input_resolution(item: dict[str, Any]) -> tuple[str, str]:

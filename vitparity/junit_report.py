@@ -2,7 +2,8 @@
 
 A suite run written with `--junitxml` holds, per test, its comparison rows (user property `vitparity`, one JSON
 `Comparison.row()` each) and, per file, the cost of each of its processes (global properties
-`vitparity_cost_<worker>`, JSON) and the config differences of the two models (`vitparity_config_warnings`).
+`vitparity_cost_<worker>`, JSON) the config differences of the two models (`vitparity_config_warnings`) and the code that ran each model
+(`vitparity_code`: class and files with their sha256).
 `vitparity report-junit` reads those files and prints one table of every comparison, the failed tests, tests
 found in more than one file (shards that overlap), the config warnings and the cost lines.
 """
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compare import comparison_from_row
+from .features_io import code_line
 from .report import TABLE_HEADER, table_cells, worst_case_line, worst_first
 from .suite.baseline import PROPERTY as BASELINE_KEY
-from .suite.costs import COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
+from .suite.costs import CODE_KEY, COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
 from .suite.run_record import RUN_KEY, run_lines
 
 BAD_OUTCOMES = ("failed", "error")
@@ -58,6 +60,7 @@ class JUnitRun:
     config_warnings: list[str] = field(default_factory=list)
     baseline: list[dict] = field(default_factory=list)  # BaselineRow of each golden test (--golden-baseline)
     record: dict = field(default_factory=dict)  # what ran (suite.run_record)
+    code: dict[str, dict] = field(default_factory=dict)  # side -> `checkpoint_code.CodeRecord.to_dict()`
 
 
 def _outcome(case: ET.Element) -> tuple[str, str]:
@@ -90,6 +93,8 @@ def read_junit(path: str | Path) -> JUnitRun:
                 run.config_warnings += _json(prop.get("value", ""), path, name)
             elif name == RUN_KEY:
                 run.record = _json(prop.get("value", ""), path, name)
+            elif name == CODE_KEY:
+                run.code = _json(prop.get("value", ""), path, name)
         for case in suite.iter("testcase"):
             test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
             rows, divergences = [], []
@@ -173,6 +178,13 @@ def merge_report(runs: Sequence[JUnitRun]) -> tuple[str, bool]:
         lines += ["", "### What ran", ""]
         for record in records:
             lines += [_cell(line) for line in run_lines(json.loads(record))]
+    codes = {(run.path.name, side): json.dumps(code, sort_keys=True) for run in runs for side, code in run.code.items()}
+    for side in ("hf", "packing"):
+        seen_code = list(dict.fromkeys(text for (_, which), text in codes.items() if which == side))
+        for text in seen_code:
+            files = [name for (name, which), other in codes.items() if which == side and other == text]
+            where = f" ({', '.join(files)})" if len(seen_code) > 1 else ""
+            lines += ["", f"Code checked, {side}{where}: {_cell(code_line(json.loads(text)))}"]
     lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|---|" + "---:|" * (len(TABLE_HEADER) - 2) + "---|"]
     for c in comparisons:
         lines.append("| " + " | ".join(_cell(cell) for cell in table_cells(c, case_width=80, verdict_width=200)) + " |")

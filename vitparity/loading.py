@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.utils import logging as hf_logging
 
+from .checkpoint_code import CHECKPOINT_CODE, CodeRecord, choose_code
 from .buffers import check_buffers, non_persistent_buffers, restore_buffers
 from .hub import ModelLoadError, ModelRef, resolve_model
 from .models import MODEL_TYPES
@@ -38,6 +38,7 @@ class LoadedModel:
     ref: ModelRef  # the spec given and, for hub ids, the repo and resolved commit
     # Non-persistent buffers that loading left different from a fresh construction, restored from it (`buffers`)
     restored_buffers: list[str] = field(default_factory=list)
+    code: CodeRecord | None = None  # the code that ran it, with its files' digests (`checkpoint_code`)
 
     def describe(self) -> str:
         return f"{self.class_name} ({self.source}, {self.side}) from {self.path}"
@@ -190,32 +191,19 @@ def _side_of(model_type: str | None, model: torch.nn.Module) -> str:
     return "packing" if "packing" in (model_type or "") or hasattr(model, "patch_embed") else "hf"
 
 
-def _remote_model_class(folder: Path, config: dict) -> type:
-    """The checkpoint's own class named by `auto_map["AutoModel"]`.
-
-    Resolved directly: `AutoModel` prefers a class registered for the config (this package registers every
-    model_type in MODEL_TYPES), so it would silently run the project's code instead of the checkpoint's.
-    """
-    reference = config["auto_map"].get("AutoModel") if isinstance(config["auto_map"], dict) else None
-    if not reference:
-        raise ModelLoadError(f"{folder}: auto_map has no AutoModel entry")
-    try:
-        return get_class_from_dynamic_module(reference, str(folder))
-    except Exception as err:  # missing file or class, failed import, missing requirement
-        raise ModelLoadError(f"{folder}: cannot load the checkpoint's code {reference} ({type(err).__name__}: {err})") from err
-
-
 def load_model(
     path: str | Path | ModelRef,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    own_classes: bool = False,
     strict_buffers: bool = False,
 ) -> LoadedModel:
     """Load a checkpoint folder or hub id (`org/name[@revision]`, see `vitparity.hub`), or a reference already
-    resolved (`resolve_model`): the project's class chosen by `model_type`, or the checkpoint's own code
-    (`auto_map`) only when `trust_remote_code` is set.
+    resolved (`resolve_model`): the checkpoint's own code (`auto_map`) with `trust_remote_code`, the project's class
+    chosen by `model_type` otherwise; a checkpoint with code of its own needs one of `trust_remote_code` and
+    `own_classes` (`checkpoint_code.choose_code`: never a silent substitution).
 
     Missing, unexpected or mismatched weights are errors, except the release's RoPE buffers
     (`rope_buffer_keys`) when they hold the RoPE formula: they are checked, then left out.
@@ -233,10 +221,12 @@ def load_model(
         raise ModelLoadError(f"{folder}: no weights (*.safetensors or pytorch_model*.bin) in the model folder")
     model_type = config.get("model_type")
     rope_keys: list[str] = []
-    if trust_remote_code and "auto_map" in config:
-        loader, source = _remote_model_class(folder, config), "remote code"
+    code = choose_code(ref, MODEL_TYPES[model_type][2] if model_type in MODEL_TYPES else None, config,
+                       trust_remote_code=trust_remote_code, own_classes=own_classes, known_types=MODEL_TYPES)
+    if code.source == CHECKPOINT_CODE:
+        loader, source = code.model_class, "remote code"
         kwargs = {"trust_remote_code": True}
-    elif model_type in MODEL_TYPES:
+    else:
         config_cls, loader, _ = MODEL_TYPES[model_type]
         source, kwargs = "vitparity", {}
         if weight_files(folder):
@@ -251,13 +241,6 @@ def load_model(
             problems = weight_problems({k: v for k, v in shapes.items() if k not in rope_keys}, skeleton)
             if problems:
                 raise ModelLoadError(f"{folder}: weights do not match {loader.__name__}: " + "; ".join(problems))
-    elif "auto_map" in config:
-        raise ModelLoadError(
-            f"{folder}: model_type {model_type!r} is only provided by the checkpoint's own code (auto_map); "
-            "pass --trust-remote-code to run it"
-        )
-    else:
-        raise ModelLoadError(f"{folder}: unknown model_type {model_type!r}; known: {sorted(MODEL_TYPES)}")
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
     # transformers' load report would list checked buffers as unexpected; every missing, unexpected or mismatched
@@ -283,7 +266,8 @@ def load_model(
         raise ModelLoadError(f"{folder}: weights do not match the model: " + "; ".join(problems))
     restored = _checked_buffers(folder, model, carried, dtype, strict_buffers)
     model = model.to(device).eval()
-    return LoadedModel(model, str(folder), _side_of(model_type, model), type(model).__name__, source, ref, restored)
+    return LoadedModel(model, str(folder), _side_of(model_type, model), type(model).__name__, source, ref, restored,
+                       code)
 
 
 def _checked_buffers(folder: Path, model: torch.nn.Module, carried: dict[str, torch.Tensor], dtype: torch.dtype,

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
+from .checkpoint_code import CodeRecord, choose_code
 from .checks import loaded_model_problems, split_config_differences
 from .extract import CLIP_NORMALIZATION, TEMPORAL_CONTEXT, Normalization
 from .hub import ModelRef, resolve_model
@@ -204,7 +205,8 @@ class ModelPair:
         models = {}
         for side in SIDES:
             loaded = self.side(side)
-            models[side] = {**loaded.ref.provenance(), "class_name": loaded.class_name, "source": loaded.source}
+            models[side] = {**loaded.ref.provenance(), "class_name": loaded.class_name, "source": loaded.source,
+                            "code": loaded.code.to_dict() if loaded.code is not None else None}
         return {
             "models": models,
             "restored_buffers": {side: list(self.side(side).restored_buffers) for side in SIDES},
@@ -226,6 +228,10 @@ class PairFiles:
     hf_config: dict
     packing_config: dict
     normalization: Normalization
+    # side -> the code that will run it (`checkpoint_code.choose_code`), None when the code rule was not applied
+    code: dict[str, CodeRecord] | None = None
+    trust_remote_code: bool = False
+    own_classes: bool = False
 
     @property
     def patch_size(self) -> int:
@@ -240,25 +246,28 @@ class PairFiles:
         *,
         dtype: torch.dtype | str = torch.float32,
         device: str = "cpu",
-        trust_remote_code: bool = False,
+        trust_remote_code: bool | None = None,
+        own_classes: bool | None = None,
         strict_config: bool = False,
         strict_buffers: bool = False,
         check_weights: bool = True,
         on_load: Callable[[str, ModelRef], None] | None = None,
     ) -> ModelPair:
-        """Load both models (in eval mode) and apply the sides, config and (with `check_weights`) weights rules;
+        """Load both models (the code choice of `preflight_pair` unless `trust_remote_code` / `own_classes` are given) (in eval mode) and apply the sides, config and (with `check_weights`) weights rules;
         `strict_buffers` refuses a model whose non-persistent buffers loading left wrong instead of restoring them.
 
         `on_load(side, ref)` is called just before each side's model is loaded (progress lines, load counts).
         """
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        trust_remote_code = self.trust_remote_code if trust_remote_code is None else trust_remote_code
+        own_classes = self.own_classes if own_classes is None else own_classes
         loaded: dict[str, LoadedModel] = {}
         for side, ref in (("hf", self.hf), ("packing", self.packing)):
             if on_load is not None:
                 on_load(side, ref)
             try:
                 loaded[side] = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                                          strict_buffers=strict_buffers)
+                                          own_classes=own_classes, strict_buffers=strict_buffers)
             except PairError:
                 raise
             except ModelLoadError as err:
@@ -281,13 +290,19 @@ class PairFiles:
 
 def preflight_pair(
     hf: str | os.PathLike[str], packing: str | os.PathLike[str], *, num_frames: int | None = None,
-    num_frames_name: str = "num_frames", strict_config: bool = False,
+    num_frames_name: str = "num_frames", strict_config: bool = False, trust_remote_code: bool = False,
+    own_classes: bool = False,
 ) -> PairFiles:
     """Resolve both checkpoints (local folders or hub ids), read their config files and apply the rules that need
-    no weights: frames (when `num_frames` is given) and normalisation; for checkpoints of this package's model types,
-    also the sides and config rules (checkpoints with code of their own are checked once loaded)."""
+    no weights: the code rule (`checkpoint_code.choose_code`: a checkpoint with code of its own runs it with
+    `trust_remote_code`, is checked with vitparity's classes with `own_classes`, and is refused with neither; its
+    code is imported here, so code that cannot be imported is one error naming the file and class), frames (when
+    `num_frames` is given) and normalisation; for checkpoints of this package's model types, also the sides and
+    config rules (checkpoints with code of their own are checked once loaded)."""
     refs = {side: resolve_model(spec) for side, spec in (("hf", hf), ("packing", packing))}
     configs = {side: read_config(ref.path) for side, ref in refs.items()}
+    code = {side: choose_code(refs[side], side, configs[side], trust_remote_code=trust_remote_code,
+                              own_classes=own_classes, known_types=MODEL_TYPES) for side in SIDES}
     builtin = {side: _builtin_config(config) for side, config in configs.items()}
     for side, config in builtin.items():
         if config is not None:
@@ -297,7 +312,8 @@ def preflight_pair(
     if num_frames is not None:
         check_num_frames(num_frames, temporal_context(configs["hf"]), refs["hf"].spec, num_frames_name)
     normalization = pair_normalization(read_normalization(refs["hf"].path), read_normalization(refs["packing"].path))
-    return PairFiles(refs["hf"], refs["packing"], configs["hf"], configs["packing"], normalization)
+    return PairFiles(refs["hf"], refs["packing"], configs["hf"], configs["packing"], normalization, code,
+                     trust_remote_code, own_classes)
 
 
 def load_pair(
@@ -308,13 +324,15 @@ def load_pair(
     device: str = "cpu",
     num_frames: int | None = None,
     trust_remote_code: bool = False,
+    own_classes: bool = False,
     strict_config: bool = False,
     strict_buffers: bool = False,
     check_weights: bool = True,
     on_load: Callable[[str, ModelRef], None] | None = None,
 ) -> ModelPair:
     """`preflight_pair` then `PairFiles.load`: both models loaded, every pair rule applied (PairError otherwise)."""
-    return preflight_pair(hf, packing, num_frames=num_frames, strict_config=strict_config).load(
-        dtype=dtype, device=device, trust_remote_code=trust_remote_code, strict_config=strict_config,
+    return preflight_pair(hf, packing, num_frames=num_frames, strict_config=strict_config,
+                          trust_remote_code=trust_remote_code, own_classes=own_classes).load(
+        dtype=dtype, device=device, strict_config=strict_config,
         strict_buffers=strict_buffers, check_weights=check_weights, on_load=on_load,
     )

@@ -29,7 +29,8 @@ from .suite.baseline import BaselineReporter, baseline_property, check_baseline 
 from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key  # noqa: E402
 from .suite.reporting import FailureWithoutFailedTest, ParityReporter  # noqa: E402
 from .suite.schedule import (  # noqa: E402
-    CASE_PARAM, GROUP_PARAM, PackGroupScheduling, build_plan, group_id_of, group_needs, split_items, worker_count,
+    CASE_PARAM, GROUP_PARAM, InapplicableTests, PackGroupScheduling, build_plan, group_id_of, group_needs,
+    split_items, worker_count,
 )
 from .suite.session import CaseResult, GroupResult, ParitySession, preflight  # noqa: E402
 from .suite.tracing import trace_failure  # noqa: E402
@@ -76,6 +77,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
     config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")
+    config.pluginmanager.register(InapplicableTests(session.plan), "vitparity-inapplicable")
     if updating and not hasattr(config, "workerinput"):
         config.pluginmanager.register(GoldenUpkeep(session), "vitparity-golden-upkeep")
     if not hasattr(config, "workerinput"):

@@ -40,3 +40,32 @@ def buffered_checkpoint(side: str, folder: Path, saved: dict[str, torch.Tensor] 
         weights.update(saved)
         save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+RELEASE_CODE = Path(__file__).with_name("release")
+RELEASE_CLASSES = {
+    "hf": ("configuration_onevision_encoder.OneVisionEncoderConfig", "modeling_onevision_encoder.OneVisionEncoderModel"),
+    "packing": ("configuration_onevision_encoder.OneVisionEncoderPackingConfig",
+                "modeling_onevision_encoder_packing.OneVisionEncoderPackingModel"),
+}
+
+
+def release_checkpoint(side: str, folder: Path, edits: dict[str, list[tuple[str, str]]] | None = None) -> Path:
+    """The built-in tiny checkpoint of `side` with the release-format code of tests/remote/release (config.json
+    `auto_map`, the three code files copied in, the packing file importing flash-attn when imported).
+
+    `edits`: file name -> (old, new) text replacements planted in that file's copy (each must occur)."""
+    folder = Path(shutil.copytree(SOURCES[side], folder))
+    config = json.loads((folder / "config.json").read_text())
+    config_class, model_class = RELEASE_CLASSES[side]
+    config.pop("rope_temporal_size", None)  # the release's config class has no such field
+    config["auto_map"] = {"AutoConfig": config_class, "AutoModel": model_class}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for source in sorted(RELEASE_CODE.glob("*.py")):
+        text = source.read_text()
+        for old, new in (edits or {}).get(source.name, []):
+            if old not in text:
+                raise ValueError(f"{source.name}: {old!r} not found: nothing planted")
+            text = text.replace(old, new)
+        (folder / source.name).write_text(text)
+    return folder

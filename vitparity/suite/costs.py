@@ -34,6 +34,8 @@ class Cost:
     probe_loads: int = 0  # models loaded in float32 for the float32 probe (vitparity.suite.probe)
     probe_forwards: int = 0  # the probe's float32 forwards (not in the counts above)
     probe_tokens: int = 0
+    reference: dict[str, int] = field(default_factory=lambda: {"forwards": 0, "tokens": 0, "loads": 0})
+    outputs_cases: int = 0  # cases whose last_hidden_state and pooler_output were compared
 
     def count(self, side: str, tokens: int) -> None:
         self.forwards[side] += 1
@@ -52,7 +54,8 @@ class Cost:
             "case_tokens": self.case_tokens, "path_tokens": self.path_tokens,
             "determinism_cases": self.determinism_cases, "over_budget": self.over_budget,
             "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind, "companion_swaps": self.companion_swaps,
-            "layer_traces": self.layer_traces, "attention": self.attention,
+            "layer_traces": self.layer_traces, "attention": self.attention, "reference": self.reference,
+            "outputs_cases": self.outputs_cases,
             "probe_loads": self.probe_loads, "probe_forwards": self.probe_forwards, "probe_tokens": self.probe_tokens,
         }
 
@@ -63,6 +66,8 @@ FORWARDS_PROPERTY = "vitparity_forwards"  # user property of a test: the forward
 COST_KEY = "vitparity_cost"  # xdist workeroutput: this worker's Cost (JSON)
 LEFT_OUT_KEY = "vitparity_left_out"  # xdist workeroutput: why the plan deselected tests (JSON: reason -> names)
 WARNINGS_KEY = "vitparity_config_warnings"  # xdist workeroutput and JUnit property: config differences (JSON list)
+REFERENCE_KEY = "vitparity_reference"  # JUnit property: the outputs and reference line of the summary
+CODE_KEY = "vitparity_code"  # JUnit property: side -> the code that ran it (`checkpoint_code.CodeRecord`, JSON)
 RESTORED_KEY = "vitparity_restored_buffers"  # xdist workeroutput and JUnit property: "side: buffer" (JSON list)
 
 
@@ -74,13 +79,15 @@ def cost_line(cost: dict) -> str:
     forwards, tokens = cost["forwards"], cost["tokens"]
     line = (f"forwards: hf {forwards['hf']} ({tokens['hf']} tokens), "
             f"packing {forwards['packing']} ({tokens['packing']} tokens)")
+    reference = cost.get("reference") or {"forwards": 0, "tokens": 0}
+    if reference["forwards"]:
+        line += f", reference {reference['forwards']} ({reference['tokens']} tokens)"
+    ran = tokens["hf"] + tokens["packing"] + reference["tokens"]
     minimum = cost.get("path_tokens", 0)
     if minimum:
-        line += (f"; forward tokens: {(tokens['hf'] + tokens['packing']) / minimum:.2f}x the one-pass minimum "
-                 "(each case and input path once)")
+        line += f"; forward tokens: {ran / minimum:.2f}x the one-pass minimum (each case and input path once)"
     elif cost.get("case_tokens"):  # absent from the JUnit XML of runs before it was counted
-        minimum = 2 * cost["case_tokens"]
-        line += f"; forward tokens: {(tokens['hf'] + tokens['packing']) / minimum:.2f}x the one-pass minimum"
+        line += f"; forward tokens: {ran / (2 * cost['case_tokens']):.2f}x the one-pass minimum"
     return line
 
 
@@ -91,7 +98,7 @@ def probe_details(cost: dict) -> str:
         return ""
     text = (f"float32 probe: {cost['probe_loads']} loads, {cost['probe_forwards']} forwards "
             f"({cost['probe_tokens']} tokens)")
-    minimum = 2 * cost.get("case_tokens", 0)
+    minimum = cost.get("path_tokens") or 2 * cost.get("case_tokens", 0)
     if minimum:
         total = cost["tokens"]["hf"] + cost["tokens"]["packing"] + cost["probe_tokens"]
         text += f", {total / minimum:.2f}x the one-pass minimum counting it"
@@ -100,8 +107,10 @@ def probe_details(cost: dict) -> str:
 
 def cost_details(cost: dict) -> str:
     loads = cost["loads"]
-    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}; {probe_details(cost)}"
-            f"pack groups {cost['groups']}; "
+    reference = (cost.get("reference") or {}).get("loads", 0)
+    return (f"model loads: hf {loads['hf']}, packing {loads['packing']}"
+            + (f", reference {reference}" if reference else "")
+            + f"; {probe_details(cost)}outputs compared {cost.get('outputs_cases', 0)} cases; pack groups {cost['groups']}; "
             f"determinism re-runs {cost['determinism_cases']}; companion swaps {cost['companion_swaps']}; "
             f"layer traces {cost['layer_traces']}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
             f"({cost['peak_kind']})")
@@ -122,6 +131,9 @@ def total_cost(costs: dict[str, dict]) -> dict:
         total["layer_traces"] += cost["layer_traces"]
         for key in ("probe_loads", "probe_forwards", "probe_tokens"):
             total[key] += cost.get(key, 0)
+        total["outputs_cases"] += cost.get("outputs_cases", 0)
+        for key, value in (cost.get("reference") or {}).items():
+            total["reference"][key] += value
         total["attention"] = total["attention"] or cost["attention"]
         total["over_budget"] += cost["over_budget"]
         if cost["peak_bytes"] >= total["peak_bytes"]:

@@ -48,7 +48,11 @@ OPTIONS = (
     Option("hf_model", "models", "non-packing checkpoint folder or hub id org/name[@revision] "
            "(default: the built-in tiny model)"),
     Option("packing_model", "models", "packing checkpoint folder or hub id (default: the built-in tiny packing model)"),
-    Option("trust_remote_code", "models", "allow a checkpoint's own code (auto_map) to run", flag=True),
+    Option("trust_remote_code", "models", "gate a checkpoint's own code (auto_map): the release's modeling files",
+           flag=True),
+    Option("own_classes", "models", "check a checkpoint that ships its own code (auto_map) with vitparity's own "
+           "classes instead (said in the summary); without this or --trust-remote-code such a checkpoint is refused",
+           flag=True),
     # pytest owns --strict-config (its own ini checks), hence the longer name.
     Option("strict_model_config", "models", "any difference of the two models' configs fails (default: only fields "
            "that define the weights; others are reported and feature parity decides)", flag=True),
@@ -80,6 +84,12 @@ OPTIONS = (
     Option("companions", "checks", "bit-exact companion swaps: auto (all on the CPU, sample on a GPU), all (every "
            "pack group, both halves; packing features from forwards alone), sample (one two-case probe per worker; "
            "then every case's packing features come from its pack), off", "auto"),
+    Option("outputs", "checks", "compare last_hidden_state and pooler_output too (and, when checkpoint code runs, "
+           "each model with vitparity's own classes as a reference): auto (all on the CPU, sample on a GPU), all, "
+           "sample (outputs: the largest image and video of each worker; reference: its smallest case), off",
+           "auto"),
+    Option("no_reference", "checks", "do not compare the checkpoint's code with vitparity's own classes (a release "
+           "that changes the architecture on purpose); recorded and shown in the summary", flag=True),
     Option("pack_tokens", "work", "token budget of a pack group (default: 16384 on the CPU, 131072 on CUDA)"),
     Option("require_representative", "work", "fail before any test when the media are too small for the card: no "
            "case of 10,000 tokens or more, or no pack group filling half of --pack-tokens (default: a warning on "

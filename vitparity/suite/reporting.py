@@ -10,7 +10,8 @@ import pytest
 from ..compare import comparison_from_row
 from ..loading import missing_cuda_device
 from ..report import format_table, worst_case_line, worst_first
-from .costs import COST_KEY, LEFT_OUT_KEY, PROPERTY, RESTORED_KEY, WARNINGS_KEY, cost_details, cost_line, total_cost
+from .costs import (CODE_KEY, COST_KEY, LEFT_OUT_KEY, PROPERTY, REFERENCE_KEY, RESTORED_KEY, WARNINGS_KEY, cost_details,
+                    cost_line, total_cost)
 from .representative import media_scale, warnings as representative_warnings
 from .run_record import RUN_KEY, run_record
 from .session import ParitySession
@@ -72,6 +73,10 @@ class ParityReporter:
         scale = media_scale(self.session.plan.all_groups, s.pack_tokens) if self.session.plan.all_groups else None
         xml.add_global_property(RUN_KEY, json.dumps(run_record(s, scale.line() if scale else "",
                                                                representative_warnings(scale, s.device))))
+        code = self.session.code()
+        if code:
+            xml.add_global_property(CODE_KEY, json.dumps({side: record.to_dict() for side, record in code.items()}))
+        xml.add_global_property(REFERENCE_KEY, reference_line(self.session.settings, self.session.plan))
         if self.config_warnings:
             xml.add_global_property(WARNINGS_KEY, json.dumps(self.config_warnings))
         if self.restored_buffers:
@@ -88,6 +93,13 @@ class ParityReporter:
         if not (self.rows or self.costs or s.shard or no_device):
             return  # no parity test ran (e.g. another test tree in this repository)
         terminalreporter.write_sep("=", "vitparity parity summary")
+        code = self.session.code()
+        if code:
+            terminalreporter.write_line("code checked: " + "; ".join(f"{side}: {record.headline()}"
+                                                                    for side, record in code.items()))
+            for side, record in code.items():
+                terminalreporter.write_line(f"  {side} code: {record.describe()}")
+        terminalreporter.write_line(reference_line(s, plan), yellow=bool(plan.reference_off and s.trust_remote_code))
         if no_device:
             terminalreporter.write_line(
                 f"NOTHING COMPARED: device {s.device} requested but {no_device}; the tests that need it were skipped. "
@@ -144,6 +156,17 @@ class ParityReporter:
             terminalreporter.write_line(worst_case_line(comparisons))
             failed = sum(not r["passed"] for r in self.rows)
             terminalreporter.write_line(f"{len(self.rows)} comparisons, {len(self.rows) - failed} passed, {failed} failed")
+
+
+def reference_line(settings, plan) -> str:
+    """What the run compared after the penultimate features, and whether vitparity's own classes ran as a reference
+    (and on how many cases), or why not."""
+    outputs = (f"outputs {settings.outputs}: last_hidden_state and pooler_output compared on {len(plan.outputs)} "
+               "cases")
+    if plan.reference_off:
+        return f"{outputs}; reference OFF ({plan.reference_off})"
+    return (f"{outputs}; reference: vitparity's own classes on the hf checkpoint's weights, on "
+            f"{len(plan.reference)} cases")
 
 
 def _merge(known: list[str], new: list[str]) -> None:

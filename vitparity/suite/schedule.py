@@ -17,6 +17,7 @@ from .cases import (
     plan_workers, resolve_policy, token_order_cases,
 )
 from ..models import OneVisionEncoderConfig
+from ..checkpoint_code import CHECKPOINT_CODE
 from ..pair import PairFiles
 from .settings import Settings
 
@@ -44,6 +45,9 @@ class Plan:
     companions: dict[str, Probe] = field(default_factory=dict)  # group id -> its companion swap
     companion_policy: str = "all"  # resolved: all, sample or off
     token_order: frozenset[str] = frozenset()  # case ids fed in a shuffled token order
+    outputs: frozenset[str] = frozenset()  # case ids whose last_hidden_state and pooler_output are compared
+    reference: frozenset[str] = frozenset()  # case ids compared with vitparity's own classes (when one runs)
+    reference_off: str = ""  # why no reference runs ("" when it does)
 
     def group_of(self, case_id: str) -> PackGroup:
         return self._groups_by_id[self._case_group[case_id]]
@@ -88,6 +92,8 @@ class GroupNeeds:
 
     cases: set[str] = field(default_factory=set)
     determinism: set[str] = field(default_factory=set)
+    outputs: set[str] = field(default_factory=set)  # last_hidden_state and pooler_output compared
+    reference: set[str] = field(default_factory=set)  # features compared with vitparity's own classes
     goldens: set[str] = field(default_factory=set)
     paths: set[str] = field(default_factory=set)  # cases whose hf explicit-positions call runs (test_input_paths)
     token_order: set[str] = field(default_factory=set)  # cases fed in a shuffled order (test_token_order)
@@ -132,8 +138,11 @@ def build_plan(settings: Settings, workers: int, files: PairFiles | None) -> Pla
     chosen = determinism_cases(settings.determinism, settings.device, mine, owner)
     probes = companion_probes(settings.companions, settings.device, mine, owner)
     mine = tuple(sorted(mine, key=lambda group: group.id not in probes))  # stable: probes first, then as before
+    outputs = determinism_cases(settings.outputs, settings.device, mine, owner)  # the same sampling rule
     return Plan(cases, groups, mine, owner, frozenset(chosen), probes,
-                resolve_policy(settings.companions, settings.device), frozenset(token_order_cases(mine, owner)))
+                resolve_policy(settings.companions, settings.device), frozenset(token_order_cases(mine, owner)),
+                frozenset(outputs), frozenset(reference_cases(settings.outputs, settings.device, mine, owner)),
+                reference_off(settings, files))
 
 
 def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
@@ -144,6 +153,45 @@ def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
 
 
 COMPANION_TEST = "test_companions_do_not_leak"
+
+
+def reference_cases(policy: str, device: str, groups: tuple[PackGroup, ...], owner: dict[str, int]) -> set[str]:
+    """Case ids whose features are compared with the reference (one more forward each): `all` (the CPU's `auto`)
+    every case; `off` none; `sample` (a GPU's `auto`) the smallest case of each worker's share, which keeps the GPU
+    plan within 1.3x the one-pass minimum on the bundled media (a fault shared by both release files does not
+    depend on the input's size)."""
+    policy = resolve_policy(policy, device)
+    if policy in ("all", "off"):
+        return {case.id for group in groups for case in group.cases} if policy == "all" else set()
+    chosen = set()
+    for worker in sorted(set(owner.values())):
+        share = [case for group in groups if owner[group.id] == worker for case in group.cases]
+        chosen.add(min(share, key=lambda case: (case.tokens, case.id)).id)
+    return chosen
+
+
+class InapplicableTests:
+    """Leaves out the reference tests when no reference runs (`Plan.reference_off`, said in the summary and the
+    JUnit XML), before any other plugin sees the collection. Not deselected: they do not apply to the run, and a
+    deselection would make a full run look narrowed (syrupy then no longer judges unused goldens)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        if self.plan.reference_off:
+            items[:] = [item for item in items if getattr(item, "originalname", "") != "test_reference"]
+
+
+def reference_off(settings: Settings, files: PairFiles | None) -> str:
+    """Why vitparity's own classes are not run as a reference ("" when they are): --no-reference, or no checkpoint
+    code runs (the reference would compare vitparity's classes with themselves)."""
+    if not settings.reference:
+        return f"{settings.labels['no_reference']}: the reference is switched off"
+    if files is None or not any(code.source == CHECKPOINT_CODE for code in (files.code or {}).values()):
+        return "no checkpoint code runs: vitparity's own classes would be their own reference"
+    return ""
 ALONE_VS_PACKED_TEST = "test_packing_independent_of_neighbours"
 INPUT_PATHS_TEST = "test_input_paths"
 TOKEN_ORDER_TEST = "test_token_order"
@@ -179,6 +227,10 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Sel
             drop(item, "codec asset folders: the hf model takes mosaics one way (explicit positions), in test_parity")
         elif case is not None and item.originalname == TOKEN_ORDER_TEST and case.id not in plan.token_order:
             drop(item, "token order: one codec-style case per worker is fed shuffled")
+        elif case is not None and item.originalname == "test_outputs" and case.id not in plan.outputs:
+            drop(item, f"--outputs={settings.outputs}: case's last_hidden_state and pooler_output not compared")
+        elif case is not None and item.originalname == "test_reference" and case.id not in plan.reference:
+            drop(item, f"--outputs={settings.outputs}: case not compared with the reference")
         elif group is not None and item.originalname == COMPANION_TEST and group.id not in plan.companions:
             drop(item, f"--companions={settings.companions}: no swap planned for this group")
         else:
@@ -232,6 +284,10 @@ def group_needs(plan: Plan, selection: Selection) -> dict[str, GroupNeeds]:
                 need.paths.add(case.id)
             if item.originalname == TOKEN_ORDER_TEST:
                 need.token_order.add(case.id)
+            if item.originalname == "test_outputs":
+                need.outputs.add(case.id)
+            if item.originalname == "test_reference":
+                need.reference.add(case.id)
             if item.get_closest_marker("golden"):
                 need.goldens.add(case.id)
     return needs

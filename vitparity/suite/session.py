@@ -24,11 +24,14 @@ from ..codec import context_frames, permuted, prepare_codec_sample, token_permut
 from ..codec_assets import folder_sha256, load_assets, prepare_assets_sample
 from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
-from ..extract import Sample, extract_hf, extract_packing, prepare_sample
+from ..extract import Sample, extract_hf, extract_packing, prepare_sample, stops_early
 from ..independence import SwapResult, alternate_halves, companion_swap
-from ..loading import LoadedModel, ModelLoadError, library_versions, missing_cuda_device
+from ..checkpoint_code import OWN_CODE
+from ..loading import LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device
 from ..media import Media, MediaError, decoder_record, load_media
 from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
+from ..outputs import (ModelOutputs, ReferenceVerdict, compare_outputs, converted_weight_problems, hf_outputs,
+                       output_bars, packing_outputs, reference_verdict)
 from ..pair import SIDES, ModelPair, PairFiles, SideLoadError, preflight_pair
 from ..report import format_report, write_cosine_heatmap
 from ..snapshots import GoldenData, GoldenFolder, file_sha256, model_fingerprint, reduce_features
@@ -54,21 +57,24 @@ class CaseResult:
     determinism: list[str] | None = None  # problems found; None when the policy did not re-run the case
     packing_source: str = "alone"  # the forward its packing features come from: "alone" or "<group id> (...)"
     determinism_forwards: str = ""  # the forwards the determinism verdict compared
-    reference: Comparison | None = None  # the float32 probe of a 16-bit run, when this case is the process's probe
-    reference_error: str | None = None  # why the float32 probe of this case could not run
-    reference_forwards: str = ""  # what the probe ran
+    probe: Comparison | None = None  # the float32 probe of a 16-bit run, when this case is the process's probe
+    probe_error: str | None = None  # why the float32 probe of this case could not run
+    probe_forwards: str = ""  # what the probe ran
     paths: list[Comparison] = field(default_factory=list)  # the hf explicit-positions path vs the other forwards
     token_order: list[Comparison] = field(default_factory=list)  # each path fed shuffled, restored, vs in order
+    outputs: list[Comparison] | None = None  # last_hidden_state and pooler_output, hf vs packing
+    # each model's features vs vitparity's own classes, or why the reference could not run
+    reference: ReferenceVerdict | str | None = None
 
     @property
     def comparisons(self) -> list[Comparison]:
         """What test_parity records: the run's comparison, and the float32 probe's when this case carries it."""
-        return [c for c in (self.comparison, self.reference) if c is not None]
+        return [c for c in (self.comparison, self.probe) if c is not None]
 
     @property
     def passed(self) -> bool:
         """The run's comparison and, when there is one, the float32 probe pass."""
-        return all(c.passed for c in self.comparisons) and self.reference_error is None
+        return all(c.passed for c in self.comparisons) and self.probe_error is None
 
     def forwards(self, test: str) -> str:
         """The forwards a test of this case compared (recorded with the test)."""
@@ -78,7 +84,12 @@ class CaseResult:
             return "; ".join(comparison.name for comparison in self.paths)
         if test == "test_token_order":
             return "; ".join(comparison.name for comparison in self.token_order)
-        probe = f"; {self.reference_forwards}" if test == "test_parity" and self.reference_forwards else ""
+        if test == "test_outputs":
+            return "hf alone vs packing alone, whole forwards (the features' own forwards)"
+        if test == "test_reference":
+            return ("hf alone and packing alone vs vitparity's own classes on the hf checkpoint's weights "
+                    "(early-exit forward)")
+        probe = f"; {self.probe_forwards}" if test == "test_parity" and self.probe_forwards else ""
         return f"hf alone vs packing {self.packing_source}{probe}"
 
 
@@ -107,12 +118,14 @@ class GroupResult:
 def pair_files(settings: Settings) -> PairFiles:
     """Both checkpoints resolved and their config files checked (`vitparity.pair.preflight_pair`)."""
     return preflight_pair(settings.hf_model, settings.packing_model, num_frames=settings.num_frames,
-                          num_frames_name=settings.labels["num_frames"], strict_config=settings.strict_config)
+                          num_frames_name=settings.labels["num_frames"], strict_config=settings.strict_config,
+                          trust_remote_code=settings.trust_remote_code, own_classes=settings.own_classes)
 
 
 def preflight(settings: Settings) -> PairFiles:
     """What is known about the pair before any test (`vitparity.pair.preflight_pair`: checkpoints that cannot be
-    found or fetched, unreadable config files, swapped sides, configs that differ, frames vs temporal context,
+    found or fetched, a checkpoint with code of its own and neither --trust-remote-code nor --own-classes, code that
+    cannot be imported, unreadable config files, swapped sides, configs that differ, frames vs temporal context,
     normalisation) is one usage error at start, as in the CLI, instead of the same failure in every test."""
     try:
         return pair_files(settings)
@@ -138,6 +151,9 @@ class ParitySession:
         self._current: GroupResult | None = None
         self._swaps: list[str] = []  # "<probe>: bit-identical|differs" of every swap this process ran (the evidence)
         self._probed = False  # the float32 probe of a 16-bit run has run in this process (once)
+        self._reference: LoadedModel | None = None
+        self._reference_error: str | None = None
+        self._converted: list[str] | None = None
 
     # models
 
@@ -167,8 +183,7 @@ class ParitySession:
             s = self.settings
             try:
                 self._pair = self._files.load(
-                    dtype=s.torch_dtype, device=s.device, trust_remote_code=s.trust_remote_code,
-                    strict_config=s.strict_config, strict_buffers=s.strict_buffers, check_weights=False,
+                    dtype=s.torch_dtype, device=s.device, strict_config=s.strict_config, strict_buffers=s.strict_buffers, check_weights=False,
                     on_load=self._count_load,
                 )
             except SideLoadError as err:
@@ -181,6 +196,10 @@ class ParitySession:
                 message = f"the {side} model is not checked: the {failed} model did not load: {message}"
             pytest.fail(message, pytrace=False)
         return self._pair
+
+    def code(self) -> dict:
+        """Side -> the code that runs it (`checkpoint_code.CodeRecord`), chosen and imported at preflight."""
+        return dict(self._files.code or {})
 
     def config_warnings(self) -> list[str]:
         """Config differences that change only numerics, once the pair is loaded (else none)."""
@@ -312,10 +331,14 @@ class ParitySession:
                 except MediaError as err:
                     results[case.id] = CaseResult(case, error=str(err))
         samples = {case.id: self._sample(case, media[case.id]) for case in group.cases if case.id in media}
-        probe = self._float32_probe(samples, media)
-        packed = self._packed_forward(list(samples.values())) if needs.packed else {}
+        fp32_probe = self._float32_probe(samples, media)
+        # Under --companions=sample the pack stands in for the packing forwards alone: it is then a whole forward
+        # when a case of the group has its other outputs checked, which come from it.
+        pack_whole = needs.from_pack and bool((needs.outputs | needs.reference) & set(samples))
+        packed, pack_outputs = self._packed_forward(list(samples.values()), pack_whole) if needs.packed else ({}, {})
         swap_probe = self.plan.companions.get(group.id) if needs.companions else None
-        swaps, swap_forwards = self._companion_swaps(swap_probe, samples, packed) if swap_probe else ([], "")
+        swaps, swap_forwards = (self._companion_swaps(swap_probe, samples, packed, pack_whole) if swap_probe
+                                else ([], ""))
         evidence = self._leak_evidence() if needs.from_pack else None
         packed_vs_hf, packed_vs_alone, packed_ids = [], [], []
         for case in group.cases:
@@ -323,11 +346,22 @@ class ParitySession:
                 continue
             sample = samples.pop(case.id)
             self.cost.case_tokens += sample.num_tokens
-            first = {"hf": self._forward("hf", sample)}
-            if evidence is not None and case.id in packed:
-                first["packing"], source = packed[case.id], f"in {group.id} ({evidence})"
+            whole = case.id in needs.outputs or case.id in needs.reference  # features from whole forwards
+            outputs: dict[str, ModelOutputs] = {}
+            if whole and evidence is not None and case.id in pack_outputs:
+                self.cost.outputs_cases += case.id in needs.outputs
+                outputs = {"hf": self._whole_forward("hf", sample), "packing": pack_outputs[case.id]}
+                first = {side: outputs[side].features for side in SIDES}
+                source = f"in {group.id} ({evidence})"
+            elif whole:
+                self.cost.outputs_cases += case.id in needs.outputs
+                outputs = {side: self._whole_forward(side, sample) for side in SIDES}
+                first, source = {side: outputs[side].features for side in SIDES}, "alone"
+            elif evidence is not None and case.id in packed:
+                first = {"hf": self._forward("hf", sample), "packing": packed[case.id]}
+                source = f"in {group.id} ({evidence})"
             else:
-                first["packing"], source = self._forward("packing", sample), "alone"
+                first, source = {side: self._forward(side, sample) for side in SIDES}, "alone"
             result = CaseResult(
                 case, comparison=compare_features(first["hf"], first["packing"], name=case.id,
                                                   threshold=self.settings.threshold, bars=self.settings.bars),
@@ -339,8 +373,15 @@ class ParitySession:
                 self.cost.path_tokens += sample.num_tokens
             if case.id in needs.token_order:
                 result.token_order = self._token_order(case, sample, first)
-            if probe is not None and probe[0] == case.id:
-                result.reference, result.reference_error, result.reference_forwards = probe[1:]
+            if fp32_probe is not None and fp32_probe[0] == case.id:
+                result.probe, result.probe_error, result.probe_forwards = fp32_probe[1:]
+            if case.id in needs.outputs:
+                result.outputs = compare_outputs(outputs["hf"], outputs["packing"], case.id,
+                                                 output_bars(self.settings.threshold, self.settings.dtype))
+            if case.id in needs.reference:
+                result.reference = self._reference_verdict(sample, first, result.comparison.passed, case.id)
+            del outputs
+            pack_outputs.pop(case.id, None)
             if case.id in needs.goldens:
                 result.metadata["media_sha256"] = (folder_sha256(case.path) if case.kind == "assets"
                                                    else file_sha256(case.path))
@@ -359,7 +400,7 @@ class ParitySession:
             if case.id in needs.determinism:
                 self.cost.determinism_cases += 1
                 result.determinism, result.determinism_forwards = self._determinism_problems(
-                    case, media[case.id], sample, first, rerun=("hf",) if source != "alone" else SIDES)
+                    case, media[case.id], sample, first, rerun=("hf",) if source != "alone" else SIDES, whole=whole)
                 if source != "alone":
                     result.determinism_forwards += f"; packing: features {source}, repeatability shown by that swap"
             results[case.id] = result
@@ -409,6 +450,54 @@ class ParitySession:
             ))
         return comparisons
 
+    def _whole_forward(self, side: str, sample: Sample) -> ModelOutputs:
+        """One sample alone through one model, whole: its features, last_hidden_state and pooler_output."""
+        self.cost.count(side, sample.num_tokens)
+        if side == "hf":
+            return hf_outputs(self.model("hf").model, sample, temporal_context=self.pair().temporal_context)
+        return packing_outputs(self.model("packing").model, [sample])[0]
+
+    def reference_model(self) -> LoadedModel:
+        """vitparity's own non-packing class loaded with the hf checkpoint's weights (once); a checkpoint these
+        classes cannot load fails each reference test with the same message."""
+        if self._reference is None and self._reference_error is None:
+            s = self.settings
+            self.cost.reference["loads"] += 1
+            try:
+                self._reference = load_model(self._files.hf, dtype=s.torch_dtype, device=s.device, own_classes=True,
+                                             strict_buffers=s.strict_buffers)
+            except ModelLoadError as err:
+                self._reference_error = (f"vitparity's own classes cannot load the hf checkpoint's weights as the "
+                                         f"reference: {err} (a release that changes the architecture on purpose: "
+                                         f"{s.labels['no_reference']})")
+        if self._reference_error is not None:
+            raise ModelLoadError(self._reference_error)
+        return self._reference
+
+    def _reference_verdict(self, sample: Sample, features: dict[str, torch.Tensor], pair_passed: bool,
+                           name: str) -> ReferenceVerdict | str:
+        """Both models' features against the reference's (or why the reference could not run). When the hf model
+        already runs vitparity's own class on the hf weights, it is the reference: its features, no other forward."""
+        if self._files.code and self._files.code["hf"].source == OWN_CODE:
+            return reference_verdict(features["hf"], features["packing"], features["hf"], pair_passed, name,
+                                     self.settings.threshold)
+        try:
+            reference = self.reference_model().model
+        except ModelLoadError as err:
+            return str(err)
+        self.cost.reference["forwards"] += 1
+        self.cost.reference["tokens"] += sample.num_tokens
+        expected = extract_hf(reference, sample, temporal_context=self.pair().temporal_context)
+        return reference_verdict(features["hf"], features["packing"], expected, pair_passed, name,
+                                 self.settings.threshold)
+
+    def converted_weights(self) -> list[str]:
+        """Each packing tensor against the hf tensor it comes from by the converter's mapping, exactly (once)."""
+        if self._converted is None:
+            hf, packing = self.models()
+            self._converted = converted_weight_problems(hf.model, packing.model)
+        return self._converted
+
     def _leak_evidence(self) -> str | None:
         """The swaps of this process that show the packing model's samples untouched by their neighbours (its code
         is the same for every pack), or None when no swap has run or one found a difference."""
@@ -416,16 +505,22 @@ class ParitySession:
             return None
         return "no leak in companion swap " + ", ".join(self._swaps)
 
-    def _packed_forward(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        """The group's readable cases in one forward of the packing model, split back per case."""
+    def _packed_forward(self, samples: list[Sample], whole: bool) -> tuple[dict[str, torch.Tensor],
+                                                                             dict[str, ModelOutputs]]:
+        """The group's readable cases in one forward of the packing model, split back per case: their features,
+        and with `whole` (a whole forward) all their outputs."""
         if not samples:
-            return {}
+            return {}, {}
         self.cost.count("packing", sum(sample.num_tokens for sample in samples))
+        if whole:
+            outputs = packing_outputs(self.model("packing").model, samples)
+            return ({sample.name: out.features for sample, out in zip(samples, outputs)},
+                    {sample.name: out for sample, out in zip(samples, outputs)})
         features = extract_packing(self.model("packing").model, samples)
-        return {sample.name: feature for sample, feature in zip(samples, features)}
+        return {sample.name: feature for sample, feature in zip(samples, features)}, {}
 
-    def _companion_swaps(self, probe: Probe, samples: dict[str, Sample],
-                         packed: dict[str, torch.Tensor]) -> tuple[list[SwapResult], str]:
+    def _companion_swaps(self, probe: Probe, samples: dict[str, Sample], packed: dict[str, torch.Tensor],
+                         pack_whole: bool = False) -> tuple[list[SwapResult], str]:
         """The planned swap of the group (`suite.cases.companion_probes`): each kept sample's features with the other
         samples' pixels replaced must be bit-identical to those of the pack as given. The group's packed forward is
         the first pass of a whole-group probe; a two-case probe runs its own. Also what was compared."""
@@ -434,7 +529,9 @@ class ParitySession:
             return [], ""
         model, tokens = self.model("packing").model, sum(sample.num_tokens for sample in pack)
         kept_sets = probe.kept if len(pack) == len(probe.cases) else alternate_halves(len(pack))
-        reused = probe.whole and all(sample.name in packed for sample in pack)
+        # the swap forwards stop early where the model can: a whole packed forward is reused only where it cannot
+        reused = (probe.whole and all(sample.name in packed for sample in pack)
+                  and not (pack_whole and stops_early(model)))
         if reused:
             before = [packed[sample.name] for sample in pack]
         else:
@@ -455,22 +552,27 @@ class ParitySession:
         return swaps, forwards
 
     def _determinism_problems(self, case: ParityCase, media: Media, sample: Sample, first: dict[str, torch.Tensor],
-                              *, rerun: tuple[str, ...]) -> tuple[list[str], str]:
+                              *, rerun: tuple[str, ...], whole: bool = False) -> tuple[list[str], str]:
         """Decode again and compare pixels; run each model of `rerun` again alone on the same pixels and compare bit
         for bit. Returns the problems and the forwards compared.
 
-        A second pass that differs gets a third, and the message says which pass was the odd one.
+        A second pass that differs gets a third, and the message says which pass was the odd one. `whole`: the
+        first pass was a whole forward (`_whole_forward`), and so are the others.
         """
+
+        def again(side: str) -> torch.Tensor:
+            return self._whole_forward(side, sample).features if whole else self._forward(side, sample)
+
         problems, passes = [], {side: 2 for side in rerun}
         pixels = self.load_case_media(case).frames
         if not np.array_equal(media.frames, pixels):
             problems.append(f"decoding the media twice gave different pixels ({pixel_difference(media.frames, pixels)})")
         for side in rerun:
-            second = self._forward(side, sample)
+            second = again(side)
             if not (torch.isfinite(first[side]).all() and torch.isfinite(second).all()):
                 problems.append(f"{side} model gives NaN or Inf features (test_parity reports where)")
             elif not torch.equal(first[side], second):
-                third = self._forward(side, sample)
+                third = again(side)
                 passes[side] = 3
                 problems.append(f"{side} model not deterministic: {feature_difference(first[side], second)} between "
                                 f"two passes on the same pixels; {odd_pass(first[side], second, third)}")
@@ -527,11 +629,11 @@ class ParitySession:
         the float32 probe, which is then named), with its heat map."""
         comparison = result.comparison
         text = format_report(result.comparisons)
-        if result.reference_error:
-            text += f"\n{result.reference_error}"
-        if result.reference is not None:
-            text += (f"\n{result.reference_forwards}: "
-                     + ("passes" if result.reference.passed else f"FAILS ({result.reference.reason})"))
+        if result.probe_error:
+            text += f"\n{result.probe_error}"
+        if result.probe is not None:
+            text += (f"\n{result.probe_forwards}: "
+                     + ("passes" if result.probe.passed else f"FAILS ({result.probe.reason})"))
         t, h, w = result.grid
         if comparison.token_cos is not None and comparison.token_cos.size == t * h * w:
             path = self.settings.report_dir / f"{comparison.name}-heatmap.png"

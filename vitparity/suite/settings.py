@@ -60,6 +60,9 @@ class Settings:
     max_norm_gap: str | float = AUTO
     fp32_probe: str = AUTO  # "auto" or "off"
     codec_frames: int = 0  # budget of each video's codec-style case in frames' worth of tokens; 0: no codec cases
+    own_classes: bool = False  # --own-classes: vitparity's classes on a checkpoint that ships its own code
+    outputs: str = "auto"  # cases whose last_hidden_state / pooler_output (and reference) are compared
+    reference: bool = True  # False: --no-reference
 
     @property
     def torch_dtype(self):
@@ -118,7 +121,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(f"{raw['device'].label} / {raw['dtype'].label}: {err}") from err
     if raw["align"].value not in ALIGN_POLICIES:
         raise bad("align", f"use one of {ALIGN_POLICIES}")
-    for name in ("determinism", "companions"):
+    for name in ("determinism", "companions", "outputs"):
         if raw[name].value not in PLAN_POLICIES:
             raise bad(name, f"use one of {PLAN_POLICIES}")
     bars = {}
@@ -150,6 +153,9 @@ def resolve_settings(config: pytest.Config) -> Settings:
         value, folder = raw[name].value, path(name)
         return value if folder is not None and not folder.exists() and hub_id(str(value)) else folder
 
+    if raw["trust_remote_code"].value and raw["own_classes"].value:
+        raise pytest.UsageError(f"{raw['trust_remote_code'].label} and {raw['own_classes'].label} exclude each other: "
+                                "run the checkpoints' own code or vitparity's classes, not both")
     hf_model, packing_model = model("hf_model"), model("packing_model")
     if hf_model is None or packing_model is None:
         default_hf, default_packing = builtin_paths()
@@ -158,6 +164,9 @@ def resolve_settings(config: pytest.Config) -> Settings:
         hf_model=hf_model,
         packing_model=packing_model,
         trust_remote_code=raw["trust_remote_code"].value,
+        own_classes=raw["own_classes"].value,
+        outputs=raw["outputs"].value,
+        reference=not raw["no_reference"].value,
         strict_config=raw["strict_model_config"].value,
         device=device,
         dtype=dtype,

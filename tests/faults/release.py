@@ -1,0 +1,72 @@
+"""Planted faults in checkpoints that carry release-format code of their own (tests/remote/release), for what only
+the code rule, the reference and the outputs after the penultimate layer can catch.
+
+Each variant is a pair of checkpoint folders (hf, packing): the built-in weights with the release-format code, one
+thing planted in the code (both checkpoints' copies of a shared file for a common-mode fault) or in the weights.
+`failing` names the tests that must fail (by name, case id left out); every other selected test must pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from remote import release_checkpoint
+
+HF_FILE = "modeling_onevision_encoder.py"
+PACKING_FILE = "modeling_onevision_encoder_packing.py"
+# RoPE of the shared rotary class with the h and w axes swapped: both release files use it.
+SHARED_ROPE_AXES = (HF_FILE, "        positions = positions.float()\n",
+                    "        positions = positions.float()[..., [0, 2, 1]]\n")
+HEAD_NEGATED = (PACKING_FILE, "            x = self.layernorm_post(x)\n", "            x = -self.layernorm_post(x)\n")
+ROPE_INPUT_DTYPE = (PACKING_FILE, "q = (q.float() * cos + rotate_pairs(q.float()) * sin).to(x.dtype)",
+                    "q = q * cos.to(q.dtype) + rotate_pairs(q) * sin.to(q.dtype)")
+
+
+@dataclass(frozen=True)
+class ReleaseVariant:
+    name: str
+    description: str
+    failing: frozenset[str]  # test names that must fail; empty: every selected test passes
+    edits: tuple[tuple[str, str, str], ...] = ()  # (file, old, new) planted in both checkpoints' copies
+    last_layer_qk_swapped: bool = False  # the packing checkpoint's last layer converted with q and k swapped
+
+
+RELEASE_VARIANTS = (
+    ReleaseVariant("clean", "the release-format code as written", frozenset()),
+    ReleaseVariant("rope_input_dtype", "numerics only: the packing file applies RoPE in the input dtype",
+                   frozenset(), edits=(ROPE_INPUT_DTYPE,)),
+    ReleaseVariant("shared_rope_axes", "common mode: the RoPE class both files use reads h and w swapped",
+                   frozenset({"test_reference"}), edits=(SHARED_ROPE_AXES,)),
+    ReleaseVariant("last_layer_qk_swapped", "the packing checkpoint's last layer has q and k swapped in conversion",
+                   frozenset({"test_outputs", "test_converted_weights"}), last_layer_qk_swapped=True),
+    ReleaseVariant("head_negated", "the packing file negates the post-norm (and so the pooling head's input)",
+                   frozenset({"test_outputs"}), edits=(HEAD_NEGATED,)),
+)
+
+
+def _swap_last_layer_qk(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    weights = load_file(str(path))
+    last = max(int(key.split(".")[2]) for key in weights if key.startswith("encoder.layers."))
+    for kind in ("weight", "bias"):
+        key = f"encoder.layers.{last}.self_attn.qkv.{kind}"
+        q, k, v = weights[key].chunk(3, dim=0)
+        weights[key] = torch.cat([k, q, v]).contiguous()
+    save_file(weights, str(path), metadata={"format": "pt"})
+
+
+def build_release_variant(variant: ReleaseVariant, root: Path) -> tuple[Path, Path]:
+    """The variant's (hf, packing) checkpoint folders under root/<name>/."""
+    edits: dict[str, list[tuple[str, str]]] = {}
+    for file, old, new in variant.edits:
+        edits.setdefault(file, []).append((old, new))
+    hf_edits = {file: pairs for file, pairs in edits.items() if file != PACKING_FILE}
+    hf = release_checkpoint("hf", root / variant.name / "hf", hf_edits)
+    packing = release_checkpoint("packing", root / variant.name / "packing", edits)
+    if variant.last_layer_qk_swapped:
+        _swap_last_layer_qk(packing)
+    return hf, packing

@@ -1,0 +1,47 @@
+"""Checkpoints carrying their own (release-format) code, each with one planted fault or benign change, through the
+suite as users run it: refused without --trust-remote-code; with it, a fault both files share is caught by the
+reference, a last-layer and a head fault by the outputs after the penultimate layer (and the converted-weights
+check), while the clean and numerics-only variants pass. Under the CPU default plan in float32 and the GPU plan
+(sampled checks) in bfloat16, on one image case."""
+
+from __future__ import annotations
+
+import pytest
+
+from faults.release import RELEASE_VARIANTS, build_release_variant
+
+pytestmark = pytest.mark.usefixtures("isolated")
+CASE = "image-astronaut.jpg"  # the largest image: the GPU plan's outputs sample includes it
+SMALLEST = "image-coffee_small.jpg"  # the smallest case: the GPU plan's reference sample
+RUNS = {"float32-cpu-plan": ("--dtype=float32",),
+        "bfloat16-gpu-plan": ("--dtype=bfloat16", "--determinism=sample", "--companions=sample", "--outputs=sample")}
+
+
+def outcomes(result: pytest.RunResult) -> dict[str, str]:
+    """Test name (parameters dropped) -> 'passed' / 'failed', from the run's report lines."""
+    found = {}
+    for report in result.reprec.getreports("pytest_runtest_logreport"):
+        if report.when == "call" or report.outcome != "passed":
+            found[report.nodeid.split("::")[-1].split("[")[0]] = report.outcome
+    return found
+
+
+@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("variant", RELEASE_VARIANTS, ids=lambda v: v.name)
+def test_release_variant_verdict(suite, tmp_path, variant, run) -> None:
+    hf, packing = build_release_variant(variant, tmp_path)
+    args = [f"--hf-model={hf}", f"--packing-model={packing}", "-m", "not golden", "-k",
+            f"{CASE} or {SMALLEST} or converted_weights", *RUNS[run]]
+    if variant.failing:  # without the flag: one usage error, no test
+        refused = suite.run(*args)
+        assert refused.ret == pytest.ExitCode.USAGE_ERROR and "--trust-remote-code" in refused.stderr.str()
+    result = suite.run(*args, "--trust-remote-code")
+    found = outcomes(result)
+    out = result.stdout.str()
+    assert {"test_parity", "test_outputs", "test_reference", "test_converted_weights"} <= set(found), out[-3000:]
+    failed = {name for name, outcome in found.items() if outcome != "passed"}
+    assert failed == set(variant.failing), f"{variant.name} ({run}): {variant.description}\n{out[-5000:]}"
+    if variant.name == "shared_rope_axes":
+        assert "odd one out: common mode" in out
+    if variant.name == "last_layer_qk_swapped":
+        assert "encoder.layers.3.self_attn.qkv.weight: differs" in out
