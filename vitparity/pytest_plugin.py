@@ -20,7 +20,7 @@ from .suite.settings import resolve_settings
 from .suite.costs import FORWARDS_PROPERTY, PROPERTY
 from .suite.baseline import BaselineReporter, baseline_property, check_baseline
 from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key
-from .suite.options import OPTIONS, raw_value
+from .suite.options import OPTIONS, pytest_addoption, raw_value  # noqa: F401 (pytest_addoption: this plugin's hook)
 from .suite.reporting import FailureWithoutFailedTest, ParityReporter
 from .suite.schedule import (
     CASE_PARAM, GROUP_PARAM, PackGroupScheduling, build_plan, controller_workers, group_id_of, group_needs,
@@ -29,9 +29,8 @@ from .suite.schedule import (
 from .suite.session import CaseResult, GroupResult, ParitySession, preflight
 from .suite.tracing import trace_failure
 
-# The suite's options: registered only where the suite runs (this plugin is loaded by the repository's conftest.py,
-# `vitparity gate` or `-p vitparity.pytest_plugin`), never in another project's pytest.
-pytest_plugins = ["vitparity.suite.options"]
+# The suite's options (`pytest_addoption`, imported above) exist only where this plugin is loaded: the repository's
+# conftest.py, `vitparity gate` or `-p vitparity.pytest_plugin`; never in another project's pytest.
 DEVICE_OPTION = next(option for option in OPTIONS if option.name == "device")
 SESSION_KEY = pytest.StashKey[ParitySession]()
 MARKERS = {

@@ -1,7 +1,7 @@
 """The suite's options: one table, read from the command line, the environment and the ini file.
 
-A plugin of the suite's own (`vitparity.pytest_plugin` loads it): the options exist only in runs of the suite, never
-in another project's pytest. It imports nothing heavy. `suite.settings` validates the values.
+Registered by the suite's plugin (`vitparity.pytest_plugin`, whose `pytest_addoption` this is): the options exist
+only in runs of the suite, never in another project's pytest. It imports nothing heavy. `suite.settings` validates the values.
 
 Every option is a flag (`--num-frames`), an environment variable (`VITPARITY_NUM_FRAMES`) and an ini key
 (`vitparity_num_frames`); the command line wins over the environment, which wins over the ini. A bad value is a

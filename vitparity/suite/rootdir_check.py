@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from .options import join_values
-
 SUITE_PATHS = ("--hf-model", "--packing-model", "--golden-dir", "--golden-baseline")
 
 
@@ -35,6 +33,8 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
         return
     separate = _separate_suite_paths(typed, here)  # what pytest took for test paths
     if separate and (inipath is None or inipath.parent not in (here, *here.parents)):
+        from .options import join_values  # only now: an early import would keep pytest from rewriting the plugin
+
         command, _ = join_values(typed)
         raise pytest.UsageError(
             f"pytest took {', '.join(separate)} for a test path and set its rootdir to {early_config.rootpath} "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ..builtin import BUILTIN_MEDIA, builtin_paths
+from ..builtin import BUILTIN_GOLDEN, BUILTIN_MEDIA, builtin_paths
 from ..hub import hub_id
 from ..loading import DTYPES, resolve_device_dtype
 from ..media import ALIGN_POLICIES, check_scale, scale_suffix
@@ -136,7 +136,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         companions=raw["companions"].value,
         pack_tokens=pack_tokens,
         shard=shard,
-        golden_dir=path("golden_dir"),
+        golden_dir=_golden_dir(config, raw["golden_dir"], raw["regenerate_goldens"].value),
         regenerate_goldens=raw["regenerate_goldens"].value,
         report_dir=path("report_dir"),
         scales=_scales(str(raw["scales"].value), bad),
@@ -150,6 +150,18 @@ def resolve_settings(config: pytest.Config) -> Settings:
         golden_baseline=path("golden_baseline"),
         baseline_min_cos=_baseline_min_cos(raw, bad),
     )
+
+
+def _golden_dir(config: pytest.Config, raw: RawValue, regenerate: bool) -> Path:
+    """--golden-dir. Its default, fixtures/golden beside the ini file, is the built-in models' goldens (package data)
+    where pytest found no ini file: `vitparity gate` in a folder of its own. Those are never rewritten: an update
+    without an ini file needs --golden-dir (UsageError)."""
+    if raw.source != "default" or config.inipath is not None:
+        return _resolve_path(config, raw)
+    if regenerate or config.getoption("update_snapshots", False):
+        raise pytest.UsageError(f"{raw.label}: no ini file here, and the built-in goldens ({BUILTIN_GOLDEN}) are "
+                                "package data: name the folder to write goldens to with --golden-dir=FOLDER")
+    return BUILTIN_GOLDEN
 
 
 def _baseline_min_cos(raw: dict[str, RawValue], bad) -> float | None:
