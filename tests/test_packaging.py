@@ -70,10 +70,21 @@ def test_the_gate_joins_the_suites_options_and_passes_pytests_through() -> None:
                     "--hf-model=/ckpt/a b", "--packing-model=/ckpt/p", "-x", "--pyargs", "vitparity.parity_tests"]
 
 
+SOURCES = ("pyproject.toml", "README.md", "vitparity", "parity_tests", "fixtures")  # what the build reads
+
+
 def _build_wheel(out: Path) -> Path:
-    """The project's wheel, built from this checkout with the setuptools already installed (no download)."""
+    """The project's wheel, built with the setuptools already installed (no download) from a copy of the files the
+    build reads (a build writes build/ and *.egg-info beside its sources: never into the checkout)."""
+    source = out / "source"
+    source.mkdir()
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
-                    str(out), str(REPO)], check=True, env=_clean_env(), cwd=out)
+                    str(out), str(source)], check=True, env=_clean_env(), cwd=out)
     (wheel,) = out.glob("vitparity-*.whl")
     return wheel
 
