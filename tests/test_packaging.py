@@ -13,6 +13,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from vitparity.builtin import BUILTIN_MEDIA
 from vitparity.gate import gate_args
@@ -146,3 +149,38 @@ def test_a_bare_folder_gates_on_the_built_in_goldens_and_never_rewrites_them(pyt
     assert update.ret == pytest.ExitCode.USAGE_ERROR
     assert "--golden-dir" in update.stderr.str() and "package data" in update.stderr.str()
     assert list(pytester.path.iterdir()) == []
+
+
+def _pins(path: Path) -> dict[str, str]:
+    """name -> version of every `name==version` line of a constraints file (names normalised)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def _requirements() -> list[Requirement]:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return [Requirement(text) for text in (*project["dependencies"], *project["optional-dependencies"]["test"])]
+
+
+def test_every_floor_is_the_version_the_lowest_ci_step_installs() -> None:
+    """Each direct dependency's lower bound is its pin in constraints/lowest.txt (what .ci/lowest runs on)."""
+    lowest = _pins(REPO / "constraints" / "lowest.txt")
+    floors = {}
+    for requirement in _requirements():
+        (floor,) = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        floors[canonicalize_name(requirement.name)] = floor
+    assert floors.keys() == lowest.keys()
+    for name, floor in floors.items():
+        assert Version(lowest[name]) == Version(floor), f"{name}: floor {floor}, lowest.txt {lowest[name]}"
+
+
+def test_the_gate_lock_pins_every_dependency_inside_its_range() -> None:
+    lock = _pins(REPO / "constraints" / "gate-lock.txt")
+    for requirement in _requirements():
+        version = lock.get(canonicalize_name(requirement.name))
+        assert version is not None and requirement.specifier.contains(version), (requirement, version)
