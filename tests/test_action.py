@@ -87,3 +87,22 @@ def test_the_gate_steps_report_and_fail_on_a_missing_golden(tmp_path: Path) -> N
     assert verdict.returncode == 1 and "pytest exit status 1" in verdict.stdout
     passed, _ = _run_step("The gate passed", inputs, tmp_path, {"status": "0"})
     assert passed.returncode == 0
+
+
+def test_the_versions_that_differ_from_the_lock_go_to_the_job_summary(tmp_path: Path) -> None:
+    """Against the shipped lock (this environment's freeze, see its header) and against a lock of other pins."""
+    process, _ = _run_step("Versions against the lock", {}, tmp_path)
+    assert process.returncode == 0, process.stderr
+    summary = (tmp_path / "step_summary").read_text()
+    assert summary.startswith(("Installed versions: exactly constraints/gate-lock.txt.",
+                               "### Versions that differ from constraints/gate-lock.txt"))
+    other = tmp_path / "action"
+    (other / "constraints").mkdir(parents=True)
+    (other / "constraints" / "gate-lock.txt").write_text("# a lock\npytest==1.0.0\nno-such-package==2.0\n")
+    step = _step("Versions against the lock")
+    env = {**os.environ, "GITHUB_STEP_SUMMARY": str(tmp_path / "other_summary"),
+           "VP_LOCK": str(other / "constraints" / "gate-lock.txt"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", "-eo", "pipefail", "-c", step["run"]], env=env, check=True)
+    text = (tmp_path / "other_summary").read_text()
+    assert "| pytest | 1.0.0 | " in text and "| no-such-package | 2.0 | not installed |" in text
