@@ -86,6 +86,17 @@ EXAMPLES: dict[str, Example] = {
     "vitparity verify --features_dir ./features --threshold 0.99": Example("cli"),
     "vitparity convert HF_DIR OUT_DIR": Example("cli", {"HF_DIR": str(BUILTIN_HF), "OUT_DIR": "{tmp}/converted"}),
     "vitparity report-junit junit-shard-1.xml junit-shard-2.xml": Example("cli"),
+    # README: use it in your release repository
+    **dict.fromkeys([
+        "python -m pip install -c constraints/gate-lock.txt dist/vitparity-0.1.0-py3-none-any.whl",
+        "vitparity gate -k coffee_small",
+        "vitparity gate --hf-model /ckpt/release --packing-model /ckpt/release-packing --media=media "
+        "--golden-dir=goldens --regenerate-goldens",
+        "vitparity gate --hf-model /ckpt/release --packing-model /ckpt/release-packing --media=media "
+        "--golden-dir=goldens -n 4",
+    ], Example(elsewhere="tests/test_packaging.py (the wheel installed in a fresh venv runs the gate from a folder "
+                         "of copied media and goldens; a bare folder gates on the built-in goldens and refuses to "
+                         "rewrite them) and tests/test_action.py (the action's install with the lock, and its gate)")),
     # fixtures/README.md
     'python -m pip install -e ".[media]"': Example(elsewhere="pyproject.toml's media extra (checked below)"),
     "python fixtures/make_media.py": Example(elsewhere="the --out DIR form below (it would rewrite fixtures/media)"),

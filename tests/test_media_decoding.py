@@ -389,6 +389,6 @@ def test_mpeg_ts_case_runs_in_the_suite(suite, tmp_path: Path) -> None:
 
 
 def test_pytest_entry_point_imports_no_numpy_opencv_or_torch() -> None:
-    code = "import sys, vitparity.suite.options; print(sorted({'numpy', 'cv2', 'torch'} & set(sys.modules)))"
+    code = "import sys, vitparity.suite.rootdir_check; print(sorted({'numpy', 'cv2', 'torch'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

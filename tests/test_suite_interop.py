@@ -35,7 +35,8 @@ def golden_meta(root: Path, case: str, side: str) -> dict:
 
 
 def test_model_paths_written_with_a_space_run_the_suite(suite) -> None:
-    """Inside the repository the spelling works (the options are known through the pytest11 entry point)."""
+    """Inside the repository the spelling works: pytest's rootdir stays the repository's, whose conftest loads the
+    suite's plugin and its options before the command line is parsed in full."""
     hf, packing = copies(suite.path)
     result = suite.run("--hf-model", str(hf), "--packing-model", str(packing), *ONE_CASE)
     assert result.ret == 0, result.stdout.str()[-2000:] + result.stderr.str()[-2000:]

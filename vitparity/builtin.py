@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import math
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 
 from .models import OneVisionEncoderConfig, OneVisionEncoderModel
 
-FIXTURES_DIR = Path(__file__).resolve().parent.parent / "fixtures"
+
+def _package_folder(package: str) -> Path:
+    """The folder of an installed package's data (the build maps the repository's fixtures/ to vitparity.fixtures;
+    an editable install maps the same folder). Raises RuntimeError for an install that is not a folder (a zip)."""
+    folder = files(package)
+    if not isinstance(folder, Path):
+        raise RuntimeError(f"{package} is installed as {folder!r}, not a folder: install vitparity from its wheel")
+    return folder
+
+
+FIXTURES_DIR = _package_folder("vitparity.fixtures")
+BUILTIN_GOLDEN = FIXTURES_DIR / "golden"
 BUILTIN_HF = FIXTURES_DIR / "models" / "tiny-onevision-encoder"
 BUILTIN_PACKING = FIXTURES_DIR / "models" / "tiny-onevision-encoder-packing"
 BUILTIN_MEDIA = FIXTURES_DIR / "media"
@@ -47,8 +59,8 @@ def builtin_paths() -> tuple[Path, Path]:
     for path in (BUILTIN_HF, BUILTIN_PACKING):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"built-in checkpoint {path} not found: run from a checkout of the repository "
-                "(pip install -e .) or pass model paths explicitly"
+                f"built-in checkpoint {path} not found: reinstall vitparity (its wheel carries the built-in "
+                "models) or pass model paths explicitly"
             )
     return BUILTIN_HF, BUILTIN_PACKING
 

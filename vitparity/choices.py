@@ -1,4 +1,4 @@
-"""Values shared by the library and the suite's options, in a module that imports nothing: the pytest entry point
+"""Values shared by the library and the suite's options, in a module that imports nothing: the option table
 (`vitparity.suite.options`) reads them without importing numpy, OpenCV or torch."""
 
 from __future__ import annotations

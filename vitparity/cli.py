@@ -1,5 +1,5 @@
-"""The `vitparity` command: extract features with both models, verify a features folder, convert weights, merge
-the JUnit XML of suite runs into one parity report."""
+"""The `vitparity` command: run the gate, extract features with both models, verify a features folder, convert
+weights, merge the JUnit XML of suite runs into one parity report."""
 
 from __future__ import annotations
 
@@ -138,6 +138,10 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Provenance, shape, grid, norm statistics and array checksums of one golden .npz.",
     )
     golden_show.add_argument("file", metavar="FILE")
+    commands.add_parser(
+        "gate", add_help=False, help="run the parity suite as installed, from any folder; every argument passes to "
+        "pytest (vitparity gate -k video -n 4 --hf-model=PATH; vitparity gate --help lists the suite's options)",
+    )
     return parser
 
 
@@ -387,6 +391,11 @@ def run_report_junit(paths: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vitparity` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gate"]:  # pytest's arguments, untouched by argparse
+        from .gate import run_gate
+
+        return run_gate(argv[1:])
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

@@ -18,13 +18,15 @@ def worker_gpu(worker: str, visible: str | None, gpu_count: int) -> str | None:
     return devices[index % len(devices)] if devices else None
 
 
-def pin_xdist_worker_gpu() -> str | None:
-    """Set CUDA_VISIBLE_DEVICES for this xdist worker (no-op outside xdist); returns the pinned device.
+def pin_xdist_worker_gpu(requested: str) -> str | None:
+    """Set CUDA_VISIBLE_DEVICES for this xdist worker; returns the pinned device (None: left as it was).
 
-    Counts GPUs from the driver's /proc entries, which does not initialise CUDA.
+    Called from the suite's `pytest_configure`, before anything initialises CUDA; never at import. Only a device
+    that names no index (`auto`, `cuda`) is pinned: `--device=cuda:N` runs every worker on GPU N, as asked, and the
+    CPU needs no pin. No-op outside xdist. Counts GPUs from the driver's /proc entries (does not initialise CUDA).
     """
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker:
+    if not worker or requested.strip() not in ("auto", "cuda"):
         return None
     count = len(list(NVIDIA_GPUS.iterdir())) if NVIDIA_GPUS.is_dir() else 0
     device = worker_gpu(worker, os.environ.get("CUDA_VISIBLE_DEVICES"), count)

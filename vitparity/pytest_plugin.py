@@ -10,34 +10,30 @@ import json
 from contextlib import ExitStack
 
 import pytest
-from xdist.workermanage import parse_tx_spec_config
 
+from .compare import Comparison
 from .gpu_pinning import pin_xdist_worker_gpu
-
-# Pin before anything imports CUDA: the plugin is imported when the worker starts.
-pin_xdist_worker_gpu()
-
-from .compare import Comparison  # noqa: E402
-from .snapshots import golden_extension  # noqa: E402
-from .suite.cases import PackGroup, ParityCase  # noqa: E402
-from .numerics import pinned_float32  # noqa: E402
-from .suite.settings import resolve_settings  # noqa: E402
-from .suite.costs import FORWARDS_PROPERTY, PROPERTY  # noqa: E402
-from .suite.nothing_checked import NothingChecked  # noqa: E402
-from .suite.representative import check_representative  # noqa: E402
-from .suite.baseline import BaselineReporter, baseline_property, check_baseline  # noqa: E402
-from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key  # noqa: E402
-from .suite.reporting import FailureWithoutFailedTest, ParityReporter  # noqa: E402
-from .suite.schedule import (  # noqa: E402
-    CASE_PARAM, GROUP_PARAM, InapplicableTests, PackGroupScheduling, build_plan, group_id_of, group_needs,
-    split_items, worker_count,
+from .snapshots import golden_extension
+from .suite.cases import PackGroup, ParityCase
+from .numerics import pinned_float32
+from .suite.settings import resolve_settings
+from .suite.costs import FORWARDS_PROPERTY, PROPERTY
+from .suite.nothing_checked import NothingChecked
+from .suite.representative import check_representative
+from .suite.baseline import BaselineReporter, baseline_property, check_baseline
+from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key
+from .suite.options import OPTIONS, pytest_addoption, raw_value  # noqa: F401 (pytest_addoption: this plugin's hook)
+from .suite.reporting import FailureWithoutFailedTest, ParityReporter
+from .suite.schedule import (
+    CASE_PARAM, GROUP_PARAM, InapplicableTests, PackGroupScheduling, build_plan, controller_workers, group_id_of,
+    group_needs, split_items, worker_count,
 )
-from .suite.session import CaseResult, GroupResult, ParitySession, preflight  # noqa: E402
-from .suite.tracing import trace_failure  # noqa: E402
+from .suite.session import CaseResult, GroupResult, ParitySession, preflight
+from .suite.tracing import trace_failure
 
-# The options: also registered by the `pytest11` entry point, so that pytest knows them before it looks for its
-# rootdir (`--hf-model /ckpt/x` with a space); registered once either way.
-pytest_plugins = ["vitparity.suite.options"]
+# The suite's options (`pytest_addoption`, imported above) exist only where this plugin is loaded: the repository's
+# conftest.py, `vitparity gate` or `-p vitparity.pytest_plugin`; never in another project's pytest.
+DEVICE_OPTION = next(option for option in OPTIONS if option.name == "device")
 SESSION_KEY = pytest.StashKey[ParitySession]()
 MARKERS = {
     "image": "an image case",
@@ -53,6 +49,8 @@ MARKERS = {
 def pytest_configure(config: pytest.Config) -> None:
     for marker, text in MARKERS.items():
         config.addinivalue_line("markers", f"{marker}: {text}")
+    # Before anything initialises CUDA (resolving `auto` asks torch whether CUDA is available).
+    pin_xdist_worker_gpu(str(raw_value(config, DEVICE_OPTION).value))
     settings = resolve_settings(config)
     numerics = ExitStack()  # float32 on CUDA without TF32 for the whole run (recorded in golden provenance)
     numerics.enter_context(pinned_float32(settings.device, settings.torch_dtype))
@@ -68,7 +66,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput") or dist == "no":
         workers = worker_count()
     else:  # the xdist controller: one worker per execution environment
-        workers = len(parse_tx_spec_config(config))
+        workers = controller_workers(config)
     files = preflight(settings)
     session = ParitySession(settings, build_plan(settings, workers, files), files)
     session.baseline = check_baseline(settings, files)

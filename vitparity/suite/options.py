@@ -1,7 +1,7 @@
 """The suite's options: one table, read from the command line, the environment and the ini file.
 
-This module is also the `pytest11` entry point, so pytest knows the options (and that `--hf-model PATH` takes a
-value) before it looks for its rootdir; it imports nothing heavy. `suite.settings` validates the values.
+Registered by the suite's plugin (`vitparity.pytest_plugin`, whose `pytest_addoption` this is): the options exist
+only in runs of the suite, never in another project's pytest. It imports nothing heavy. `suite.settings` validates the values.
 
 Every option is a flag (`--num-frames`), an environment variable (`VITPARITY_NUM_FRAMES`) and an ini key
 (`vitparity_num_frames`); the command line wins over the environment, which wins over the ini. A bad value is a
@@ -11,9 +11,7 @@ usage error that names the option as the user spelled it.
 from __future__ import annotations
 
 import os
-import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -120,11 +118,16 @@ GROUP_TITLES = {
 TRUE = {"1", "true", "yes", "on"}
 
 
-def _joined(args: list[str], options: set[str]) -> tuple[list[str], list[str]]:
-    """(`args` with each `--option VALUE` of `options` written `--option=VALUE`, the values that were separate)."""
+VALUED = frozenset(option.cli for option in OPTIONS if not option.flag)
+
+
+def join_values(args: list[str]) -> tuple[list[str], list[str]]:
+    """(`args` with each suite option written `--option VALUE` rewritten `--option=VALUE`, the values that were
+    separate). pytest picks its rootdir from the command's paths before any plugin adds an option, so a separate
+    value that is a path would be taken for a test path."""
     out, separate, index = [], [], 0
     while index < len(args):
-        if args[index] in options and index + 1 < len(args) and not args[index + 1].startswith("-"):
+        if args[index] in VALUED and index + 1 < len(args) and not args[index + 1].startswith("-"):
             out.append(f"{args[index]}={args[index + 1]}")
             separate.append(args[index + 1])
             index += 2
@@ -132,24 +135,6 @@ def _joined(args: list[str], options: set[str]) -> tuple[list[str], list[str]]:
             out.append(args[index])
             index += 1
     return out, separate
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
-    """A suite option written `--hf-model /ckpt/x` that cost pytest the ini file of the current folder (it chose
-    its rootdir and ini file from `/ckpt/x` before it knew the option): a usage error that says what to type."""
-    invocation = early_config.invocation_params
-    valued = {option.cli for option in OPTIONS if not option.flag}
-    command, separate = _joined([str(arg) for arg in invocation.args], valued)
-    here, inipath, chosen = Path(invocation.dir), early_config.inipath, early_config.known_args_namespace
-    if chosen.inifilename or chosen.rootdir:  # -c / --rootdir given: pytest did not guess from the paths
-        return
-    separate = [value for value in separate if (here / value).exists()]  # what pytest took for test paths
-    if separate and (inipath is None or inipath.parent not in (here, *here.parents)):
-        raise pytest.UsageError(
-            f"pytest took {', '.join(separate)} for a test path and set its rootdir to {early_config.rootpath} "
-            f"(config file: {inipath}) before it knew the suite's options; type: pytest {shlex.join(command)}"
-        )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

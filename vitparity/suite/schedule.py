@@ -113,6 +113,16 @@ class Selection:
     from_pack: set[str]
 
 
+def controller_workers(config: pytest.Config) -> int:
+    """Workers the xdist controller starts: one per execution environment of its `--tx` option (`-n N` is N times
+    `popen`; a spec may be written `N*popen`)."""
+    total = 0
+    for spec in config.getoption("tx", None) or []:
+        count, star, _ = str(spec).partition("*")
+        total += int(count) if star and count.isdigit() else 1
+    return max(total, 1)
+
+
 def worker_count() -> int:
     """Workers of this xdist run as a worker sees it (1 outside xdist)."""
     return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ..builtin import BUILTIN_MEDIA, builtin_paths
+from ..builtin import BUILTIN_GOLDEN, BUILTIN_MEDIA, builtin_paths
 from ..extract import TEMPORAL_CONTEXT
 from ..hub import hub_id
 from ..loading import DTYPES, resolve_device_dtype
@@ -179,7 +179,7 @@ def resolve_settings(config: pytest.Config) -> Settings:
         companions=raw["companions"].value,
         pack_tokens=pack_tokens,
         shard=shard,
-        golden_dir=path("golden_dir"),
+        golden_dir=_golden_dir(config, raw["golden_dir"], raw["regenerate_goldens"].value),
         regenerate_goldens=raw["regenerate_goldens"].value,
         report_dir=path("report_dir"),
         scales=_scales(str(raw["scales"].value), bad),
@@ -245,6 +245,18 @@ def _media(config: pytest.Config, raw: dict[str, RawValue], bad) -> tuple[Path, 
         raise pytest.UsageError(f"{raw['no_bundled_media'].label}: needs --media (the files to run on instead of the "
                                 "bundled ones)")
     return tuple(own)
+
+
+def _golden_dir(config: pytest.Config, raw: RawValue, regenerate: bool) -> Path:
+    """--golden-dir. Its default, fixtures/golden beside the ini file, is the built-in models' goldens (package data)
+    where pytest found no ini file: `vitparity gate` in a folder of its own. Those are never rewritten: an update
+    without an ini file needs --golden-dir (UsageError)."""
+    if raw.source != "default" or config.inipath is not None:
+        return _resolve_path(config, raw)
+    if regenerate or config.getoption("update_snapshots", False):
+        raise pytest.UsageError(f"{raw.label}: no ini file here, and the built-in goldens ({BUILTIN_GOLDEN}) are "
+                                "package data: name the folder to write goldens to with --golden-dir=FOLDER")
+    return BUILTIN_GOLDEN
 
 
 def _baseline_min_cos(raw: dict[str, RawValue], bad) -> float | None:

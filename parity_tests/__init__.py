@@ -1,0 +1,1 @@
+"""The parity tests, installed as `vitparity.parity_tests` (run by `vitparity gate`)."""
