@@ -51,7 +51,7 @@ def run_total(output: str) -> tuple[int, ...]:
 
 def test_default_suite_passes_and_loads_each_model_once(suite) -> None:
     result = suite.run()
-    result.assert_outcomes(passed=65)
+    result.assert_outcomes(passed=78)
     out = result.stdout.str()
     assert "24 snapshots passed" in out
     found = verdicts(out)

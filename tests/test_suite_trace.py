@@ -99,7 +99,7 @@ def test_companion_swap_catches_a_leak_below_every_threshold(suite, isolated, tm
 @pytest.mark.parametrize("backend", available_backends("cpu", torch.float32))
 def test_suite_passes_on_every_cpu_backend(backend, suite) -> None:
     result = suite.run(f"--packed-backend={backend}")
-    result.assert_outcomes(passed=65)
+    result.assert_outcomes(passed=78)
     out = result.stdout.str()
     assert f"packed backend: {backend}  attention kernel: auto" in out
     assert f"(ran: packed backend {backend}, attention kernel default)" in out
