@@ -100,14 +100,14 @@ def test_unreadable_media_fail_their_own_cases_only(suite, tmp_path) -> None:
     out = result.stdout.str()
     assert result.ret == 1 and "INTERNALERROR" not in out
     failed = {line.split()[1] for line in result.outlines if line.startswith(("FAILED", "ERROR"))}
-    broken = {"image-corrupt.jpg", "video-corrupt.mp4", "video-empty.mp4"}
+    broken = {"image-corrupt.jpg", "video-corrupt.mp4", "video-empty.mp4", "codec-corrupt.mp4", "codec-empty.mp4"}
     assert {node.split("[")[1].rstrip("]") for node in failed} == broken  # per-case tests of the broken files
     for name in ("corrupt.jpg", "corrupt.mp4", "empty.mp4"):
         assert name in out
     assert re.search(r"left out of pack pack-[0-9a-f]{8}: ", out)  # a pack names what it could not include
     found = verdicts(out)
     assert found["image-good_copy.jpg"] == "PASS" and found["packed/image-good_copy.jpg"] == "PASS"
-    assert sum(v == "PASS" for v in found.values()) == 18 and "FAIL" not in found.values()
+    assert sum(v == "PASS" for v in found.values()) == 68 and "FAIL" not in found.values()
     assert suite.goldens() == before
 
 
