@@ -666,18 +666,36 @@ def test_report_junit_merges_shards(shard_junit: list[Path], capsys: pytest.Capt
     assert code == 0, out + err
     assert out.startswith("## vitparity parity report\n\nPASS: ")
     cases = _table_cases(out)
-    media = sorted(f"{'video' if p.suffix == '.mp4' else 'image'}-{p.name}" for p in BUILTIN_MEDIA.iterdir()
-                   if p.suffix in (".jpg", ".png", ".mp4"))
-    outputs = [f"{name}/{m}" for m in media for name in ("last_hidden_state", "pooler_output")]
+    files = [p for p in BUILTIN_MEDIA.iterdir() if p.suffix in (".jpg", ".png", ".mp4")]
+    media = sorted(f"{'video' if p.suffix == '.mp4' else 'image'}-{p.name}" for p in files)
+    codec = sorted(f"codec-{p.name}" for p in files if p.suffix == ".mp4")  # each video's codec-style case
+    every = media + codec
+    outputs = [f"{name}/{m}" for m in every for name in ("last_hidden_state", "pooler_output")]
+    # explicit positions (test_input_paths): each video and codec-style case against the context call and packing
+    paths = [f"pos~{to}/{m}" for m in every if not m.startswith("image-") for to in ("ctx", "packing")]
+    # token order (test_token_order): the smallest codec-style case of each shard, on its three paths
+    shard_cases = []
+    order_cases = []
+    for p in shard_junit:
+        shard_out = merge_report([read_junit(p)])[0]
+        shard_cases.append(set(_table_cases(shard_out)))
+        tokens = {line.split("|")[1].strip(): int(line.split("|")[2]) for line in shard_out.splitlines()
+                  if line.startswith("| codec-")}
+        assert tokens, shard_out  # both shards got a codec-style case
+        order_cases.append(min(tokens, key=lambda case: (tokens[case], case)))
+    order = [f"order~{path}/{m}" for m in order_cases for path in ("sparse", "mosaic", "packing")]
     # every case once, from both shards
-    assert sorted(cases) == sorted(media + [f"packed/{m}" for m in media] + outputs)
-    shard_cases = [set(_table_cases(merge_report([read_junit(p)])[0])) for p in shard_junit]
+    assert sorted(cases) == sorted(every + [f"packed/{m}" for m in every] + outputs + paths + order)
     assert all(shard_cases) and not shard_cases[0] & shard_cases[1]
-    assert "32 comparisons, 32 passed, 0 failed." in out
+    assert f"{len(cases)} comparisons, {len(cases)} passed, 0 failed." in out
     for path in shard_junit:
         assert re.search(rf"^- {path.name} main: forwards: hf \d+ \(\d+ tokens\), packing \d+ \(\d+ tokens\); "
-                         r"forward tokens: \d+\.\d\dx the one-pass minimum; model loads: hf 1, packing 1", out, re.M)
-    assert re.search(r"^- total: forwards: hf 16 \(\d+ tokens\)", out, re.M)
+                         r"forward tokens: \d+\.\d\dx the one-pass minimum \(each case and input path once\); "
+                         r"model loads: hf 1, packing 1", out, re.M)
+    # hf forwards: each case alone and its determinism re-run, the explicit-positions call of each video and
+    # codec-style case, the two hf paths of each token-order case
+    hf_forwards = 2 * len(every) + len(paths) // 2 + 2 * len(order_cases)
+    assert re.search(rf"^- total: forwards: hf {hf_forwards} \(\d+ tokens\)", out, re.M), out
     assert "Failed tests" not in out
 
 
@@ -698,7 +716,9 @@ def test_report_junit_fails_and_lists_failed_tests(suite, tmp_path: Path, capsys
     code, out, _ = _run(capsys, "report-junit", path)
     assert code == 1 and "\nFAIL: " in out
     failed = re.findall(r"^- `(\S+)` \((failed|error), junit-broken\.xml\): (.*)$", out, re.M)
-    assert failed and all("video-broken.mp4" in test_id for test_id, _, _ in failed)
+    # the video case and its codec-style case both fail (the same unreadable file)
+    assert failed and all(re.search(r"\[(video|codec)-broken\.mp4\]$", test_id) for test_id, _, _ in failed)
+    assert {re.search(r"\[(\w+)-broken", test_id).group(1) for test_id, _, _ in failed} == {"video", "codec"}
     assert all("broken.mp4" in message for _, _, message in failed)
     assert "| video-astronaut_pan.mp4 |" in out  # the other cases' rows are still there
 
@@ -714,13 +734,18 @@ def test_report_junit_carries_the_verdict(suite, isolated, tmp_path: Path, capsy
     code, out, _ = _run(capsys, "report-junit", path)
     assert code == 1
     head = out.split("| case |", 1)[0]
-    assert re.search(r"^worst case: (image|video)-coffee_\S+ FAIL, min cos 0\.\d{6}", head, re.M), head
+    # the worst comparison of the run: a case's features, or a whole output of it (last_hidden_state/...)
+    assert re.search(r"^worst case: (?:(?:last_hidden_state|pooler_output|packed)/)?(image|video|codec)-coffee_\S+ "
+                     r"FAIL, min cos 0\.\d{6}", head, re.M), head
     assert re.search(r"^largest baseline drift: packing/\S+ min cos -?\d\.\d{6}", head, re.M), head
     assert f"packing `{packing}`" in head and "model code: the checkpoints' own (--trust-remote-code)" in head
     assert "largest pack: pack-" in head and "of its budget" in head
     parity = re.findall(r"^- `parity_tests\.test_parity::test_parity\[(\S+)\]` \(failed, junit-verdict\.xml\): .*"
                         r"\(worst cos (\d\.\d{6}) \(\S+\); first divergence: \S+: layer 1\)$", out, re.M)
-    assert len(parity) == 2 and float(parity[0][1]) <= float(parity[1][1]), out  # the worst first
+    # one per coffee case: the image, the video and the video's codec-style case; the worst first
+    assert sorted(case for case, _ in parity) == ["codec-coffee_zoom.mp4", "image-coffee_small.jpg",
+                                                  "video-coffee_zoom.mp4"], out
+    assert [float(cos) for _, cos in parity] == sorted(float(cos) for _, cos in parity), out
     drift = out.split("### Baseline drift", 1)[1]
     assert "| packing |" in drift and "| hf |" in drift and "FAIL (min cos > 0.9)" in drift
     assert drift.index("| packing |") < drift.index("| hf |")  # the packing model drifted, the hf did not

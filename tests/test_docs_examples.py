@@ -62,7 +62,10 @@ EXAMPLES: dict[str, Example] = {
     'pytest -m "not golden" --media=/data/more_media': Example("suite", MEDIA),
     'pytest -m "not golden" --no-bundled-media --media=/data/more_media:/data/clip.mp4':
         Example("suite", {"/data/more_media:/data/clip.mp4": "{tmp}/more_media:{tmp}/clip.mp4"},
-                says="6 comparisons, 6 passed"),
+                # 3 files (espresso.jpg, espresso_zoom.mp4, clip.mp4) and the 2 videos' codec-style cases: 5 cases,
+                # each alone and packed (10), last_hidden_state and pooler_output (10), the 4 video and codec-style
+                # cases' explicit positions against context and packing (8), one codec case's token order (3)
+                says="31 comparisons, 31 passed"),
     'pytest -m "codec and not golden"': Example("suite"),
     "pytest --codec-cases=off": Example("suite"),
     "pytest --golden-dir=/data/goldens --snapshot-update --media=/data/more_media --align=resize --scales=0.5":

@@ -148,7 +148,10 @@ def test_bfloat16_run_probes_one_case_in_float32(suite) -> None:
     assert "fp32 probe/image-coffee_small..." in out
     rows = [json.loads(prop.get("value")) for prop in ET.parse(suite.path / "run.xml").iter("property")
             if prop.get("name") == "vitparity"]
-    assert len(rows) == 9 and {row["bar_dtype"] for row in rows} == {"bfloat16", "float32"}
+    # one row per case that test_parity ran (each image and video, and each video's codec-style case) and the probe's
+    cases = {row["name"] for row in rows if row["bar_dtype"] == "bfloat16"}
+    assert len(cases) == result.parseoutcomes()["passed"] == 12 and any(name.startswith("codec-") for name in cases)
+    assert len(rows) == len(cases) + 1 and {row["bar_dtype"] for row in rows} == {"bfloat16", "float32"}
     (probe,) = [row for row in rows if row["bar_dtype"] == "float32"]
     assert probe["name"] == "fp32 probe/image-coffee_small.jpg" and probe["passed"]
     assert {row["norm_gap_bar"] for row in rows if row["bar_dtype"] == "bfloat16"} == {0.5}

@@ -58,9 +58,12 @@ def test_default_suite_passes_and_loads_each_model_once(suite) -> None:
     cases = [case for case in found if "/" not in case]
     paths = [case for case in found if case.startswith("pos~")]
     order = [case for case in found if case.startswith("order~")]
+    outputs = [case for case in found if case.startswith(("last_hidden_state/", "pooler_output/"))]
     # 12 cases (4 images, 4 videos, their 4 codec-style cases), 12 packed rows, 2 explicit-positions rows per video
-    # and codec case, 3 token-order rows (one codec case: hf sparse, hf mosaic, packing)
-    assert len(cases) == 12 and len(paths) == 16 and len(order) == 3 and len(found) == 43
+    # and codec case, 3 token-order rows (one codec case: hf sparse, hf mosaic, packing), and last_hidden_state and
+    # pooler_output of every case (test_outputs: --outputs=auto compares them all on the CPU)
+    assert len(cases) == 12 and len(paths) == 16 and len(order) == 3 and len(outputs) == 2 * len(cases)
+    assert len(found) == 12 + 12 + 16 + 3 + 24 and "outputs compared 12 cases;" in out
     assert set(found.values()) == {"PASS"}
     # each model once per case, once more for the determinism check (every case on the CPU), the hf model once
     # more per video and codec case (explicit positions), one packed forward per group holding every case once,
@@ -69,13 +72,9 @@ def test_default_suite_passes_and_loads_each_model_once(suite) -> None:
     tokens = sum(found_tokens(out, case) for case in cases)
     path_tokens = sum(found_tokens(out, case) for case in cases if not case.startswith("image-"))
     shuffled = found_tokens(out, order[0])
-    packs = [[]]  # the table lists each group's packed rows together, after its cases
-    for case in found:
-        if case.startswith("packed/"):
-            packs[-1].append(found_tokens(out, case))
-        elif packs[-1] and "/" not in case:
-            packs.append([])
-    assert len(packs) == 2 and sum(len(pack) for pack in packs) == 12 and "companion swaps 4;" in out
+    packed = [case for case in found if case.startswith("packed/")]
+    assert sorted(case.removeprefix("packed/") for case in packed) == sorted(cases)  # every case once in a pack
+    assert "pack groups 2;" in out and "companion swaps 4;" in out
     assert costs(out)["main"] == (24 + 8 + 2, 2 * tokens + path_tokens + 2 * shuffled, 24 + 2 + 4 + 1,
                                   5 * tokens + shuffled, 1, 1)
 
@@ -95,7 +94,8 @@ def test_k_video_selects_only_video_cases_and_xdist_agrees(suite) -> None:
     parallel = suite.run("-k", "video", "-n", "2")
     assert serial.ret == parallel.ret == 0
     assert verdicts(serial.stdout.str()) == verdicts(parallel.stdout.str())
-    assert len(verdicts(serial.stdout.str())) == 4 + 2 * 4  # each video, and its explicit-positions call twice
+    # each video, its explicit-positions call twice, and its last_hidden_state and pooler_output (test_outputs)
+    assert len(verdicts(serial.stdout.str())) == 4 + 2 * 4 + 2 * 4
     assert run_total(serial.stdout.str())[:4] == run_total(parallel.stdout.str())[:4]  # no forward done twice
     # 4 videos, no packed forward: the hf model also with explicit positions
     assert costs(serial.stdout.str())["main"][:4] == (12, 3 * 4448, 8, 2 * 4448)
@@ -108,7 +108,8 @@ def test_planted_fault_fails_with_table_and_heat_maps(suite, faulty_packing) -> 
     assert result.ret == 1
     found = verdicts(result.stdout.str())
     packing_rows = {case: verdict for case, verdict in found.items() if not case.startswith(("pos~ctx/", "order~"))}
-    assert len(packing_rows) == 12 + 12 + 8 and set(packing_rows.values()) == {"FAIL"}  # cases, packed, paths
+    # cases, packed, paths, and last_hidden_state and pooler_output of each case (test_outputs)
+    assert len(packing_rows) == 12 + 12 + 8 + 2 * 12 and set(packing_rows.values()) == {"FAIL"}
     assert len(found) - len(packing_rows) == 8 + 3  # the hf model against itself, and each model shuffled: pass
     assert set(found.values()) - set(packing_rows.values()) <= {"PASS"}
     outcomes = result.parseoutcomes()
@@ -130,7 +131,7 @@ def test_modified_golden_fails(suite) -> None:
     target.write_bytes(buffer.getvalue())
 
     result = suite.run("-m", "golden")
-    result.assert_outcomes(passed=15, failed=1)
+    result.assert_outcomes(passed=2 * 12 - 1, failed=1)  # 12 cases (4 images, 4 videos, 4 codec-style), 2 models
     out = result.stdout.str()
     assert "test_golden[video-chelsea_pan.mp4-packing]" in out
     assert "golden features differ" in out
@@ -139,7 +140,7 @@ def test_modified_golden_fails(suite) -> None:
 def test_missing_golden_fails_without_the_update_flag(suite) -> None:
     shutil.rmtree(suite.golden_root)
     result = suite.run("-m", "golden", "-k", "coffee")
-    result.assert_outcomes(failed=4)
+    result.assert_outcomes(failed=6)  # image-coffee_small, video-coffee_zoom and codec-coffee_zoom, each model
     assert "no golden for this case and model" in result.stdout.str()
     assert not (suite.golden_root).exists() or not golden_files(suite.golden_root)
 
@@ -277,7 +278,7 @@ def test_default_folders_resolve_against_the_repository_root(suite, monkeypatch)
     """Run from a subfolder: the default golden folder is still the repository's, nothing is created here."""
     monkeypatch.chdir(suite.path / "parity_tests")
     result = suite.pytester.runpytest_inprocess("-p", "no:cacheprovider", "--device", "cpu", "-k", "golden and coffee")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=6)  # image-coffee_small, video-coffee_zoom and codec-coffee_zoom, each model
     assert not (suite.path / "parity_tests" / "fixtures").exists()
 
 
@@ -285,15 +286,16 @@ def test_goldens_of_other_settings_are_neither_used_nor_replaced(suite) -> None:
     """Goldens made with 8 frames are never compared with 4-frame features, nor rewritten by a 4-frame update."""
     before = suite.goldens()
     missing = suite.run("--num-frames=4", "-k", "golden and coffee_zoom")
-    missing.assert_outcomes(failed=2)
+    missing.assert_outcomes(failed=4)  # video-coffee_zoom and its codec-style case, each model
     assert "no golden for this case and model in" in missing.stdout.str() and "-float32-4of64-crop" in missing.stdout.str()
     updated = suite.run("--num-frames=4", "--snapshot-update", "-k", "golden and coffee_zoom")
     assert updated.ret == 0
     after = suite.goldens()
     assert {name: data for name, data in after.items() if name in before} == before
     assert sorted(set(after) - set(before)) == [
-        f"{folder}-float32-4of64-crop/test_golden/test_golden[video-coffee_zoom.mp4-{side}].npz"
+        f"{folder}-float32-4of64-crop/test_golden/test_golden[{case}-coffee_zoom.mp4-{side}].npz"
         for folder, side in (("onevision_encoder-41bbf9a8a5e4", "hf"), ("onevision_encoder_packing-0a8da2050499", "packing"))
+        for case in ("codec", "video")
     ]
 
 
@@ -315,7 +317,7 @@ def test_nan_weights_outside_the_features_fail_and_are_never_blessed(suite, tmp_
     folder = poisoned_hf(tmp_path / "nan-head", "head.probe")
     before = suite.goldens()
     result = suite.run(f"--hf-model={folder}", "--snapshot-update", "-k", "coffee or loaded_weights")
-    cases = ("image-coffee_small.jpg", "video-coffee_zoom.mp4")
+    cases = ("image-coffee_small.jpg", "video-coffee_zoom.mp4", "codec-coffee_zoom.mp4")
     assert failed_tests(result) == {"test_loaded_weights[hf]"} | {
         f"test_golden[{case}-{side}]" for case in cases for side in ("hf", "packing")
     } | {f"test_outputs[{case}]" for case in cases}  # the head's NaN reaches pooler_output

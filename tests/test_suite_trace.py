@@ -62,6 +62,7 @@ def test_packed_failure_traces_each_failing_case_inside_its_pack(suite, isolated
     result = run_variant(suite, "cross_sample_attention", tmp_path, "-k", "test_packed or test_companions")
     outcomes = result.parseoutcomes()
     assert outcomes["failed"] == 4 and "passed" not in outcomes  # 2 groups: test_packed, companions
+    traced_cases = 0
     for report in reports(result, "test_packed"):
         group = report.nodeid.split("[")[-1].rstrip("]")
         traced = {key.split("]")[0].removeprefix("trace["): value for key, value in report.user_properties
@@ -70,10 +71,12 @@ def test_packed_failure_traces_each_failing_case_inside_its_pack(suite, isolated
         assert f"Summary: {len(failing)} inputs, 0 passed" in report.longreprtext
         assert failing and traced == dict.fromkeys(failing, "1"), report.longreprtext
         assert FIRST.findall(report.longreprtext) == ["1"] * len(failing)
+        traced_cases += len(failing)
         assert cv2.imread(str(suite.path / "report" / f"{group}-layers.png")) is not None
     for report in reports(result, "test_companions_do_not_leak"):
         assert "FAIL: features changed by up to" in report.longreprtext
-    assert "layer traces 8;" in result.stdout.str()
+    # every case of the 2 packs traced once: 4 images, 4 videos, their 4 codec-style cases
+    assert traced_cases == 12 and "layer traces 12;" in result.stdout.str()
 
 
 def test_passing_run_traces_nothing(suite) -> None:
@@ -134,8 +137,9 @@ def test_scales_add_readable_cases_that_pass(suite) -> None:
     assert result.ret == 0
     found = verdicts(result.stdout.str())
     # 16 cases and 4 codec-style ones (native size only), their packed rows, 2 explicit-positions rows per video
-    # and codec case, 3 token-order rows
-    assert f"{20 + 20 + 2 * 12 + 3} comparisons, {20 + 20 + 2 * 12 + 3} passed, 0 failed" in result.stdout.str()
+    # and codec case, 3 token-order rows, last_hidden_state and pooler_output of every case (test_outputs)
+    rows = 20 + 20 + 2 * 12 + 3 + 2 * 20
+    assert f"{rows} comparisons, {rows} passed, 0 failed" in result.stdout.str()
     assert set(found.values()) == {"PASS"}
     assert {"image-astronaut.jpg", "image-astronaut.jpg@0.5", "video-coffee_zoom.mp4@0.5",
             "packed/video-coffee_zoom.mp4@0.5"} <= set(found)

@@ -54,6 +54,12 @@ EXPECTED = {
     # not on the features' path: only test_loaded_weights sees them
     "norm_gain_zeroed": (None, []),
     "loaded_bias_one_element": (None, []),
+    # the explicit-position paths only (select=PATH_CASES, test_input_paths): the trace's samples take the default
+    # path (no patch_positions, visible_indices in frame order), where these code paths never run
+    "positions_hw_swapped": (None, []),
+    "positions_temporal_dropped": (None, []),
+    "sparse_positions_sorted": (None, []),
+    "mosaic_column_major": (None, []),
 }
 # float32, with the float32 precision bars: the hidden state where a fault below the threshold first shows.
 BAR_FIRST_DIVERGENCE = {

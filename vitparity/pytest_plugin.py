@@ -116,6 +116,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     selection = split_items(session.plan, session.settings, items)
     if selection.deselected:
         config.hook.pytest_deselected(items=selection.deselected)
+    # What the plan leaves out for a reason (images' input paths, token order, policies) does not narrow the run:
+    # syrupy must still judge a full run's unused goldens (as for InapplicableTests); a shard's share (no reason) does.
+    syrupy = getattr(config, "_syrupy", None)
+    planned = {name for names in selection.reasons.values() for name in names}
+    for item in selection.deselected if syrupy is not None else ():
+        if item.name in planned:
+            syrupy._collected_items.pop(item.nodeid, None)
     items[:] = selection.kept
     session.needs = group_needs(session.plan, selection)
     session.left_out = selection.reasons

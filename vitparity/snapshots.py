@@ -43,7 +43,9 @@ class GoldenTolerance:
 GOLDEN_TOLERANCES = {
     "float32": GoldenTolerance(min_cos=0.99999, norm_rtol=1e-3),
     "float16": GoldenTolerance(min_cos=0.999, norm_rtol=1e-2),
-    "bfloat16": GoldenTolerance(min_cos=0.99, norm_rtol=3e-2),
+    # norm: no tighter than the live parity's bfloat16 norm-gap bar (vitparity.precision.DEFAULT_NORM_GAP, the same
+    # per-token measure); numerics-only changes (RoPE in bf16) reach 3.2e-2 on a codec-style case of the tiny model
+    "bfloat16": GoldenTolerance(min_cos=0.99, norm_rtol=1e-1),
 }
 
 

@@ -202,16 +202,18 @@ def resolve_settings(config: pytest.Config) -> Settings:
 
 
 def _codec_frames(raw: dict[str, RawValue], bad, whole) -> int:
-    """--codec-cases (on / off) and --codec-frames (1 to the temporal context, default --num-frames): the budget of
-    each codec-style case, 0 when they are off."""
+    """--codec-cases (on / off) and --codec-frames (1 to the temporal context, default --num-frames up to the
+    temporal context): the budget of each codec-style case, 0 when they are off. A --num-frames past the temporal
+    context is the pair's frames rule to refuse (one message naming the model's context), not this option's."""
     switch = str(raw["codec_cases"].value).strip().lower()
     if switch not in CODEC_SWITCH:
         raise bad("codec_cases", f"use one of {CODEC_SWITCH}")
-    frames = whole("codec_frames", 1) if raw["codec_frames"].value else whole("num_frames", 1)
+    if not raw["codec_frames"].value:
+        return min(whole("num_frames", 1), TEMPORAL_CONTEXT) if switch == "on" else 0
+    frames = whole("codec_frames", 1)
     if frames > TEMPORAL_CONTEXT:
-        name = "codec_frames" if raw["codec_frames"].value else "num_frames"
-        raise bad(name, f"codec-style cases take at most {TEMPORAL_CONTEXT} frames' worth of tokens (the temporal "
-                        "context): set --codec-frames, or --codec-cases=off")
+        raise bad("codec_frames", f"codec-style cases take at most {TEMPORAL_CONTEXT} frames' worth of tokens (the "
+                                  "temporal context): set --codec-frames, or --codec-cases=off")
     return frames if switch == "on" else 0
 
 
