@@ -138,12 +138,21 @@ def test_own_media_alone_and_a_case_by_its_exact_file(suite, tmp_path) -> None:
     shutil.copy(BUILTIN_MEDIA / "coffee_zoom.mp4", pan)
     result = suite.run("-m", "not golden", "--no-bundled-media", f"--media={own}{os.pathsep}{pan}", "-p", "no:randomly")
     assert result.ret == 0, result.stdout.str()[-2000:]
-    assert set(verdicts(result.stdout.str())) == {"image-espresso.jpg", "video-pan.mp4", "packed/image-espresso.jpg",
-                                                  "packed/video-pan.mp4"}
+    # Each own file's case, plus the video's codec-style case; every one alone and packed, with its whole outputs;
+    # the videos' explicit-position paths; the codec-style case's token orders. The table cuts names at 32 columns.
+    cases = ("image-espresso.jpg", "video-pan.mp4", "codec-pan.mp4")
+    rows = {f"{prefix}{case}" for case in cases
+            for prefix in ("", "packed/", "last_hidden_state/", "pooler_output/")}
+    rows |= {f"pos~{path}/{case}" for case in cases[1:] for path in ("ctx", "packing")}
+    rows |= {f"order~{order}/codec-pan.mp4" for order in ("mosaic", "packing", "sparse")}
+    shown = {row if len(row) <= 32 else row[:29] + "..." for row in rows}
+    assert verdicts(result.stdout.str()) == dict.fromkeys(shown, "PASS")
     out = result.stdout.str()
-    assert re.search(r"^largest pack: pack-\w+ 803 of 16,384 tokens \(4\.9% of its budget\); largest case: "
+    # One pack: the image (35 tokens), the video and its codec-style case (768 tokens each).
+    assert re.search(r"^largest pack: pack-\w+ 1,571 of 16,384 tokens \(9\.6% of its budget\); largest case: "
                      r"video-pan\.mp4 768 tokens \(estimated\)$", out, re.M), out[-3000:]
-    assert re.search(r"^worst case: (packed/)?(image-espresso\.jpg|video-pan\.mp4) PASS, min cos", out, re.M)
+    worst = "|".join(re.escape(row) for row in shown)
+    assert re.search(rf"^worst case: ({worst}) PASS, min cos", out, re.M)
     for args, words in ((("--no-bundled-media",), "--no-bundled-media: needs --media"),
                         ((f"--media={own}{os.pathsep}{own}",), "is listed twice"),
                         ((f"--media={tmp_path / 'notes.txt'}",), "unknown media extension '.txt'")):
@@ -172,7 +181,9 @@ def test_cuda_without_gpu_skips_with_a_reason_unless_required(suite) -> None:
     allowed = suite.run("-k", "coffee", "--device", "cuda", "--allow-skip")
     assert allowed.ret == 0 and "passed" not in allowed.parseoutcomes() and "NOTHING CHECKED" not in allowed.stdout.str()
     whole = suite.run("--device", "cuda")  # the tests the GPU plan deselects are explained
-    assert "15 deselected" in whole.stdout.str()  # 9, and 6 test_outputs (sampled)
+    # of the 105 tests collected (codec-style cases, whole outputs, input paths, token order included): the GPU
+    # plan's unsampled re-runs and swaps, alone-vs-packed comparisons and unsampled test_outputs
+    assert "38 deselected" in whole.stdout.str()
     assert "not run by the plan (--determinism=auto: case not re-run): test_deterministic[" in whole.stdout.str()
     assert "not run by the plan (--companions=auto: no swap planned for this group)" in whole.stdout.str()
     required = suite.run("-k", "coffee", "--device", "cuda", "--require-device")
@@ -184,7 +195,8 @@ def test_corrupted_golden_fails_its_test_only(suite) -> None:
     target = next(suite.golden_root.glob("*-float32-*/test_golden/test_golden[[]image-coffee_small.jpg-hf].npz"))
     target.write_bytes(b"PK\x03\x04 not really a zip")
     result = suite.run("-m", "golden")
-    result.assert_outcomes(passed=15, failed=1)
+    goldens = len(list(suite.golden_root.glob("*-float32-*/test_golden/test_golden[[]*].npz")))  # one test each
+    result.assert_outcomes(passed=goldens - 1, failed=1)
     out = result.stdout.str()
     assert "test_golden[image-coffee_small.jpg-hf]" in out and "not a readable vitparity npz" in out
     assert target.read_bytes() == b"PK\x03\x04 not really a zip"  # reported, never silently rewritten
@@ -228,8 +240,11 @@ def test_media_too_small_for_the_card_warn_on_cuda_and_fail_when_required(suite,
     a 1400x1400 image (10,000 patches of 14) packed with a small one fills 61% of a 16,384-token budget."""
     small = suite.run("--require-representative", "--collect-only", "-q")
     assert small.ret == pytest.ExitCode.USAGE_ERROR
+    # The codec-style cases fill the bundled media's largest pack past half of the CPU's 16,384-token budget
+    # (8,463 tokens), so only the case size is named.
     assert ("--require-representative: the media are not representative of the card: no case reaches 10,000 tokens "
-            "(largest: video-chelsea_pan.mp4, 1,632); no pack reaches 50% of its 16,384-token budget") in small.stderr.str()
+            "(largest: video-chelsea_pan.mp4, 1,632). Add media of your own") in small.stderr.str()
+    assert "no pack reaches" not in small.stderr.str()
     own = tmp_path / "own"
     own.mkdir()
     cv2.imwrite(str(own / "large.png"), np.zeros((1400, 1400, 3), np.uint8))

@@ -32,8 +32,17 @@ def test_shards_are_disjoint_and_together_exactly_the_full_run(suite) -> None:
         assert result.ret == 0, result.stdout.str()[-3000:]  # the goldens of other shards are not unused
         assert f"shard {k}/3: " in result.stdout.str()
         shards.append(junit_tests(suite.path / f"shard{k}.xml"))
-    assert sum(len(s) for s in shards) == len(everything)
-    assert sorted(t for s in shards for t in s) == everything
+    # Every test but test_token_order runs in exactly one shard. test_token_order feeds one codec-style case of each
+    # worker's share shuffled (vitparity.suite.cases.token_order_cases), so each shard, a run of its own, checks the
+    # order on one of its own codec-style cases.
+    order = "parity_tests.test_paths::test_token_order["
+    rest = [t for s in shards for t in s if not t.startswith(order)]
+    assert len(rest) == len(set(rest)) and sorted(rest) == [t for t in everything if not t.startswith(order)]
+    assert sum(t.startswith(order) for t in everything) == 1
+    for k, shard in enumerate(shards, 1):
+        ordered = [t for t in shard if t.startswith(order)]
+        assert len(ordered) == 1 and ordered[0][len(order):-1].startswith("codec-"), (k, ordered)
+        assert f"test_parity[{ordered[0][len(order):-1]}]" in " ".join(shard)  # one of the shard's own cases
     assert sum(bool(s) for s in shards) >= 2
 
 
@@ -61,8 +70,16 @@ def test_forwards_and_tokens_are_the_same_serial_and_under_xdist(suite) -> None:
     serial = suite.run(SMALL_BUDGET, "-m", "not golden")
     parallel = suite.run(SMALL_BUDGET, "-m", "not golden", "-n", "3")
     assert serial.ret == parallel.ret == 0
-    assert verdicts(serial.stdout.str()) == verdicts(parallel.stdout.str())
-    assert run_total(serial.stdout.str())[:4] == run_total(parallel.stdout.str())[:4]
+    # The same rows, but for token order: each worker feeds one codec-style case of its share shuffled
+    # (token_order_cases), 3 rows each (order~mosaic, order~packing, order~sparse), so 1 case serial and 3 under -n 3.
+    serial_rows, parallel_rows = verdicts(serial.stdout.str()), verdicts(parallel.stdout.str())
+    unordered = [{k: v for k, v in rows.items() if not k.startswith("order~")} for rows in (serial_rows, parallel_rows)]
+    assert unordered[0] == unordered[1]
+    assert len(serial_rows) - len(unordered[0]) == 3 and len(parallel_rows) - len(unordered[1]) == 3 * 3
+    # The two more shuffled cases cost 2 hf forwards and 1 packing forward each, hf twice the packing tokens.
+    hf, hf_tokens, packing, packing_tokens = (
+        p - s for p, s in zip(run_total(parallel.stdout.str())[:4], run_total(serial.stdout.str())[:4]))
+    assert (hf, packing) == (2 * 2, 2) and hf_tokens == 2 * packing_tokens > 0
     workers = {w: c for w, c in costs(parallel.stdout.str()).items() if w.startswith("gw")}
     assert len(workers) == 3 and sum(c[0] > 0 for c in workers.values()) >= 2  # the groups were spread
 
@@ -72,7 +89,9 @@ def test_over_budget_cases_still_pack_in_pairs_and_are_named(suite) -> None:
     assert result.ret == 0
     out = result.stdout.str()
     assert re.search(r"main: over the token budget: pack-[0-9a-f]{8} \(\d+ tokens\)", out)
-    assert len(verdicts(out)) == 12 + 12 + 16 + 3  # cases, packed, explicit positions, token order
+    # cases, packed, explicit positions, token order, whole outputs (last_hidden_state and pooler_output of each case)
+    assert "outputs auto: last_hidden_state and pooler_output compared on 12 cases" in out
+    assert len(verdicts(out)) == 12 + 12 + 16 + 3 + 2 * 12
 
 
 @pytest.mark.parametrize("policy, reruns", [("off", 0), ("all", 12), ("auto", 12)])
@@ -227,7 +246,7 @@ def test_gpu_plan_fails_the_probe_on_a_leak_and_stops_leaning_on_the_pack(suite,
                        "--junitxml=leak.xml")
     assert result.ret == 1
     failed = [line for line in result.outlines if line.startswith("FAILED")]
-    _, _, probes = builtin_plan()
+    _, _, probes, _ = builtin_plan()
     assert len(failed) == 1 and f"test_companions_do_not_leak[{next(iter(probes))}]" in failed[0]
     assert "FAIL: features changed by up to" in result.stdout.str()
     forwards = junit_forwards(suite.path / "leak.xml")
@@ -244,5 +263,9 @@ def test_gpu_plan_under_xdist_probes_once_per_worker(suite) -> None:
     assert "not run by the plan (--companions=sample: packing features come from the pack" in out
     hf_forwards, _, packing_forwards, *_ = run_total(out)
     groups = int(re.search(r"(\d+) of \1 pack groups", out).group(1))
-    assert hf_forwards == 8 + 4  # each case once, the four sampled cases once more
-    assert packing_forwards == groups + 2 * 2  # each group's pack, each probe's two forwards (no group of two)
+    # each case once (8 media, 4 codec-style), the four sampled cases once more, the explicit positions of the 8 video
+    # and codec-style cases, and each worker's shuffled codec-style case (two hf forwards and one packing forward)
+    assert "token order: one codec-style case per worker is fed shuffled" in out and "(10 in all)" in out
+    assert hf_forwards == 12 + 4 + 8 + 2 * 2
+    # each group's pack, each probe's two forwards (no group of two), each worker's shuffled case
+    assert packing_forwards == groups + 2 * 2 + 2
