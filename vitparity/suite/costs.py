@@ -82,13 +82,22 @@ def cost_line(cost: dict) -> str:
     reference = cost.get("reference") or {"forwards": 0, "tokens": 0}
     if reference["forwards"]:
         line += f", reference {reference['forwards']} ({reference['tokens']} tokens)"
-    ran = tokens["hf"] + tokens["packing"] + reference["tokens"]
-    minimum = cost.get("path_tokens", 0)
+    minimum = _one_pass_minimum(cost)
     if minimum:
-        line += f"; forward tokens: {ran / minimum:.2f}x the one-pass minimum (each case and input path once)"
-    elif cost.get("case_tokens"):  # absent from the JUnit XML of runs before it was counted
-        line += f"; forward tokens: {ran / (2 * cost['case_tokens']):.2f}x the one-pass minimum"
+        by_path = " (each case and input path once)" if cost.get("path_tokens") else ""
+        line += f"; forward tokens: {_forward_tokens(cost) / minimum:.2f}x the one-pass minimum{by_path}"
     return line
+
+
+def _forward_tokens(cost: dict) -> int:
+    """Tokens of every forward the run's checks made: both models' and the reference's (the probe's apart)."""
+    return cost["tokens"]["hf"] + cost["tokens"]["packing"] + (cost.get("reference") or {}).get("tokens", 0)
+
+
+def _one_pass_minimum(cost: dict) -> int:
+    """One pass per (case, input path); runs written before paths were counted (JUnit XML of older runs) have only
+    `case_tokens`: one hf and one packing pass per case. 0 when neither was counted."""
+    return cost.get("path_tokens") or 2 * cost.get("case_tokens", 0)
 
 
 def probe_details(cost: dict) -> str:
@@ -98,10 +107,9 @@ def probe_details(cost: dict) -> str:
         return ""
     text = (f"float32 probe: {cost['probe_loads']} loads, {cost['probe_forwards']} forwards "
             f"({cost['probe_tokens']} tokens)")
-    minimum = cost.get("path_tokens") or 2 * cost.get("case_tokens", 0)
+    minimum = _one_pass_minimum(cost)
     if minimum:
-        total = cost["tokens"]["hf"] + cost["tokens"]["packing"] + cost["probe_tokens"]
-        text += f", {total / minimum:.2f}x the one-pass minimum counting it"
+        text += f", {(_forward_tokens(cost) + cost['probe_tokens']) / minimum:.2f}x the one-pass minimum counting it"
     return text + "; "
 
 
