@@ -23,7 +23,7 @@ def test_outputs(parity_case, case_result, record_comparison) -> None:
 def test_reference(parity, parity_case, case_result, record_comparison, layer_trace) -> None:
     """Each model's penultimate features against vitparity's own classes on the hf checkpoint's weights (the hf
     model itself when it runs them): a fault both release files share (common mode) passes parity but not this; a
-    failure names the odd one out."""
+    failure names the odd one out and traces it, layer by layer, against the reference."""
     verdict = case_result.reference
     if isinstance(verdict, str):
         pytest.fail(verdict, pytrace=False)
@@ -35,8 +35,8 @@ def test_reference(parity, parity_case, case_result, record_comparison, layer_tr
                     if verdict.odd_one_out == "common mode" else "")
                  + f" ({parity.settings.dtype}, {parity.settings.device})")
         failed = [c for c in verdict.comparisons if not c.passed]
-        trace = layer_trace(case_result) if verdict.odd_one_out in ("hf", "packing") else ""
-        pytest.fail(format_report(failed, title=title) + trace, pytrace=False)
+        pytest.fail(format_report(failed, title=title) + layer_trace(case_result, odd_one_out=verdict.odd_one_out),
+                    pytrace=False)
 
 
 def test_converted_weights(parity) -> None:

@@ -1,8 +1,8 @@
 """Checkpoints carrying their own (release-format) code, each with one planted fault or benign change, through the
 suite as users run it: refused without --trust-remote-code; with it, a fault both files share is caught by the
 reference, a last-layer and a head fault by the outputs after the penultimate layer (and the converted-weights
-check), while the clean and numerics-only variants pass. Under the CPU default plan in float32 and the GPU plan
-(sampled checks) in bfloat16, on one image case."""
+check), while the clean and numerics-only variants pass. Under the CPU default plan and the GPU plan (sampled
+checks), each in float32 and in bfloat16, on two image cases."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from faults.release import RELEASE_VARIANTS, build_release_variant
 pytestmark = pytest.mark.usefixtures("isolated")
 CASE = "image-astronaut.jpg"  # the largest image: the GPU plan's outputs sample includes it
 SMALLEST = "image-coffee_small.jpg"  # the smallest case: the GPU plan's reference sample
-RUNS = {"float32-cpu-plan": ("--dtype=float32",),
-        "bfloat16-gpu-plan": ("--dtype=bfloat16", "--determinism=sample", "--companions=sample", "--outputs=sample")}
+PLANS = {"cpu-plan": (), "gpu-plan": ("--determinism=sample", "--companions=sample", "--outputs=sample")}
+RUNS = {f"{dtype}-{plan}": (f"--dtype={dtype}", *args) for dtype in ("float32", "bfloat16") for plan, args in PLANS.items()}
 
 
 def outcomes(result: pytest.RunResult) -> dict[str, str]:
@@ -41,7 +41,10 @@ def test_release_variant_verdict(suite, tmp_path, variant, run) -> None:
     assert {"test_parity", "test_outputs", "test_reference", "test_converted_weights"} <= set(found), out[-3000:]
     failed = {name for name, outcome in found.items() if outcome != "passed"}
     assert failed == set(variant.failing), f"{variant.name} ({run}): {variant.description}\n{out[-5000:]}"
-    if variant.name == "shared_rope_axes":
+    if variant.name == "shared_rope_axes":  # both release files depart from the reference at the first attention
         assert "odd one out: common mode" in out
+        for side in ("hf", "packing"):  # CASE on the CPU plan, SMALLEST on the GPU plan's reference sample
+            trace = out[out.index(f"({side} vs the reference) ({run.split('-')[0]}, cpu"):]
+            assert trace.splitlines()[1] == "first divergence: hidden_states[1]", trace[:2000]
     if variant.name == "last_layer_qk_swapped":
         assert "encoder.layers.3.self_attn.qkv.weight: differs" in out

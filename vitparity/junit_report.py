@@ -30,6 +30,27 @@ class JUnitError(ValueError):
     """A file that cannot be read as the JUnit XML of a suite run."""
 
 
+def add_suite_properties(path: Path, properties: Sequence[tuple[str, str]]) -> None:
+    """Append global properties (`<testsuite><properties><property name= value=>`, the JUnit layout pytest's
+    `record_testsuite_property` writes) to every test suite of the JUnit XML file at `path`.
+
+    Raises JUnitError when the file cannot be read as JUnit XML.
+    """
+    try:
+        tree = ET.parse(path)
+    except (ET.ParseError, OSError) as err:
+        raise JUnitError(f"{path}: not readable as JUnit XML ({err})") from None
+    root = tree.getroot()
+    for suite in [root] if root.tag == "testsuite" else root.findall("testsuite"):
+        props = suite.find("properties")
+        if props is None:
+            props = ET.Element("properties")
+            suite.insert(0, props)
+        for name, value in properties:
+            ET.SubElement(props, "property", name=name, value=value)
+    tree.write(path, encoding="utf-8", xml_declaration=True)
+
+
 @dataclass(frozen=True)
 class TestOutcome:
     id: str  # module::name[params], as pytest names the test

@@ -29,12 +29,13 @@ from .suite.schedule import (
     group_needs, split_items, worker_count,
 )
 from .suite.session import CaseResult, GroupResult, ParitySession, preflight
-from .suite.tracing import trace_failure
+from .suite.tracing import trace_against_reference, trace_failure
 
 # The suite's options (`pytest_addoption`, imported above) exist only where this plugin is loaded: the repository's
 # conftest.py, `vitparity gate` or `-p vitparity.pytest_plugin`; never in another project's pytest.
 DEVICE_OPTION = next(option for option in OPTIONS if option.name == "device")
 SESSION_KEY = pytest.StashKey[ParitySession]()
+INAPPLICABLE_KEY = pytest.StashKey[InapplicableTests]()
 MARKERS = {
     "image": "an image case",
     "video": "a video case",
@@ -75,7 +76,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
     config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")
-    config.pluginmanager.register(InapplicableTests(session.plan), "vitparity-inapplicable")
+    inapplicable = InapplicableTests(session.plan, settings)
+    config.pluginmanager.register(inapplicable, "vitparity-inapplicable")
+    config.stash[INAPPLICABLE_KEY] = inapplicable
     if updating and not hasattr(config, "workerinput"):
         config.pluginmanager.register(GoldenUpkeep(session), "vitparity-golden-upkeep")
     if not hasattr(config, "workerinput"):
@@ -109,23 +112,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """After -k / -m and syrupy have seen the collection: keep this shard's groups and the checks the policies run
-    (the summary says what the plan left out and why), order the items group by group, and note what each group's
+    """After -k / -m and syrupy have seen the collection (what the plan does not run has gone before them:
+    `InapplicableTests`): keep this shard's groups, order the items group by group, and note what each group's
     selected tests need."""
     session = config.stash[SESSION_KEY]
+    inapplicable = config.stash[INAPPLICABLE_KEY]
     selection = split_items(session.plan, session.settings, items)
     if selection.deselected:
         config.hook.pytest_deselected(items=selection.deselected)
-    # What the plan leaves out for a reason (images' input paths, token order, policies) does not narrow the run:
-    # syrupy must still judge a full run's unused goldens (as for InapplicableTests); a shard's share (no reason) does.
-    syrupy = getattr(config, "_syrupy", None)
-    planned = {name for names in selection.reasons.values() for name in names}
-    for item in selection.deselected if syrupy is not None else ():
-        if item.name in planned:
-            syrupy._collected_items.pop(item.nodeid, None)
     items[:] = selection.kept
-    session.needs = group_needs(session.plan, selection)
-    session.left_out = selection.reasons
+    session.needs = group_needs(session.plan, selection, inapplicable.from_pack)
+    session.left_out = inapplicable.reasons
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -182,10 +179,13 @@ def record_comparison(request: pytest.FixtureRequest):
 def layer_trace(parity: ParitySession, record_property):
     """`layer_trace(case_result or group_result)`: the per-layer trace of the failing case(s), as text to append to
     the failure (`first divergence: hidden_states[K]` and a table per case); records the figures as JUnit
-    properties and writes the layer plot into the report folder. Call it only when the test fails."""
+    properties and writes the layer plot into the report folder. `layer_trace(case_result, odd_one_out=...)`
+    traces the odd one(s) out of a failing reference test against the reference instead. Call it only when the
+    test fails."""
 
-    def trace(result: CaseResult | GroupResult) -> str:
-        report = trace_failure(parity, result)
+    def trace(result: CaseResult | GroupResult, odd_one_out: str | None = None) -> str:
+        report = (trace_failure(parity, result) if odd_one_out is None
+                  else trace_against_reference(parity, result, odd_one_out))
         for name, value in report.properties():
             record_property(name, value)
         return "\n\n" + report.format()

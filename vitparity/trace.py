@@ -70,6 +70,7 @@ class LayerTrace:
     rows: tuple[LayerRow, ...]  # the common prefix, index 0 .. min(counts) - 1
     first_divergence: int | None
     patterns: tuple[Pattern, ...] = ()
+    labels: tuple[str, str] = ("hf", "packing")  # what the two sides are (e.g. "packing", "reference")
 
     @property
     def pattern_names(self) -> list[str]:
@@ -79,7 +80,7 @@ class LayerTrace:
         """A `first divergence: hidden_states[K]` line, the patterns, then one table row per hidden state."""
         head = (
             f"per-layer trace of {self.name} ({self.dtype}, {self.device}, threshold {self.threshold}): "
-            f"hf {self.hf_count} hidden states, packing {self.packing_count}"
+            f"{self.labels[0]} {self.hf_count} hidden states, {self.labels[1]} {self.packing_count}"
         )
         if self.first_divergence is None:
             verdict = f"first divergence: none (hidden_states[0..{len(self.rows) - 1}] agree)"
@@ -96,7 +97,7 @@ class LayerTrace:
             )
         longer = max(self.hf_count, self.packing_count)
         if longer > len(self.rows):
-            side = "hf" if self.hf_count > self.packing_count else "packing"
+            side = self.labels[0] if self.hf_count > self.packing_count else self.labels[1]
             lines.append(f"{len(self.rows):>5}  only {side} returns hidden_states[{len(self.rows)}..{longer - 1}]")
         return "\n".join(lines)
 
@@ -107,7 +108,7 @@ class LayerTrace:
         return [
             (f"{prefix} first_divergence", first),
             (f"{prefix} patterns", "; ".join(self.pattern_names) or "none"),
-            (f"{prefix} hidden_states", f"hf {self.hf_count}, packing {self.packing_count}"),
+            (f"{prefix} hidden_states", f"{self.labels[0]} {self.hf_count}, {self.labels[1]} {self.packing_count}"),
             (f"{prefix} min_cos", ",".join(_num(row.min_cos, ".6f") for row in self.rows)),
             (f"{prefix} max_abs", ",".join(_num(row.max_abs, ".3e") for row in self.rows)),
         ]
@@ -122,6 +123,7 @@ class LayerTrace:
             "hf_count": self.hf_count,
             "packing_count": self.packing_count,
             "first_divergence": self.first_divergence,
+            "labels": list(self.labels),
             "patterns": [{"name": p.name, "detail": p.detail} for p in self.patterns],
             "layers": [
                 {"index": r.index, "min_cos": _finite(r.min_cos), "mean_cos": _finite(r.mean_cos),
@@ -144,7 +146,8 @@ class LayerTrace:
             )
             patterns = tuple(Pattern(p["name"], p["detail"]) for p in data["patterns"])
             return cls(data["name"], data["threshold"], data["dtype"], data["device"], data["hf_count"],
-                       data["packing_count"], rows, data["first_divergence"], patterns)
+                       data["packing_count"], rows, data["first_divergence"], patterns,
+                       tuple(data.get("labels", ("hf", "packing"))))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"malformed layer trace record ({type(error).__name__}: {error})") from None
 
@@ -243,13 +246,15 @@ def trace_layers(
     threshold: float = DEFAULT_THRESHOLD,
     temporal_context: int | None = TEMPORAL_CONTEXT,
     bars: Bars | None = None,
+    labels: tuple[str, str] = ("hf", "packing"),
 ) -> LayerTrace:
     """Trace one sample through both models and compare every hidden state.
 
     pack: the samples the packing model runs together (must hold `sample` itself once); default the sample
     alone. temporal_context: as for extract_hf (the non-packing model's rope_temporal_size). bars: the precision
     bars each hidden state must also hold (`vitparity.precision`), so that a fault below the threshold is located
-    too; the patterns' cross-layer comparisons use the threshold alone.
+    too; the patterns' cross-layer comparisons use the threshold alone. labels: what the text calls the two
+    sides (the non-packing model's, the packing model's).
     """
     hf, packing = _hidden_pair(hf_model, packing_model, sample, pack, temporal_context)
     rows = _rows(hf, packing, threshold, bars)
@@ -272,5 +277,5 @@ def trace_layers(
     return LayerTrace(
         name=sample.name, threshold=float(threshold), dtype=str(parameter.dtype).removeprefix("torch."),
         device=str(parameter.device), hf_count=len(hf), packing_count=len(packing), rows=rows,
-        first_divergence=first, patterns=tuple(patterns),
+        first_divergence=first, patterns=tuple(patterns), labels=labels,
     )

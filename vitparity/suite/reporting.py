@@ -4,10 +4,12 @@ failed when no test did. Works in one process and under xdist (workers send thei
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from ..compare import comparison_from_row
+from ..junit_report import add_suite_properties
 from ..loading import missing_cuda_device
 from ..report import format_table, worst_case_line, worst_first
 from .costs import (CODE_KEY, COST_KEY, LEFT_OUT_KEY, PROPERTY, REFERENCE_KEY, RESTORED_KEY, WARNINGS_KEY, cost_details,
@@ -25,6 +27,7 @@ class ParityReporter:
         self.costs: dict[str, dict] = {}
         self.config_warnings: list[str] = []
         self.restored_buffers: list[str] = []
+        self.junit_properties: list[tuple[str, str]] = []  # global JUnit properties (name, value)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call":
@@ -42,10 +45,7 @@ class ParityReporter:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        """This process's cost: sent to the controller by a worker; kept, and put in the JUnit XML, otherwise.
-
-        tryfirst: the JUnit XML is written in the junitxml plugin's own sessionfinish.
-        """
+        """This process's cost: sent to the controller by a worker; kept, and put in the JUnit XML, otherwise."""
         cost, warnings, restored = self.session.cost, self.session.config_warnings(), self.session.restored_buffers()
         workeroutput = getattr(session.config, "workeroutput", None)
         if workeroutput is not None:
@@ -64,28 +64,32 @@ class ParityReporter:
         self._junit_properties(session.config)
 
     def _junit_properties(self, config: pytest.Config) -> None:
-        from _pytest.junitxml import xml_key  # the key pytest's record_testsuite_property fixture uses
-
-        xml = config.stash.get(xml_key, None)
-        if xml is None:
+        """The run's global JUnit properties (run record, code, reference, warnings, costs), written into the
+        `--junitxml` file once pytest has written it (`pytest_unconfigure`)."""
+        if hasattr(config, "workerinput") or not config.getoption("xmlpath", None):
             return
         s = self.session.settings
         scale = media_scale(self.session.plan.all_groups, s.pack_tokens) if self.session.plan.all_groups else None
-        xml.add_global_property(RUN_KEY, json.dumps(run_record(s, scale.line() if scale else "",
-                                                               representative_warnings(scale, s.device))))
+        props = [(RUN_KEY, json.dumps(run_record(s, scale.line() if scale else "",
+                                                 representative_warnings(scale, s.device))))]
         code = self.session.code()
         if code:
-            xml.add_global_property(CODE_KEY, json.dumps({side: record.to_dict() for side, record in code.items()}))
-        xml.add_global_property(REFERENCE_KEY, reference_line(self.session.settings, self.session.plan))
+            props.append((CODE_KEY, json.dumps({side: record.to_dict() for side, record in code.items()})))
+        props.append((REFERENCE_KEY, reference_line(self.session.settings, self.session.plan)))
         if self.config_warnings:
-            xml.add_global_property(WARNINGS_KEY, json.dumps(self.config_warnings))
+            props.append((WARNINGS_KEY, json.dumps(self.config_warnings)))
         if self.restored_buffers:
-            xml.add_global_property(RESTORED_KEY, json.dumps(self.restored_buffers))
-        if not self.costs:
-            return
-        for worker, cost in sorted(self.costs.items()):
-            xml.add_global_property(f"vitparity_cost_{worker}", json.dumps(cost, sort_keys=True))
-        xml.add_global_property("vitparity_cost", cost_line(total_cost(self.costs)))
+            props.append((RESTORED_KEY, json.dumps(self.restored_buffers)))
+        if self.costs:
+            props += [(f"vitparity_cost_{worker}", json.dumps(cost, sort_keys=True))
+                      for worker, cost in sorted(self.costs.items())]
+            props.append(("vitparity_cost", cost_line(total_cost(self.costs))))
+        self.junit_properties = props
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        """After pytest's junitxml plugin has written the file (its sessionfinish): add the global properties."""
+        if self.junit_properties:
+            add_suite_properties(Path(config.getoption("xmlpath")), self.junit_properties)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         s, plan = self.session.settings, self.session.plan

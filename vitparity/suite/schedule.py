@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import pytest
-from xdist.scheduler import LoadScopeScheduling
 
 from ..media import MediaError
 from .cases import (
@@ -20,6 +21,9 @@ from ..models import OneVisionEncoderConfig
 from ..checkpoint_code import CHECKPOINT_CODE
 from ..pair import PairFiles
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from xdist.workermanage import WorkerController
 
 CASE_PARAM = "parity_case"
 GROUP_PARAM = "parity_group"
@@ -104,13 +108,10 @@ class GroupNeeds:
 
 @dataclass
 class Selection:
-    """The items kept (in run order) and deselected, why the plan deselected items (reason -> test names), and the
-    groups whose cases take their packing features from their pack."""
+    """The items kept (in run order) and deselected (other shards' share, or -k / -m: pytest's own)."""
 
     kept: list[pytest.Item]
     deselected: list[pytest.Item]
-    reasons: dict[str, list[str]]
-    from_pack: set[str]
 
 
 def controller_workers(config: pytest.Config) -> int:
@@ -181,17 +182,22 @@ def reference_cases(policy: str, device: str, groups: tuple[PackGroup, ...], own
 
 
 class InapplicableTests:
-    """Leaves out the reference tests when no reference runs (`Plan.reference_off`, said in the summary and the
-    JUnit XML), before any other plugin sees the collection. Not deselected: they do not apply to the run, and a
-    deselection would make a full run look narrowed (syrupy then no longer judges unused goldens)."""
+    """Leaves out the tests the plan does not run, before any other plugin sees the collection: the reference tests
+    when no reference runs (`Plan.reference_off`) and what the policies leave out (`leave_out`). Not deselected:
+    they do not apply to the run, and a deselection would make a full run look narrowed (syrupy then no longer
+    judges unused goldens). The summary and the JUnit XML say what was left out and why (`reasons`)."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, settings: Settings) -> None:
         self.plan = plan
+        self.settings = settings
+        self.reasons: dict[str, list[str]] = {}  # why: test names
+        self.from_pack: set[str] = set()  # groups whose cases take their packing features from their pack
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         if self.plan.reference_off:
             items[:] = [item for item in items if getattr(item, "originalname", "") != "test_reference"]
+        items[:], self.reasons, self.from_pack = leave_out(self.plan, self.settings, items)
 
 
 def reference_off(settings: Settings, files: PairFiles | None) -> str:
@@ -207,54 +213,65 @@ INPUT_PATHS_TEST = "test_input_paths"
 TOKEN_ORDER_TEST = "test_token_order"
 
 
-def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Selection:
-    """Keep this shard's items that the policies run, in order (group by group, a group's case tests, then its
-    packed tests); deselect the rest, saying why for what the plan leaves out.
+def leave_out(plan: Plan, settings: Settings,
+              items: list[pytest.Item]) -> tuple[list[pytest.Item], dict[str, list[str]], set[str]]:
+    """The items the policies run (in collection order), why the others do not run (reason -> test names), and the
+    groups whose cases take their packing features from their pack.
 
-    Under --companions=sample, a worker whose probe swap is selected takes every case's packing features from its
-    pack (no forward alone): its groups' alone-vs-packed comparisons have nothing to compare and are deselected.
+    Under --companions=sample, a worker that runs a probe swap takes every case's packing features from its pack
+    (no forward alone): its groups' alone-vs-packed comparisons have nothing to compare and are left out. The rule
+    is the plan's alone, so that it is the same on every worker and shard, whatever -k / -m keep.
     """
-    mine = {group.id for group in plan.groups}
-    rank = {group.id: index for index, group in enumerate(plan.groups)}
-    kept, deselected, reasons = [], [], {}
-
-    def drop(item: pytest.Item, reason: str | None) -> None:
-        deselected.append(item)
-        if reason:
-            reasons.setdefault(reason, []).append(item.name)
-
-    for item in items:
-        group_id = group_id_of(plan, item)
-        case, group = item_scope(item)
-        in_shard = settings.shard is None or settings.shard.holds(item.nodeid)
-        if not (group_id in mine if group_id is not None else in_shard):
-            drop(item, None)
-        elif case is not None and item.originalname == "test_deterministic" and case.id not in plan.determinism:
-            drop(item, f"--determinism={settings.determinism}: case not re-run")
-        elif case is not None and item.originalname == INPUT_PATHS_TEST and case.kind == "image":
-            drop(item, "images: the hf model takes an image one way here (explicit positions are checked on videos)")
-        elif case is not None and item.originalname == INPUT_PATHS_TEST and case.kind == "assets":
-            drop(item, "codec asset folders: the hf model takes mosaics one way (explicit positions), in test_parity")
-        elif case is not None and item.originalname == TOKEN_ORDER_TEST and case.id not in plan.token_order:
-            drop(item, "token order: one codec-style case per worker is fed shuffled")
-        elif case is not None and item.originalname == "test_outputs" and case.id not in plan.outputs:
-            drop(item, f"--outputs={settings.outputs}: case's last_hidden_state and pooler_output not compared")
-        elif case is not None and item.originalname == "test_reference" and case.id not in plan.reference:
-            drop(item, f"--outputs={settings.outputs}: case not compared with the reference")
-        elif group is not None and item.originalname == COMPANION_TEST and group.id not in plan.companions:
-            drop(item, f"--companions={settings.companions}: no swap planned for this group")
-        else:
-            kept.append(item)
+    kept, reasons = [], {}
     from_pack: set[str] = set()
     if plan.companion_policy == "sample":
-        probing = {plan.owner[item_scope(item)[1].id] for item in kept if item.originalname == COMPANION_TEST}
+        probing = {plan.owner[group_id] for group_id in plan.companions}
         from_pack = {group.id for group in plan.groups if plan.owner[group.id] in probing}
-        reason = ("--companions=sample: packing features come from the pack (no forward alone), neighbour "
-                  "independence is the probe's bit-exact swap")
-        for item in [item for item in kept if item.originalname == ALONE_VS_PACKED_TEST
-                     and item_scope(item)[1].id in from_pack]:
-            kept.remove(item)
-            drop(item, reason)
+
+    def reason_for(item: pytest.Item) -> str | None:
+        case, group = item_scope(item)
+        name = getattr(item, "originalname", "")
+        if case is not None:
+            if name == "test_deterministic" and case.id not in plan.determinism:
+                return f"--determinism={settings.determinism}: case not re-run"
+            if name == INPUT_PATHS_TEST and case.kind == "image":
+                return "images: the hf model takes an image one way here (explicit positions are checked on videos)"
+            if name == INPUT_PATHS_TEST and case.kind == "assets":
+                return "codec asset folders: the hf model takes mosaics one way (explicit positions), in test_parity"
+            if name == TOKEN_ORDER_TEST and case.id not in plan.token_order:
+                return "token order: one codec-style case per worker is fed shuffled"
+            if name == "test_outputs" and case.id not in plan.outputs:
+                return f"--outputs={settings.outputs}: case's last_hidden_state and pooler_output not compared"
+            if name == "test_reference" and case.id not in plan.reference:
+                return f"--outputs={settings.outputs}: case not compared with the reference"
+        if group is not None:
+            if name == COMPANION_TEST and group.id not in plan.companions:
+                return f"--companions={settings.companions}: no swap planned for this group"
+            if name == ALONE_VS_PACKED_TEST and group.id in from_pack:
+                return ("--companions=sample: packing features come from the pack (no forward alone), neighbour "
+                        "independence is the probe's bit-exact swap")
+        return None
+
+    mine = {group.id for group in plan.groups}
+    for item in items:
+        reason = reason_for(item)
+        if reason is None:
+            kept.append(item)
+        elif group_id_of(plan, item) in mine:  # the summary speaks of this shard's tests only
+            reasons.setdefault(reason, []).append(item.name)
+    return kept, reasons, from_pack
+
+
+def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Selection:
+    """Keep this shard's items, in order (group by group, a group's case tests, then its packed tests); deselect
+    the rest."""
+    mine = {group.id for group in plan.groups}
+    rank = {group.id: index for index, group in enumerate(plan.groups)}
+    kept, deselected = [], []
+    for item in items:
+        group_id = group_id_of(plan, item)
+        in_shard = settings.shard is None or settings.shard.holds(item.nodeid)
+        (kept if (group_id in mine if group_id is not None else in_shard) else deselected).append(item)
 
     def order(item: pytest.Item) -> tuple[int, int]:
         """Tests outside any case first; then group by group, a group's case tests before its packed tests."""
@@ -263,7 +280,7 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Sel
             return 0, 0
         return rank[group_id] + 1, int(item_scope(item)[1] is not None)
 
-    return Selection(sorted(kept, key=order), deselected, reasons, from_pack)  # stable: collection order stays
+    return Selection(sorted(kept, key=order), deselected)  # stable: collection order stays
 
 
 def group_id_of(plan: Plan, item: pytest.Item) -> str | None:
@@ -272,7 +289,7 @@ def group_id_of(plan: Plan, item: pytest.Item) -> str | None:
     return group.id if group else plan.group_of(case.id).id if case else None
 
 
-def group_needs(plan: Plan, selection: Selection) -> dict[str, GroupNeeds]:
+def group_needs(plan: Plan, selection: Selection, from_pack: set[str]) -> dict[str, GroupNeeds]:
     """Group id -> what the selected items need of it (a group whose tests are all deselected needs nothing)."""
     needs: dict[str, GroupNeeds] = {}
     for item in selection.kept:
@@ -280,7 +297,7 @@ def group_needs(plan: Plan, selection: Selection) -> dict[str, GroupNeeds]:
         if case is None and group is None:
             continue
         group_id = group_id_of(plan, item)
-        need = needs.setdefault(group_id, GroupNeeds(from_pack=group_id in selection.from_pack))
+        need = needs.setdefault(group_id, GroupNeeds(from_pack=group_id in from_pack))
         if group is not None:
             need.packed |= item.originalname != COMPANION_TEST or plan.companions[group.id].whole
             need.cases.update(c.id for c in group.cases)
@@ -303,49 +320,105 @@ def group_needs(plan: Plan, selection: Selection) -> dict[str, GroupNeeds]:
     return needs
 
 
-def worker_index(node) -> int:
+def worker_index(node: WorkerController) -> int:
+    """A worker's index from its xdist id (`gw3` -> 3; 0 for any other id)."""
     name = node.gateway.id
     return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else 0
 
 
-class PackGroupScheduling(LoadScopeScheduling):
+class PackGroupScheduling:
     """xdist scheduling by pack group: each group's tests go, whole and in order, to the worker the plan names.
 
-    A group whose worker is gone (crashed or never started) goes to any worker that asks for work.
+    A scheduler of xdist's public protocol (`xdist.scheduler.protocol.Scheduling`, returned by the
+    `pytest_xdist_make_scheduler` hook); it talks to workers only through `send_runtest_some`. A worker is kept two
+    tests ahead, as xdist's own schedulers do (a worker runs a test once the next one is known). A group whose
+    worker is gone (crashed or never started) goes to any worker that asks for work; a crashed worker's unfinished
+    groups go back to the queue, less the test it crashed in.
     """
 
-    def __init__(self, config: pytest.Config, plan: Plan, log=None) -> None:
-        super().__init__(config, log)
+    def __init__(self, config: pytest.Config, plan: Plan, log: object = None) -> None:
         self.plan = plan
+        self.expected = controller_workers(config)
+        self.pending: dict[WorkerController, list[int]] = {}  # node -> indices sent and not yet complete
+        self.collections: dict[WorkerController, list[str]] = {}
+        self.collection: list[str] | None = None  # every worker's collection (set once all have collected)
+        self.queue: dict[str, list[int]] = {}  # group id -> its test indices, in run order; groups not yet sent
 
-    def _split_scope(self, nodeid: str) -> str:
-        return self.plan.scope_of(nodeid)
+    @property
+    def nodes(self) -> list[WorkerController]:
+        return list(self.pending)
 
-    def _next_scope(self, node) -> str | None:
-        live = {worker_index(n) for n in self.nodes}
+    @property
+    def collection_is_completed(self) -> bool:
+        return len(self.collections) >= self.expected
+
+    @property
+    def tests_finished(self) -> bool:
+        """Every group sent and every worker at its last test (which it runs when shut down)."""
+        return (self.collection is not None and not self.queue
+                and all(len(indices) < 2 for indices in self.pending.values()))
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self.queue) or any(self.pending.values())
+
+    def add_node(self, node: WorkerController) -> None:
+        self.pending[node] = []
+
+    def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
+        reference = self.collection or next(iter(self.collections.values()), None)
+        if reference is not None and list(collection) != reference:
+            differ = sorted(set(collection) ^ set(reference))[:5]
+            raise RuntimeError(f"xdist worker {node.gateway.id} collected other tests than the first worker (every "
+                               f"worker must collect the same; first differences: {differ})")
+        self.collections[node] = list(collection)
+
+    def mark_test_complete(self, node: WorkerController, item_index: int, duration: float = 0) -> None:
+        self.pending[node].remove(item_index)
+        self._feed(node)
+
+    def mark_test_pending(self, item: str) -> None:
+        raise NotImplementedError("the pack-group scheduler does not take tests back")
+
+    def remove_pending_tests_from_node(self, node: WorkerController, indices: Sequence[int]) -> None:
+        raise NotImplementedError("the pack-group scheduler does not take tests back")
+
+    def remove_node(self, node: WorkerController) -> str | None:
+        """Forget a worker that finished or crashed; returns the test it crashed in (None when it had none left)."""
+        pending = self.pending.pop(node)
+        self.collections.pop(node, None)
+        if not pending or self.collection is None:
+            return None
+        back: dict[str, list[int]] = {}
+        for index in pending[1:]:
+            back.setdefault(self.plan.scope_of(self.collection[index]), []).append(index)
+        self.queue = {**back, **self.queue}
+        for other in self.pending:
+            self._feed(other)
+        return self.collection[pending[0]]
+
+    def schedule(self) -> None:
+        """Once every worker has collected: queue the groups in collection order and feed every worker."""
+        assert self.collection_is_completed
+        if self.collection is None:
+            self.collection = next(iter(self.collections.values()))
+            for index, nodeid in enumerate(self.collection):
+                self.queue.setdefault(self.plan.scope_of(nodeid), []).append(index)
+        for node in self.pending:
+            self._feed(node)
+
+    def _feed(self, node: WorkerController) -> None:
+        """Send `node` its next groups until it holds two tests or more: its own by the plan, or one whose worker
+        is gone."""
+        if self.collection is None or getattr(node, "shutting_down", False):
+            return
+        live = {worker_index(other) for other in self.pending}
         index = worker_index(node)
-        for scope in self.workqueue:
-            owner = self.plan.owner.get(scope)
-            if owner is None or owner == index or owner not in live:
-                return scope
-        return None
-
-    def _assign_work_unit(self, node) -> None:
-        scope = self._next_scope(node)
-        if scope is None:
-            return
-        work_unit = self.workqueue.pop(scope)
-        self.assigned_work.setdefault(node, {})[scope] = work_unit
-        collection = self.registered_collections[node]
-        node.send_runtest_some([collection.index(nodeid) for nodeid, done in work_unit.items() if not done])
-
-    def _reschedule(self, node) -> None:
-        if node.shutting_down:
-            return
-        pending = self._pending_of(self.assigned_work[node])
-        if pending > 2:
-            return
-        if self._next_scope(node) is not None:
-            self._assign_work_unit(node)
-        elif not pending:
-            node.shutdown()
+        while len(self.pending[node]) < 2:
+            scope = next((scope for scope in self.queue
+                          if self.plan.owner.get(scope) in (None, index) or self.plan.owner[scope] not in live), None)
+            if scope is None:
+                return
+            indices = self.queue.pop(scope)
+            self.pending[node].extend(indices)
+            node.send_runtest_some(indices)

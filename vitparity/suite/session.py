@@ -27,8 +27,10 @@ from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample, stops_early
 from ..independence import SwapResult, alternate_halves, companion_swap
 from ..checkpoint_code import OWN_CODE
+from ..convert import convert_config, hf_to_packing_state_dict
 from ..loading import LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device
 from ..media import Media, MediaError, decoder_record, load_media
+from ..models import OneVisionEncoderPackingModel
 from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
 from ..outputs import (ModelOutputs, ReferenceVerdict, compare_outputs, converted_weight_problems, hf_outputs,
                        output_bars, packing_outputs, reference_verdict)
@@ -153,6 +155,7 @@ class ParitySession:
         self._probed = False  # the float32 probe of a 16-bit run has run in this process (once)
         self._reference: LoadedModel | None = None
         self._reference_error: str | None = None
+        self._reference_packing: torch.nn.Module | None = None
         self._converted: list[str] | None = None
 
     # models
@@ -473,6 +476,18 @@ class ParitySession:
         if self._reference_error is not None:
             raise ModelLoadError(self._reference_error)
         return self._reference
+
+    def reference_models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The reference as a pair for layer traces (a failing reference test only): vitparity's own non-packing
+        class on the hf checkpoint's weights (the hf model itself when it runs that class) and its own packing
+        class on the same weights by the converter's mapping (built once)."""
+        own = self._files.code and self._files.code["hf"].source == OWN_CODE
+        reference = self.model("hf").model if own else self.reference_model().model
+        if self._reference_packing is None:
+            model = OneVisionEncoderPackingModel(convert_config(reference.config))
+            model.load_state_dict(hf_to_packing_state_dict(reference.state_dict()))
+            self._reference_packing = model.to(device=self.settings.device, dtype=self.settings.torch_dtype).eval()
+        return reference, self._reference_packing
 
     def _reference_verdict(self, sample: Sample, features: dict[str, torch.Tensor], pair_passed: bool,
                            name: str) -> ReferenceVerdict | str:

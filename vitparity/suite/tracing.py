@@ -8,8 +8,10 @@ test's JUnit properties, and one PNG (min cosine per layer, one line per case) n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from ..extract import Sample
 from ..media import MediaError
@@ -54,9 +56,30 @@ def trace_failure(session: ParitySession, result: CaseResult | GroupResult) -> T
     return _trace(session, cases, pack=pack, plot=report_dir / f"{result.group.id}-layers.png")
 
 
-def _trace(session: ParitySession, cases: list[ParityCase], *, pack: list[ParityCase] | None,
-           plot: Path) -> TraceReport:
+def trace_against_reference(session: ParitySession, result: CaseResult, odd_one_out: str) -> TraceReport:
+    """Trace the odd one(s) out of a failing reference test against vitparity's own classes on the hf weights,
+    alone: a release packing model against the reference's non-packing class, a release hf model against the
+    reference's packing class (`ParitySession.reference_models`); a common-mode fault traces both."""
+    reference_hf, reference_packing = session.reference_models()
     hf, packing = session.forward_models()
+    sides = ("hf", "packing") if odd_one_out in ("common mode", "hf and packing") else (odd_one_out,)
+    reports = [_trace(session, [result.case], pack=None, plot=None, suffix=f" ({side} vs the reference)",
+                      models=(hf.model, reference_packing) if side == "hf" else (reference_hf, packing.model),
+                      labels=("hf", "reference") if side == "hf" else ("reference", "packing"))
+               for side in sides]
+    traces = tuple(trace for report in reports for trace in report.traces)
+    plot = session.settings.report_dir / f"{result.case.id}-vs-reference-layers.png"
+    return TraceReport(traces, tuple(problem for report in reports for problem in report.problems),
+                       _plot(traces, plot) if traces else None)
+
+
+def _trace(session: ParitySession, cases: list[ParityCase], *, pack: list[ParityCase] | None,
+           plot: Path | None, models: tuple[torch.nn.Module, torch.nn.Module] | None = None,
+           suffix: str = "", labels: tuple[str, str] = ("hf", "packing")) -> TraceReport:
+    """`models`: the (non-packing, packing) pair traced (default: the run's two models); `suffix`: added to each
+    trace's name (traces alone only) and `labels` name its sides; `plot`: where the PNG goes (None: none
+    written)."""
+    hf, packing = models or tuple(loaded.model for loaded in session.forward_models())
     settings = session.settings
     problems: list[str] = []
     samples: dict[str, Sample] = {}
@@ -73,13 +96,16 @@ def _trace(session: ParitySession, cases: list[ParityCase], *, pack: list[Parity
         session.cost.layer_traces += 1
         try:
             traces.append(trace_layers(
-                hf.model, packing.model, sample, pack=list(samples.values()) if pack is not None else None,
+                hf, packing, replace(sample, name=sample.name + suffix) if suffix else sample,
+                pack=list(samples.values()) if pack is not None else None,
                 threshold=settings.threshold, temporal_context=session.pair().temporal_context, bars=settings.bars,
+                labels=labels,
             ))
         except (RuntimeError, ValueError, TypeError, AttributeError) as err:  # the verdict stands; say why
             problems.append(f"per-layer trace of {case.id} failed: {type(err).__name__}: {err}")
-    written = None
-    if traces:
-        title = f"{plot.stem.removesuffix('-layers')}: min cosine per hidden state"
-        written = write_layer_trace_plot(traces, plot, title=title)
+    written = _plot(traces, plot) if traces and plot is not None else None
     return TraceReport(tuple(traces), tuple(problems), written)
+
+
+def _plot(traces: list[LayerTrace] | tuple[LayerTrace, ...], plot: Path) -> Path | None:
+    return write_layer_trace_plot(traces, plot, title=f"{plot.stem.removesuffix('-layers')}: min cosine per hidden state")
