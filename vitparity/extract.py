@@ -96,16 +96,24 @@ def normalize(
 ) -> torch.Tensor:
     """uint8 RGB (H, W, 3) or (T, H, W, 3) -> (C, T, H, W): rescaled, then mean / std per channel, in `dtype`.
 
-    The rescale goes through a 256-entry table computed in float64, so that 1/255 gives exactly RGB / 255 in float32.
+    The rescale goes through a 256-entry table computed in float64, so that 1/255 gives exactly RGB / 255 in float32;
+    the mean and std are applied to that table in float32 (the same operations as on every pixel, done once per
+    value), and each frame is then one gather (no float copy of the whole clip before the result).
     """
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
     if x.dim() == 3:
         x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 RGB frames (T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
     table = (torch.arange(256, dtype=torch.float64) * normalization.rescale).to(torch.float32).to(x.device)
-    x = table[x.permute(3, 0, 1, 2).int()]
-    mean = torch.tensor(normalization.mean, device=x.device).view(3, 1, 1, 1)
-    std = torch.tensor(normalization.std, device=x.device).view(3, 1, 1, 1)
-    return ((x - mean) / std).to(dtype)
+    mean = torch.tensor(normalization.mean, device=x.device).view(3, 1)
+    std = torch.tensor(normalization.std, device=x.device).view(3, 1)
+    per_channel = (table.view(1, 256) - mean) / std  # (3, 256) float32
+    t, h, w, _ = x.shape
+    out = torch.empty((3, t, h * w), dtype=torch.float32, device=x.device)
+    for index in range(t):
+        torch.gather(per_channel, 1, x[index].view(h * w, 3).T.long(), out=out[:, index])
+    return out.view(3, t, h, w).to(dtype)
 
 
 def prepare_sample(
