@@ -216,24 +216,42 @@ def _first_frame(sample: Sample) -> Sample:
     return Sample(f"{sample.name} frame 0", "image", sample.pixels[:, :1], (1, h, w), [0])
 
 
-def _hidden_pair(hf_model, packing_model, sample: Sample, pack: list[Sample] | None, temporal_context: int | None):
-    hf = hf_hidden_states(hf_model, sample, temporal_context=temporal_context)
-    pack = pack or [sample]
-    matches = [i for i, other in enumerate(pack) if other is sample]
-    if len(matches) != 1:
-        raise ValueError(
-            f"{sample.name}: the pack must hold the traced sample exactly once, found it {len(matches)} times"
-        )
-    start = sum(s.num_tokens for s in pack[: matches[0]])
-    packing = tuple(h[start:start + sample.num_tokens] for h in packing_hidden_states(packing_model, pack))
-    for label, hidden in (("hf", hf), ("packing", packing)):
-        for index, h in enumerate(hidden):
-            if h.dim() != 2 or h.shape[0] != sample.num_tokens:
-                raise ValueError(
-                    f"{sample.name}: {label} hidden_states[{index}] has shape {tuple(h.shape)}, "
-                    f"expected ({sample.num_tokens}, D) for grid {sample.grid}"
-                )
-    return hf, packing
+def _slices(pack: list[Sample], samples: list[Sample]) -> list[slice]:
+    """Each sample's rows in the pack's hidden states (the pack must hold each sample itself exactly once)."""
+    found = []
+    for sample in samples:
+        matches = [i for i, other in enumerate(pack) if other is sample]
+        if len(matches) != 1:
+            raise ValueError(
+                f"{sample.name}: the pack must hold the traced sample exactly once, found it {len(matches)} times"
+            )
+        start = sum(s.num_tokens for s in pack[: matches[0]])
+        found.append(slice(start, start + sample.num_tokens))
+    return found
+
+
+def _hidden_pairs(hf_model, packing_model, samples: list[Sample], pack: list[Sample] | None,
+                  temporal_context: int | None) -> list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]:
+    """(hf, packing) hidden states of each sample: the hf model on each sample, the packing model once on the pack
+    (default: each sample alone)."""
+    if pack is None:
+        packed = [(packing_hidden_states(packing_model, [sample]), slice(None)) for sample in samples]
+    else:
+        whole = packing_hidden_states(packing_model, pack)
+        packed = [(whole, rows) for rows in _slices(pack, samples)]
+    pairs = []
+    for sample, (hidden, rows) in zip(samples, packed):
+        hf = hf_hidden_states(hf_model, sample, temporal_context=temporal_context)
+        packing = tuple(h[rows] for h in hidden)
+        for label, states in (("hf", hf), ("packing", packing)):
+            for index, h in enumerate(states):
+                if h.dim() != 2 or h.shape[0] != sample.num_tokens:
+                    raise ValueError(
+                        f"{sample.name}: {label} hidden_states[{index}] has shape {tuple(h.shape)}, "
+                        f"expected ({sample.num_tokens}, D) for grid {sample.grid}"
+                    )
+        pairs.append((hf, packing))
+    return pairs
 
 
 @torch.inference_mode()
@@ -256,26 +274,47 @@ def trace_layers(
     too; the patterns' cross-layer comparisons use the threshold alone. labels: what the text calls the two
     sides (the non-packing model's, the packing model's).
     """
-    hf, packing = _hidden_pair(hf_model, packing_model, sample, pack, temporal_context)
-    rows = _rows(hf, packing, threshold, bars)
-    first = _first_divergence(rows, len(hf), len(packing))
-    patterns: list[Pattern] = []
-    if first is not None:
-        patterns += _shifted(hf, packing, threshold)
-        patterns += _layer_count(hf, packing)
-        if sample.kind == "video" and sample.grid[0] > 1 and first > 0 and not patterns:
-            frame = _first_frame(sample)
-            frame_pack = [frame if other is sample else other for other in pack or [sample]]
-            frame_rows = _rows(*_hidden_pair(hf_model, packing_model, frame, frame_pack, temporal_context), threshold,
-                               bars)
-            if all(row.passed for row in frame_rows):
-                patterns.append(Pattern(TEMPORAL, (
-                    f"the video diverges from hidden_states[{first}] while its first frame in its place (temporal "
-                    f"position 0) agrees at every layer: the frames' temporal positions differ"
-                )))
+    return trace_pack(hf_model, packing_model, [sample], pack=pack, threshold=threshold,
+                      temporal_context=temporal_context, bars=bars, labels=labels)[0]
+
+
+@torch.inference_mode()
+def trace_pack(
+    hf_model: torch.nn.Module,
+    packing_model: torch.nn.Module,
+    samples: list[Sample],
+    *,
+    pack: list[Sample] | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    temporal_context: int | None = TEMPORAL_CONTEXT,
+    bars: Bars | None = None,
+    labels: tuple[str, str] = ("hf", "packing"),
+) -> list[LayerTrace]:
+    """`trace_layers` of several samples of one pack, the packing model run once on the pack (not once per
+    sample); with `pack` None, each sample alone. One trace per sample, in order."""
+    traces = []
     parameter = next(packing_model.parameters())
-    return LayerTrace(
-        name=sample.name, threshold=float(threshold), dtype=str(parameter.dtype).removeprefix("torch."),
-        device=str(parameter.device), hf_count=len(hf), packing_count=len(packing), rows=rows,
-        first_divergence=first, patterns=tuple(patterns), labels=labels,
-    )
+    for sample, (hf, packing) in zip(samples, _hidden_pairs(hf_model, packing_model, samples, pack,
+                                                             temporal_context)):
+        rows = _rows(hf, packing, threshold, bars)
+        first = _first_divergence(rows, len(hf), len(packing))
+        patterns: list[Pattern] = []
+        if first is not None:
+            patterns += _shifted(hf, packing, threshold)
+            patterns += _layer_count(hf, packing)
+            if sample.kind == "video" and sample.grid[0] > 1 and first > 0 and not patterns:
+                frame = _first_frame(sample)
+                frame_pack = [frame if other is sample else other for other in pack or [sample]]
+                frame_rows = _rows(*_hidden_pairs(hf_model, packing_model, [frame], frame_pack, temporal_context)[0],
+                                   threshold, bars)
+                if all(row.passed for row in frame_rows):
+                    patterns.append(Pattern(TEMPORAL, (
+                        f"the video diverges from hidden_states[{first}] while its first frame in its place "
+                        f"(temporal position 0) agrees at every layer: the frames' temporal positions differ"
+                    )))
+        traces.append(LayerTrace(
+            name=sample.name, threshold=float(threshold), dtype=str(parameter.dtype).removeprefix("torch."),
+            device=str(parameter.device), hf_count=len(hf), packing_count=len(packing), rows=rows,
+            first_divergence=first, patterns=tuple(patterns), labels=labels,
+        ))
+    return traces

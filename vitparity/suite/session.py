@@ -36,6 +36,7 @@ from ..outputs import (ModelOutputs, ReferenceVerdict, compare_outputs, converte
                        output_bars, packing_outputs, reference_verdict)
 from ..pair import SIDES, ModelPair, PairFiles, SideLoadError, preflight_pair
 from ..report import format_report, write_cosine_heatmap
+from ..trace import LayerTrace
 from ..snapshots import GoldenData, GoldenFolder, file_sha256, model_fingerprint, reduce_features
 from .baseline import Baseline
 from .cases import PackGroup, ParityCase, Probe
@@ -107,6 +108,7 @@ class GroupResult:
     packed_ids: list[str] = field(default_factory=list)  # the case of each packed_vs_hf comparison
     companions: list[SwapResult] = field(default_factory=list)  # one verdict per case the swap queried
     swap_forwards: str = ""  # the forwards the swap compared
+    pack_traces: dict[str, LayerTrace | str] = field(default_factory=dict)  # case id -> its layer trace in the pack
 
     def forwards(self, test: str) -> str:
         """The forwards a test of this group compared (recorded with the test)."""
