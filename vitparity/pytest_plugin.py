@@ -26,7 +26,7 @@ from .suite.options import OPTIONS, pytest_addoption, raw_value  # noqa: F401 (p
 from .suite.reporting import FailureWithoutFailedTest, ParityReporter
 from .suite.schedule import (
     CASE_PARAM, GROUP_PARAM, InapplicableTests, PackGroupScheduling, build_plan, controller_workers, group_id_of,
-    group_needs, split_items, worker_count,
+    group_needs, probed, split_items, worker_count,
 )
 from .suite.session import CaseResult, GroupResult, ParitySession, preflight
 from .suite.tracing import trace_against_reference, trace_failure
@@ -121,7 +121,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if selection.deselected:
         config.hook.pytest_deselected(items=selection.deselected)
     items[:] = selection.kept
-    session.needs = group_needs(session.plan, selection, inapplicable.from_pack)
+    from_pack = probed(session.plan, selection.kept, inapplicable.from_pack)
+    session.needs = group_needs(session.plan, selection, from_pack)
     session.left_out = inapplicable.reasons
 
 

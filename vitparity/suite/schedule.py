@@ -283,6 +283,13 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Sel
     return Selection(sorted(kept, key=order), deselected)  # stable: collection order stays
 
 
+def probed(plan: Plan, kept: list[pytest.Item], from_pack: set[str]) -> set[str]:
+    """The groups of `from_pack` whose worker's probe swap is among the kept tests: a -k / -m that leaves the probe
+    out leaves nothing to show that a pack can stand in for a forward alone, and those cases run alone."""
+    probing = {plan.owner[item_scope(item)[1].id] for item in kept if item.originalname == COMPANION_TEST}
+    return {group_id for group_id in from_pack if plan.owner[group_id] in probing}
+
+
 def group_id_of(plan: Plan, item: pytest.Item) -> str | None:
     """The pack group a test item belongs to (None for tests outside any case)."""
     case, group = item_scope(item)
