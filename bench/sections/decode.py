@@ -1,5 +1,7 @@
 """Video decode time of the suite's media loader: seeking to every sampled frame vs the default, which decodes
-through gaps of up to `vitparity.media.FORWARD_DECODE_LIMIT` frames and seeks over longer ones.
+through gaps of up to `vitparity.media.FORWARD_DECODE_LIMIT` frames and seeks over longer ones. Then the
+normalisation of a 64-frame context (`vitparity.extract.normalize`, one torch thread) against the elementwise
+formula (a 256-entry table gathered for the whole clip, then mean and std): times, and the same values (bit for bit).
 
 Clips are written with OpenCV (mp4v, 24 fps, the bench's synthetic frames); 8 frames are sampled from each with
 the release formula. Prints the median wall time of `load_media` per clip and mode, and checks that both modes
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from vitparity import media
+from vitparity.extract import CLIP_NORMALIZATION, normalize
 
 from ..common import Progress, Timer, print_table
 from ..workloads import write_media
@@ -58,3 +61,41 @@ def run_decode(opts, workdir: Path, results: dict) -> None:
     if not all(e["same_pixels"] for e in entries):
         raise RuntimeError("decode modes returned different pixels: " + ", ".join(
             e["clip"] for e in entries if not e["same_pixels"]))
+    run_normalize(opts, results)
+
+
+NORMALIZE_SIZES = [(64, 224, 224), (64, 480, 854)]
+SMALL_NORMALIZE_SIZES = [(64, 64, 96)]
+
+
+def elementwise_normalize(frames: np.ndarray) -> torch.Tensor:
+    """The formula applied pixel by pixel: table gather for the whole clip, then (x - mean) / std in float32."""
+    x = torch.from_numpy(frames)
+    table = (torch.arange(256, dtype=torch.float64) * CLIP_NORMALIZATION.rescale).to(torch.float32)
+    x = table[x.permute(3, 0, 1, 2).int()]
+    mean = torch.tensor(CLIP_NORMALIZATION.mean).view(3, 1, 1, 1)
+    std = torch.tensor(CLIP_NORMALIZATION.std).view(3, 1, 1, 1)
+    return (x - mean) / std
+
+
+def run_normalize(opts, results: dict) -> None:
+    rows, entries = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for t, height, width in SMALL_NORMALIZE_SIZES if opts.small else NORMALIZE_SIZES:
+            frames = np.random.default_rng(0).integers(0, 256, (t, height, width, 3), dtype=np.uint8)
+            timer = Timer(torch.device("cpu"))
+            ours, _, got = timer.measure(lambda: normalize(frames, dtype=torch.float32, device="cpu"), 0, opts.repeats)
+            formula, _, expected = timer.measure(lambda: elementwise_normalize(frames), 0, opts.repeats)
+            same = torch.equal(got, expected)
+            entries.append({"frames": t, "size": f"{width}x{height}", "normalize_s": ours, "elementwise_s": formula,
+                            "same_values": same})
+            rows.append([str(t), f"{width}x{height}", f"{ours:.3f}", f"{formula:.3f}", "yes" if same else "NO"])
+    finally:
+        torch.set_num_threads(threads)
+    results["normalize"] = entries
+    print_table(f"Normalisation of a context, float32, CPU, 1 thread, median of {opts.repeats}",
+                ["frames", "size", "normalize s", "elementwise s", "same values"], rows)
+    if not all(e["same_values"] for e in entries):
+        raise RuntimeError("normalize differs from the elementwise formula")
