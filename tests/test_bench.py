@@ -46,7 +46,7 @@ def test_bench_small_runs_its_sections_on_cpu(tmp_path: Path) -> None:
     assert "x floor" not in proc.stdout and "floor at" not in proc.stdout and "floor s" not in proc.stdout
     for heading in ("Forward (extraction protocol)", "Early-exit forward vs full hidden states", "Parity hf vs packing", "Parity across attention kernels",
                     "Attention alone", "RoPE check", "Whole forwards per variant", "Suite overhead",
-                    "Parity with sharp weights", "Decode of 8 sampled frames"):
+                    "Parity with sharp weights", "Decode of 8 sampled frames", "Normalisation of a context"):
         assert heading in proc.stdout
     results = json.loads(out.read_text())
     assert results["machine"]["device"] == "cpu" and results["sections"] == SECTIONS
@@ -74,6 +74,7 @@ def test_bench_small_runs_its_sections_on_cpu(tmp_path: Path) -> None:
         assert entry["bit_identical"]
         assert entry["full"]["kept_bytes"] == 4 * entry["early"]["kept_bytes"] == 4 * entry["tokens"] * 64 * 4
     assert [d["same_pixels"] for d in results["decode"]] == [True, True]
+    assert [n["same_values"] for n in results["normalize"]] == [True]  # the gather per frame is the formula, bit for bit
 
 
 def test_bench_refuses_unknown_sections() -> None:
