@@ -26,6 +26,8 @@ def _evaluate(text: str, inputs: dict[str, str], outputs: dict[str, str]) -> str
             return str(REPO)
         if expression == "inputs.device != 'cpu' && '1' || '0'":
             return "1" if _evaluate("${{ inputs.device }}", inputs, outputs) != "cpu" else "0"
+        if expression == "inputs.media != '' && '1' || ''":
+            return "1" if _evaluate("${{ inputs.media }}", inputs, outputs) != "" else ""
         if re.fullmatch(r"inputs\.[a-z-]+", expression):
             name = expression.removeprefix("inputs.")
             return inputs.get(name, ACTION["inputs"][name].get("default", ""))
@@ -87,6 +89,18 @@ def test_the_gate_steps_report_and_fail_on_a_missing_golden(tmp_path: Path) -> N
     assert verdict.returncode == 1 and "pytest exit status 1" in verdict.stdout
     passed, _ = _run_step("The gate passed", inputs, tmp_path, {"status": "0"})
     assert passed.returncode == 0
+
+
+def test_given_media_are_the_only_cases(tmp_path: Path) -> None:
+    """The `media` input: its files are the cases, the bundled media are left out."""
+    (tmp_path / "media").mkdir()
+    shutil.copy(REPO / "fixtures" / "media" / "coffee_small.jpg", tmp_path / "media" / "espresso.jpg")
+    inputs = {"device": "cpu", "workers": "0", "media": "media",
+              "pytest-args": "-p no:randomly -p no:cacheprovider -m 'not golden' -k test_parity"}
+    gate, outputs = _run_step("Parity gate", inputs, tmp_path)
+    assert outputs == {"status": "0"}, gate.stdout[-3000:] + gate.stderr[-3000:]
+    assert "test_parity[image-espresso.jpg]" in gate.stdout and "1 passed" in gate.stdout, gate.stdout[-3000:]
+    assert "coffee_small" not in gate.stdout
 
 
 def test_the_versions_that_differ_from_the_lock_go_to_the_job_summary(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ entry in EXAMPLES, or an entry whose example is gone, fails `test_every_document
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import shlex
 import shutil
@@ -18,8 +19,10 @@ import pytest
 
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.cli import main
+from vitparity.gate import gate_args
 
 from conftest import REPO
+from remote import release_checkpoint
 from test_hub import cache_builtin_models
 
 DOCS = (REPO / "README.md", REPO / "fixtures" / "README.md", *sorted((REPO / "docs").glob("*.md")))
@@ -40,6 +43,7 @@ class Example:
 
 CKPT = {"/ckpt/onevision-encoder-large": "{tmp}/ckpt/hf", "/ckpt/onevision-encoder-large-packing": "{tmp}/ckpt/packing"}
 MEDIA = {"/data/more_media": "{tmp}/more_media", "/data/goldens": "{tmp}/goldens"}
+RELEASE = {"/ckpt/release": "{tmp}/ckpt/release", "/ckpt/release-packing": "{tmp}/ckpt/release-packing"}
 FAULTS = "tests/test_faults.py runs these suite runs on every planted fault (docs/detection.md's table)"
 BENCH = ("tests/test_bench.py runs every section with --small on the CPU and --help; full sizes are GPU "
          "measurements (docs/benchmarks.md)")
@@ -93,13 +97,17 @@ EXAMPLES: dict[str, Example] = {
     **dict.fromkeys([
         "python -m pip install -c constraints/gate-lock.txt dist/vitparity-0.1.0-py3-none-any.whl",
         "vitparity gate -k coffee_small",
-        "vitparity gate --hf-model /ckpt/release --packing-model /ckpt/release-packing --media=media "
-        "--golden-dir=goldens --regenerate-goldens",
-        "vitparity gate --hf-model /ckpt/release --packing-model /ckpt/release-packing --media=media "
-        "--golden-dir=goldens -n 4",
     ], Example(elsewhere="tests/test_packaging.py (the wheel installed in a fresh venv runs the gate from a folder "
                          "of copied media and goldens; a bare folder gates on the built-in goldens and refuses to "
                          "rewrite them) and tests/test_action.py (the action's install with the lock, and its gate)")),
+    # on checkpoints that ship their own code (release-format), from a folder that holds only media and goldens; the
+    # second line with -n 2 (this machine's cores) for -n 4
+    "vitparity gate --hf-model /ckpt/release --packing-model /ckpt/release-packing --trust-remote-code "
+    "--no-bundled-media --media=media --golden-dir=goldens --regenerate-goldens":
+        Example("gate", RELEASE, says="6 snapshots generated"),
+    "vitparity gate --hf-model /ckpt/release --packing-model /ckpt/release-packing --trust-remote-code "
+    "--no-bundled-media --media=media --golden-dir=goldens -n 4":
+        Example("gate", {**RELEASE, "4": "2"}, says="6 snapshots passed"),
     # fixtures/README.md
     'python -m pip install -e ".[media]"': Example(elsewhere="pyproject.toml's media extra (checked below)"),
     "python fixtures/make_media.py": Example(elsewhere="the --out DIR form below (it would rewrite fixtures/media)"),
@@ -216,6 +224,30 @@ def test_suite_examples_end_as_documented(suite, tmp_path, monkeypatch) -> None:
     own = sorted(p.name for p in (tmp_path / "goldens").rglob("*.npz"))  # 8 bundled + 2 more media, at 0.5 only
     assert len(own) == 20 and all("@0.5-" in name for name in own)
     assert "test_golden[video-espresso_zoom.mp4@0.5-packing].npz" in own
+
+
+@pytest.mark.usefixtures("isolated")
+def test_gate_examples_gate_the_release_code(pytester, tmp_path, monkeypatch) -> None:
+    """The release repository's lines, in order, from a folder holding only its media, on checkpoints that ship their
+    own code: the regeneration writes the goldens of those media alone (both models), and the gate passes on them
+    with the checkpoints' code, the reference and the whole outputs checked."""
+    for name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")]:  # the runs below are sessions of their own
+        monkeypatch.delenv(name)
+    release_checkpoint("hf", tmp_path / "ckpt" / "release")
+    release_checkpoint("packing", tmp_path / "ckpt" / "release-packing")
+    more_media(pytester.path / "media")
+    for command in by_kind("gate"):
+        example = EXAMPLES[command]
+        gate, *args = args_of(command, tmp_path, "vitparity")
+        assert gate == "gate", command
+        result = pytester.runpytest_inprocess(*gate_args(["-p", "no:cacheprovider", *args]))
+        out = result.stdout.str() + result.stderr.str()
+        assert result.ret == example.ret, f"{command}\n{out[-3000:]}"
+        assert example.says in out, f"{command}\n{out[-3000:]}"
+        assert "hf: the checkpoint's own code" in out and "reference/packing/" in out, out[-3000:]
+        assert "coffee_small" not in out, "the bundled media ran"
+    written = sorted(p.name for p in (pytester.path / "goldens").rglob("*.npz"))
+    assert len(written) == 6 and all("espresso" in name for name in written), written
 
 
 def test_cli_examples_end_as_documented(suite, tmp_path, monkeypatch, capsys) -> None:

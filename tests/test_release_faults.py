@@ -2,12 +2,18 @@
 suite as users run it: refused without --trust-remote-code; with it, a fault both files share is caught by the
 reference, a last-layer and a head fault by the outputs after the penultimate layer (and the converted-weights
 check), while the clean and numerics-only variants pass. Under the CPU default plan and the GPU plan (sampled
-checks), each in float32 and in bfloat16, on two image cases."""
+checks), each in float32 and in bfloat16, on two image cases. VITPARITY_FAULTS_OUT=DIR writes each run's record into
+DIR/release/<plan>/ (the table: `python -m tests.faults.detection DIR/release/<plan>`)."""
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 
+from faults.detection import detection_from_reports
 from faults.release import RELEASE_VARIANTS, build_release_variant
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -15,6 +21,7 @@ CASE = "image-astronaut.jpg"  # the largest image: the GPU plan's outputs sample
 SMALLEST = "image-coffee_small.jpg"  # the smallest case: the GPU plan's reference sample
 PLANS = {"cpu-plan": (), "gpu-plan": ("--determinism=sample", "--companions=sample", "--outputs=sample")}
 RUNS = {f"{dtype}-{plan}": (f"--dtype={dtype}", *args) for dtype in ("float32", "bfloat16") for plan, args in PLANS.items()}
+RECORDS = os.environ.get("VITPARITY_FAULTS_OUT")  # read at import: the `isolated` fixture clears VITPARITY_*
 
 
 def outcomes(result: pytest.RunResult) -> dict[str, str]:
@@ -35,7 +42,15 @@ def test_release_variant_verdict(suite, tmp_path, variant, run) -> None:
     if variant.failing:  # without the flag: one usage error, no test
         refused = suite.run(*args)
         assert refused.ret == pytest.ExitCode.USAGE_ERROR and "--trust-remote-code" in refused.stderr.str()
+    start = time.perf_counter()
     result = suite.run(*args, "--trust-remote-code")
+    if RECORDS:
+        dtype, plan = run.split("-", 1)
+        detection = detection_from_reports(variant, dtype, result.ret, result.reprec.getreports("pytest_runtest_logreport"),
+                                           result.reprec.getreports("pytest_collectreport"), time.perf_counter() - start)
+        folder = Path(RECORDS) / "release" / plan
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{variant.name}-{dtype}.json").write_text(detection.to_json() + "\n")
     found = outcomes(result)
     out = result.stdout.str()
     assert {"test_parity", "test_outputs", "test_reference", "test_converted_weights"} <= set(found), out[-3000:]

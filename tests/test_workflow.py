@@ -4,6 +4,7 @@ each outcome of the shards: no green without a check, except the announced skip 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -62,3 +63,22 @@ def test_the_release_run_uses_its_media_folder() -> None:
     assert sorted(name for name in env if name.startswith("VITPARITY_") and name not in known) == []
     check = step("shard", "GPUs and checkpoints")["run"]
     assert "a release run needs its media folder" in check and 'github.ref_type }}" = "tag"' in check
+
+
+def test_the_jobs_media_reach_the_gate() -> None:
+    """The action sets the gate's variables from its inputs (an input left out is the suite's default, whatever the
+    job's environment says), so every variable the job sets and the action's gate step also sets is passed as the
+    input it comes from, with the same value: a media folder set for the job only would never reach the gate."""
+    action = yaml.safe_load((REPO / "action.yml").read_text())
+    gate_env = next(s for s in action["runs"]["steps"] if s["name"] == "Parity gate")["env"]
+    given = next(s for s in WORKFLOW["jobs"]["shard"]["steps"] if s.get("uses") == "./")["with"]
+    job_env = WORKFLOW["jobs"]["shard"]["env"]
+    for name, value in gate_env.items():
+        plain = re.fullmatch(r"\$\{\{ inputs\.([a-z-]+) \}\}", str(value))
+        if plain and name in job_env:
+            source = plain.group(1)
+            assert source in given, f"the job sets {name} but does not pass the action's input {source}"
+            if "vars." in str(job_env[name]) or "inputs." in str(job_env[name]):
+                assert given[source] == job_env[name], (name, given[source], job_env[name])
+    assert given["media"] == job_env["VITPARITY_MEDIA"]
+    assert "inputs.media" in gate_env["VITPARITY_NO_BUNDLED_MEDIA"]  # the job's --no-bundled-media, from the input

@@ -34,6 +34,19 @@ class ReleaseVariant:
     edits: tuple[tuple[str, str, str], ...] = ()  # (file, old, new) planted in both checkpoints' copies
     last_layer_qk_swapped: bool = False  # the packing checkpoint's last layer converted with q and k swapped
 
+    @property
+    def kind(self) -> str:
+        """`fault` when a test must fail, else `benign` (the detection table's column)."""
+        return "fault" if self.failing else "benign"
+
+    @property
+    def side(self) -> str:
+        """Where it is planted: `both` (a file both checkpoints carry), `packing`, or `-` (nothing planted)."""
+        files = {file for file, _, _ in self.edits}
+        if HF_FILE in files:
+            return "both"
+        return "packing" if files or self.last_layer_qk_swapped else "-"
+
 
 RELEASE_VARIANTS = (
     ReleaseVariant("clean", "the release-format code as written", frozenset()),
