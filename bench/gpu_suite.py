@@ -4,10 +4,14 @@
     python -m bench gpu-suite --out /tmp/gs --small           # tiny config and media, on the CPU (about 3.5 min)
 
 For each dtype: both models built with the bench's weights and written as checkpoints, media written (an image and a
-video, added to the bundled ones by --media), then two pytest processes over every suite test with `-n 1`:
-the first writes goldens into a folder of its own (`--golden-dir=... --snapshot-update`), the second checks every
-test against them. Each run's exit status, counts and summary lines are printed and written to
-OUT/results.json; each run's full output to OUT/<dtype>-<run>.txt. Exit status 1 when any run failed.
+video, added to the bundled ones by --media), then, for each kind of model code (`--code`), two pytest processes
+over every suite test with `-n 1`: the first writes goldens into a folder of its own (`--golden-dir=...
+--snapshot-update`), the second checks every test against them. `own`: the checkpoints run vitparity's classes;
+`release`: copies of them ship the release-format modeling files of tests/remote/release (`auto_map`) and run with
+`--trust-remote-code`, so the checkpoints' own code, vitparity's classes as the reference and, where flash-attn is
+not installed, the flash-attn stand-in are what the suite checks. Each run's exit status, counts and summary lines
+are printed and written to OUT/results.json; each run's full output to OUT/<dtype>-<code>-<run>.txt. Exit status 1
+when any run failed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +34,7 @@ MEDIA = {
     "real": [("gpusuite_image1.jpg", 1, 720, 1280), ("gpusuite_video1.mp4", 24, 480, 854)],
     "small": [("gpusuite_image1.jpg", 1, 56, 70), ("gpusuite_video1.mp4", 12, 42, 56)],
 }
+CODES = ("own", "release")
 COUNTS = re.compile(r"(\d+) (passed|failed|skipped|error|errors|deselected|xfailed|xpassed)")
 
 
@@ -43,8 +49,23 @@ def run_pytest(args: list[str], out_file: Path, timeout: float) -> dict:
     closing = [line for line in text.splitlines() if " in " in line and COUNTS.search(line)]
     counts = {kind: int(n) for n, kind in COUNTS.findall(closing[-1])} if closing else {}
     return {"command": command, "exit": proc.returncode, "wall_s": round(wall, 2), "counts": counts,
-            "summary": [line for line in text.splitlines() if "comparisons," in line or "forwards:" in line]
+            "summary": [line for line in text.splitlines()
+                        if line.startswith("code checked:") or "comparisons," in line or "forwards:" in line]
             + closing[-1:]}
+
+
+def release_copies(checkpoints: tuple[Path, Path], folder: Path) -> tuple[Path, Path]:
+    """Copies of the (hf, packing) checkpoints that ship the release-format code (written once per folder)."""
+    from tests.remote import add_release_code  # the repository root is on the path: `python -m bench` from there
+
+    copies = folder / "hf", folder / "packing"
+    for side, source, copy in zip(("hf", "packing"), checkpoints, copies):
+        if not copy.exists():
+            partial = copy.with_name(f".{copy.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            add_release_code(Path(shutil.copytree(source, partial)), side)
+            partial.rename(copy)
+    return copies
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="tiny config and media (runs on the CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--code", nargs="+", default=list(CODES), choices=CODES,
+                   help="whose model code the checkpoints run: own (vitparity's classes), release (the release-format "
+                        "files of tests/remote/release, with --trust-remote-code); default both")
     p.add_argument("--workers", default="1", help="pytest-xdist -n (default 1)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per pytest process")
     args = p.parse_args(argv)
@@ -75,21 +99,26 @@ def main(argv: list[str] | None = None) -> int:
             del hf, packing
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            common = [f"-n={args.workers}", f"--hf-model={checkpoints[0]}", f"--packing-model={checkpoints[1]}",
-                      f"--media={media}", f"--device={args.device}", f"--dtype={dtype_name}",
-                      f"--golden-dir={work / ('golden-' + dtype_name)}", f"--report-dir={work / 'report'}",
-                      f"--junitxml={work / ('junit-' + dtype_name + '.xml')}"]
-            for run, extra in (("update", ["--snapshot-update"]), ("check", [])):
-                log(f"[gpu-suite] {dtype_name} {run}: the whole suite, -n {args.workers}")
-                entry = run_pytest([*common, *extra], out / f"{dtype_name}-{run}.txt", args.timeout)
-                entry.update(dtype=dtype_name, run=run)
-                results["runs"].append(entry)
-                (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-                rows.append([dtype_name, run, str(entry["exit"]), f"{entry['wall_s']:.1f}",
-                             ", ".join(f"{n} {k}" for k, n in entry["counts"].items())])
-                for line in entry["summary"]:
-                    log(f"  {line}")
+            for code in args.code:
+                paths = checkpoints if code == "own" else release_copies(
+                    checkpoints, work / f"checkpoints-{dtype_name}-release")
+                name = f"{dtype_name}-{code}"
+                common = [f"-n={args.workers}", f"--hf-model={paths[0]}", f"--packing-model={paths[1]}",
+                          f"--media={media}", f"--device={args.device}", f"--dtype={dtype_name}",
+                          f"--golden-dir={work / ('golden-' + name)}", f"--report-dir={work / ('report-' + name)}",
+                          f"--junitxml={work / ('junit-' + name + '.xml')}",
+                          *(["--trust-remote-code"] if code == "release" else [])]
+                for run, extra in (("update", ["--snapshot-update"]), ("check", [])):
+                    log(f"[gpu-suite] {dtype_name} {code} code {run}: the whole suite, -n {args.workers}")
+                    entry = run_pytest([*common, *extra], out / f"{name}-{run}.txt", args.timeout)
+                    entry.update(dtype=dtype_name, code=code, run=run)
+                    results["runs"].append(entry)
+                    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+                    rows.append([dtype_name, code, run, str(entry["exit"]), f"{entry['wall_s']:.1f}",
+                                 ", ".join(f"{n} {k}" for k, n in entry["counts"].items())])
+                    for line in entry["summary"]:
+                        log(f"  {line}")
     print_table(f"The whole suite on {results['machine']['device']} ({config}, -n {args.workers})",
-                ["dtype", "run", "exit", "wall s", "counts"], rows)
+                ["dtype", "code", "run", "exit", "wall s", "counts"], rows)
     log(f"wrote {out / 'results.json'}")
     return 0 if all(r["exit"] == 0 for r in results["runs"]) else 1

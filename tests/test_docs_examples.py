@@ -143,6 +143,8 @@ EXAMPLES: dict[str, Example] = {
         "python -m bench suite-scale --device cpu", "bench/gpu_check.sh gpu-results",
         "bench/gpu_check.sh /tmp/check --small",
     ], Example(elsewhere=BENCH)),
+    "python -m bench gpu-suite --out gpu-suite": Example(elsewhere="run by hand on a GPU for docs/benchmarks.md (its "
+                                                                   "--small form on the CPU: minutes of suite runs)"),
     # docs/detection.md
     **dict.fromkeys([
         "time python -m pytest tests/test_faults.py -n 2", "python -m pytest tests/test_faults.py -s -k qk_swapped",

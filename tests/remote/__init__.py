@@ -55,7 +55,12 @@ def release_checkpoint(side: str, folder: Path, edits: dict[str, list[tuple[str,
     `auto_map`, the three code files copied in, the packing file importing flash-attn when imported).
 
     `edits`: file name -> (old, new) text replacements planted in that file's copy (each must occur)."""
-    folder = Path(shutil.copytree(SOURCES[side], folder))
+    return add_release_code(Path(shutil.copytree(SOURCES[side], folder)), side, edits)
+
+
+def add_release_code(folder: Path, side: str, edits: dict[str, list[tuple[str, str]]] | None = None) -> Path:
+    """Make a checkpoint folder of vitparity's `side` class ("hf" or "packing") one that ships the release-format
+    code (see `release_checkpoint`); its weights are left as they are. Returns the folder."""
     config = json.loads((folder / "config.json").read_text())
     config_class, model_class = RELEASE_CLASSES[side]
     config.pop("rope_temporal_size", None)  # the release's config class has no such field
