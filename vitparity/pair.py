@@ -93,7 +93,7 @@ def check_threshold(value: float, name: str = "threshold") -> float:
 def temporal_context(hf_config: dict) -> int | None:
     """The temporal RoPE context of the non-packing model, from its config.json: `rope_temporal_size` when the
     config has the field (null: the frames given, no limit), else the release protocol's 64 frames
-    (`extract.TEMPORAL_CONTEXT`; the release's own config class has no such field)."""
+    (`extract.TEMPORAL_CONTEXT`; some release config classes have no such field, later ones default it to 64)."""
     return hf_config.get("rope_temporal_size", TEMPORAL_CONTEXT)
 
 

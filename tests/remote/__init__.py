@@ -63,7 +63,7 @@ def add_release_code(folder: Path, side: str, edits: dict[str, list[tuple[str, s
     code (see `release_checkpoint`); its weights are left as they are. Returns the folder."""
     config = json.loads((folder / "config.json").read_text())
     config_class, model_class = RELEASE_CLASSES[side]
-    config.pop("rope_temporal_size", None)  # the release's config class has no such field
+    config.pop("rope_temporal_size", None)  # as a release config class without the field writes it
     config["auto_map"] = {"AutoConfig": config_class, "AutoModel": model_class}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for source in sorted(RELEASE_CODE.glob("*.py")):
