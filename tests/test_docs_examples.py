@@ -206,13 +206,14 @@ def more_media(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.usefixtures("isolated")
 def test_suite_examples_end_as_documented(suite, tmp_path, monkeypatch) -> None:
-    """In the order the README shows them: the golden-folder workflow writes before it checks."""
+    """In the order the README shows them: the golden-folder workflow writes before it checks. The real-checkpoint
+    examples (folders and hub ids) run checkpoints that ship their own code, as a release's do."""
     more_media(tmp_path / "more_media")
     shutil.copy(BUILTIN_MEDIA / "rocket_tilt.mp4", tmp_path / "clip.mp4")
-    for side, source in (("hf", BUILTIN_HF), ("packing", BUILTIN_PACKING)):
-        shutil.copytree(source, tmp_path / "ckpt" / side)
-    cache_builtin_models(tmp_path / "hf-home", monkeypatch, refs=("main", "v1.0"),
+    release = {side: release_checkpoint(side, tmp_path / "ckpt" / side) for side in ("hf", "packing")}
+    cache_builtin_models(tmp_path / "hf-home", monkeypatch, refs=("main", "v1.0"), sources=release,
                          repos={"hf": "org/onevision-encoder-large", "packing": "org/onevision-encoder-large-packing"})
     committed = suite.goldens()
     for command in by_kind("suite"):

@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
+from vitparity.checkpoint_code import CHECKPOINT_CODE
 from vitparity.cli import main
 from vitparity.features_io import read_features
 from vitparity.hub import ModelRef, hub_id, resolve_model
 from vitparity.loading import ModelLoadError, load_model
 from vitparity.pair import load_pair
+
+from remote import release_checkpoint
 
 COMMITS = {"hf": "1" * 40, "packing": "2" * 40}
 REPOS = {"hf": "example-org/tiny-encoder", "packing": "example-org/tiny-encoder-packing"}
@@ -32,11 +35,12 @@ def _cache_repo(hub: Path, repo_id: str, commit: str, source: Path, refs: tuple[
 
 
 def cache_builtin_models(home: Path, monkeypatch: pytest.MonkeyPatch, repos: dict[str, str] = REPOS,
-                         refs: tuple[str, ...] = ("main", "v1")) -> Path:
-    """HF_HOME at `home` with both built-in checkpoints cached as `repos` (side -> repo id) at `refs`;
-    HF_HUB_OFFLINE=1."""
-    for side, source in (("hf", BUILTIN_HF), ("packing", BUILTIN_PACKING)):
-        _cache_repo(home / "hub", repos[side], COMMITS[side], source, refs=refs)
+                         refs: tuple[str, ...] = ("main", "v1"), sources: dict[str, Path] | None = None) -> Path:
+    """HF_HOME at `home` with both built-in checkpoints (or the `sources` folders, side -> folder) cached as `repos`
+    (side -> repo id) at `refs`; HF_HUB_OFFLINE=1."""
+    sources = sources or {"hf": BUILTIN_HF, "packing": BUILTIN_PACKING}
+    for side in ("hf", "packing"):
+        _cache_repo(home / "hub", repos[side], COMMITS[side], sources[side], refs=refs)
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -67,6 +71,24 @@ def test_load_model_from_an_offline_cache(offline_cache: Path) -> None:
     assert (loaded.ref.repo_id, loaded.ref.revision, loaded.ref.commit) == (REPOS["hf"], None, COMMITS["hf"])
     pinned = resolve_model(f"{REPOS['hf']}@v1")
     assert (pinned.revision, pinned.commit) == ("v1", COMMITS["hf"])
+
+
+@pytest.mark.usefixtures("isolated")
+def test_a_hub_release_runs_its_own_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release on the Hub ships its modeling files (`auto_map`): resolved offline, the code in the snapshot runs
+    with trust_remote_code, and is refused naming the flag without it."""
+    monkeypatch.chdir(tmp_path)
+    cache_builtin_models(tmp_path / "hf-home", monkeypatch,
+                         sources={side: release_checkpoint(side, tmp_path / "release" / side) for side in REPOS})
+    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
+        load_model(REPOS["hf"])
+    for side in ("hf", "packing"):
+        loaded = load_model(f"{REPOS[side]}@v1", trust_remote_code=True)
+        assert loaded.source == "remote code" and loaded.code.source == CHECKPOINT_CODE
+        assert loaded.code.class_name == ("modeling_onevision_encoder.OneVisionEncoderModel" if side == "hf" else
+                                          "modeling_onevision_encoder_packing.OneVisionEncoderPackingModel")
+        assert loaded.path.endswith(COMMITS[side]) and loaded.ref.commit == COMMITS[side]
+        assert set(loaded.code.files) >= {"modeling_onevision_encoder.py", "configuration_onevision_encoder.py"}
 
 
 def test_unknown_hub_id_offline_names_the_cache(offline_cache: Path) -> None:
