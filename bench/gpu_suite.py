@@ -22,12 +22,13 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .common import interruptible, log, machine_info, print_table, run_child
-from .sections.suite_run import REPO, write_checkpoints
+from .sections.suite_run import REPO, write_checkpoints, write_folder_once
 from .workloads import build_models, write_media
 
 MEDIA = {
@@ -58,14 +59,12 @@ def release_copies(checkpoints: tuple[Path, Path], folder: Path) -> tuple[Path, 
     """Copies of the (hf, packing) checkpoints that ship the release-format code (written once per folder)."""
     from tests.remote import add_release_code  # the repository root is on the path: `python -m bench` from there
 
-    copies = folder / "hf", folder / "packing"
-    for side, source, copy in zip(("hf", "packing"), checkpoints, copies):
-        if not copy.exists():
-            partial = copy.with_name(f".{copy.name}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            add_release_code(Path(shutil.copytree(source, partial)), side)
-            partial.rename(copy)
-    return copies
+    def copy_with_code(source: Path, side: str) -> Callable[[Path], Path]:
+        return lambda partial: add_release_code(Path(shutil.copytree(source, partial)), side)
+
+    hf, packing = (write_folder_once(folder / side, copy_with_code(source, side))
+                   for side, source in zip(("hf", "packing"), checkpoints))
+    return hf, packing
 
 
 def main(argv: list[str] | None = None) -> int:

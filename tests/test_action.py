@@ -24,10 +24,10 @@ def _evaluate(text: str, inputs: dict[str, str], outputs: dict[str, str]) -> str
         expression = match.group(1)
         if expression == "github.action_path":
             return str(REPO)
-        if expression == "inputs.device != 'cpu' && '1' || '0'":
-            return "1" if _evaluate("${{ inputs.device }}", inputs, outputs) != "cpu" else "0"
-        if expression == "inputs.media != '' && '1' || ''":
-            return "1" if _evaluate("${{ inputs.media }}", inputs, outputs) != "" else ""
+        choice = re.fullmatch(r"inputs\.([a-z-]+) != '([^']*)' && '([^']*)' \|\| '([^']*)'", expression)
+        if choice:  # GitHub's conditional: `inputs.NAME != 'v' && 'a' || 'b'` (a is never empty here)
+            name, other, then, otherwise = choice.groups()
+            return then if _evaluate(f"${{{{ inputs.{name} }}}}", inputs, outputs) != other else otherwise
         if re.fullmatch(r"inputs\.[a-z-]+", expression):
             name = expression.removeprefix("inputs.")
             return inputs.get(name, ACTION["inputs"][name].get("default", ""))

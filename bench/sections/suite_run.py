@@ -11,6 +11,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..common import Progress, log, print_table, run_child
@@ -22,21 +23,25 @@ COMPARISONS = re.compile(r"(\d+) comparisons, (\d+) passed, (\d+) failed")
 LOADS = re.compile(r"^(\w+): forwards: .*; model loads: hf (\d+), packing (\d+)", re.M)  # the suite's cost lines
 
 
-def write_checkpoints(hf, packing, folder: Path) -> tuple[Path, Path]:
-    """Both models as safetensors checkpoints (in their current dtype), written once per folder: each into a
-    temporary folder renamed when complete, so that an interrupted run leaves no partial checkpoint to be reused."""
-    paths = folder / "hf", folder / "packing"
-    for model, path in zip((hf, packing), paths):
-        if path.exists():
-            continue
+def write_folder_once(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(folder)` fills a folder that becomes `path`, unless `path` exists: written into a temporary folder
+    renamed when complete, so that an interrupted run leaves no partial folder to be reused."""
+    if not path.exists():
         partial = path.with_name(f".{path.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            model.save_pretrained(partial)
+            write(partial)
             partial.rename(path)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-    return paths
+    return path
+
+
+def write_checkpoints(hf, packing, folder: Path) -> tuple[Path, Path]:
+    """Both models as safetensors checkpoints (in their current dtype), written once per folder
+    (`write_folder_once`)."""
+    return (write_folder_once(folder / "hf", hf.save_pretrained),
+            write_folder_once(folder / "packing", packing.save_pretrained))
 
 
 def suite_command(opts, checkpoints: tuple[Path, Path], media: Path, select: str) -> list[str]:

@@ -203,7 +203,8 @@ def load_detections(folder: Path) -> list[Detection]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m tests.faults.detection DIR   (DIR: the VITPARITY_FAULTS_OUT of a test_faults run, or its release/<plan> folder)")
+        print("usage: python -m tests.faults.detection DIR   (DIR: the VITPARITY_FAULTS_OUT of a test_faults run, "
+              "or its release/<plan> folder)")
         return 2
     from . import VARIANTS
 
