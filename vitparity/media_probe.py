@@ -1,7 +1,9 @@
 """Image and video sizes read without decoding the pixels, for planning work before any forward pass.
 
 JPEG and PNG sizes come from their headers; other image formats are decoded; videos are opened and their
-container's frame size read. A file that cannot be probed gives None: its case fails later, when it is decoded.
+container's frame size read. A file that cannot be probed gives None: its case fails later, when it is decoded
+(`vitparity.media_check`, before any model loads, names it with what the decoder wrote). What OpenCV and FFmpeg
+write to stderr while probing is dropped.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import struct
 from pathlib import Path
 
 import cv2
+
+from .media_check import captured_stderr
 
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic...): they carry the frame size.
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -55,13 +59,15 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
             size = _jpeg_size(handle.read())
         if size is not None:
             return size
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    with captured_stderr():
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     return None if image is None else (image.shape[1], image.shape[0])
 
 
 def video_size(path: str | Path) -> tuple[int, int] | None:
     """(width, height) of a video's frames as its container states them, or None when it cannot be opened."""
-    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    with captured_stderr():
+        capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     try:
         if not capture.isOpened():
             return None

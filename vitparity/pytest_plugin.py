@@ -21,6 +21,7 @@ from .suite.costs import FORWARDS_PROPERTY, PROPERTY
 from .suite.nothing_checked import NothingChecked
 from .suite.representative import check_representative
 from .suite.baseline import BaselineReporter, baseline_property, check_baseline
+from .suite.media_preflight import check_run_media
 from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key
 from .suite.options import OPTIONS, pytest_addoption, raw_value  # noqa: F401 (pytest_addoption: this plugin's hook)
 from .suite.reporting import FailureWithoutFailedTest, ParityReporter
@@ -70,6 +71,8 @@ def pytest_configure(config: pytest.Config) -> None:
         workers = controller_workers(config)
     files = preflight(settings)
     session = ParitySession(settings, build_plan(settings, workers, files), files)
+    if not hasattr(config, "workerinput"):  # once, before xdist starts the workers that load the models
+        check_run_media(session.plan, settings, files)
     session.baseline = check_baseline(settings, files)
     check_representative(session.plan.all_groups, settings.pack_tokens, settings.require_representative,
                          settings.labels["require_representative"])
