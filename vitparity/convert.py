@@ -2,7 +2,8 @@
 
 HF -> packing: `embeddings.patch_embedding` -> `patch_embed.proj`; per layer q, k, v projections are fused
 into `self_attn.qkv` (concatenated in that order along the output dimension) and `out_proj` becomes
-`proj`. Every other key is identical. The reverse splits `qkv` in three equal parts.
+`proj`; the release's RoPE buffers, where a state dict carries them, `video_rope.inv_freq_{t,h,w}` ->
+`rotary_emb.inv_freq_{t,h,w}`. Every other key is identical. The reverse splits `qkv` in three equal parts.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .loading import ModelLoadError, read_config, rope_buffer_keys, saved_rope_buffer_problems, weight_files, weight_problems
+from .loading import (ModelLoadError, read_config, rope_buffer_keys, saved_rope_buffer_problems, weight_files,
+                      weight_problems)
 from .models import MODEL_TYPES, OneVisionEncoderConfig, OneVisionEncoderModel, OneVisionEncoderPackingConfig
 from .models import OneVisionEncoderPackingModel
 
 _LAYER_ATTN = re.compile(r"^(encoder\.layers\.\d+\.self_attn)\.(q_proj|k_proj|v_proj|out_proj|qkv|proj)\.(weight|bias)$")
 _PATCH = {"hf": "embeddings.patch_embedding.weight", "packing": "patch_embed.proj.weight"}
 _CONFIG_ONLY_FIELDS = {"hf": ("rope_temporal_size",), "packing": ("temporal_patch_size", "spatial_merge_size")}
+_ROPE_TO_PACKING = dict(zip(rope_buffer_keys("hf"), rope_buffer_keys("packing")))
+_ROPE_TO_HF = {packing: hf for hf, packing in _ROPE_TO_PACKING.items()}
 
 
 class ConversionError(ValueError):
@@ -36,6 +40,8 @@ def hf_to_packing_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, t
         match = _LAYER_ATTN.match(key)
         if key == _PATCH["hf"]:
             out[_PATCH["packing"]] = value
+        elif key in _ROPE_TO_PACKING:
+            out[_ROPE_TO_PACKING[key]] = value
         elif match and match.group(2) in ("q_proj", "k_proj", "v_proj"):
             pending.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = value
         elif match and match.group(2) == "out_proj":
@@ -57,6 +63,8 @@ def packing_to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, t
         match = _LAYER_ATTN.match(key)
         if key == _PATCH["packing"]:
             out[_PATCH["hf"]] = value
+        elif key in _ROPE_TO_HF:
+            out[_ROPE_TO_HF[key]] = value
         elif match and match.group(2) == "qkv":
             if value.shape[0] % 3:
                 raise ConversionError(f"{key}: first dimension {value.shape[0]} is not divisible by 3")

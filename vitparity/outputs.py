@@ -123,18 +123,39 @@ def reference_verdict(hf: torch.Tensor, packing: torch.Tensor, reference: torch.
     return ReferenceVerdict(found, odd)
 
 
-def converted_weight_problems(hf: torch.nn.Module, packing: torch.nn.Module) -> list[str]:
-    """Each packing tensor against the hf tensor(s) it comes from by the converter's mapping
-    (`convert.hf_to_packing_state_dict`), exactly (torch.equal, in the loaded dtype); one line per tensor that
-    differs, is missing or is extra. Non-persistent buffers are not weights and are left out."""
+@dataclass
+class ConvertedWeights:
+    """The converted-weights check: one problem line per tensor that differs, is missing or is extra, and the
+    buffers left out (one line each, with the reason)."""
+
+    problems: list[str]
+    left_out: list[str]
+
+
+def converted_weights(hf: torch.nn.Module, packing: torch.nn.Module) -> ConvertedWeights:
+    """Each packing tensor of the state dict against the hf tensor(s) it comes from by the converter's mapping
+    (`convert.hf_to_packing_state_dict`: fused qkv = cat(q, k, v), the RoPE buffers `video_rope.inv_freq_{t,h,w}` ->
+    `rotary_emb.inv_freq_{t,h,w}` where both models keep them), exactly (torch.equal, in the loaded dtype).
+
+    A parameter that one side lacks is a problem. A buffer that only one model keeps in its state dict (a release
+    whose code registers its RoPE tables persistent on one side only) maps to nothing: it is left out, with the
+    reason; its values are checked where every buffer is, in `test_loaded_weights` (RoPE tables against the
+    formula). Non-persistent buffers are in neither state dict."""
     try:
         expected = hf_to_packing_state_dict(hf.state_dict())
     except ConversionError as err:
-        return [f"the hf weights cannot be mapped: {err}"]
+        return ConvertedWeights([f"the hf weights cannot be mapped: {err}"], [])
     actual = packing.state_dict()
-    problems = [f"{key}: in the packing model, no hf tensor maps to it" for key in sorted(set(actual) - set(expected))]
+    buffers = {"hf": set(hf_to_packing_state_dict({name: torch.empty(0) for name, _ in hf.named_buffers()})),
+               "packing": {name for name, _ in packing.named_buffers()}}
+    extra, missing = set(actual) - set(expected), set(expected) - set(actual)
+    left_out = [f"{key}: a buffer only the packing model keeps in its state dict, no hf tensor maps to it (checked "
+                "by test_loaded_weights)" for key in sorted(extra & buffers["packing"])]
+    left_out += [f"{key}: a buffer only the hf model keeps in its state dict, nothing in the packing model to map it to "
+                 "(checked by test_loaded_weights)" for key in sorted(missing & buffers["hf"])]
+    problems = [f"{key}: in the packing model, no hf tensor maps to it" for key in sorted(extra - buffers["packing"])]
     problems += [f"{key}: mapped from the hf weights, missing in the packing model"
-                 for key in sorted(set(expected) - set(actual))]
+                 for key in sorted(missing - buffers["hf"])]
     for key in sorted(set(actual) & set(expected)):
         a, b = actual[key], expected[key]
         if a.shape != b.shape:
@@ -143,4 +164,4 @@ def converted_weight_problems(hf: torch.nn.Module, packing: torch.nn.Module) -> 
             diff = (a.float() - b.to(a.device).float()).abs()
             problems.append(f"{key}: differs from the hf tensor(s) it maps from: max abs diff {diff.max().item():.3e}, "
                             f"{int((diff > 0).sum())} of {diff.numel()} values ({a.dtype})")
-    return problems
+    return ConvertedWeights(problems, left_out)

@@ -8,6 +8,7 @@ thing planted in the code (both checkpoints' copies of a shared file for a commo
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from remote import release_checkpoint
+from vitparity.loading import rope_buffer_keys
+from vitparity.models.layers import VisionRotary3D
 
 HF_FILE = "modeling_onevision_encoder.py"
 PACKING_FILE = "modeling_onevision_encoder_packing.py"
@@ -22,6 +25,10 @@ PACKING_FILE = "modeling_onevision_encoder_packing.py"
 SHARED_ROPE_AXES = (HF_FILE, "        positions = positions.float()\n",
                     "        positions = positions.float()[..., [0, 2, 1]]\n")
 HEAD_NEGATED = (PACKING_FILE, "            x = self.layernorm_post(x)\n", "            x = -self.layernorm_post(x)\n")
+# The shared rotary class registers its tables persistent (a copy patched to survive meta-device loading): both
+# models keep them in their state dicts and both checkpoints save them.
+ROPE_BUFFERS_PERSISTENT = (HF_FILE, 'self.register_buffer(f"inv_freq_{axis}", inv, persistent=False)',
+                           'self.register_buffer(f"inv_freq_{axis}", inv, persistent=True)')
 ROPE_INPUT_DTYPE = (PACKING_FILE, "q = (q.float() * cos + rotate_pairs(q.float()) * sin).to(x.dtype)",
                     "q = q * cos.to(q.dtype) + rotate_pairs(q) * sin.to(q.dtype)")
 
@@ -33,6 +40,7 @@ class ReleaseVariant:
     failing: frozenset[str]  # test names that must fail; empty: every selected test passes
     edits: tuple[tuple[str, str, str], ...] = ()  # (file, old, new) planted in both checkpoints' copies
     last_layer_qk_swapped: bool = False  # the packing checkpoint's last layer converted with q and k swapped
+    rope_buffers_saved: bool = False  # both checkpoints' files carry the RoPE tables (the formula, float32)
 
     @property
     def kind(self) -> str:
@@ -50,8 +58,14 @@ class ReleaseVariant:
 
 RELEASE_VARIANTS = (
     ReleaseVariant("clean", "the release-format code as written", frozenset()),
+    ReleaseVariant("clean_buffers_saved", "the release-format code with persistent RoPE buffers, saved in both files",
+                   frozenset(), edits=(ROPE_BUFFERS_PERSISTENT,), rope_buffers_saved=True),
+    ReleaseVariant("clean_buffers_in_files", "the release-format code as written, both files carrying the RoPE buffers",
+                   frozenset(), rope_buffers_saved=True),
     ReleaseVariant("rope_input_dtype", "numerics only: the packing file applies RoPE in the input dtype",
                    frozenset(), edits=(ROPE_INPUT_DTYPE,)),
+    ReleaseVariant("rope_input_dtype_buffers_saved", "numerics only, persistent RoPE buffers saved in both files",
+                   frozenset(), edits=(ROPE_INPUT_DTYPE, ROPE_BUFFERS_PERSISTENT), rope_buffers_saved=True),
     ReleaseVariant("shared_rope_axes", "common mode: the RoPE class both files use reads h and w swapped",
                    frozenset({"test_reference"}), edits=(SHARED_ROPE_AXES,)),
     ReleaseVariant("last_layer_qk_swapped", "the packing checkpoint's last layer has q and k swapped in conversion",
@@ -72,6 +86,16 @@ def _swap_last_layer_qk(folder: Path) -> None:
     save_file(weights, str(path), metadata={"format": "pt"})
 
 
+def _save_rope_buffers(folder: Path, side: str) -> None:
+    """Add the release's RoPE tables (`loading.rope_buffer_keys`, the formula in float32) to a checkpoint's file."""
+    path = folder / "model.safetensors"
+    config = json.loads((folder / "config.json").read_text())
+    tables = VisionRotary3D(config["hidden_size"] // config["num_attention_heads"], config["rope_theta"]).inv_freqs()
+    weights = load_file(str(path))
+    weights.update({key: table.contiguous() for key, table in zip(rope_buffer_keys(side), tables)})
+    save_file(weights, str(path), metadata={"format": "pt"})
+
+
 def build_release_variant(variant: ReleaseVariant, root: Path) -> tuple[Path, Path]:
     """The variant's (hf, packing) checkpoint folders under root/<name>/."""
     edits: dict[str, list[tuple[str, str]]] = {}
@@ -82,4 +106,7 @@ def build_release_variant(variant: ReleaseVariant, root: Path) -> tuple[Path, Pa
     packing = release_checkpoint("packing", root / variant.name / "packing", edits)
     if variant.last_layer_qk_swapped:
         _swap_last_layer_qk(packing)
+    if variant.rope_buffers_saved:
+        _save_rope_buffers(hf, "hf")
+        _save_rope_buffers(packing, "packing")
     return hf, packing

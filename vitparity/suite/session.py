@@ -32,8 +32,8 @@ from ..loading import LoadedModel, ModelLoadError, library_versions, load_model,
 from ..media import Media, MediaError, decoder_record, load_media
 from ..models import OneVisionEncoderPackingModel
 from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
-from ..outputs import (ModelOutputs, ReferenceVerdict, compare_outputs, converted_weight_problems, hf_outputs,
-                       output_bars, packing_outputs, reference_verdict)
+from ..outputs import (ConvertedWeights, ModelOutputs, ReferenceVerdict, compare_outputs, converted_weights,
+                       hf_outputs, output_bars, packing_outputs, reference_verdict)
 from ..pair import SIDES, ModelPair, PairFiles, SideLoadError, preflight_pair
 from ..report import format_report, write_cosine_heatmap
 from ..trace import LayerTrace
@@ -158,7 +158,7 @@ class ParitySession:
         self._reference: LoadedModel | None = None
         self._reference_error: str | None = None
         self._reference_packing: torch.nn.Module | None = None
-        self._converted: list[str] | None = None
+        self._converted: ConvertedWeights | None = None
 
     # models
 
@@ -508,11 +508,11 @@ class ParitySession:
         return reference_verdict(features["hf"], features["packing"], expected, pair_passed, name,
                                  self.settings.threshold)
 
-    def converted_weights(self) -> list[str]:
+    def converted_weights(self) -> ConvertedWeights:
         """Each packing tensor against the hf tensor it comes from by the converter's mapping, exactly (once)."""
         if self._converted is None:
             hf, packing = self.models()
-            self._converted = converted_weight_problems(hf.model, packing.model)
+            self._converted = converted_weights(hf.model, packing.model)
         return self._converted
 
     def _leak_evidence(self) -> str | None:
