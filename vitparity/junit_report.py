@@ -3,9 +3,12 @@
 A suite run written with `--junitxml` holds, per test, its comparison rows (user property `vitparity`, one JSON
 `Comparison.row()` each) and, per file, the cost of each of its processes (global properties
 `vitparity_cost_<worker>`, JSON) the config differences of the two models (`vitparity_config_warnings`) and the code that ran each model
-(`vitparity_code`: class and files with their sha256).
-`vitparity report-junit` reads those files and prints one table of every comparison, the failed tests, tests
-found in more than one file (shards that overlap), the config warnings and the cost lines.
+(`vitparity_code`: class and files with their sha256). A golden test records its golden's state
+(`vitparity_golden_state`: match, regression or missing; why a missing one is missing: `vitparity_golden_missing`) and
+a file the command that writes the missing goldens (`vitparity_goldens`).
+`vitparity report-junit` reads those files and prints one table of every comparison, the failed tests, the missing
+goldens apart from them (counted, why, and the command that writes them), tests found in more than one file (shards
+that overlap), the config warnings and the cost lines.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .features_io import code_line
 from .report import TABLE_HEADER, table_cells, worst_case_line, worst_first
 from .suite.baseline import PROPERTY as BASELINE_KEY
 from .suite.costs import CODE_KEY, COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
+from .suite.golden_state import MISSING, MISSING_PROPERTY, STATE_PROPERTY, SUMMARY_PROPERTY, GoldenTally
 from .suite.run_record import RUN_KEY, run_lines
 
 BAD_OUTCOMES = ("failed", "error")
@@ -58,6 +62,12 @@ class TestOutcome:
     message: str = ""
     worst: dict | None = None  # the comparison row of this test with the lowest min cosine
     first_divergence: str = ""  # "<trace name>: <layer>" of each layer trace this test recorded
+    golden: list[tuple[str, str]] = field(default_factory=list)  # a golden test's state properties (golden_state)
+
+    @property
+    def missing_golden(self) -> bool:
+        """A golden test that failed because its golden is missing (counted apart from failed tests)."""
+        return dict(self.golden).get(STATE_PROPERTY) == MISSING
 
     def evidence(self) -> str:
         """`worst cos 0.912345 (packed/image-x.jpg); first divergence: ...` ("" when the test recorded neither)."""
@@ -82,6 +92,7 @@ class JUnitRun:
     baseline: list[dict] = field(default_factory=list)  # BaselineRow of each golden test (--golden-baseline)
     record: dict = field(default_factory=dict)  # what ran (suite.run_record)
     code: dict[str, dict] = field(default_factory=dict)  # side -> `checkpoint_code.CodeRecord.to_dict()`
+    golden_command: str = ""  # the command that writes the run's missing goldens (`golden_state.update_command`)
 
 
 def _outcome(case: ET.Element) -> tuple[str, str]:
@@ -116,19 +127,23 @@ def read_junit(path: str | Path) -> JUnitRun:
                 run.record = _json(prop.get("value", ""), path, name)
             elif name == CODE_KEY:
                 run.code = _json(prop.get("value", ""), path, name)
+            elif name == SUMMARY_PROPERTY:
+                run.golden_command = _json(prop.get("value", ""), path, name).get("command", "")
         for case in suite.iter("testcase"):
             test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
-            rows, divergences = [], []
+            rows, divergences, golden = [], [], []
             for prop in case.findall("properties/property"):
                 name, value = prop.get("name", ""), prop.get("value", "")
-                if name == PROPERTY:
+                if name in (STATE_PROPERTY, MISSING_PROPERTY):
+                    golden.append((name, value))
+                elif name == PROPERTY:
                     rows.append(_json(value, path, test_id))
                 elif name == BASELINE_KEY:
                     run.baseline.append(_json(value, path, test_id))
                 elif name.startswith("trace[") and name.endswith("] first_divergence") and value != "none":
                     divergences.append(f"{name[len('trace['):-len('] first_divergence')]}: layer {value}")
             worst = min(rows, key=_row_badness) if rows else None
-            run.tests.append(TestOutcome(test_id, *_outcome(case), worst, "; ".join(divergences)))
+            run.tests.append(TestOutcome(test_id, *_outcome(case), worst, "; ".join(divergences), golden))
             run.rows += rows
     return run
 
@@ -173,17 +188,25 @@ def _cell(text: str) -> str:
 
 
 def merge_report(runs: Sequence[JUnitRun]) -> tuple[str, bool]:
-    """The Markdown report of the runs together, and whether they pass: no test failed or errored, none ran in
-    two files, and at least one test ran."""
+    """The Markdown report of the runs together, and whether they pass: no test failed or errored (a missing
+    golden fails its test: counted apart, it still fails the runs), none ran in two files, and at least one test
+    ran."""
     tests = [(run.path.name, test) for run in runs for test in run.tests]
     seen: dict[str, list[str]] = {}
     for name, test in tests:
         seen.setdefault(test.id, []).append(name)
     twice = {test_id: names for test_id, names in seen.items() if len(names) > 1}
     bad = [(name, test) for name, test in tests if test.outcome in BAD_OUTCOMES]
+    missing = [(name, test) for name, test in bad if test.missing_golden]
     comparisons = [comparison_from_row(row) for run in runs for row in run.rows]
-    counts = {o: sum(t.outcome == o for _, t in tests) for o in ("passed", "failed", "error", "skipped")}
+    counts = {o: sum(t.outcome == o and not t.missing_golden for _, t in tests) for o in ("passed", "failed", "error",
+                                                                                        "skipped")}
+    counts = {"passed": counts.pop("passed"), "failed": counts.pop("failed"), "missing goldens": len(missing), **counts}
     passed = bool(tests) and not bad and not twice
+    goldens = GoldenTally()
+    for _, test in tests:
+        goldens.add_properties(test.golden)
+    bad = [item for item in bad if not item[1].missing_golden]
 
     comparisons = worst_first(comparisons)
     baseline = sorted((row for run in runs for row in run.baseline), key=_drift_badness)
@@ -192,6 +215,8 @@ def merge_report(runs: Sequence[JUnitRun]) -> tuple[str, bool]:
                  + ", ".join(f"{counts[o]} {o}" for o in counts) + ".")
     if comparisons:
         lines += ["", _cell(worst_case_line(comparisons))]
+    if goldens.states:
+        lines += ["", _cell(goldens.count_line())]
     if baseline:
         lines += ["", _cell(_drift_line(baseline[0]))]
     records = list(dict.fromkeys(json.dumps(run.record, sort_keys=True) for run in runs if run.record))
@@ -223,6 +248,9 @@ def merge_report(runs: Sequence[JUnitRun]) -> tuple[str, bool]:
             first = _cell(test.message.splitlines()[0] if test.message else "")
             evidence = test.evidence()
             lines.append(f"- `{test.id}` ({test.outcome}, {name}): {first}" + (f" ({_cell(evidence)})" if evidence else ""))
+    if missing:
+        command = "; ".join(dict.fromkeys(run.golden_command for run in runs if run.golden_command))
+        lines += ["", f"### Missing goldens ({len(missing)})", "", _cell(goldens.missing_line(command))]
     if baseline:
         lines += ["", f"### Baseline drift ({len(baseline)} goldens against the previous release's; per token, "
                       "float32 figures)", "",

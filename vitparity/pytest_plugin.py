@@ -22,6 +22,7 @@ from .suite.nothing_checked import NothingChecked
 from .suite.representative import check_representative
 from .suite.baseline import BaselineReporter, baseline_property, check_baseline
 from .suite.media_preflight import check_run_media
+from .suite.golden_state import record_state
 from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key
 from .suite.options import OPTIONS, pytest_addoption, raw_value  # noqa: F401 (pytest_addoption: this plugin's hook)
 from .suite.reporting import FailureWithoutFailedTest, ParityReporter
@@ -201,12 +202,15 @@ def layer_trace(parity: ParitySession, record_property):
 def golden(request: pytest.FixtureRequest, parity: ParitySession, case_result: CaseResult, snapshot):
     """`golden(side)` asserts the current case's features of that side's model against its committed golden.
 
-    While goldens are being written (--snapshot-update), a broken pair is refused instead of written. With
-    --golden-baseline, the features are also measured against the baseline golden (`vitparity.suite.baseline`).
+    Each check records its golden's state (match, regression, missing: `vitparity.suite.golden_state`); a missing
+    golden fails with a short message of its own. While goldens are being written (--snapshot-update), a broken pair
+    is refused instead of written. With --golden-baseline, the features are also measured against the baseline
+    golden (`vitparity.suite.baseline`).
     """
 
     def check(side: str) -> None:
-        data = parity.golden_data(case_result, side, updating=bool(request.config.option.update_snapshots))
+        updating = bool(request.config.option.update_snapshots)
+        data = parity.golden_data(case_result, side, updating=updating)
         folder = parity.golden_folder(side)
         request.node.user_properties.append((FOLDER_PROPERTY, json.dumps(str(folder))))
         failures = []
@@ -217,7 +221,11 @@ def golden(request: pytest.FixtureRequest, parity: ParitySession, case_result: C
         assertion = snapshot.with_defaults(
             extension_class=golden_extension(folder, force_rewrite=parity.settings.regenerate_goldens)
         )
-        if not assertion == data:  # syrupy records the result (and, when updating, queues the write) here
+        matched = assertion == data  # syrupy records the result (and, when updating, queues the write) here
+        missing = "" if updating else record_state(request.node, assertion, side, folder, data)
+        if missing:
+            failures.insert(0, missing)
+        elif not matched:
             lines = assertion.get_assert_diff()
             if any(line.startswith("Traceback") for line in lines):  # an error: its message comes first
                 lines = lines[:1]

@@ -233,18 +233,7 @@ class NpzGoldenExtension(SingleFileSnapshotExtension):
         return not compare_golden(serialized_data, snapshot_data).problems
 
     def diff_lines(self, serialized_data, snapshot_data):
-        if not snapshot_data:
-            yield (f"no golden for this case and model in {self.golden_dir} (the folder names the model, dtype, "
-                   "frames and alignment). New media, options or checkpoints have none yet: check parity only with "
-                   '-m "not golden", or write goldens into a folder of your own with --golden-dir=DIR '
-                   "--snapshot-update (then pass the same --golden-dir); --snapshot-update alone writes into "
-                   "the committed folder")
-            try:
-                width = load_golden(serialized_data)[2].get("feature_shape", [None])[-1]
-            except GoldenCorrupt:
-                width = None
-            yield from other_model_folders_hint(Path(self.golden_dir), width)
-            return
+        """Why a golden that exists does not match (a missing golden is said by `vitparity.suite.golden_state`)."""
         try:
             diff = compare_golden(serialized_data, snapshot_data)
         except GoldenCorrupt as err:

@@ -12,6 +12,7 @@ from ..compare import comparison_from_row
 from ..junit_report import add_suite_properties
 from ..loading import missing_cuda_device
 from ..report import format_table, worst_case_line, worst_first
+from .golden_state import REGRESSION, SUMMARY_PROPERTY, GoldenTally, update_command
 from .costs import (CODE_KEY, COST_KEY, LEFT_OUT_KEY, PROPERTY, REFERENCE_KEY, RESTORED_KEY, WARNINGS_KEY, cost_details,
                     cost_line, total_cost)
 from .representative import media_scale, warnings as representative_warnings
@@ -28,10 +29,12 @@ class ParityReporter:
         self.config_warnings: list[str] = []
         self.restored_buffers: list[str] = []
         self.junit_properties: list[tuple[str, str]] = []  # global JUnit properties (name, value)
+        self.goldens = GoldenTally()  # states of the golden tests (match, regression, missing)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call":
             self.rows.extend(json.loads(value) for name, value in report.user_properties if name == PROPERTY)
+            self.goldens.add_properties(report.user_properties)
 
     def pytest_testnodedown(self, node, error) -> None:
         """Under xdist, on the controller: a worker's cost as it shuts down."""
@@ -80,6 +83,8 @@ class ParityReporter:
             props.append((WARNINGS_KEY, json.dumps(self.config_warnings)))
         if self.restored_buffers:
             props.append((RESTORED_KEY, json.dumps(self.restored_buffers)))
+        if self.goldens.states:
+            props.append((SUMMARY_PROPERTY, self.goldens.summary(update_command(config))))
         if self.costs:
             props += [(f"vitparity_cost_{worker}", json.dumps(cost, sort_keys=True))
                       for worker, cost in sorted(self.costs.items())]
@@ -160,6 +165,12 @@ class ParityReporter:
             terminalreporter.write_line(worst_case_line(comparisons))
             failed = sum(not r["passed"] for r in self.rows)
             terminalreporter.write_line(f"{len(self.rows)} comparisons, {len(self.rows) - failed} passed, {failed} failed")
+        if self.goldens.states:
+            terminalreporter.write_line(self.goldens.count_line(), red=bool(self.goldens.states[REGRESSION]),
+                                        yellow=bool(self.goldens.missing) and not self.goldens.states[REGRESSION])
+            if self.goldens.missing:
+                terminalreporter.write_line(self.goldens.missing_line(update_command(terminalreporter.config)),
+                                            yellow=True)
 
 
 def reference_line(settings, plan) -> str:
