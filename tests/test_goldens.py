@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from vitparity.cli import main
 from vitparity.loading import weight_files
 from vitparity.provenance_diff import provenance_diff
 from vitparity.snapshots import golden_file_stem, other_model_folders_hint
+from vitparity.suite.golden_state import MISSING, NEW_WEIGHTS, GoldenTally, MissingWhy
 from vitparity.suite.golden_upkeep import case_of_file, golden_key
 
 from conftest import REPO, golden_files
@@ -79,7 +81,8 @@ def clip_and_good(files: dict[str, bytes], name: str) -> dict[str, bytes]:
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "n2"])
 @pytest.mark.parametrize("flag", ["--snapshot-update", "--regenerate-goldens"])
 def test_update_keeps_goldens_of_an_erroring_case_and_deletes_only_removed_media(suite, written, tmp_path, flag,
-                                                                                  workers) -> None:
+                                                                                  workers, monkeypatch) -> None:
+    monkeypatch.setattr("vitparity.pytest_plugin.check_run_media", lambda *args: None)  # the file breaks after it
     media, goldens = Path(shutil.copytree(written / "M", tmp_path / "M")), tmp_path / "G"
     shutil.copytree(written / "G", goldens)
     before = golden_files(goldens)
@@ -319,6 +322,98 @@ def test_the_readme_release_command_works_on_a_new_release(suite, noisy_hf, tmp_
     assert 0.99 < rows[("image-coffee_small.jpg", "hf")] < 0.99999 and 0.99 < rows[("image-coffee_small.jpg", "packing")] < 0.99999
     assert len(list((tmp_path / "goldens-v2").rglob("*.npz"))) == 2
     assert "vitparity golden update" in out and "nothing deleted or kept" in out  # the section after every update
+
+
+# -- missing goldens are their own state
+
+COFFEE = ("image-coffee_small.jpg", "video-coffee_zoom.mp4", "codec-coffee_zoom.mp4")  # the cases of -k coffee
+MISSING_LINE = re.compile(r"^missing goldens: (.+); write them with: (.+)$", re.M)
+
+
+def test_missing_goldens_of_new_weights_are_counted_apart_from_a_regression(suite, noisy_hf, capsys) -> None:
+    """A candidate with new hf weights (no golden folder of its fingerprint) and one packing golden that differs
+    (planted): 3 missing goldens and 1 regression, counted apart in the summary, the JUnit XML and report-junit, one
+    line with why and the command; the run still fails."""
+    planted = "test_golden[image-coffee_small.jpg-packing]"
+    rewrite_golden(suite.golden_root / PACKING_F32 / "test_golden" / f"{planted}.npz", flip_tokens=4)
+    result = suite.run("-m", "golden", "-k", "coffee", f"--hf-model={noisy_hf}", "--junitxml=junit.xml")
+    out = result.stdout.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(passed=2, failed=4)  # hf: 3 missing; packing: 1 regression, 2 match
+    line = MISSING_LINE.search(out)
+    assert line, out[-3000:]
+    fingerprint = re.fullmatch(r"new weights of hf with fingerprint ([0-9a-f]{12}) have no goldens: 3 cases",
+                               line.group(1)).group(1)
+    assert fingerprint not in HF_F32
+    command = f"pytest -m golden --snapshot-update --hf-model={noisy_hf} --device=cpu"
+    assert line.group(2) == f"{command} (it also rewrites the golden that differs: review the regressions first)"
+    count_line = f"goldens: 1 regression, 3 missing (new weights hf {fingerprint}), 2 match"
+    assert count_line in out
+    folder = suite.golden_root / HF_F32.replace("41bbf9a8a5e4", fingerprint)
+    labelled = f"missing golden: no golden for this case and model in {folder} (new weights hf {fingerprint})"
+    assert out.count(labelled) == 3 and out.count("golden features differ:") == 1
+
+    tests = {case.get("name"): case for case in ET.parse(suite.path / "junit.xml").getroot().iter("testcase")}
+    states = {name: {p.get("name"): p.get("value") for p in case.iter("property")}.get("vitparity_golden_state")
+              for name, case in tests.items()}
+    assert states == {**{f"test_golden[{case}-hf]": "missing" for case in COFFEE},
+                      **{f"test_golden[{case}-packing]": "match" for case in COFFEE}, planted: "regression"}
+    assert all("missing golden: no golden" in tests[f"test_golden[{case}-hf]"].find("failure").get("message")
+               for case in COFFEE)
+    summary = json.loads(next(p.get("value") for p in ET.parse(suite.path / "junit.xml").getroot().iter("property")
+                              if p.get("name") == "vitparity_goldens"))
+    assert (summary["match"], summary["regression"], summary["missing"], summary["command"]) == (2, 1, 3, command)
+
+    capsys.readouterr()
+    assert main(["report-junit", str(suite.path / "junit.xml")]) == 1
+    report = capsys.readouterr().out
+    assert "FAIL: 6 tests from 1 JUnit files: 2 passed, 1 failed, 3 missing goldens, 0 error, 0 skipped." in report
+    assert count_line in report and "### Missing goldens (3)" in report and line.group(0) in report.splitlines()
+    failed = report.split("### Failed tests (1)\n", 1)[1].split("###", 1)[0]
+    assert planted in failed and "-hf]" not in failed  # the missing goldens are not listed as failures
+
+
+def test_the_command_of_the_missing_goldens_line_writes_them(suite, noisy_hf, tmp_path) -> None:
+    """A new release (both models new weights, the pair at parity): the line's command, as printed, writes the
+    missing goldens (narrowed here to the one case with -k), after which the same run passes."""
+    from vitparity.convert import convert_checkpoint
+
+    packing = convert_checkpoint(noisy_hf, tmp_path / "tiny-onevision-encoder-packing")
+    run = ("-m", "golden", "-k", "coffee_small", f"--hf-model={noisy_hf}", f"--packing-model={packing}")
+    missing = suite.run(*run)
+    line = MISSING_LINE.search(missing.stdout.str())
+    assert missing.ret == pytest.ExitCode.TESTS_FAILED and line, missing.stdout.str()[-3000:]
+    assert re.fullmatch(r"new weights of hf with fingerprint [0-9a-f]{12} have no goldens: 1 case; new weights of "
+                        r"packing with fingerprint [0-9a-f]{12} have no goldens: 1 case", line.group(1))
+    command = shlex.split(line.group(2))
+    assert command[:4] == ["pytest", "-m", "golden", "--snapshot-update"]
+    assert suite.run(*command[1:], "-k", "coffee_small").ret == pytest.ExitCode.OK
+    again = suite.run(*run)
+    assert again.ret == pytest.ExitCode.OK and "goldens: 0 regressions, 0 missing, 2 match" in again.stdout.str()
+    assert "missing goldens:" not in again.stdout.str()
+
+
+def test_why_a_golden_is_missing(tmp_path) -> None:
+    """New cases (the folder exists), new settings (only folders of the same weights under other settings), new
+    weights (no folder of the fingerprint, or no golden root at all)."""
+    root = tmp_path / "golden"
+    (root / HF_F32 / "test_golden").mkdir(parents=True)
+    cases = MissingWhy.of("hf", root / HF_F32)
+    settings = MissingWhy.of("hf", root / HF_F32.replace("8of64", "4of64"))
+    weights = MissingWhy.of("packing", root / PACKING_F32.replace("0a8da2050499", "0123456789ab"))
+    assert MissingWhy.of("hf", tmp_path / "nowhere" / HF_F32).kind == NEW_WEIGHTS
+    assert [why.short() for why in (cases, settings, weights)] == [
+        "new cases hf", "new settings hf float32-4of64-crop", "new weights packing 0123456789ab"]
+    tally = GoldenTally()
+    assert tally.missing_line("pytest") == ""
+    for why in (cases, settings, settings, weights):
+        tally.add(MISSING, why)
+    assert tally.count_line() == ("goldens: 0 regressions, 4 missing (new cases hf, new settings hf float32-4of64-crop, "
+                                  "new weights packing 0123456789ab), 0 match")
+    assert tally.missing_line("pytest -m golden --snapshot-update") == (
+        f"missing goldens: 1 case of hf has no golden in {HF_F32}; the weights of hf (fingerprint 41bbf9a8a5e4) have "
+        "no goldens for float32-4of64-crop: 2 cases; new weights of packing with fingerprint 0123456789ab have no "
+        "goldens: 1 case; write them with: pytest -m golden --snapshot-update")
 
 
 @pytest.mark.parametrize("width, layers, words", [

@@ -49,6 +49,11 @@ def assertion_state(assertion) -> str:
     return MATCH if result.success else REGRESSION
 
 
+def _plural(count: int, word: str) -> str:
+    """`1 case`, `3 cases`."""
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 @dataclass(frozen=True)
 class MissingWhy:
     """Why the goldens of one model (side) are missing from its golden folder."""
@@ -81,11 +86,12 @@ class MissingWhy:
     def long(self, cases: int) -> str:
         """Why `cases` goldens of this side are missing, in words."""
         if self.kind == NEW_WEIGHTS:
-            return f"new weights of {self.side} with fingerprint {self.fingerprint} have no goldens: {cases} cases"
+            return (f"new weights of {self.side} with fingerprint {self.fingerprint} have no goldens: "
+                    f"{_plural(cases, 'case')}")
         if self.kind == NEW_SETTINGS:
             return (f"the weights of {self.side} (fingerprint {self.fingerprint}) have no goldens for {self.settings}: "
-                    f"{cases} cases")
-        return f"{cases} cases of {self.side} have no golden in {self.folder}"
+                    f"{_plural(cases, 'case')}")
+        return f"{_plural(cases, 'case')} of {self.side} {'has' if cases == 1 else 'have'} no golden in {self.folder}"
 
 
 def record_state(node: pytest.Item, assertion, side: str, folder: Path, data: GoldenData) -> str:
@@ -115,10 +121,6 @@ def update_command(config: pytest.Config) -> str:
         if raw.source == "cli" and raw.value and option.name not in NOT_IN_UPDATE:
             args.append(option.cli if option.flag else f"{option.cli}={raw.value}")
     return shlex.join(args)
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" + ("" if count == 1 else "s")
 
 
 @dataclass
@@ -151,8 +153,8 @@ class GoldenTally:
         if not self.missing:
             return ""
         regressions = self.states[REGRESSION]
-        caveat = (f" (it also rewrites the {_plural(regressions, 'golden')} that differ: review "
-                  f"{'it' if regressions == 1 else 'them'} first)") if regressions else ""
+        differing = "the golden that differs" if regressions == 1 else f"the {regressions} goldens that differ"
+        caveat = f" (it also rewrites {differing}: review the regressions first)" if regressions else ""
         return ("missing goldens: " + "; ".join(why.long(cases) for why, cases in self.missing.items())
                 + f"; write them with: {command}{caveat}")
 
