@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
+from vitparity.cli import main
 from vitparity.loading import weight_files
+from vitparity.media_check import MediaCheckError, MediaUse, check_media
 
 from conftest import edited_checkpoint, verdicts
 
@@ -93,7 +95,84 @@ def media_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_unreadable_media_fail_their_own_cases_only(suite, tmp_path) -> None:
+def broken_videos(tmp_path: Path) -> Path:
+    """Good media (an image, a video) and two broken videos: an mp4 cut in half, and garbage bytes named .mp4."""
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    shutil.copy(BUILTIN_MEDIA / "coffee_small.jpg", folder / "good.jpg")
+    shutil.copy(BUILTIN_MEDIA / "rocket_tilt.mp4", folder / "good.mp4")
+    data = (BUILTIN_MEDIA / "coffee_zoom.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (folder / "garbage.mp4").write_bytes(bytes(range(256)) * 40)
+    return folder
+
+
+def assert_one_media_error(stderr: str, folder: Path, prefix: str) -> None:
+    """stderr is the one message that names both broken videos with a reason (and what the decoder wrote for them),
+    once each: no line of it comes raw from OpenCV or FFmpeg."""
+    lines = stderr.strip().splitlines()
+    assert lines[0] == f"{prefix}2 media files cannot be used (every file is decoded before any model loads):", stderr
+    for name in ("truncated.mp4", "garbage.mp4"):
+        named = [line for line in lines if str(folder / name) in line]
+        assert len(named) == 1 and named[0].startswith(f"  {folder / name}: not a readable video: "), stderr
+        assert "the decoder wrote: [mov,mp4,m4a,3gp,3g2,mj2] moov atom not found" in named[0]
+    assert len(lines) == 3 and "good." not in stderr, stderr  # nothing else: no raw decoder line
+
+
+def test_broken_media_are_one_usage_error_before_any_model_loads(suite, tmp_path) -> None:
+    """As users run it (a process of its own, under xdist): every media file is decoded in the controller before the
+    workers start, so the run stops at once with one message naming both broken videos; no test runs, no model
+    loads, and OpenCV's and FFmpeg's stderr lines are in the message, not raw on stderr."""
+    folder = broken_videos(tmp_path)
+    result = suite.pytester.runpytest_subprocess("-p", "no:cacheprovider", "--device=cpu", f"--media={folder}",
+                                                 "-n", "2", timeout=120)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert_one_media_error(result.stderr.str(), folder, "ERROR: ")
+    assert result.stdout.str().strip() == ""  # no session started: no test collected or run, no model loaded
+
+
+def test_broken_media_stop_extract_and_gate_before_any_model_loads(tmp_path, capfd, monkeypatch) -> None:
+    """`vitparity extract` (exit 2, no folder written) and `vitparity gate` (the suite's usage error, from the
+    pytest process it starts) the same way; capfd reads file descriptors 1 and 2, where native code writes."""
+    folder = broken_videos(tmp_path)
+    output = tmp_path / "features"
+    code = main(["extract", "--image1", str(folder / "good.jpg"), "--video1", str(folder / "truncated.mp4"), "--videos",
+                 str(folder / "good.mp4"), str(folder / "garbage.mp4"), "--codec", "--device=cpu", "--output_dir",
+                 str(output)])
+    out, err = capfd.readouterr()
+    assert code == 2 and out == "" and not output.exists()
+    assert_one_media_error(err, folder, "vitparity: error: ")
+    for name in [n for n in os.environ if n.startswith(("PYTEST_XDIST_", "VITPARITY_"))]:
+        monkeypatch.delenv(name)  # the gate's pytest is a session of its own, not configured by this one's variables
+    monkeypatch.chdir(tmp_path)  # a folder of its own: no ini file, so the built-in goldens
+    code = main(["gate", "-p", "no:cacheprovider", "--device=cpu", f"--media={folder}"])
+    out, err = capfd.readouterr()
+    assert code == pytest.ExitCode.USAGE_ERROR and out.strip() == ""
+    assert_one_media_error(err, folder, "ERROR: ")
+
+
+def test_check_media_lists_every_file_that_cannot_be_used(tmp_path) -> None:
+    """Images whole, videos at each frame count used, asset folders complete: each broken file named once, in order."""
+    folder = media_folder(tmp_path)
+    uses = [MediaUse(folder / "good_copy.jpg", "image"), MediaUse(folder / "corrupt.jpg", "image"),
+            MediaUse(BUILTIN_MEDIA / "coffee_zoom.mp4", "video", 8), MediaUse(folder / "corrupt.mp4", "video", 8),
+            MediaUse(folder / "corrupt.mp4", "video", 64), MediaUse(folder / "empty.mp4", "video", 8),
+            MediaUse(tmp_path / "assets", "assets")]
+    with pytest.raises(MediaCheckError) as error:
+        check_media(uses, patch_size=14, align="crop")
+    problems = error.value.problems
+    assert [Path(problem.path).name for problem in problems] == ["corrupt.jpg", "corrupt.mp4", "empty.mp4",
+                                                                  "meta.json"]
+    assert "truncated JPEG" in problems[0].reason and "file is empty" in problems[2].reason
+    assert "missing (a codec asset folder needs" in problems[3].reason
+    assert str(error.value).count("\n  ") == 4
+    kept = check_media(uses[:1] + uses[2:3], patch_size=14, align="crop", keep=True)
+    assert kept[uses[2]].frames.shape[0] == 8 and check_media(uses[:1], patch_size=14, align="crop") == {}
+
+
+def test_a_file_that_breaks_after_the_media_check_fails_its_own_cases_only(suite, tmp_path, monkeypatch) -> None:
+    """A file that breaks once the run has checked it (still being written): its cases fail, the others pass."""
+    monkeypatch.setattr("vitparity.pytest_plugin.check_run_media", lambda *args: None)
     before = suite.goldens()
     result = suite.run(f"--media={media_folder(tmp_path)}", "-m", "not golden", "-W", "default")
     out = result.stdout.str()

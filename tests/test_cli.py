@@ -456,7 +456,7 @@ def test_num_frames_beyond_rope_temporal_size(
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("media decoded before --num_frames was checked")
 
-    monkeypatch.setattr("vitparity.cli.load_video", no_decoding)
+    monkeypatch.setattr("vitparity.cli.check_media", no_decoding)
     code, _, err = _run(capsys, "extract", "--video1", VIDEO, "--num_frames", 65, "--output_dir", tmp_path / "o")
     assert code == 2 and "--num_frames=65" in err and "rope_temporal_size=64" in err
     assert not (tmp_path / "o").exists()
@@ -705,8 +705,10 @@ def test_report_junit_fails_on_a_shard_run_twice(shard_junit: list[Path], capsys
     assert "Tests run in more than one file" in out and "junit-2.xml, junit-2.xml" in out
 
 
-def test_report_junit_fails_and_lists_failed_tests(suite, tmp_path: Path, capsys) -> None:
-    """A real failing run (a media file that cannot be decoded): exit 1, its tests listed with their message."""
+def test_report_junit_fails_and_lists_failed_tests(suite, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A real failing run (a media file that cannot be decoded, broken after the run checked its media): exit 1, its
+    tests listed with their message."""
+    monkeypatch.setattr("vitparity.pytest_plugin.check_run_media", lambda *args: None)
     media = tmp_path / "media"
     media.mkdir()
     (media / "broken.mp4").write_bytes(b"not a video")

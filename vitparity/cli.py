@@ -23,7 +23,8 @@ from .golden_diff import describe_golden, diff_golden_sets, format_golden_diff
 from .junit_report import merge_report, read_junit
 from .features_io import HF_FILE, PACKING_FILE, describe_metadata, read_features, seed_features_map, write_features
 from .loading import DTYPES, ModelLoadError, library_versions, missing_cuda_device, read_config, resolve_device_dtype
-from .media import ALIGN_POLICIES, Media, MediaError, decoder_record, load_image, load_video, media_kind
+from .media import ALIGN_POLICIES, Media, MediaError, decoder_record, media_kind
+from .media_check import MediaUse, check_media
 from .numerics import pinned_float32
 from .precision import AUTO, BAR_DTYPES, Bars, parse_bar
 from .pair import check_num_frames, check_threshold, preflight_pair
@@ -194,18 +195,20 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
 
 
 def _load_inputs(
-    inputs: dict[str, tuple[str, str]], *, num_frames: int, patch_size: int, align: str
-) -> dict[str, Media]:
-    """Decode every input; MediaError when a file is missing, undecodable or of the wrong kind."""
-    media: dict[str, Media] = {}
+    inputs: dict[str, tuple[str, str]], *, num_frames: int, patch_size: int, align: str, codec_frames: int = 0
+) -> tuple[dict[str, Media], dict[str, Media]]:
+    """Decode every input, and with `codec_frames` each video's `codec_frames` sampled frames too (its codec-style
+    case), all before any model loads (`vitparity.media_check`): key -> media, and video key -> its codec frames.
+    MediaError when a file's extension is not of its slot's kind; MediaCheckError listing every file that cannot be
+    decoded."""
     for key, (kind, path) in inputs.items():
         if media_kind(path) != kind:
             raise MediaError(path, f"given as {key} but its extension is that of a {media_kind(path)}")
-        if kind == "image":
-            media[key] = load_image(path, patch_size=patch_size, align=align)
-        else:
-            media[key] = load_video(path, num_frames=num_frames, patch_size=patch_size, align=align)
-    return media
+    uses = {key: MediaUse(path, kind, num_frames if kind == "video" else 0) for key, (kind, path) in inputs.items()}
+    codec = {key: MediaUse(path, kind, codec_frames) for key, (kind, path) in inputs.items()
+             if codec_frames and kind == "video"}
+    decoded = check_media([*uses.values(), *codec.values()], patch_size=patch_size, align=align, keep=True)
+    return ({key: decoded[use] for key, use in uses.items()}, {key: decoded[use] for key, use in codec.items()})
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -229,7 +232,9 @@ def run_extract(args: argparse.Namespace) -> int:
     check_num_frames(args.num_frames, files.temporal_context if has_video else None, hf_path, "--num_frames")
 
     _progress(f"loading {len(inputs)} inputs ...")
-    media = _load_inputs(inputs, num_frames=args.num_frames, patch_size=files.patch_size, align=args.align)
+    codec_frames = context_frames(files.temporal_context) if args.codec else 0
+    media, codec_media = _load_inputs(inputs, num_frames=args.num_frames, patch_size=files.patch_size,
+                                      align=args.align, codec_frames=codec_frames)
     pair = files.load(
         dtype=dtype, device=device, strict_config=args.strict_config,
         strict_buffers=args.strict_buffers,
@@ -244,8 +249,8 @@ def run_extract(args: argparse.Namespace) -> int:
     ]
     paths = {key: item.path for key, item in media.items()}
     if args.codec:
-        samples += _codec_samples(media, args, pair, dtype=dtype, device=device)
-        paths.update({f"{key}_codec": item.path for key, item in media.items() if item.kind == "video"})
+        samples += _codec_samples(codec_media, args, pair, dtype=dtype, device=device)
+        paths.update({f"{key}_codec": item.path for key, item in codec_media.items()})
     hf_features: dict[str, np.ndarray] = {}
     with pinned_float32(device, dtype):
         for index, sample in enumerate(samples, start=1):
@@ -301,22 +306,19 @@ def run_extract(args: argparse.Namespace) -> int:
     return verify_folder(args.output_dir, args.threshold, args.max_cos_gap, args.max_norm_gap)
 
 
-def _codec_samples(media: dict[str, Media], args: argparse.Namespace, pair, *, dtype: torch.dtype,
+def _codec_samples(codec_media: dict[str, Media], args: argparse.Namespace, pair, *, dtype: torch.dtype,
                    device: str) -> list:
-    """`<key>_codec` of every video: its temporal context (64 frames) decoded again and the codec-style selection of
-    --num_frames frames' worth of tokens (`vitparity.codec`); the kept indices are added to its metadata."""
+    """`<key>_codec` of every video: the codec-style selection of --num_frames frames' worth of tokens
+    (`vitparity.codec`) from its temporal context (64 frames, decoded with the inputs); the kept indices are added
+    to its metadata."""
     samples = []
-    for key, item in media.items():
-        if item.kind != "video":
-            continue
-        frames = load_video(item.path, num_frames=context_frames(pair.temporal_context), patch_size=pair.patch_size,
-                            align=args.align)
+    for key, frames in codec_media.items():
         try:
             sample = prepare_codec_sample(frames, patch_size=pair.patch_size, budget_frames=args.num_frames,
                                           dtype=dtype, device=device, name=f"{key}_codec",
                                           normalization=pair.normalization)
         except ValueError as err:
-            raise MediaError(item.path, f"codec-style selection: {err}") from None
+            raise MediaError(frames.path, f"codec-style selection: {err}") from None
         sample.metadata["codec_selection"]["visible_indices"] = sample.visible_indices.tolist()
         samples.append(sample)
     return samples

@@ -21,10 +21,9 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from .codec_assets import load_assets
-from .media import Media, MediaError, load_image, load_video
+from .media import Media, MediaError, StrPath, load_image, load_video
 
 KINDS = ("image", "video", "assets")
 # Distinct decoder lines kept in one file's reason: a corrupt stream repeats its complaint once per frame.
@@ -39,7 +38,7 @@ class MediaUse:
     """One way a run decodes a file: `kind` "image" (decoded whole), "video" (`num_frames` frames sampled uniformly,
     the release formula) or "assets" (a codec asset folder)."""
 
-    path: Path
+    path: StrPath
     kind: str
     num_frames: int = 0
 
@@ -97,7 +96,7 @@ def check_media(uses: Iterable[MediaUse], *, patch_size: int, align: str, keep: 
     MediaCheckError listing, in the order given, every file that cannot be used with its reason and the distinct
     lines the decoder wrote for it (at most DECODER_LINES); a file is named once, at its first use that fails.
     """
-    problems: dict[Path, MediaError] = {}
+    problems: dict[StrPath, MediaError] = {}
     decoded: dict[MediaUse, Media] = {}
     for use in uses:
         if use.path in problems:
