@@ -88,10 +88,74 @@ def test_unsupported_option_names_the_kernel_and_the_ways_on(option, value) -> N
         standin.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, **{option: value})
 
 
-def test_bad_segments_are_refused() -> None:
-    q, k, v, _ = packed([4, 4])
-    with pytest.raises(ValueError, match="cu_seqlens_q"):
-        standin.flash_attn_varlen_func(q, k, v, torch.tensor([0, 3]), torch.tensor([0, 8]), 8, 8)
+def contract_case(breach: str):
+    """(q, k, v, cu_q, cu_k, max_q, max_k) of a two-segment pack in bfloat16, with one of flash-attn's rules broken."""
+    q, k, v, cu = packed([4, 6], dtype=torch.bfloat16)
+    args = {"q": q, "k": k, "v": v, "cu_q": cu, "cu_k": cu, "max_q": 6, "max_k": 6}
+    wide = packed([4, 6], dim=264, dtype=torch.bfloat16)[0]
+    breaches = {
+        "cu_seqlens_q int64": {"cu_q": cu.long()},
+        "cu_seqlens_k int64": {"cu_k": cu.long()},
+        "cu_seqlens_q values": {"cu_q": torch.tensor([0, 7, 9], dtype=torch.int32)},
+        "cu_seqlens_q not contiguous": {"cu_q": torch.tensor([0, 9, 4, 9, 10, 9], dtype=torch.int32)[::2]},
+        "cu_seqlens_q 2-D": {"cu_q": cu[None]},
+        "max_seqlen_q short": {"max_q": 5},
+        "max_seqlen_k short": {"max_k": 5},
+        "head size over 256": {"q": wide, "k": wide, "v": wide},
+        "k dtype": {"k": k.float()},
+        "v dtype": {"v": v.half()},
+        "q dtype float64": {"q": q.double(), "k": k.double(), "v": v.double()},
+        "v head size": {"v": v[..., :16]},
+        "kv heads": {"k": torch.cat([k, k[:, :1]], 1), "v": torch.cat([v, v[:, :1]], 1)},
+        "q layout": {"q": q.reshape(10, -1)},
+    }
+    args.update(breaches[breach])
+    return tuple(args.values())
+
+
+# each rule of flash-attn 2's contract (csrc/flash_attn/flash_api.cpp, mha_varlen_fwd) -> the argument it names
+CONTRACT = {"cu_seqlens_q int64": "cu_seqlens_q must have dtype torch.int32",
+            "cu_seqlens_k int64": "cu_seqlens_k must have dtype torch.int32",
+            "cu_seqlens_q values": "cu_seqlens_q \\[0, 7, 9\\] must rise from 0 to the 10 packed tokens",
+            "cu_seqlens_q not contiguous": "cu_seqlens_q must be a contiguous 1-D tensor",
+            "cu_seqlens_q 2-D": "cu_seqlens_q must be a contiguous 1-D tensor",
+            "max_seqlen_q short": "max_seqlen_q =5 is below the longest segment",
+            "max_seqlen_k short": "max_seqlen_k =5 is below the longest segment",
+            "head size over 256": "q has head size 264 .* at most 256",
+            "k dtype": "k has dtype torch.float32, q torch.bfloat16",
+            "v dtype": "v has dtype torch.float16, q torch.bfloat16",
+            "q dtype float64": "q has dtype torch.float64; flash-attn takes float16 or bfloat16",
+            "v head size": "k, v head sizes 32 and 16 must equal q's 32",
+            "kv heads": "k has 3 heads; the number of key/value heads must divide q's 2",
+            "q layout": "q must be a 3-D tensor"}
+
+
+@pytest.mark.parametrize("breach", CONTRACT)
+def test_what_flash_attn_refuses_the_standin_refuses_naming_the_argument(breach) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k = contract_case(breach)
+    with pytest.raises(standin.FlashAttnContractError, match=f"^flash_attn_varlen_func: ({CONTRACT[breach]})"):
+        standin.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+def test_what_flash_attn_takes_the_standin_takes() -> None:
+    """The limits themselves pass: head size 256 (and 250, padded to 256 by flash-attn's wrapper), max_seqlen above
+    the longest segment, a last dimension with a stride other than 1, float16, and float32 (served on a CPU)."""
+    for dim in (256, 250):
+        q, k, v, cu = packed([4, 6], dim=dim, dtype=torch.bfloat16)
+        assert standin.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6).shape == q.shape
+    q, k, v, cu = packed([4, 6], dtype=torch.float16)
+    strided = torch.randn(10, 2, 64, dtype=torch.float16)[..., ::2]
+    assert standin.flash_attn_varlen_func(strided, k, v, cu, cu, 9, 9).shape == q.shape
+    q, k, v, cu = packed([4, 6], dtype=torch.float32)
+    assert standin.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6).dtype == torch.float32
+
+
+def test_the_batched_function_holds_the_contract() -> None:
+    q = torch.randn(2, 5, 2, 32, dtype=torch.bfloat16)
+    with pytest.raises(standin.FlashAttnContractError, match="^flash_attn_func: k has dtype torch.float32"):
+        standin.flash_attn_func(q, q.float(), q)
+    with pytest.raises(standin.FlashAttnContractError, match="^flash_attn_func: q must be a 4-D tensor"):
+        standin.flash_attn_func(q[0], q[0], q[0])
 
 
 def test_installed_only_inside_the_block_and_never_over_the_real_package(monkeypatch) -> None:
@@ -108,3 +172,33 @@ def test_installed_only_inside_the_block_and_never_over_the_real_package(monkeyp
     with standin.standin_installed() as installed:
         assert not installed and sys.modules["flash_attn"] is real
     assert sys.modules["flash_attn"] is real
+
+
+def test_every_question_about_flash_attn_answers_yes_inside_the_block_only(monkeypatch) -> None:
+    """A release file that asks transformers, importlib or the package metadata whether flash-attn is there before it
+    imports it gets yes while the stand-in is installed, and the machine's own answer before and after (also through
+    a function it bound inside the block)."""
+    import importlib.metadata
+    import importlib.util
+
+    from transformers import utils
+
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    if standin.real_flash_attn_importable():
+        pytest.skip("flash-attn is installed here")
+
+    def answers() -> tuple:
+        try:
+            version = importlib.metadata.version("flash-attn")
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        return utils.is_flash_attn_2_available(), importlib.util.find_spec("flash_attn") is not None, version
+
+    before = answers()
+    assert before == (False, False, None)
+    with standin.standin_installed():
+        assert answers() == (True, True, standin.VERSION)
+        assert importlib.metadata.version("flash_attn") == standin.VERSION
+        bound = utils.is_flash_attn_2_available
+    assert answers() == before and bound() is False
+    assert utils.is_flash_attn_2_available is bound.__wrapped__

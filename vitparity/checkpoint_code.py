@@ -182,8 +182,11 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _needs_flash_attn(err: ImportError) -> bool:
-    """Whether an import failed for want of flash-attn (transformers' requirement check, or the import itself)."""
-    return str(getattr(err, "name", "") or "").startswith("flash_attn") or "flash_attn" in str(err)
+    """Whether an import failed for want of flash-attn: transformers' requirement check, the import itself, or the
+    code's own check (`if not is_flash_attn_2_available(): raise ImportError("FlashAttention 2 is required ...")`)."""
+    text = str(err).lower()
+    return (str(getattr(err, "name", "") or "").startswith("flash_attn")
+            or any(word in text for word in ("flash_attn", "flash-attn", "flashattention", "flash attention")))
 
 
 def own_code_files(cls: type) -> dict[str, str]:
