@@ -129,5 +129,5 @@ def test_the_suite_runs_an_asset_folder_and_fails_a_broken_one_by_name(suite, tm
                                            ("assets-clip", "last_hidden_state/assets-clip", "pooler_output/assets-clip")}
     _npy("visible_indices.npy", _set_row(0))(media / "clip")
     bad = suite.run(f"--media={media}", "-m", "codec and not golden", "-k", "assets", "-p", "no:randomly")
-    assert bad.ret == 1
-    assert f"{media / 'clip' / 'visible_indices.npy'}: row 3 is 0" in bad.stdout.str()
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR  # checked with every media file, before any model loads
+    assert f"\n  {media / 'clip' / 'visible_indices.npy'}: row 3 is 0" in bad.stderr.str()
