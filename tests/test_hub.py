@@ -136,3 +136,24 @@ def test_hub_imports_neither_the_loader_nor_torch() -> None:
     code = "import sys, vitparity.hub; print(sorted({'vitparity.loading', 'torch'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.usefixtures("isolated")
+def test_a_hub_release_with_its_rope_buffers_saved_passes_every_check(suite, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clean release whose files carry the RoPE buffers, resolved from a hub snapshot: its goldens written, then
+    every check (weights and buffers, converted weights, parity, outputs, the reference, goldens) passes."""
+    from faults.release import RELEASE_VARIANTS, build_release_variant
+
+    variant = next(v for v in RELEASE_VARIANTS if v.name == "clean_buffers_saved")
+    hf, packing = build_release_variant(variant, tmp_path / "release")
+    cache_builtin_models(tmp_path / "hf-home", monkeypatch, sources={"hf": hf, "packing": packing})
+    args = (f"--hf-model={REPOS['hf']}@v1", f"--packing-model={REPOS['packing']}@v1", "--trust-remote-code",
+            f"--golden-dir={tmp_path / 'goldens'}", "-k", "image-coffee_small.jpg or codec-rocket_tilt.mp4 or weights")
+    written = suite.run(*args, "--snapshot-update")
+    assert written.ret == 0, written.stdout.str()[-3000:]
+    checked = suite.run(*args)
+    outcomes = checked.parseoutcomes()
+    assert checked.ret == 0 and "failed" not in outcomes and outcomes["passed"] >= 12, checked.stdout.str()[-3000:]
+    assert {"test_golden", "test_converted_weights", "test_loaded_weights", "test_reference"} <= {
+        report.nodeid.split("::")[-1].split("[")[0] for report in checked.reprec.getreports("pytest_runtest_logreport")}
