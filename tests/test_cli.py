@@ -456,7 +456,7 @@ def test_num_frames_beyond_rope_temporal_size(
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("media decoded before --num_frames was checked")
 
-    monkeypatch.setattr("vitparity.cli.check_media", no_decoding)
+    monkeypatch.setattr("vitparity.media_check.check_media", no_decoding)  # imported by extract when it runs
     code, _, err = _run(capsys, "extract", "--video1", VIDEO, "--num_frames", 65, "--output_dir", tmp_path / "o")
     assert code == 2 and "--num_frames=65" in err and "rope_temporal_size=64" in err
     assert not (tmp_path / "o").exists()
@@ -478,7 +478,7 @@ def test_num_frames_unlimited_without_rope_temporal_size(tmp_path: Path, capsys:
 def test_cuda_device_index(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert _device_and_dtype("cuda:1", "auto") == ("cuda:1", torch.bfloat16)
+    assert _device_and_dtype("cuda:1", "auto") == ("cuda:1", "bfloat16")
     code, _, err = _run(capsys, "extract", "--image1", IMAGE, "--device", "cuda:2", "--output_dir", tmp_path / "o")
     assert code == 2 and "--device cuda:2" in err and "2 CUDA device" in err
     code, _, err = _run(capsys, "extract", "--image1", IMAGE, "--device", "gpu", "--output_dir", tmp_path / "o")

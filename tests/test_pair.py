@@ -20,8 +20,9 @@ from vitparity.loading import ModelLoadError
 from vitparity.models import ARCHITECTURE_FIELDS, OneVisionEncoderConfig, OneVisionEncoderPackingConfig
 from vitparity.numerics import pinned_float32, tf32_setting
 from vitparity.pair import (
-    PairError, check_num_frames, check_threshold, load_pair, pair_normalization, preflight_pair, read_normalization,
+    PairError, check_num_frames, load_pair, pair_normalization, preflight_pair, read_normalization,
 )
+from vitparity.rules import check_threshold
 
 from conftest import edited_checkpoint
 

@@ -7,3 +7,5 @@ from __future__ import annotations
 ALIGN_POLICIES: tuple[str, ...] = ("crop", "resize", "pad")
 # Minimum per-token cosine, strictly greater, of packing vs non-packing features (vitparity.compare).
 DEFAULT_THRESHOLD = 0.99
+# Compute dtypes of the models, by torch's name (vitparity.loading.DTYPES maps them to torch dtypes).
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")

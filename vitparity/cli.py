@@ -1,5 +1,9 @@
 """The `vitparity` command: run the gate, extract features with both models, verify a features folder, convert
-weights, merge the JUnit XML of suite runs into one parity report."""
+weights, merge the JUnit XML of suite runs into one parity report.
+
+Only light modules are imported here (argparse, numpy, the option values): --version, --help, golden-show and every
+usage error that the arguments and the filesystem decide are answered without torch or transformers, which each
+command imports where it needs them (tests/test_cli_imports.py checks the import graph)."""
 
 from __future__ import annotations
 
@@ -8,28 +12,21 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .builtin import builtin_paths
-from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
-from .convert import ConversionError, convert_checkpoint
-from .codec import context_frames, prepare_codec_sample
-from .extract import extract_hf, extract_packing, prepare_sample
-from .golden_diff import describe_golden, diff_golden_sets, format_golden_diff
-from .junit_report import merge_report, read_junit
+from .choices import ALIGN_POLICIES, DEFAULT_THRESHOLD, DTYPE_NAMES
+from .compare import Comparison, compare_features
 from .features_io import HF_FILE, PACKING_FILE, describe_metadata, read_features, seed_features_map, write_features
-from .loading import DTYPES, ModelLoadError, library_versions, missing_cuda_device, read_config, resolve_device_dtype
-from .media import ALIGN_POLICIES, Media, MediaError, decoder_record, media_kind
-from .media_check import MediaUse, check_media
-from .numerics import pinned_float32
+from .hub import ModelLoadError, hub_id, read_config, resolve_model
 from .precision import AUTO, BAR_DTYPES, Bars, parse_bar
-from .pair import check_num_frames, check_threshold, preflight_pair
-from .report import format_report
-from .trace import LayerTrace, trace_layers
+from .rules import check_num_frames, check_threshold, resolve_device_dtype
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from .media import Media
 
 ROOT_DEFAULTS = {"image1": "1.jpg", "image2": "2.jpg", "video1": "1.mp4", "video2": "2.mp4"}
 NAMED_INPUTS = ("image1", "image2", "video1", "video2")
@@ -83,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _bar_option(extract, "max_cos_gap", "direction bar, the largest mean per-token (1 - cosine)")
     _bar_option(extract, "max_norm_gap", "magnitude bar, the largest per-token |norm(packing) / norm(hf) - 1|")
     _option(extract, "device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
-    _option(extract, "dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on cuda, else float32")
+    _option(extract, "dtype", choices=("auto", *DTYPE_NAMES), default="auto", help="auto: bfloat16 on cuda, else float32")
     _option(extract, "align", choices=ALIGN_POLICIES, default="crop", help="how sizes become multiples of the patch")
     _option(extract, "trust_remote_code", action="store_true",
             help="run a checkpoint's own code (auto_map): the release's modeling files")
@@ -182,16 +179,21 @@ def _check_output_dir(output_dir: str) -> None:
             return
 
 
-def _device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    """Resolve 'auto' choices and reject combinations that cannot run, a missing GPU or GPU index included."""
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """Resolve 'auto' choices and reject combinations that cannot run (torch is imported only to resolve device
+    auto); whether the GPU or GPU index exists is asked of torch later (`loading.missing_cuda_device`)."""
     try:
-        device, dtype = resolve_device_dtype(device, dtype)
+        return resolve_device_dtype(device, dtype)
     except ValueError as err:
         raise ValueError(f"--device / --dtype: {err}") from err
-    problem = missing_cuda_device(device)
-    if problem:
-        raise ValueError(f"--device {device}: {problem}")
-    return device, DTYPES[dtype]
+
+
+def _check_local_models(specs: Sequence[str | None]) -> None:
+    """Each model given as a local path (not a hub id) is a folder with a readable config.json; ModelLoadError
+    otherwise, before torch loads (`vitparity.pair.preflight_pair` reads the same files again, with the rules)."""
+    for spec in specs:
+        if spec is not None and hub_id(spec) is None:
+            read_config(resolve_model(spec).path)
 
 
 def _load_inputs(
@@ -201,6 +203,9 @@ def _load_inputs(
     case), all before any model loads (`vitparity.media_check`): key -> media, and video key -> its codec frames.
     MediaError when a file's extension is not of its slot's kind; MediaCheckError listing every file that cannot be
     decoded."""
+    from .media import MediaError, media_kind
+    from .media_check import MediaUse, check_media
+
     for key, (kind, path) in inputs.items():
         if media_kind(path) != kind:
             raise MediaError(path, f"given as {key} but its extension is that of a {media_kind(path)}")
@@ -218,12 +223,27 @@ def run_extract(args: argparse.Namespace) -> int:
     _check_output_dir(args.output_dir)
     if (args.hf_model_path is None) != (args.packing_model_path is None):
         raise ValueError("give both --hf_model_path and --packing_model_path, or neither for the built-in tiny models")
+    device, dtype_name = _device_and_dtype(args.device, args.dtype)
+    inputs = resolve_inputs(args)
+    _check_local_models((args.hf_model_path, args.packing_model_path))
+    # The usage errors have been said: torch and transformers load from here on.
+    from .builtin import builtin_paths
+    from .codec import context_frames
+    from .extract import extract_hf, extract_packing, prepare_sample
+    from .loading import DTYPES, library_versions, missing_cuda_device
+    from .media import decoder_record
+    from .numerics import pinned_float32
+    from .pair import preflight_pair
+    from .trace import trace_layers
+
     if args.hf_model_path is None:
         hf_path, packing_path = (str(path) for path in builtin_paths())
     else:
         hf_path, packing_path = args.hf_model_path, args.packing_model_path
-    device, dtype = _device_and_dtype(args.device, args.dtype)
-    inputs = resolve_inputs(args)
+    problem = missing_cuda_device(device)
+    if problem:
+        raise ValueError(f"--device {device}: {problem}")
+    dtype = DTYPES[dtype_name]
     # Wrong model paths, swapped sides, configs that differ, too many frames or disagreeing processors fail here,
     # before any media is decoded.
     files = preflight_pair(hf_path, packing_path, strict_config=args.strict_config,
@@ -311,6 +331,9 @@ def _codec_samples(codec_media: dict[str, Media], args: argparse.Namespace, pair
     """`<key>_codec` of every video: the codec-style selection of --num_frames frames' worth of tokens
     (`vitparity.codec`) from its temporal context (64 frames, decoded with the inputs); the kept indices are added
     to its metadata."""
+    from .codec import prepare_codec_sample
+    from .media import MediaError
+
     samples = []
     for key, frames in codec_media.items():
         try:
@@ -352,12 +375,16 @@ def verify_folder(features_dir: str, threshold: float, max_cos_gap: str | float 
             comparisons.append(_one_sided(key, packing[key].shape, HF_FILE, threshold))
         else:
             comparisons.append(compare_features(hf[key], packing[key], name=key, threshold=threshold, bars=bars))
+    from .report import format_report
+
     title = f"{metadata.get('hf_model_path', '?')} vs {metadata.get('packing_model_path', '?')}"
     print(format_report(comparisons, title=title))
     inputs = metadata.get("inputs", {})
     for comparison in comparisons:
         recorded = inputs.get(comparison.name, {}).get("layer_trace") if isinstance(inputs, dict) else None
         if not comparison.passed and recorded is not None:
+            from .trace import LayerTrace
+
             print("\n" + LayerTrace.from_json(recorded).format())
     if not comparisons:
         print(f"FAIL: no features in {features_dir}")
@@ -374,6 +401,9 @@ def run_convert(args: argparse.Namespace) -> int:
     if existing:
         raise ValueError(f"{output}: the output folder already holds weights ({', '.join(existing)}); "
                          "convert into a new or empty folder")
+    read_config(source)  # a missing or unreadable source said before torch loads
+    from .convert import convert_checkpoint
+
     before = {path: path.stat().st_mtime_ns for path in output.iterdir()} if output.is_dir() else {}
     convert_checkpoint(source, output)
     model_type = read_config(output).get("model_type")
@@ -386,6 +416,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def run_report_junit(paths: Sequence[str]) -> int:
     """The report-junit command: the merged Markdown report on stdout; 1 when the runs together do not pass."""
+    from .junit_report import merge_report, read_junit
+
     text, passed = merge_report([read_junit(path) for path in paths])
     print(text, end="")
     return 0 if passed else 1
@@ -411,13 +443,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report-junit":
             return run_report_junit(args.junit_files)
         if args.command == "golden-diff":
+            from .golden_diff import diff_golden_sets, format_golden_diff
+
             print(format_golden_diff(diff_golden_sets(args.old, args.new), args.old, args.new,
                                      new_only=args.new_only))
             return 0
         if args.command == "golden-show":
+            from .golden_diff import describe_golden
+
             print(describe_golden(Path(args.file).read_bytes(), args.file))
             return 0
         return run_convert(args)
-    except (MediaError, ModelLoadError, ConversionError, OSError, ValueError) as err:
+    # MediaError, MediaCheckError, ConversionError, FeaturesError, JUnitError, GoldenCorrupt and GoldenSourceError
+    # are ValueErrors: caught here without importing their (heavy) modules.
+    except (ModelLoadError, OSError, ValueError) as err:
         print(f"vitparity: error: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ Resolving is the first step of loading a model, so its failures are the loader's
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -95,3 +96,19 @@ def resolve_model(spec: str | os.PathLike[str]) -> ModelRef:
             f"could not be resolved from {where} ({type(err).__name__}: {err})"
         ) from err
     return ModelRef(str(spec), folder, repo_id, revision, folder.name)
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of a checkpoint folder, with clear errors for a missing folder, file or bad JSON."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ModelLoadError(f"{folder}: model path does not exist")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: model path is not a folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{folder}: no config.json in the model folder")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{config_path}: not valid JSON ({err})") from err

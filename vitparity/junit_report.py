@@ -22,7 +22,7 @@ from pathlib import Path
 from .compare import comparison_from_row
 from .features_io import code_line
 from .report import TABLE_HEADER, table_cells, worst_case_line, worst_first
-from .suite.baseline import PROPERTY as BASELINE_KEY
+from .suite.costs import BASELINE_PROPERTY as BASELINE_KEY
 from .suite.costs import CODE_KEY, COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
 from .suite.golden_state import MISSING, MISSING_PROPERTY, STATE_PROPERTY, SUMMARY_PROPERTY, GoldenTally
 from .suite.run_record import RUN_KEY, run_lines

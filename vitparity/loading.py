@@ -11,14 +11,15 @@ import torch
 from safetensors import safe_open
 from transformers.utils import logging as hf_logging
 
+from .choices import DTYPE_NAMES
 from .checkpoint_code import CHECKPOINT_CODE, CodeRecord, choose_code
 from .buffers import check_buffers, non_persistent_buffers, restore_buffers
-from .hub import ModelLoadError, ModelRef, resolve_model
+from .hub import ModelLoadError, ModelRef, read_config, resolve_model
 from .models import MODEL_TYPES
 from .models.layers import VisionRotary3D
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # Module holding the release's RoPE inverse-frequency buffers, per side. The release keeps them non-persistent;
 # checkpoints saved from copies patched to make them persistent carry `<module>.inv_freq_{t,h,w}`.
 ROPE_BUFFER_MODULES = {"hf": "video_rope", "packing": "rotary_emb"}
@@ -56,25 +57,6 @@ def library_versions() -> dict[str, str]:
             "numpy": numpy.__version__, "cv2": cv2.__version__}
 
 
-def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
-    """Resolve `auto` (cuda when available; bfloat16 on cuda, float32 on cpu) and refuse what cannot run.
-
-    Does not check that a requested CUDA device exists (`missing_cuda_device`): callers decide whether that
-    is an error or a skip.
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ValueError(f"device {device!r}: use cpu, cuda, cuda:N or auto")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)} or auto")
-    if device == "cpu" and dtype == "float16":
-        raise ValueError("unsupported dtype on CPU: float16 (use float32 or bfloat16 on CPU, or a cuda device)")
-    return device, dtype
-
-
 def missing_cuda_device(device: str) -> str | None:
     """Why a resolved CUDA `device` cannot be used on this machine (None when it can, or for the CPU)."""
     if not device.startswith("cuda"):
@@ -85,22 +67,6 @@ def missing_cuda_device(device: str) -> str | None:
     if device.startswith("cuda:") and int(device[5:]) >= count:
         return f"{count} CUDA device(s) are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
     return None
-
-
-def read_config(path: str | Path) -> dict:
-    """config.json of a checkpoint folder, with clear errors for a missing folder, file or bad JSON."""
-    folder = Path(path)
-    if not folder.exists():
-        raise ModelLoadError(f"{folder}: model path does not exist")
-    if not folder.is_dir():
-        raise ModelLoadError(f"{folder}: model path is not a folder")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{folder}: no config.json in the model folder")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelLoadError(f"{config_path}: not valid JSON ({err})") from err
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -1,8 +1,8 @@
 """The model pair: every rule that two checkpoints must follow before their features are compared, in one place.
 
 Rules, each with one message (PairError):
-- threshold: a minimum cosine strictly between 0 and 1;
-- frames: at least one frame per video, and no more than the hf model's temporal RoPE context;
+- threshold: a minimum cosine strictly between 0 and 1 (`vitparity.rules`, light: checked before torch loads);
+- frames: at least one frame per video, and no more than the hf model's temporal RoPE context (`vitparity.rules`);
 - normalisation: both checkpoints' preprocessor_config.json (or the CLIP defaults) normalise alike;
 - sides: the hf model is a non-packing model and the packing model a packing one;
 - config: the two configs agree on every field that defines the weights (`checks.WEIGHT_FIELDS`); other
@@ -38,13 +38,9 @@ from .hub import ModelRef, resolve_model
 from .loading import DTYPES, LoadedModel, ModelLoadError, load_model, read_config
 from .models import MODEL_TYPES, OneVisionEncoderConfig
 from .numerics import tf32_setting
+from .rules import SIDES, PairError, check_num_frames
 
-SIDES = ("hf", "packing")
 PREPROCESSOR_FILE = "preprocessor_config.json"
-
-
-class PairError(ModelLoadError):
-    """Two checkpoints (or a setting) that break a model-pair rule; the message names the inputs and the rule."""
 
 
 class SideLoadError(ModelLoadError):
@@ -83,30 +79,11 @@ def _builtin_config(config: dict) -> PretrainedConfig | None:
     return MODEL_TYPES[config["model_type"]][0].from_dict(config)
 
 
-def check_threshold(value: float, name: str = "threshold") -> float:
-    """The threshold rule: a minimum per-token cosine strictly between 0 and 1 (NaN refused)."""
-    if not 0.0 < value < 1.0:
-        raise PairError(f"{name}={value}: must be in (0, 1)")
-    return value
-
-
 def temporal_context(hf_config: dict) -> int | None:
     """The temporal RoPE context of the non-packing model, from its config.json: `rope_temporal_size` when the
     config has the field (null: the frames given, no limit), else the release protocol's 64 frames
     (`extract.TEMPORAL_CONTEXT`; some release config classes have no such field, later ones default it to 64)."""
     return hf_config.get("rope_temporal_size", TEMPORAL_CONTEXT)
-
-
-def check_num_frames(num_frames: int, context: int | None, hf_where: str, name: str = "num_frames") -> int:
-    """The frames rule: at least one frame, and no more than the hf model's temporal RoPE context (None: no limit)."""
-    if num_frames < 1:
-        raise PairError(f"{name}={num_frames}: must be >= 1")
-    if context is not None and num_frames > context:
-        raise PairError(
-            f"{name}={num_frames} does not fit the temporal context of {hf_where} (rope_temporal_size={context}): "
-            f"sample at most {context} frames per video"
-        )
-    return num_frames
 
 
 def _three_numbers(value: Any, key: str, path: Path) -> tuple[float, float, float]:

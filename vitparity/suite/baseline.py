@@ -26,9 +26,9 @@ import pytest
 
 from ..pair import PairFiles
 from ..snapshots import GoldenCorrupt, GoldenData, GoldenFolder, golden_shape, load_golden, reduction_drift
+from .costs import BASELINE_PROPERTY as PROPERTY
 from .settings import Settings
 
-PROPERTY = "vitparity_baseline"  # user property of a golden test: its BaselineRow (JSON)
 
 
 @dataclass(frozen=True)

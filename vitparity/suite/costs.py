@@ -1,7 +1,8 @@
 """What a suite process cost (forwards, tokens, loads, peak memory) and how it is written: the summary's cost lines
 and the names of the properties that carry costs, comparisons and config warnings to the controller and to JUnit.
 
-Kept free of pytest so that `vitparity report-junit` reads what the suite wrote without importing the suite.
+Kept free of pytest and torch so that `vitparity report-junit` reads what the suite wrote without importing the
+suite.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass, field
 
-import torch
-
-from ..pair import SIDES
+from ..rules import SIDES
 
 
 @dataclass
@@ -43,6 +42,8 @@ class Cost:
 
     def measure_peak(self, device: str) -> None:
         """Peak memory so far: CUDA max allocated on a GPU, the process's max RSS on the CPU."""
+        import torch  # only here: report-junit reads this module's keys and cost lines without torch
+
         if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_initialized():
             self.peak_bytes, self.peak_kind = int(torch.cuda.max_memory_allocated()), "CUDA max allocated"
         else:
@@ -62,6 +63,7 @@ class Cost:
 
 
 PROPERTY = "vitparity"  # user property of a test: one Comparison row (JSON)
+BASELINE_PROPERTY = "vitparity_baseline"  # user property of a golden test: its BaselineRow (`suite.baseline`, JSON)
 FORWARDS_PROPERTY = "vitparity_forwards"  # user property of a test: the forwards it compared
 COST_KEY = "vitparity_cost"  # xdist workeroutput: this worker's Cost (JSON)
 LEFT_OUT_KEY = "vitparity_left_out"  # xdist workeroutput: why the plan deselected tests (JSON: reason -> names)

@@ -12,11 +12,11 @@ import pytest
 from ..builtin import BUILTIN_GOLDEN, BUILTIN_MEDIA, builtin_paths
 from ..extract import TEMPORAL_CONTEXT
 from ..hub import hub_id
-from ..loading import DTYPES, resolve_device_dtype
+from ..loading import DTYPES
 from ..media import ALIGN_POLICIES, check_scale, scale_suffix
 from ..models.packed_attention import BACKENDS, SDPA_KERNELS, available_backends, available_sdpa_kernels
-from ..pair import PairError, check_threshold
 from ..precision import AUTO, OFF, Bars, parse_bar
+from ..rules import PairError, check_threshold, resolve_device_dtype
 from .cases import Shard, parse_shard
 from .options import OPTIONS, PLAN_POLICIES, RawValue, raw_value
 
