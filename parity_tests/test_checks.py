@@ -56,7 +56,7 @@ def test_packing_independent_of_neighbours(group_result) -> None:
                                   f"(min cos > {threshold})"), pytrace=False)
 
 
-def test_companions_do_not_leak(group_result, record_property) -> None:
+def test_companions_do_not_leak(group_result, record_figure) -> None:
     """Each case of the pack keeps bit-identical packing features when the other cases' pixels are replaced
     (same shapes, dtype, device and kernels): catches a dependence on the neighbours far below any threshold."""
     warn_left_out(group_result)
@@ -66,7 +66,7 @@ def test_companions_do_not_leak(group_result, record_property) -> None:
                     pytrace=False)
     for swap in swaps:
         for name, value in swap.properties():
-            record_property(name, value)
+            record_figure(name, value)
     failed = [swap for swap in swaps if not swap.passed]
     if failed:
         pytest.fail("\n".join(swap.format() for swap in failed)

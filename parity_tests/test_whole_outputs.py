@@ -39,13 +39,13 @@ def test_reference(parity, parity_case, case_result, record_comparison, layer_tr
                     pytrace=False)
 
 
-def test_converted_weights(parity, record_property) -> None:
+def test_converted_weights(parity, record_figure) -> None:
     """Each packing tensor equals, exactly, the hf tensor(s) it comes from by the converter's mapping (fused qkv =
     cat(q, k, v), the RoPE buffers where both models keep them); catches conversion faults of layers whose outputs the
     features never see. A buffer only one model keeps is left out, the reason recorded (JUnit property `left_out`)."""
     checked = parity.converted_weights()
     for line in checked.left_out:
-        record_property("left_out", line)
+        record_figure("left_out", line)
     if checked.problems:
         pytest.fail("packing weights that are not the converted hf weights:\n  " + "\n  ".join(checked.problems)
                     + "".join(f"\n  left out: {line}" for line in checked.left_out), pytrace=False)

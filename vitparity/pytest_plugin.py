@@ -181,7 +181,20 @@ def record_comparison(request: pytest.FixtureRequest):
 
 
 @pytest.fixture
-def layer_trace(parity: ParitySession, record_property):
+def record_figure(request: pytest.FixtureRequest):
+    """`record_figure(name, value)`: a per-test figure as a property of the test's JUnit testcase, read by
+    `vitparity report-junit` and the summary. Written to the test's user properties as the comparison rows are, not
+    through pytest's `record_property`, which warns under pytest's default junit_family (xunit2) in every run
+    without an ini file (`vitparity gate`, `--pyargs vitparity.parity_tests`)."""
+
+    def record(name: str, value: object) -> None:
+        request.node.user_properties.append((name, value))
+
+    return record
+
+
+@pytest.fixture
+def layer_trace(parity: ParitySession, record_figure):
     """`layer_trace(case_result or group_result)`: the per-layer trace of the failing case(s), as text to append to
     the failure (`first divergence: hidden_states[K]` and a table per case); records the figures as JUnit
     properties and writes the layer plot into the report folder. `layer_trace(case_result, odd_one_out=...)`
@@ -192,7 +205,7 @@ def layer_trace(parity: ParitySession, record_property):
         report = (trace_failure(parity, result) if odd_one_out is None
                   else trace_against_reference(parity, result, odd_one_out))
         for name, value in report.properties():
-            record_property(name, value)
+            record_figure(name, value)
         return "\n\n" + report.format()
 
     return trace

@@ -102,7 +102,7 @@ class LayerTrace:
         return "\n".join(lines)
 
     def properties(self) -> list[tuple[str, str]]:
-        """Small name / value pairs for JUnit (record_property): first divergence, patterns, per-layer figures."""
+        """Small name / value pairs for JUnit (the suite's record_figure): first divergence, patterns, per-layer figures."""
         prefix = f"trace[{self.name}]"
         first = "none" if self.first_divergence is None else str(self.first_divergence)
         return [
