@@ -223,9 +223,9 @@ def run_extract(args: argparse.Namespace) -> int:
     _check_output_dir(args.output_dir)
     if (args.hf_model_path is None) != (args.packing_model_path is None):
         raise ValueError("give both --hf_model_path and --packing_model_path, or neither for the built-in tiny models")
-    device, dtype_name = _device_and_dtype(args.device, args.dtype)
     inputs = resolve_inputs(args)
     _check_local_models((args.hf_model_path, args.packing_model_path))
+    device, dtype_name = _device_and_dtype(args.device, args.dtype)  # device auto: the first import of torch
     # The usage errors have been said: torch and transformers load from here on.
     from .builtin import builtin_paths
     from .codec import context_frames
