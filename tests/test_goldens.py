@@ -25,7 +25,7 @@ from vitparity.cli import main
 from vitparity.loading import weight_files
 from vitparity.provenance_diff import provenance_diff
 from vitparity.snapshots import golden_file_stem, other_model_folders_hint
-from vitparity.suite.golden_state import MISSING, NEW_WEIGHTS, GoldenTally, MissingWhy
+from vitparity.suite.golden_state import MISSING, NEW_WEIGHTS, GoldenTally, missing_why
 from vitparity.suite.golden_upkeep import case_of_file, golden_key
 
 from conftest import REPO, golden_files
@@ -398,10 +398,10 @@ def test_why_a_golden_is_missing(tmp_path) -> None:
     weights (no folder of the fingerprint, or no golden root at all)."""
     root = tmp_path / "golden"
     (root / HF_F32 / "test_golden").mkdir(parents=True)
-    cases = MissingWhy.of("hf", root / HF_F32)
-    settings = MissingWhy.of("hf", root / HF_F32.replace("8of64", "4of64"))
-    weights = MissingWhy.of("packing", root / PACKING_F32.replace("0a8da2050499", "0123456789ab"))
-    assert MissingWhy.of("hf", tmp_path / "nowhere" / HF_F32).kind == NEW_WEIGHTS
+    cases = missing_why("hf", root / HF_F32)
+    settings = missing_why("hf", root / HF_F32.replace("8of64", "4of64"))
+    weights = missing_why("packing", root / PACKING_F32.replace("0a8da2050499", "0123456789ab"))
+    assert missing_why("hf", tmp_path / "nowhere" / HF_F32).kind == NEW_WEIGHTS
     assert [why.short() for why in (cases, settings, weights)] == [
         "new cases hf", "new settings hf float32-4of64-crop", "new weights packing 0123456789ab"]
     tally = GoldenTally()

@@ -14,6 +14,9 @@ Every golden test of a checking run (not an update) ends in one state, recorded 
 The summary counts them (`goldens: 3 regressions, 12 missing (new weights hf a1b2c3d4e5f6)`) and one line says why
 and gives the command that writes them; the same counts and command are the JUnit global property
 `vitparity_goldens`, and `vitparity report-junit` counts missing goldens apart from failed tests.
+
+Light at import (report-junit reads the names and counts without pytest, syrupy or the suite): what only a suite run
+needs is imported by the function that uses it.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import shlex
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytest
+if TYPE_CHECKING:
+    import pytest
+    from syrupy.assertion import SnapshotAssertion
 
-from ..gate import TESTS
-from ..snapshots import GoldenData, GoldenFolder, other_model_folders_hint
-from .options import OPTIONS, raw_value
+    from ..snapshots import GoldenData
 
 STATE_PROPERTY = "vitparity_golden_state"  # user property of a golden test: match, regression or missing
 MISSING_PROPERTY = "vitparity_golden_missing"  # user property of a missing golden: MissingWhy as JSON
@@ -40,7 +44,7 @@ NEW_WEIGHTS, NEW_SETTINGS, NEW_CASES = "new weights", "new settings", "new cases
 NOT_IN_UPDATE = frozenset({"shard", "regenerate_goldens", "golden_baseline", "baseline_min_cos"})
 
 
-def assertion_state(assertion) -> str:
+def assertion_state(assertion: SnapshotAssertion) -> str:
     """The state of a syrupy snapshot assertion just made: MISSING when it recalled no golden, else MATCH or
     REGRESSION by its result."""
     result = assertion.executions[assertion.num_executions - 1]
@@ -64,20 +68,6 @@ class MissingWhy:
     settings: str  # dtype, frames and alignment: `float32-8of64-crop`
     folder: str  # the golden folder's name
 
-    @classmethod
-    def of(cls, side: str, folder: Path) -> "MissingWhy":
-        """Why `folder` (a golden folder named by `GoldenFolder`) holds no golden of a case of `side`."""
-        parsed = GoldenFolder.parse(folder.name)
-        if folder.is_dir():
-            kind = NEW_CASES
-        else:
-            siblings = [GoldenFolder.parse(path.name) for path in folder.parent.iterdir()] \
-                if folder.parent.is_dir() else []
-            same_weights = any(other is not None and (other.model_type, other.fingerprint)
-                               == (parsed.model_type, parsed.fingerprint) for other in siblings)
-            kind = NEW_SETTINGS if same_weights else NEW_WEIGHTS
-        return cls(side, kind, parsed.fingerprint, parsed.settings, folder.name)
-
     def short(self) -> str:
         """`new weights hf a1b2c3d4e5f6`, `new settings hf float32-4of64-crop` or `new cases hf`."""
         detail = {NEW_WEIGHTS: f" {self.fingerprint}", NEW_SETTINGS: f" {self.settings}"}.get(self.kind, "")
@@ -94,15 +84,34 @@ class MissingWhy:
         return f"{_plural(cases, 'case')} of {self.side} {'has' if cases == 1 else 'have'} no golden in {self.folder}"
 
 
-def record_state(node: pytest.Item, assertion, side: str, folder: Path, data: GoldenData) -> str:
+def missing_why(side: str, folder: Path) -> MissingWhy:
+    """Why `folder` (a golden folder named by `GoldenFolder`) holds no golden of a case of `side`: the folder exists
+    (new cases), folders of the same weights exist under other settings only (new settings), or none of its
+    fingerprint does (new weights)."""
+    from ..snapshots import GoldenFolder
+
+    parsed = GoldenFolder.parse(folder.name)
+    if folder.is_dir():
+        kind = NEW_CASES
+    else:
+        siblings = [GoldenFolder.parse(path.name) for path in folder.parent.iterdir()] if folder.parent.is_dir() else []
+        same_weights = any(other is not None and (other.model_type, other.fingerprint)
+                           == (parsed.model_type, parsed.fingerprint) for other in siblings)
+        kind = NEW_SETTINGS if same_weights else NEW_WEIGHTS
+    return MissingWhy(side, kind, parsed.fingerprint, parsed.settings, folder.name)
+
+
+def record_state(node: pytest.Item, assertion: SnapshotAssertion, side: str, folder: Path, data: GoldenData) -> str:
     """Record the state of a checking run's golden assertion just made (and, when missing, why) as user properties
     of its test; return the test's failure message when the golden is missing ("" otherwise): one labelled line,
     then the golden folders of the same model type it could be measured against (--golden-baseline), if any."""
+    from ..snapshots import other_model_folders_hint
+
     state = assertion_state(assertion)
     node.user_properties.append((STATE_PROPERTY, state))
     if state != MISSING:
         return ""
-    why = MissingWhy.of(side, folder)
+    why = missing_why(side, folder)
     node.user_properties.append((MISSING_PROPERTY, json.dumps(asdict(why))))
     lines = [f"missing golden: no golden for this case and model in {folder} ({why.short()}); the summary's "
              "'missing goldens' line gives the command that writes them"]
@@ -114,6 +123,9 @@ def update_command(config: pytest.Config) -> str:
     """The command that writes the missing goldens of this run: its program (pytest, or `vitparity gate`), `-m golden
     --snapshot-update`, and the suite options given on its command line (the environment and the ini file still
     hold theirs)."""
+    from ..gate import TESTS
+    from .options import OPTIONS, raw_value
+
     args = ["vitparity", "gate"] if TESTS in config.invocation_params.args else ["pytest"]
     args += ["-m", "golden", "--snapshot-update"]
     for option in OPTIONS:
@@ -127,8 +139,8 @@ def update_command(config: pytest.Config) -> str:
 class GoldenTally:
     """The states of a run's golden tests, and why the missing ones are missing."""
 
-    states: Counter = field(default_factory=Counter)
-    missing: Counter = field(default_factory=Counter)  # MissingWhy -> golden tests
+    states: Counter[str] = field(default_factory=Counter)  # state -> golden tests
+    missing: Counter[MissingWhy] = field(default_factory=Counter)  # why -> golden tests
 
     def add(self, state: str, why: MissingWhy | None) -> None:
         self.states[state] += 1
