@@ -1,10 +1,11 @@
-"""A fast start: the commands that need no model never import torch or transformers (an import-graph check, not a
-timing; the times are in docs/benchmarks.md). `python -X importtime` lists every module a process imports."""
+"""A fast start: the commands that need no model, and pytest's help with the suite's plugin, never import torch or
+transformers (an import-graph check, not a timing; the times are in docs/benchmarks.md). `python -X importtime` lists every module a process imports."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +15,9 @@ HEAVY = ("torch", "transformers")
 GOLDEN = next(BUILTIN_GOLDEN.rglob("*.npz"))
 
 
-def imported_modules(*args: str) -> tuple[int, set[str]]:
+def imported_modules(*args: str, cwd: Path | None = None) -> tuple[int, set[str]]:
     """(exit status, every module imported) of `python -X importtime ARGS`."""
-    run = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=cwd)
     names = {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
     return run.returncode, names
 
@@ -46,3 +47,10 @@ def test_pytest11_entry_point_is_light() -> None:
     """The entry point every pytest run of the environment loads."""
     code, names = imported_modules("-c", "import vitparity.suite.rootdir_check")
     assert code == 0 and "vitparity.suite.rootdir_check" in names and heavy(names) == []
+
+
+def test_pytest_help_with_the_suite_plugin_is_light(tmp_path: Path) -> None:
+    """`pytest --help` lists the suite's options without setting the suite up (no ini file here)."""
+    code, names = imported_modules("-m", "pytest", "-p", "vitparity.pytest_plugin", "--help", cwd=tmp_path)
+    # The plugin itself is assertion-rewritten, so not listed: the options module it registers is.
+    assert code == 0 and "vitparity.suite.options" in names and heavy(names) == []

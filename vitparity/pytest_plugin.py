@@ -2,42 +2,34 @@
 
 Options live in `vitparity.suite.options`, cases and pack groups in `suite.cases`, the plan and xdist scheduling
 in `suite.schedule`, the per-process state in `suite.session`, the summary in `suite.reporting`.
+
+Only light modules are imported here: each hook imports the suite's torch-backed modules when it runs, so
+`pytest --help` (which skips the suite's set-up) and `pytest --version` never load torch or transformers.
 """
 
 from __future__ import annotations
 
 import json
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import pytest
 
-from .compare import Comparison
 from .gpu_pinning import pin_xdist_worker_gpu
-from .snapshots import golden_extension
-from .suite.cases import PackGroup, ParityCase
-from .numerics import pinned_float32
-from .suite.settings import resolve_settings
 from .suite.costs import FORWARDS_PROPERTY, PROPERTY
-from .suite.nothing_checked import NothingChecked
-from .suite.representative import check_representative
-from .suite.baseline import BaselineReporter, baseline_property, check_baseline
-from .suite.media_preflight import check_run_media
-from .suite.golden_state import record_state
-from .suite.golden_upkeep import FOLDER_PROPERTY, GoldenUpkeep, golden_key
 from .suite.options import OPTIONS, pytest_addoption, raw_value  # noqa: F401 (pytest_addoption: this plugin's hook)
-from .suite.reporting import FailureWithoutFailedTest, ParityReporter
-from .suite.schedule import (
-    CASE_PARAM, GROUP_PARAM, InapplicableTests, PackGroupScheduling, build_plan, controller_workers, group_id_of,
-    group_needs, probed, split_items, worker_count,
-)
-from .suite.session import CaseResult, GroupResult, ParitySession, preflight
-from .suite.tracing import trace_against_reference, trace_failure
+
+if TYPE_CHECKING:
+    from .compare import Comparison
+    from .suite.cases import PackGroup, ParityCase
+    from .suite.schedule import InapplicableTests
+    from .suite.session import CaseResult, GroupResult, ParitySession
 
 # The suite's options (`pytest_addoption`, imported above) exist only where this plugin is loaded: the repository's
 # conftest.py, `vitparity gate` or `-p vitparity.pytest_plugin`; never in another project's pytest.
 DEVICE_OPTION = next(option for option in OPTIONS if option.name == "device")
-SESSION_KEY = pytest.StashKey[ParitySession]()
-INAPPLICABLE_KEY = pytest.StashKey[InapplicableTests]()
+SESSION_KEY: pytest.StashKey[ParitySession] = pytest.StashKey()
+INAPPLICABLE_KEY: pytest.StashKey[InapplicableTests] = pytest.StashKey()
 MARKERS = {
     "image": "an image case",
     "video": "a video case",
@@ -52,6 +44,19 @@ MARKERS = {
 def pytest_configure(config: pytest.Config) -> None:
     for marker, text in MARKERS.items():
         config.addinivalue_line("markers", f"{marker}: {text}")
+    if config.option.help:  # pytest --help lists the options; the suite is not set up
+        return
+    from .numerics import pinned_float32
+    from .suite.baseline import BaselineReporter, check_baseline
+    from .suite.golden_upkeep import GoldenUpkeep
+    from .suite.media_preflight import check_run_media
+    from .suite.nothing_checked import NothingChecked
+    from .suite.reporting import FailureWithoutFailedTest, ParityReporter
+    from .suite.representative import check_representative
+    from .suite.schedule import InapplicableTests, build_plan, controller_workers, worker_count
+    from .suite.session import ParitySession, preflight
+    from .suite.settings import resolve_settings
+
     # Before anything initialises CUDA (resolving `auto` asks torch whether CUDA is available).
     pin_xdist_worker_gpu(str(raw_value(config, DEVICE_OPTION).value))
     settings = resolve_settings(config)
@@ -94,12 +99,16 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Under -n: each pack group runs whole, in order, on the worker the plan gives it."""
+    from .suite.schedule import PackGroupScheduling
+
     return PackGroupScheduling(config, config.stash[SESSION_KEY].plan, log)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize over every case or every pack group (never dropped at collection: the ids are the same on every
     worker and shard; other shards' work is deselected after collection)."""
+    from .suite.schedule import CASE_PARAM, GROUP_PARAM
+
     session = metafunc.config.stash[SESSION_KEY]
     extra = [pytest.mark.gpu] if session.settings.device.startswith("cuda") else []
     if CASE_PARAM in metafunc.fixturenames:
@@ -119,6 +128,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """After -k / -m and syrupy have seen the collection (what the plan does not run has gone before them:
     `InapplicableTests`): keep this shard's groups, order the items group by group, and note what each group's
     selected tests need."""
+    from .suite.schedule import group_needs, probed, split_items
+
     session = config.stash[SESSION_KEY]
     inapplicable = config.stash[INAPPLICABLE_KEY]
     selection = split_items(session.plan, session.settings, items)
@@ -132,6 +143,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Release a group's results after its last test."""
+    from .suite.schedule import group_id_of
+
     plan = item.config.stash[SESSION_KEY].plan
     current = group_id_of(plan, item)
     if current is not None and (nextitem is None or group_id_of(plan, nextitem) != current):
@@ -201,6 +214,8 @@ def layer_trace(parity: ParitySession, record_figure):
     traces the odd one(s) out of a failing reference test against the reference instead. Call it only when the
     test fails."""
 
+    from .suite.tracing import trace_against_reference, trace_failure
+
     def trace(result: CaseResult | GroupResult, odd_one_out: str | None = None) -> str:
         report = (trace_failure(parity, result) if odd_one_out is None
                   else trace_against_reference(parity, result, odd_one_out))
@@ -220,6 +235,10 @@ def golden(request: pytest.FixtureRequest, parity: ParitySession, case_result: C
     is refused instead of written. With --golden-baseline, the features are also measured against the baseline
     golden (`vitparity.suite.baseline`).
     """
+    from .snapshots import golden_extension
+    from .suite.baseline import baseline_property
+    from .suite.golden_state import record_state
+    from .suite.golden_upkeep import FOLDER_PROPERTY, golden_key
 
     def check(side: str) -> None:
         updating = bool(request.config.option.update_snapshots)
