@@ -7,7 +7,7 @@ import pytest
 
 def test_parity(case_result, parity, record_comparison, layer_trace) -> None:
     """Shapes equal, all finite, min per-token cosine above the threshold, and the precision bars of the run's dtype
-    held (in a bfloat16 / float16 run, the case that carries the process's float32 probe must also hold the float32
+    held (in a bfloat16 / float16 run, the case that carries the run's float32 probe must also hold the float32
     bars); a failure says which bar failed and at which layer the two models first part ways."""
     for comparison in case_result.comparisons:
         record_comparison(comparison)

@@ -36,8 +36,8 @@ pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = ("float32", "bfloat16")
-# The CPU's default plan, and the GPU's (sampled determinism re-runs and one companion-swap probe, packing features
-# taken from the packs) run on the CPU: each must catch every fault and pass every benign variant.
+# The CPU's default plan, and the GPU's (sampled determinism re-runs and a companion-swap probe per group, packing
+# features taken from the packs) run on the CPU: each must catch every fault and pass every benign variant.
 PLANS = {"cpu-plan": (), "gpu-plan": ("--determinism=sample", "--companions=sample")}
 # Benign variants that change nothing in a float32 run (RoPE and attention in float32 either way): may be bit-equal.
 BIT_EQUAL_IN_FLOAT32 = {("rope_input_dtype", "float32"), ("attention_fp32", "float32")}

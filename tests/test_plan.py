@@ -1,4 +1,4 @@
-"""The suite's plan: cases probed without decoding, pack groups, shards, the worker split, the determinism policy."""
+"""The suite's plan: cases probed without decoding, pack groups, shards, the worker split, the sampled checks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from vitparity.builtin import BUILTIN_MEDIA
 from vitparity.media_probe import image_size, video_size
 from vitparity.suite.cases import (
-    PackGroup, ParityCase, collect_cases, companion_probes, determinism_cases, estimate_tokens, make_groups, parse_shard,
-    plan_workers,
+    PackGroup, ParityCase, collect_cases, companion_probes, determinism_cases, estimate_tokens, float32_probe_case,
+    make_groups, parse_shard, plan_workers, token_order_cases,
 )
 
 
@@ -116,44 +116,55 @@ def test_worker_split_is_balanced_by_tokens(workers) -> None:
 def test_determinism_policy() -> None:
     cases = synthetic_cases(40)
     groups = make_groups(cases, 50_000)
-    owner = plan_workers(groups, 2)
     everything = {case.id for case in cases}
-    assert determinism_cases("all", "cuda", groups, owner) == everything
-    assert determinism_cases("auto", "cpu", groups, owner) == everything
-    assert determinism_cases("off", "cpu", groups, owner) == set()
-    chosen = determinism_cases("auto", "cuda", groups, owner)
+    assert determinism_cases("all", "cuda", groups) == everything
+    assert determinism_cases("auto", "cpu", groups) == everything
+    assert determinism_cases("off", "cpu", groups) == set()
+    chosen = determinism_cases("auto", "cuda", groups)
     expected = set()
-    for worker in (0, 1):
-        share = [c for g in groups if owner[g.id] == worker for c in g.cases]
+    for group in groups:  # the largest image and the largest video of each pack group
         for kind in ("image", "video"):
-            expected.add(max((c for c in share if c.kind == kind), key=lambda c: c.tokens).id)
-    assert chosen == expected and len(chosen) == 4
-    assert determinism_cases("sample", "cpu", groups, owner) == chosen  # the GPU's choice, on any device
+            of_kind = [c for c in group.cases if c.kind == kind]
+            if of_kind:
+                expected.add(max(of_kind, key=lambda c: c.tokens).id)
+    assert chosen == expected and len(chosen) > len(groups)
+    assert determinism_cases("sample", "cpu", groups) == chosen  # the GPU's choice, on any device
+    for count in (2, 3):  # a rule per group: each shard samples its own groups as the whole run does
+        shards = [parse_shard(f"{k}/{count}").groups(groups) for k in range(1, count + 1)]
+        assert set().union(*(determinism_cases("sample", "cpu", shard) for shard in shards)) == chosen
 
 
 def test_companion_policy() -> None:
     groups = make_groups(synthetic_cases(40), 50_000)
-    owner = plan_workers(groups, 2)
-    every = companion_probes("all", "cpu", groups, owner)
-    assert set(every) == {g.id for g in groups} and every == companion_probes("auto", "cpu", groups, owner)
+    every = companion_probes("all", "cpu", groups)
+    assert set(every) == {g.id for g in groups} and every == companion_probes("auto", "cpu", groups)
     for group in groups:  # the whole pack, each half of it kept once: every case queried
         probe = every[group.id]
         assert probe.whole and probe.cases == tuple(c.id for c in group.cases)
         assert sorted(i for kept in probe.kept for i in kept) == list(range(len(group.cases)))
-    assert companion_probes("off", "cuda", groups, owner) == {}
-    sample = companion_probes("sample", "cpu", groups, owner)
-    assert sample == companion_probes("auto", "cuda", groups, owner)
-    assert sorted(owner[group_id] for group_id in sample) == [0, 1]  # one probe per worker
+    assert companion_probes("off", "cuda", groups) == {}
+    sample = companion_probes("sample", "cpu", groups)
+    assert sample == companion_probes("auto", "cuda", groups)
+    assert set(sample) == {g.id for g in groups}  # one probe per pack group, whatever the workers and shards
     tokens = {c.id: c.tokens for g in groups for c in g.cases}
     for group_id, probe in sample.items():
         assert len(probe.cases) == 2 and len(probe.kept) == 1
         group = next(g for g in groups if g.id == group_id)
-        assert set(probe.cases) <= {c.id for c in group.cases}
-        cheapest = min(sum(sorted(c.tokens for c in g.cases)[:2]) * (1 if len(g.cases) == 2 else 2)
-                       for g in groups if owner[g.id] == owner[group_id])
-        assert probe.cost(tokens) == cheapest
+        assert sorted(tokens[c] for c in probe.cases) == sorted(c.tokens for c in group.cases)[:2]  # the smallest
+        assert probe.whole == (len(group.cases) == 2)  # a group of two is its own probe: its pack is reused
         kept = probe.cases[probe.kept[0][0]]
         assert tokens[kept] == max(tokens[c] for c in probe.cases)  # the larger case is queried
+
+
+def test_one_case_of_the_run_is_shuffled_and_carries_the_float32_probe() -> None:
+    cases = synthetic_cases(40)
+    codec = tuple(ParityCase(f"codec-{c.id[6:]}", "codec", c.path, c.tokens) for c in cases if c.kind == "video")
+    groups = make_groups(cases + codec, 50_000)
+    assert token_order_cases(groups) == {min(codec, key=lambda c: (c.tokens, c.id)).id}
+    assert token_order_cases(make_groups(cases, 50_000)) == set()  # no codec-style case: nothing to shuffle
+    unknown = ParityCase("image-unreadable.jpg", "image", Path("unreadable.jpg"))  # 0 tokens: size not known
+    assert float32_probe_case([*cases, unknown]) == min(cases, key=lambda c: (c.tokens, c.id)).id
+    assert float32_probe_case([unknown]) == unknown.id and float32_probe_case([]) is None
 
 
 def test_probed_sizes_equal_the_decoded_sizes_of_the_bundled_media() -> None:

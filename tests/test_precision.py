@@ -141,7 +141,7 @@ def test_bfloat16_run_probes_one_case_in_float32(suite) -> None:
     result = suite.run("--dtype=bfloat16", "-k", "test_parity", "--max-norm-gap=0.5", "--junitxml=run.xml")
     assert result.ret == 0, result.stdout.str()[-3000:]
     out = result.stdout.str()
-    assert "precision bfloat16 bars: mean 1-cos <= 0.02, norm gap <= 0.5  float32 probe: one case per worker, " \
+    assert "precision bfloat16 bars: mean 1-cos <= 0.02, norm gap <= 0.5  float32 probe: the run's smallest case, " \
            "judged by float32 bars: mean 1-cos <= 3.5e-06, norm gap <= 0.002" in out
     assert re.search(r"float32 probe: 2 loads, 2 forwards \(70 tokens\), \d\.\d\dx the one-pass minimum counting it",
                      out)

@@ -32,17 +32,11 @@ def test_shards_are_disjoint_and_together_exactly_the_full_run(suite) -> None:
         assert result.ret == 0, result.stdout.str()[-3000:]  # the goldens of other shards are not unused
         assert f"shard {k}/3: " in result.stdout.str()
         shards.append(junit_tests(suite.path / f"shard{k}.xml"))
-    # Every test but test_token_order runs in exactly one shard. test_token_order feeds one codec-style case of each
-    # worker's share shuffled (vitparity.suite.cases.token_order_cases), so each shard, a run of its own, checks the
-    # order on one of its own codec-style cases.
-    order = "parity_tests.test_paths::test_token_order["
-    rest = [t for s in shards for t in s if not t.startswith(order)]
-    assert len(rest) == len(set(rest)) and sorted(rest) == [t for t in everything if not t.startswith(order)]
-    assert sum(t.startswith(order) for t in everything) == 1
-    for k, shard in enumerate(shards, 1):
-        ordered = [t for t in shard if t.startswith(order)]
-        assert len(ordered) == 1 and ordered[0][len(order):-1].startswith("codec-"), (k, ordered)
-        assert f"test_parity[{ordered[0][len(order):-1]}]" in " ".join(shard)  # one of the shard's own cases
+    # Every test runs in exactly one shard, test_token_order too: the run's one shuffled codec-style case
+    # (vitparity.suite.cases.token_order_cases) is checked by the shard that holds it.
+    ran = [t for s in shards for t in s]
+    assert len(ran) == len(set(ran)) and sorted(ran) == everything
+    assert sum(t.startswith("parity_tests.test_paths::test_token_order[codec-") for t in everything) == 1
     assert sum(bool(s) for s in shards) >= 2
 
 
@@ -70,16 +64,10 @@ def test_forwards_and_tokens_are_the_same_serial_and_under_xdist(suite) -> None:
     serial = suite.run(SMALL_BUDGET, "-m", "not golden")
     parallel = suite.run(SMALL_BUDGET, "-m", "not golden", "-n", "3")
     assert serial.ret == parallel.ret == 0
-    # The same rows, but for token order: each worker feeds one codec-style case of its share shuffled
-    # (token_order_cases), 3 rows each (order~mosaic, order~packing, order~sparse), so 1 case serial and 3 under -n 3.
+    # The same rows (the run's one shuffled codec-style case: 3 token-order rows) and the same forwards and tokens.
     serial_rows, parallel_rows = verdicts(serial.stdout.str()), verdicts(parallel.stdout.str())
-    unordered = [{k: v for k, v in rows.items() if not k.startswith("order~")} for rows in (serial_rows, parallel_rows)]
-    assert unordered[0] == unordered[1]
-    assert len(serial_rows) - len(unordered[0]) == 3 and len(parallel_rows) - len(unordered[1]) == 3 * 3
-    # The two more shuffled cases cost 2 hf forwards and 1 packing forward each, hf twice the packing tokens.
-    hf, hf_tokens, packing, packing_tokens = (
-        p - s for p, s in zip(run_total(parallel.stdout.str())[:4], run_total(serial.stdout.str())[:4]))
-    assert (hf, packing) == (2 * 2, 2) and hf_tokens == 2 * packing_tokens > 0
+    assert serial_rows == parallel_rows and sum(row.startswith("order~") for row in serial_rows) == 3
+    assert run_total(parallel.stdout.str())[:4] == run_total(serial.stdout.str())[:4]
     workers = {w: c for w, c in costs(parallel.stdout.str()).items() if w.startswith("gw")}
     assert len(workers) == 3 and sum(c[0] > 0 for c in workers.values()) >= 2  # the groups were spread
 
@@ -138,7 +126,7 @@ def test_cross_sample_attention_is_caught_in_groups_of_every_size(suite, tmp_pat
 
 def test_an_empty_selection_in_a_shard_still_fails(suite) -> None:
     """Only a shard that holds no group passes with nothing to run; a -k that matches nothing is still exit 5."""
-    result = suite.run(SMALL_BUDGET, "--shard=2/2", "-k", "no_such_case")  # shard 2/2 holds all 3 groups
+    result = suite.run(SMALL_BUDGET, "--shard=2/2", "-k", "no_such_case")  # shard 2/2 holds groups
     assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
 
 
@@ -171,47 +159,50 @@ def junit_forwards(path: Path) -> dict[str, str]:
 
 
 def builtin_plan():
+    """The GPU plan's cases, determinism re-runs, companion probes and shuffled case on the bundled media."""
     from vitparity.builtin import BUILTIN_MEDIA
-    from vitparity.suite.cases import collect_cases, companion_probes, determinism_cases, make_groups, plan_workers
-
+    from vitparity.suite.cases import collect_cases, companion_probes, determinism_cases, make_groups
     from vitparity.suite.cases import token_order_cases
 
     cases = collect_cases([BUILTIN_MEDIA], patch_size=14, align="crop", num_frames=8, codec_frames=8)
     groups = make_groups(cases, 16_384)
-    owner = plan_workers(groups, 1)
-    return (cases, determinism_cases("sample", "cpu", groups, owner), companion_probes("sample", "cpu", groups, owner),
-            token_order_cases(groups, owner))
+    return (cases, determinism_cases("sample", "cpu", groups), companion_probes("sample", "cpu", groups),
+            token_order_cases(groups))
 
 
 def test_gpu_plan_on_the_cpu_takes_packing_features_from_the_packs(suite) -> None:
     """--determinism=sample --companions=sample: one hf and one packing pass per case, the hf re-runs of the sampled
-    cases and one two-case probe; the tests it leaves out are named with the reason, and each test records the
-    forwards it compared."""
+    cases (the largest image and video of each group) and a two-case probe per group; the tests it leaves out are
+    named with the reason, and each test records the forwards it compared."""
     result = suite.run(*GPU_PLAN, "--junitxml=plan.xml")
     assert result.ret == 0, result.stdout.str()[-3000:]
     out = result.stdout.str()
     cases, rerun, probes, (shuffled,) = builtin_plan()
     tokens = {case.id: case.tokens for case in cases}
     paths = sum(case.tokens for case in cases if case.kind != "image")  # the hf model's explicit-positions calls
-    (probe,) = probes.values()
-    assert not probe.whole and len(rerun) == 2
+    assert len(probes) == 2 and not any(probe.whole for probe in probes.values()) and len(rerun) == 4
     hf_tokens = sum(tokens.values()) + sum(tokens[c] for c in rerun) + paths + 2 * tokens[shuffled]
-    packing_tokens = sum(tokens.values()) + 2 * sum(tokens[c] for c in probe.cases) + tokens[shuffled]
-    assert costs(out)["main"] == (12 + 2 + 8 + 2, hf_tokens, 2 + 2 + 1, packing_tokens, 1, 1)
+    packing_tokens = (sum(tokens.values()) + 2 * sum(tokens[c] for probe in probes.values() for c in probe.cases)
+                      + tokens[shuffled])
+    assert costs(out)["main"] == (12 + 4 + 8 + 2, hf_tokens, 2 + 2 * 2 + 1, packing_tokens, 1, 1)
     ratio = (hf_tokens + packing_tokens) / (2 * sum(tokens.values()) + paths)
     assert f"forward tokens: {ratio:.2f}x the one-pass minimum (each case and input path once)" in out
-    assert ratio <= 1.3
+    assert ratio <= 1.35  # groups of the CPU's budget hold few cases: a sample per group is a large share of them
     assert re.search(r"not run by the plan \(--companions=sample: no swap planned for this group\): "
                      r"test_companions_do_not_leak\[pack-", out)
     assert re.search(r"not run by the plan \(--companions=sample: packing features come from the pack.*"
                      r"test_packing_independent_of_neighbours\[pack-[0-9a-f]{8}\], "
                      r"test_packing_independent_of_neighbours\[pack-[0-9a-f]{8}\]$", out, re.M)
     forwards = junit_forwards(suite.path / "plan.xml")
-    swap = forwards[f"test_companions_do_not_leak[{probe.group}]"]
-    assert swap.startswith(f"packing in {probe.group}[{'+'.join(probe.cases)}]") and "a first pass of its own" in swap
-    for case in tokens:
-        assert re.fullmatch(rf"hf alone vs packing in pack-[0-9a-f]{{8}} \(no leak in companion swap "
-                            rf"{re.escape(probe.group)}\[.*\]: bit-identical\)", forwards[f"test_parity[{case}]"])
+    for probe in probes.values():
+        swap = forwards[f"test_companions_do_not_leak[{probe.group}]"]
+        assert swap.startswith(f"packing in {probe.group}[{'+'.join(probe.cases)}]")
+        assert "a first pass of its own" in swap
+    for case in cases:  # each group leans on its own swap
+        text = forwards[f"test_parity[{case.id}]"]
+        group = re.match(r"hf alone vs packing in (pack-[0-9a-f]{8}) ", text).group(1)
+        assert text == (f"hf alone vs packing in {group} (no leak in companion swap "
+                        f"{group}[{'+'.join(probes[group].cases)}]: bit-identical)")
     for case in rerun:
         text = forwards[f"test_deterministic[{case}]"]
         assert text.startswith("media decoded twice; hf alone x2; packing: features in pack-")
@@ -239,7 +230,8 @@ def test_without_its_probe_selected_the_gpu_plan_runs_the_packing_model_alone(su
 
 
 def test_gpu_plan_fails_the_probe_on_a_leak_and_stops_leaning_on_the_pack(suite, tmp_path, monkeypatch) -> None:
-    """The 1e-6 neighbour leak fails the probe's swap loudly; the cases after it are compared alone."""
+    """The 1e-6 neighbour leak fails each group's probe swap loudly; the cases of a failing probe's group are
+    compared alone."""
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     folder = build_variant("neighbour_leak_1e-6", tmp_path / "checkpoints")
     result = suite.run(f"--packing-model={folder}", "--trust-remote-code", *GPU_PLAN, "-m", "not golden",
@@ -247,25 +239,8 @@ def test_gpu_plan_fails_the_probe_on_a_leak_and_stops_leaning_on_the_pack(suite,
     assert result.ret == 1
     failed = [line for line in result.outlines if line.startswith("FAILED")]
     _, _, probes, _ = builtin_plan()
-    assert len(failed) == 1 and f"test_companions_do_not_leak[{next(iter(probes))}]" in failed[0]
+    assert len(failed) == len(probes) == 2
+    assert all(any(f"test_companions_do_not_leak[{group}]" in line for line in failed) for group in probes)
     assert "FAIL: features changed by up to" in result.stdout.str()
     forwards = junit_forwards(suite.path / "leak.xml")
     assert {forwards[name] for name in forwards if name.startswith("test_parity[")} == {"hf alone vs packing alone"}
-
-
-def test_gpu_plan_under_xdist_probes_once_per_worker(suite) -> None:
-    """Each worker has its own probe and determinism sample; no forward runs twice, and the controller's summary
-    lists what the plan left out."""
-    result = suite.run(*GPU_PLAN, SMALL_BUDGET, "-m", "not golden", "-n", "2")
-    assert result.ret == 0, result.stdout.str()[-3000:]
-    out = result.stdout.str()
-    assert "companions sample: 2 groups with a swap" in out and "determinism sample: 4 cases re-run" in out
-    assert "not run by the plan (--companions=sample: packing features come from the pack" in out
-    hf_forwards, _, packing_forwards, *_ = run_total(out)
-    groups = int(re.search(r"(\d+) of \1 pack groups", out).group(1))
-    # each case once (8 media, 4 codec-style), the four sampled cases once more, the explicit positions of the 8 video
-    # and codec-style cases, and each worker's shuffled codec-style case (two hf forwards and one packing forward)
-    assert "token order: one codec-style case per worker is fed shuffled" in out and "(10 in all)" in out
-    assert hf_forwards == 12 + 4 + 8 + 2 * 2
-    # each group's pack, each probe's two forwards (no group of two), each worker's shuffled case
-    assert packing_forwards == groups + 2 * 2 + 2

@@ -136,7 +136,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if selection.deselected:
         config.hook.pytest_deselected(items=selection.deselected)
     items[:] = selection.kept
-    from_pack = probed(session.plan, selection.kept, inapplicable.from_pack)
+    from_pack = probed(selection.kept, inapplicable.from_pack)
     session.needs = group_needs(session.plan, selection, from_pack)
     session.left_out = inapplicable.reasons
 

@@ -1,7 +1,10 @@
-"""Cases, pack groups, shards and the per-worker plan: the suite's units of work, decided before any forward.
+"""Cases, pack groups, shards, the split over workers and the sampled checks: the suite's units of work, decided
+before any forward.
 
 Everything here is a pure function of the media files and the settings, so every xdist worker, the controller
-and every shard's runner computes the same groups, the same shard and the same plan.
+and every shard's runner computes the same groups, the same shard and the same plan. The sampled checks are chosen
+by the cases alone (a rule per pack group, or one case of the run), never by worker or shard: `-n 1`, `-n 4` and
+any `--shard=K/N` run the same checks and the same forwards.
 """
 
 from __future__ import annotations
@@ -240,37 +243,47 @@ def resolve_policy(policy: str, device: str) -> str:
     return "sample" if device.startswith("cuda") else "all"
 
 
-def determinism_cases(policy: str, device: str, groups: tuple[PackGroup, ...], owner: dict[str, int]) -> set[str]:
+def by_size(case: ParityCase) -> tuple[int, str]:
+    """The order behind "smallest" and "largest" in the sampling rules: estimated tokens, then the id."""
+    return case.tokens, case.id
+
+
+def determinism_cases(policy: str, device: str, groups: tuple[PackGroup, ...]) -> set[str]:
     """Case ids whose forwards are run a second time to check determinism.
 
-    `all`: every case; `off`: none; `sample`: the largest image and the largest video of each worker's share (long
+    `all`: every case; `off`: none; `sample`: the largest image and the largest video of each pack group (long
     sequences are the likeliest to meet non-deterministic kernels); `auto`: `all` on the CPU, `sample` on a GPU.
+    A rule per pack group, the unit of sharding and of worker assignment, so every worker and shard of a run
+    samples the same cases whatever their number, and each of them re-runs a case of its own groups.
     """
     policy = resolve_policy(policy, device)
-    cases = [case for group in groups for case in group.cases]
     if policy == "off":
         return set()
     if policy == "all":
-        return {case.id for case in cases}
+        return {case.id for group in groups for case in group.cases}
     chosen = set()
-    for worker in sorted(set(owner.values())):
-        share = [case for group in groups if owner[group.id] == worker for case in group.cases]
+    for group in groups:
         for kind in ("image", "video"):
-            of_kind = [case for case in share if case.kind == kind]
+            of_kind = [case for case in group.cases if case.kind == kind]
             if of_kind:
-                chosen.add(max(of_kind, key=lambda case: (case.tokens, case.id)).id)
+                chosen.add(max(of_kind, key=by_size).id)
     return chosen
 
 
-def token_order_cases(groups: tuple[PackGroup, ...], owner: dict[str, int]) -> set[str]:
-    """Case ids fed in a shuffled token order (`test_token_order`): the smallest codec-style case of each worker's
-    share. Order dependence is in a model's code, the same for every input, so one case per worker shows it."""
-    chosen = set()
-    for worker in sorted(set(owner.values())):
-        codec = [case for group in groups if owner[group.id] == worker for case in group.cases if case.kind == "codec"]
-        if codec:
-            chosen.add(min(codec, key=lambda case: (case.tokens, case.id)).id)
-    return chosen
+def token_order_cases(groups: tuple[PackGroup, ...]) -> set[str]:
+    """Case ids fed in a shuffled token order (`test_token_order`): the smallest codec-style case of all `groups`
+    (pass the run's, not a shard's). Order dependence is in a model's code, the same for every input, so one case
+    of the run shows it, whatever the run's workers and shards."""
+    codec = [case for group in groups for case in group.cases if case.kind == "codec"]
+    return {min(codec, key=by_size).id} if codec else set()
+
+
+def float32_probe_case(cases: list[ParityCase]) -> str | None:
+    """The case that carries the float32 probe of a 16-bit run (`vitparity.suite.probe`): the smallest of `cases`
+    (pass the run's cases whose `test_parity` is selected), one of known size where there is one; None for none."""
+    if not cases:
+        return None
+    return min(cases, key=lambda case: (case.tokens <= 0, *by_size(case))).id
 
 
 @dataclass(frozen=True)
@@ -286,22 +299,16 @@ class Probe:
     kept: tuple[tuple[int, ...], ...]
     whole: bool
 
-    def cost(self, tokens: dict[str, int]) -> int:
-        """Packing-model tokens the swap adds (estimated)."""
-        pack = sum(tokens[case_id] for case_id in self.cases)
-        return pack * (len(self.kept) + (0 if self.whole else 1))
 
-
-def companion_probes(policy: str, device: str, groups: tuple[PackGroup, ...],
-                     owner: dict[str, int]) -> dict[str, Probe]:
+def companion_probes(policy: str, device: str, groups: tuple[PackGroup, ...]) -> dict[str, Probe]:
     """Group id -> its companion swap.
 
     `all`: every group of two or more cases, the whole pack, its even positions kept and then its odd ones
-    (`vitparity.independence.alternate_halves`); `off`: none; `sample`: one probe per worker, the cheapest of its
-    groups' candidates: a group of exactly two cases (one swap forward, the group's packed forward reused) or the
-    two smallest cases of a larger group as a pack of their own (two forwards); the larger case is kept, the other
-    swapped. A leak in the packing model's code shows in any pack, so one probe per worker catches it.
-    `auto`: `all` on the CPU, `sample` on a GPU.
+    (`vitparity.independence.alternate_halves`); `off`: none; `sample`: one two-case probe per pack group: a group
+    of exactly two cases is its own probe (one swap forward, the group's packed forward reused), a larger group
+    probes its two smallest cases as a pack of their own (two forwards); the larger case is kept, the other swapped.
+    A group whose probe shows no leak takes its cases' packing features from its pack, on its own evidence, so the
+    forwards of a group do not depend on which worker or shard runs it. `auto`: `all` on the CPU, `sample` on a GPU.
     """
     policy = resolve_policy(policy, device)
     if policy == "off":
@@ -309,21 +316,13 @@ def companion_probes(policy: str, device: str, groups: tuple[PackGroup, ...],
     if policy == "all":
         return {group.id: Probe(group.id, tuple(c.id for c in group.cases), alternate_halves(len(group.cases)), True)
                 for group in groups if len(group.cases) >= 2}
-    tokens = {case.id: case.tokens for group in groups for case in group.cases}
-    probes = {}
-    for worker in sorted(set(owner.values())):
-        candidates = [probe for group in groups if owner[group.id] == worker
-                      for probe in [_pair_probe(group)] if probe is not None]
-        if candidates:
-            best = min(candidates, key=lambda probe: (probe.cost(tokens), probe.group))
-            probes[best.group] = best
-    return probes
+    return {group.id: probe for group in groups for probe in [_pair_probe(group)] if probe is not None}
 
 
 def _pair_probe(group: PackGroup) -> Probe | None:
     """The group's two smallest cases of known size (estimated tokens > 0), the larger one kept: in the group's order
     when the group is just those two, else as a pack of their own, the larger first."""
-    readable = sorted((case for case in group.cases if case.tokens > 0), key=lambda case: (case.tokens, case.id))
+    readable = sorted((case for case in group.cases if case.tokens > 0), key=by_size)
     if len(readable) < 2:
         return None
     larger, smaller = readable[1].id, readable[0].id

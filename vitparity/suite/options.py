@@ -75,16 +75,16 @@ OPTIONS = (
            "non-packing features; auto (the run's dtype default, see docs/detection.md), off, or a number", "auto"),
     Option("max_norm_gap", "checks", "magnitude bar: the largest per-token |norm(packing) / norm(hf) - 1|; auto "
            "(the run's dtype default), off, or a number", "auto"),
-    Option("fp32_probe", "checks", "float32 reference of a bfloat16 / float16 run: auto (one case per worker run "
-           "again by both models loaded in float32, judged by the float32 bars), off", "auto"),
+    Option("fp32_probe", "checks", "float32 reference of a bfloat16 / float16 run: auto (the run's smallest case "
+           "run again by both models loaded in float32, judged by the float32 bars), off", "auto"),
     Option("determinism", "checks", "second forward of each model to check determinism: auto (all on the CPU, "
-           "sample on a GPU), all (every case), sample (the largest image and video of each worker), off", "auto"),
+           "sample on a GPU), all (every case), sample (the largest image and video of each pack group), off", "auto"),
     Option("companions", "checks", "bit-exact companion swaps: auto (all on the CPU, sample on a GPU), all (every "
-           "pack group, both halves; packing features from forwards alone), sample (one two-case probe per worker; "
-           "then every case's packing features come from its pack), off", "auto"),
+           "pack group, both halves; packing features from forwards alone), sample (one two-case probe per pack "
+           "group; then the group's packing features come from its pack), off", "auto"),
     Option("outputs", "checks", "compare last_hidden_state and pooler_output too (and, when checkpoint code runs, "
            "each model with vitparity's own classes as a reference): auto (all on the CPU, sample on a GPU), all, "
-           "sample (outputs: the largest image and video of each worker; reference: its smallest case), off",
+           "sample (outputs: the largest image and video of each pack group; reference: its smallest case), off",
            "auto"),
     Option("no_reference", "checks", "do not compare the checkpoint's code with vitparity's own classes (a release "
            "that changes the architecture on purpose); recorded and shown in the summary", flag=True),

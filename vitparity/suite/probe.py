@@ -1,10 +1,11 @@
-"""The float32 probe of a bfloat16 or float16 run: one case per process run again by both models in float32.
+"""The float32 probe of a bfloat16 or float16 run: one case of the run again by both models in float32.
 
 In 16-bit the faults that move features by less than 1 % in direction (a softmax scale a few percent off, a bias
 lost in conversion, weights rounded through bfloat16) sit inside the dtype's own noise, so no bar on the 16-bit
 comparison can tell them from rounding. The probe loads the same two checkpoints again in float32 (same device,
-same attention choice where float32 can run it, TF32 off), runs the smallest readable case of the process's first
-pack group through each model alone, and judges the pair by the threshold and the float32 bars
+same attention choice where float32 can run it, TF32 off), runs the run's smallest case (of the selected
+`test_parity` cases, `vitparity.suite.cases.float32_probe_case`; one process of the run holds it, whatever the
+workers and shards) through each model alone, and judges the pair by the threshold and the float32 bars
 (`Settings.probe_bars`). The float32 models are dropped as soon as the probe is done; the probe's loads, forwards
 and tokens are counted in the cost line.
 """

@@ -119,7 +119,7 @@ class ParityReporter:
             f"hf: {s.hf_model}  packing: {s.packing_model}  device: {s.device}  dtype: {s.dtype}  "
             f"threshold: min cos > {s.threshold}  (figures: float32 comparisons)"
         )
-        probe = ("float32 probe: one case per worker, judged by " + s.probe_bars.describe()) if s.probes else (
+        probe = ("float32 probe: the run's smallest case, judged by " + s.probe_bars.describe()) if s.probes else (
             "float32 probe: off" if s.dtype != "float32" else "")
         terminalreporter.write_line(f"precision {s.bars.describe()}" + (f"  {probe}" if probe else ""))
         ran = sorted({cost["attention"] for cost in self.costs.values() if cost["attention"]})

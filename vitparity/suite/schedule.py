@@ -1,5 +1,6 @@
-"""The run's plan (cases, pack groups, this shard's share, each worker's groups) and how test items follow it:
-grouped in order, a whole group on one xdist worker, other shards' groups deselected."""
+"""The run's plan (cases, pack groups, this shard's share, each worker's groups, the sampled checks) and how test
+items follow it: grouped in order, a whole group on one xdist worker, other shards' groups deselected. What a group
+computes depends on the group and the run's selection of tests alone, never on the worker or shard that runs it."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import pytest
 
 from ..media import MediaError
 from .cases import (
-    CaseError, PackGroup, ParityCase, Probe, collect_cases, companion_probes, determinism_cases, make_groups,
-    plan_workers, resolve_policy, token_order_cases,
+    CaseError, PackGroup, ParityCase, Probe, by_size, collect_cases, companion_probes, determinism_cases,
+    float32_probe_case, make_groups, plan_workers, resolve_policy, token_order_cases,
 )
 from ..models import OneVisionEncoderConfig
 from ..checkpoint_code import CHECKPOINT_CODE
@@ -37,9 +38,10 @@ def _escaped(case_id: str) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """Every case and pack group of the run, this shard's groups, which worker runs each of them, and the forwards
-    the policies add: determinism re-runs and companion swaps (a worker's probe groups come first in `groups`, so
-    its swap has run before the groups whose packing features lean on it)."""
+    """Every case and pack group of the run, this shard's groups, which worker runs each of them, and the checks
+    the policies add to this shard's groups: determinism re-runs, companion swaps, token order, outputs, reference
+    (each chosen per pack group or once for the run, `vitparity.suite.cases`: the same whatever the workers and
+    shards), and whether a 16-bit run has a float32 probe."""
 
     cases: tuple[ParityCase, ...]
     all_groups: tuple[PackGroup, ...]
@@ -52,6 +54,7 @@ class Plan:
     outputs: frozenset[str] = frozenset()  # case ids whose last_hidden_state and pooler_output are compared
     reference: frozenset[str] = frozenset()  # case ids compared with vitparity's own classes (when one runs)
     reference_off: str = ""  # why no reference runs ("" when it does)
+    float32_probe: bool = False  # a 16-bit run's float32 probe runs (on the case `float32_probe_case` picks)
 
     def group_of(self, case_id: str) -> PackGroup:
         return self._groups_by_id[self._case_group[case_id]]
@@ -103,7 +106,8 @@ class GroupNeeds:
     token_order: set[str] = field(default_factory=set)  # cases fed in a shuffled order (test_token_order)
     packed: bool = False
     companions: bool = False  # test_companions_do_not_leak is selected: the group's planned swap runs
-    from_pack: bool = False  # the cases' packing features come from the pack once a swap has shown no leak
+    from_pack: bool = False  # the cases' packing features come from the pack once its swap has shown no leak
+    probe: set[str] = field(default_factory=set)  # the case that carries the run's float32 probe (at most one)
 
 
 @dataclass
@@ -130,7 +134,8 @@ def worker_count() -> int:
 
 
 def build_plan(settings: Settings, workers: int, files: PairFiles | None) -> Plan:
-    """Cases from the media folders, their groups, this shard's share and its split over `workers`.
+    """Cases from the media folders, their groups, this shard's share, its split over `workers` and the checks
+    sampled in it (by the cases alone: `workers` decides only which worker runs a group).
 
     `files`: the pair's config files (None when they cannot be read: every test fails on it, the plan only needs
     a patch size to estimate tokens).
@@ -145,15 +150,14 @@ def build_plan(settings: Settings, workers: int, files: PairFiles | None) -> Pla
         raise pytest.UsageError(f"{settings.labels['media']}: {err}") from err
     groups = make_groups(cases, settings.pack_tokens)
     mine = groups if settings.shard is None else settings.shard.groups(groups)
-    owner = plan_workers(mine, workers)
-    chosen = determinism_cases(settings.determinism, settings.device, mine, owner)
-    probes = companion_probes(settings.companions, settings.device, mine, owner)
-    mine = tuple(sorted(mine, key=lambda group: group.id not in probes))  # stable: probes first, then as before
-    outputs = determinism_cases(settings.outputs, settings.device, mine, owner)  # the same sampling rule
-    return Plan(cases, groups, mine, owner, frozenset(chosen), probes,
-                resolve_policy(settings.companions, settings.device), frozenset(token_order_cases(mine, owner)),
-                frozenset(outputs), frozenset(reference_cases(settings.outputs, settings.device, mine, owner)),
-                reference_off(settings, files))
+    in_shard = {case.id for group in mine for case in group.cases}
+    return Plan(cases, groups, mine, plan_workers(mine, workers),
+                frozenset(determinism_cases(settings.determinism, settings.device, mine)),
+                companion_probes(settings.companions, settings.device, mine),
+                resolve_policy(settings.companions, settings.device), frozenset(token_order_cases(groups) & in_shard),
+                frozenset(determinism_cases(settings.outputs, settings.device, mine)),  # the same sampling rule
+                frozenset(reference_cases(settings.outputs, settings.device, mine)),
+                reference_off(settings, files), settings.probes)
 
 
 def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
@@ -166,19 +170,14 @@ def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
 COMPANION_TEST = "test_companions_do_not_leak"
 
 
-def reference_cases(policy: str, device: str, groups: tuple[PackGroup, ...], owner: dict[str, int]) -> set[str]:
+def reference_cases(policy: str, device: str, groups: tuple[PackGroup, ...]) -> set[str]:
     """Case ids whose features are compared with the reference (one more forward each): `all` (the CPU's `auto`)
-    every case; `off` none; `sample` (a GPU's `auto`) the smallest case of each worker's share, which keeps the GPU
-    plan within 1.3x the one-pass minimum on the bundled media (a fault shared by both release files does not
-    depend on the input's size)."""
+    every case; `off` none; `sample` (a GPU's `auto`) the smallest case of each pack group, cheap (a fault shared
+    by both release files does not depend on the input's size) and the same whatever the workers and shards."""
     policy = resolve_policy(policy, device)
     if policy in ("all", "off"):
         return {case.id for group in groups for case in group.cases} if policy == "all" else set()
-    chosen = set()
-    for worker in sorted(set(owner.values())):
-        share = [case for group in groups if owner[group.id] == worker for case in group.cases]
-        chosen.add(min(share, key=lambda case: (case.tokens, case.id)).id)
-    return chosen
+    return {min(group.cases, key=by_size).id for group in groups}
 
 
 class InapplicableTests:
@@ -209,6 +208,7 @@ def reference_off(settings: Settings, files: PairFiles | None) -> str:
         return "no checkpoint code runs: vitparity's own classes would be their own reference"
     return ""
 ALONE_VS_PACKED_TEST = "test_packing_independent_of_neighbours"
+PARITY_TEST = "test_parity"
 INPUT_PATHS_TEST = "test_input_paths"
 TOKEN_ORDER_TEST = "test_token_order"
 
@@ -218,15 +218,12 @@ def leave_out(plan: Plan, settings: Settings,
     """The items the policies run (in collection order), why the others do not run (reason -> test names), and the
     groups whose cases take their packing features from their pack.
 
-    Under --companions=sample, a worker that runs a probe swap takes every case's packing features from its pack
-    (no forward alone): its groups' alone-vs-packed comparisons have nothing to compare and are left out. The rule
-    is the plan's alone, so that it is the same on every worker and shard, whatever -k / -m keep.
+    Under --companions=sample, a group with a probe swap takes its cases' packing features from its pack (no forward
+    alone): its alone-vs-packed comparison has nothing to compare and is left out. The rule is the plan's alone, so
+    that it is the same on every worker and shard, whatever -k / -m keep.
     """
     kept, reasons = [], {}
-    from_pack: set[str] = set()
-    if plan.companion_policy == "sample":
-        probing = {plan.owner[group_id] for group_id in plan.companions}
-        from_pack = {group.id for group in plan.groups if plan.owner[group.id] in probing}
+    from_pack = set(plan.companions) if plan.companion_policy == "sample" else set()
 
     def reason_for(item: pytest.Item) -> str | None:
         case, group = item_scope(item)
@@ -239,7 +236,7 @@ def leave_out(plan: Plan, settings: Settings,
             if name == INPUT_PATHS_TEST and case.kind == "assets":
                 return "codec asset folders: the hf model takes mosaics one way (explicit positions), in test_parity"
             if name == TOKEN_ORDER_TEST and case.id not in plan.token_order:
-                return "token order: one codec-style case per worker is fed shuffled"
+                return "token order: one codec-style case of the run (the smallest) is fed shuffled"
             if name == "test_outputs" and case.id not in plan.outputs:
                 return f"--outputs={settings.outputs}: case's last_hidden_state and pooler_output not compared"
             if name == "test_reference" and case.id not in plan.reference:
@@ -283,11 +280,11 @@ def split_items(plan: Plan, settings: Settings, items: list[pytest.Item]) -> Sel
     return Selection(sorted(kept, key=order), deselected)  # stable: collection order stays
 
 
-def probed(plan: Plan, kept: list[pytest.Item], from_pack: set[str]) -> set[str]:
-    """The groups of `from_pack` whose worker's probe swap is among the kept tests: a -k / -m that leaves the probe
-    out leaves nothing to show that a pack can stand in for a forward alone, and those cases run alone."""
-    probing = {plan.owner[item_scope(item)[1].id] for item in kept if item.originalname == COMPANION_TEST}
-    return {group_id for group_id in from_pack if plan.owner[group_id] in probing}
+def probed(kept: list[pytest.Item], from_pack: set[str]) -> set[str]:
+    """The groups of `from_pack` whose own probe swap is among the kept tests: a -k / -m that leaves a group's probe
+    out leaves nothing to show that its pack can stand in for a forward alone, and its cases run alone."""
+    probing = {item_scope(item)[1].id for item in kept if item.originalname == COMPANION_TEST}
+    return from_pack & probing
 
 
 def group_id_of(plan: Plan, item: pytest.Item) -> str | None:
@@ -297,7 +294,13 @@ def group_id_of(plan: Plan, item: pytest.Item) -> str | None:
 
 
 def group_needs(plan: Plan, selection: Selection, from_pack: set[str]) -> dict[str, GroupNeeds]:
-    """Group id -> what the selected items need of it (a group whose tests are all deselected needs nothing)."""
+    """Group id -> what the selected items need of it (a group whose tests are all deselected needs nothing).
+
+    The float32 probe of a 16-bit run goes with the case `float32_probe_case` picks from the run's selected
+    `test_parity` cases, this shard's and the others' (`selection.deselected`), so exactly one process runs it."""
+    parity = [item_scope(item)[0] for item in (*selection.kept, *selection.deselected)
+              if getattr(item, "originalname", "") == PARITY_TEST]
+    probe_case = float32_probe_case(parity) if plan.float32_probe else None
     needs: dict[str, GroupNeeds] = {}
     for item in selection.kept:
         case, group = item_scope(item)
@@ -322,6 +325,8 @@ def group_needs(plan: Plan, selection: Selection, from_pack: set[str]) -> dict[s
                 need.outputs.add(case.id)
             if item.originalname == "test_reference":
                 need.reference.add(case.id)
+            if item.originalname == PARITY_TEST and case.id == probe_case:
+                need.probe.add(case.id)
             if item.get_closest_marker("golden"):
                 need.goldens.add(case.id)
     return needs

@@ -2,13 +2,14 @@
 and what the run cost.
 
 A pack group is computed in one go when its first test asks for it: its packed forward, its planned companion
-swap, each needed case's forwards, the determinism re-runs the policy asks for, and from them only what the tests
-read (comparisons, swap verdicts, golden reductions, determinism verdicts). Each case's hf features come from a
-forward alone; its packing features from a forward alone, or, under --companions=sample once a swap of this
-process has shown bit for bit that neighbours leave a sample untouched, from its pack (no second packing
-forward). Features are dropped as soon as they are compared, and the group's results after its last test, so
-memory does not grow with the number of cases. Only a failing test pays for more: its per-layer trace decodes its
-cases again (vitparity.suite.tracing).
+swap, each needed case's forwards, the determinism re-runs the policy asks for, the float32 probe when the group
+holds the run's probe case, and from them only what the tests read (comparisons, swap verdicts, golden reductions,
+determinism verdicts). Each case's hf features come from a forward alone; its packing features from a forward
+alone, or, under --companions=sample once the group's own swap has shown bit for bit that neighbours leave a sample
+untouched, from its pack (no second packing forward). Nothing a group computes depends on the groups this process
+ran before it, so the forwards of a run do not depend on its workers and shards. Features are dropped as soon as
+they are compared, and the group's results after its last test, so memory does not grow with the number of cases.
+Only a failing test pays for more: its per-layer trace decodes its cases again (vitparity.suite.tracing).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class CaseResult:
     determinism: list[str] | None = None  # problems found; None when the policy did not re-run the case
     packing_source: str = "alone"  # the forward its packing features come from: "alone" or "<group id> (...)"
     determinism_forwards: str = ""  # the forwards the determinism verdict compared
-    probe: Comparison | None = None  # the float32 probe of a 16-bit run, when this case is the process's probe
+    probe: Comparison | None = None  # the float32 probe of a 16-bit run, when this case carries the run's probe
     probe_error: str | None = None  # why the float32 probe of this case could not run
     probe_forwards: str = ""  # what the probe ran
     paths: list[Comparison] = field(default_factory=list)  # the hf explicit-positions path vs the other forwards
@@ -153,8 +154,6 @@ class ParitySession:
         self._golden_folders: dict[str, Path] = {}
         self.baseline: Baseline | None = None  # --golden-baseline, checked (set by the plugin)
         self._current: GroupResult | None = None
-        self._swaps: list[str] = []  # "<probe>: bit-identical|differs" of every swap this process ran (the evidence)
-        self._probed = False  # the float32 probe of a 16-bit run has run in this process (once)
         self._reference: LoadedModel | None = None
         self._reference_error: str | None = None
         self._reference_packing: torch.nn.Module | None = None
@@ -336,15 +335,17 @@ class ParitySession:
                 except MediaError as err:
                     results[case.id] = CaseResult(case, error=str(err))
         samples = {case.id: self._sample(case, media[case.id]) for case in group.cases if case.id in media}
-        fp32_probe = self._float32_probe(samples, media)
+        fp32_probe = {case_id: self._float32_probe(case_id, media[case_id]) for case_id in needs.probe & set(samples)}
         # Under --companions=sample the pack stands in for the packing forwards alone: it is then a whole forward
         # when a case of the group has its other outputs checked, which come from it.
         pack_whole = needs.from_pack and bool((needs.outputs | needs.reference) & set(samples))
         packed, pack_outputs = self._packed_forward(list(samples.values()), pack_whole) if needs.packed else ({}, {})
         swap_probe = self.plan.companions.get(group.id) if needs.companions else None
-        swaps, swap_forwards = (self._companion_swaps(swap_probe, samples, packed, pack_whole) if swap_probe
-                                else ([], ""))
-        evidence = self._leak_evidence() if needs.from_pack else None
+        swaps, swap_forwards, label = (self._companion_swaps(swap_probe, samples, packed, pack_whole) if swap_probe
+                                       else ([], "", ""))
+        # the group's own swap, bit-identical, shows that its pack can stand in for the packing forwards alone
+        evidence = (f"no leak in companion swap {label}: bit-identical"
+                    if needs.from_pack and swaps and all(swap.passed for swap in swaps) else None)
         packed_vs_hf, packed_vs_alone, packed_ids = [], [], []
         for case in group.cases:
             if case.id not in samples:
@@ -378,8 +379,8 @@ class ParitySession:
                 self.cost.path_tokens += sample.num_tokens
             if case.id in needs.token_order:
                 result.token_order = self._token_order(case, sample, first)
-            if fp32_probe is not None and fp32_probe[0] == case.id:
-                result.probe, result.probe_error, result.probe_forwards = fp32_probe[1:]
+            if case.id in fp32_probe:
+                result.probe, result.probe_error, result.probe_forwards = fp32_probe[case.id]
             if case.id in needs.outputs:
                 result.outputs = compare_outputs(outputs["hf"], outputs["packing"], case.id,
                                                  output_bars(self.settings.threshold, self.settings.dtype))
@@ -414,14 +415,9 @@ class ParitySession:
                     if case.id in results and results[case.id].error}
         return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out, packed_ids, swaps, swap_forwards)
 
-    def _float32_probe(self, samples: dict[str, Sample], media: dict[str, Media]
-                       ) -> tuple[str, Comparison | None, str | None, str] | None:
-        """The float32 probe (`vitparity.suite.probe`) of a 16-bit run, once per process, on the smallest readable
-        case of the first group it computes: (case id, comparison, error, what ran), or None (no probe here)."""
-        if self._probed or not self.settings.probes or not samples:
-            return None
-        self._probed = True
-        case_id = min(samples, key=lambda key: (samples[key].num_tokens, key))
+    def _float32_probe(self, case_id: str, media: Media) -> tuple[Comparison | None, str | None, str]:
+        """The float32 probe (`vitparity.suite.probe`) of a 16-bit run on the case that carries it (the run's
+        smallest selected case, `suite.cases.float32_probe_case`): (comparison, error, what ran)."""
         s = self.settings
 
         def attention(hf: torch.nn.Module, packing: torch.nn.Module) -> str:
@@ -431,12 +427,12 @@ class ParitySession:
                 return apply_attention_choice(hf, packing, "auto", "auto") + f" (the run's choice: {err})"
 
         try:
-            comparison, ran = run_probe(self._files, s, self.cost, case_id, media[case_id], attention=attention)
+            comparison, ran = run_probe(self._files, s, self.cost, case_id, media, attention=attention)
         except ModelLoadError as err:
-            return case_id, None, f"the float32 probe could not load the models: {err}", "float32 probe: not run"
+            return None, f"the float32 probe could not load the models: {err}", "float32 probe: not run"
         except (RuntimeError, ValueError, TypeError) as err:  # a model that cannot run in float32: the verdict says so
-            return case_id, None, f"the float32 probe failed: {type(err).__name__}: {err}", "float32 probe: failed"
-        return case_id, comparison, None, ran
+            return None, f"the float32 probe failed: {type(err).__name__}: {err}", "float32 probe: failed"
+        return comparison, None, ran
 
     def _token_order(self, case: ParityCase, sample: Sample, first: dict[str, torch.Tensor]) -> list[Comparison]:
         """A sparse case fed in a fixed shuffled order (tokens with their positions) on every path that takes an
@@ -515,13 +511,6 @@ class ParitySession:
             self._converted = converted_weights(hf.model, packing.model)
         return self._converted
 
-    def _leak_evidence(self) -> str | None:
-        """The swaps of this process that show the packing model's samples untouched by their neighbours (its code
-        is the same for every pack), or None when no swap has run or one found a difference."""
-        if not self._swaps or any(not line.endswith("bit-identical") for line in self._swaps):
-            return None
-        return "no leak in companion swap " + ", ".join(self._swaps)
-
     def _packed_forward(self, samples: list[Sample], whole: bool) -> tuple[dict[str, torch.Tensor],
                                                                              dict[str, ModelOutputs]]:
         """The group's readable cases in one forward of the packing model, split back per case: their features,
@@ -537,13 +526,14 @@ class ParitySession:
         return {sample.name: feature for sample, feature in zip(samples, features)}, {}
 
     def _companion_swaps(self, probe: Probe, samples: dict[str, Sample], packed: dict[str, torch.Tensor],
-                         pack_whole: bool = False) -> tuple[list[SwapResult], str]:
+                         pack_whole: bool = False) -> tuple[list[SwapResult], str, str]:
         """The planned swap of the group (`suite.cases.companion_probes`): each kept sample's features with the other
         samples' pixels replaced must be bit-identical to those of the pack as given. The group's packed forward is
-        the first pass of a whole-group probe; a two-case probe runs its own. Also what was compared."""
+        the first pass of a whole-group probe; a two-case probe runs its own. Also what was compared, and the swap's
+        label (`<group>[<case>+<case>]`)."""
         pack = [samples[case_id] for case_id in probe.cases if case_id in samples]
         if len(pack) < 2:
-            return [], ""
+            return [], "", ""
         model, tokens = self.model("packing").model, sum(sample.num_tokens for sample in pack)
         kept_sets = probe.kept if len(pack) == len(probe.cases) else alternate_halves(len(pack))
         # the swap forwards stop early where the model can: a whole packed forward is reused only where it cannot
@@ -561,12 +551,11 @@ class ParitySession:
             swaps.extend(companion_swap(model, pack, kept, before=before))
         swaps.sort(key=lambda swap: swap.index)
         label = f"{probe.group}[{'+'.join(sample.name for sample in pack)}]"
-        self._swaps.append(f"{label}: " + ("bit-identical" if all(swap.passed for swap in swaps) else "differs"))
         forwards = (f"packing in {label} ({len(pack)} samples, {tokens} tokens) vs the same pack with "
                     f"{'the other half' if len(kept_sets) > 1 else 'the companions'} swapped, "
                     f"{len(kept_sets)} swap forward{'s' if len(kept_sets) > 1 else ''}"
                     + ("; the group's packed forward as first pass" if reused else "; a first pass of its own"))
-        return swaps, forwards
+        return swaps, forwards, label
 
     def _determinism_problems(self, case: ParityCase, media: Media, sample: Sample, first: dict[str, torch.Tensor],
                               *, rerun: tuple[str, ...], whole: bool = False) -> tuple[list[str], str]:

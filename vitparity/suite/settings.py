@@ -81,7 +81,7 @@ class Settings:
 
     @property
     def probes(self) -> bool:
-        """Whether a worker runs the float32 probe: a 16-bit run with --fp32-probe auto."""
+        """Whether the run has a float32 probe: a 16-bit run with --fp32-probe auto."""
         return self.fp32_probe == AUTO and self.dtype != "float32"
 
 
