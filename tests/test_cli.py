@@ -622,10 +622,10 @@ def test_verify_prints_the_trace_of_failing_inputs(tmp_path: Path, capsys: pytes
               "--video1", VIDEO, "--num_frames", NUM_FRAMES]
     code, stdout, _ = _run(capsys, *common, "--output_dir", traced, "--trace_layers")
     assert code == 1
-    assert stdout.count("\nfirst divergence: hidden_states[1]\n") == 2, stdout
+    assert stdout.count("\nfirst divergence: layer 1, q after projection (its input equal): q and k exchanged (one side's q is the other's k)\n") == 2, stdout
     assert "per-layer trace of image1" in stdout and "per-layer trace of video1" in stdout
     code, again, _ = _run(capsys, "verify", "--features_dir", traced)
-    assert code == 1 and again.count("\nfirst divergence: hidden_states[1]\n") == 2
+    assert code == 1 and again.count("\nfirst divergence: layer 1, q after projection (its input equal): q and k exchanged (one side's q is the other's k)\n") == 2
     code, stdout, _ = _run(capsys, *common, "--output_dir", plain)
     assert code == 1 and "first divergence" not in stdout
 
@@ -743,7 +743,9 @@ def test_report_junit_carries_the_verdict(suite, isolated, tmp_path: Path, capsy
     assert f"packing `{packing}`" in head and "model code: the checkpoints' own (--trust-remote-code)" in head
     assert "largest pack: pack-" in head and "of its budget" in head
     parity = re.findall(r"^- `parity_tests\.test_parity::test_parity\[(\S+)\]` \(failed, junit-verdict\.xml\): .*"
-                        r"\(worst cos (\d\.\d{6}) \(\S+\); first divergence: \S+: layer 1\)$", out, re.M)
+                        r"\(worst cos (\d\.\d{6}) \(\S+\); first divergence: \S+: layer 1, attention \(q, k, v equal; the "
+                        r"output before the projection differs\): softmax scale 1/head_dim instead of head_dim\*\*-0\.5 "
+                        r"\(packing\)\)$", out, re.M)
     # one per coffee case: the image, the video and the video's codec-style case; the worst first
     assert sorted(case for case, _ in parity) == ["codec-coffee_zoom.mp4", "image-coffee_small.jpg",
                                                   "video-coffee_zoom.mp4"], out

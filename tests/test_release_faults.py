@@ -60,6 +60,8 @@ def test_release_variant_verdict(suite, tmp_path, variant, run) -> None:
         assert "odd one out: common mode" in out
         for side in ("hf", "packing"):  # CASE on the CPU plan, SMALLEST on the GPU plan's reference sample
             trace = out[out.index(f"({side} vs the reference) ({run.split('-')[0]}, cpu"):]
-            assert trace.splitlines()[1] == "first divergence: hidden_states[1]", trace[:2000]
+            assert trace.splitlines()[1] == (  # what broke: the same sentence for each side, its side named
+                f"first divergence: layer 1, q after RoPE (q before RoPE equal): the rotary embedding, h/w axes ({side})"
+            ), trace[:2000]
     if variant.name == "last_layer_qk_swapped":
         assert "encoder.layers.3.self_attn.qkv.weight: differs" in out

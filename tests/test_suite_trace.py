@@ -20,7 +20,7 @@ from vitparity.suite.cases import collect_cases
 from vitparity.suite.session import apply_attention_choice
 from vitparity.trace import LAYER_COUNT, SHIFTED
 
-FIRST = re.compile(r"^first divergence: hidden_states\[(\d+)\]$", re.M)
+FIRST = re.compile(r"^first divergence: layer (\d+)\b", re.M)
 
 
 def reports(result, name: str) -> list:
@@ -34,13 +34,14 @@ def run_variant(suite, name: str, tmp_path: Path, *args: str):
     return suite.run(f"--packing-model={folder}", "--trust-remote-code", "--report-dir=report", *args)
 
 
-@pytest.mark.parametrize("name, first, pattern", [
-    ("channels_last", 0, None),
-    ("attention_scale", 1, None),
-    ("hidden_states_shifted", 0, SHIFTED),
-    ("layer_removed", 2, LAYER_COUNT),
+@pytest.mark.parametrize("name, first, pattern, words", [
+    ("channels_last", 0, None, "layer 0 (the embedding output)"),
+    ("attention_scale", 1, None, "layer 1, attention (q, k, v equal; the output before the projection differs): "
+                                 "softmax scale 1/head_dim instead of head_dim**-0.5 (packing)"),
+    ("hidden_states_shifted", 0, SHIFTED, f"layer 0 (the embedding output): {SHIFTED}"),
+    ("layer_removed", 2, LAYER_COUNT, f"layer 2: {LAYER_COUNT}"),
 ])
-def test_failing_parity_names_the_first_divergence(name, first, pattern, suite, isolated, tmp_path) -> None:
+def test_failing_parity_names_the_first_divergence(name, first, pattern, words, suite, isolated, tmp_path) -> None:
     result = run_variant(suite, name, tmp_path, "-k", "test_parity and coffee_small")
     result.assert_outcomes(failed=1)
     (report,) = reports(result, "test_parity")
@@ -49,6 +50,7 @@ def test_failing_parity_names_the_first_divergence(name, first, pattern, suite, 
     assert (pattern is None) == ("pattern:" not in text) and (pattern is None or f"pattern: {pattern}" in text), text
     properties = dict(report.user_properties)
     assert properties["trace[image-coffee_small.jpg] first_divergence"] == str(first)
+    assert f"\nfirst divergence: {words}\n" in text and properties["trace[image-coffee_small.jpg] divergence"] == words
     plot = suite.path / "report" / "image-coffee_small.jpg-layers.png"
     assert f"layer plot: {plot}" in text and properties["layer_trace_plot"] == str(plot)
     assert cv2.imread(str(plot)) is not None
@@ -71,6 +73,8 @@ def test_packed_failure_traces_each_failing_case_inside_its_pack(suite, isolated
         assert f"Summary: {len(failing)} inputs, 0 passed" in report.longreprtext
         assert failing and traced == dict.fromkeys(failing, "1"), report.longreprtext
         assert FIRST.findall(report.longreprtext) == ["1"] * len(failing)
+        assert report.longreprtext.count("first divergence: layer 1, attention (q, k, v equal; the output before the "
+                                         "projection differs): packing's is not") == len(failing)
         traced_cases += len(failing)
         assert cv2.imread(str(suite.path / "report" / f"{group}-layers.png")) is not None
     for report in reports(result, "test_companions_do_not_leak"):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers.dynamic_module_utils
 
-from faults import FAULT, VARIANTS, build_variant, load_variant_models
+from faults import FAULT, VARIANTS, VARIANTS_BY_NAME, build_variant, load_variant_models, named_step, names_step
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.compare import DEFAULT_THRESHOLD
 from vitparity.extract import TEMPORAL_CONTEXT, prepare_sample
@@ -69,7 +69,7 @@ BAR_FIRST_DIVERGENCE = {
     "features_doubled": 0,  # every hidden state doubled: the magnitude bar
 }
 VIDEO_ONLY = ("positions_ignored", "temporal_off_by_one")
-FIRST_LINE = re.compile(r"^first divergence: hidden_states\[(\d+)\]$", re.M)
+FIRST_LINE = re.compile(r"^first divergence: layer (\d+)\b", re.M)
 
 
 def _sample(path: Path, dtype: torch.dtype, name: str):
@@ -97,11 +97,14 @@ def test_trace_names_the_first_divergence(name: str, dtype: str, tmp_path: Path)
     else:
         assert FIRST_LINE.findall(text) == [str(first)], text
         assert (video.dtype, video.device) == (dtype, "cpu")
+        assert names_step(video, VARIANTS_BY_NAME[name].step), (named_step(video), text)  # what broke, not only where
+        assert f"first divergence: {video.divergence()}" in text
     image = _trace(hf, packing, _sample(IMAGE, DTYPES[dtype], "image"))
     if name in VIDEO_ONLY or first is None:
         assert image.first_divergence is None and not image.patterns, image.format()
     else:
         assert image.first_divergence == first and TEMPORAL not in image.pattern_names, image.format()
+        assert names_step(image, VARIANTS_BY_NAME[name].step), (named_step(image), image.format())
 
 
 @pytest.mark.parametrize("name", BAR_FIRST_DIVERGENCE)
@@ -111,10 +114,15 @@ def test_float32_bars_locate_faults_below_the_threshold(name: str, tmp_path: Pat
     assert _trace(hf, packing, sample).first_divergence is None  # the threshold alone sees nothing
     trace = _trace(hf, packing, sample, bars=Bars.for_dtype("float32"))
     assert trace.first_divergence == BAR_FIRST_DIVERGENCE[name], trace.format()
+    assert names_step(trace, VARIANTS_BY_NAME[name].step), (named_step(trace), trace.format())
 
 
 def test_every_fault_has_an_expected_trace() -> None:
     assert set(EXPECTED) == {v.name for v in VARIANTS if v.kind == FAULT}
+    # every step a fault names is asserted: alone, by the float32 bars, or in a pack (cross_sample_attention)
+    asserted = {name for name, (first, _) in EXPECTED.items() if first is not None} | set(BAR_FIRST_DIVERGENCE)
+    assert {v.name for v in VARIANTS if v.step != "none"} == asserted | {"cross_sample_attention"}
+    assert all(v.step == "none" for v in VARIANTS if v.kind != FAULT)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -126,6 +134,7 @@ def test_trace_finds_no_divergence_without_a_fault(name: str | None, dtype: str,
         hf, packing = _variant_models(name, DTYPES[dtype], tmp_path)
     trace = _trace(hf, packing, _sample(VIDEO, DTYPES[dtype], "video"), bars=Bars.for_dtype(dtype))
     assert trace.first_divergence is None and not trace.patterns, trace.format()  # threshold and the dtype's bars
+    assert trace.diagnosis is None and named_step(trace) == "none"
     assert len(trace.rows) == trace.hf_count == trace.packing_count == 5
     assert all(row.min_cos > DEFAULT_THRESHOLD for row in trace.rows)
 
@@ -137,6 +146,9 @@ def test_trace_in_a_pack_finds_cross_sample_attention(tmp_path: Path) -> None:
     assert _trace(hf, packing, video, pack=[video]).first_divergence is None
     trace = _trace(hf, packing, video, pack=[image, video])
     assert (trace.first_divergence, trace.pattern_names) == (1, []), trace.format()
+    assert names_step(trace, VARIANTS_BY_NAME["cross_sample_attention"].step), trace.format()
+    assert "first divergence: layer 1, attention (q, k, v equal; the output before the projection differs): " \
+        "packing's is not the attention of its own q, k, v" in trace.format()
     assert trace.rows[0].max_abs == 0.0  # the embedding is per token: no neighbour reaches it
     clean = load_model(BUILTIN_PACKING).model
     assert _trace(hf, clean, video, pack=[image, video]).first_divergence is None
@@ -155,7 +167,7 @@ def test_layer_count_still_compares_the_common_prefix(tmp_path: Path) -> None:
     assert (trace.hf_count, trace.packing_count, len(trace.rows)) == (5, 4, 4)
     assert [row.passed for row in trace.rows] == [True, True, False, False]
     assert "hf returns 5 hidden states (4 layers), packing 4 (3 layers)" in trace.patterns[0].detail
-    assert "only hf returns hidden_states[4..4]" in trace.format()
+    assert "only hf returns layers 4..4" in trace.format()
 
 
 def test_trace_of_a_remote_code_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,10 +197,17 @@ def test_trace_records_round_trip(tmp_path: Path) -> None:
     assert data["first_divergence"] == 2 and data["patterns"][0]["name"] == LAYER_COUNT
     properties = dict(trace.properties())
     assert properties["trace[image1] first_divergence"] == "2"
+    assert properties["trace[image1] divergence"] == f"layer 2: {LAYER_COUNT}" == trace.divergence()
     assert properties["trace[image1] patterns"] == LAYER_COUNT
     assert properties["trace[image1] min_cos"].split(",")[:2] == ["1.000000", "1.000000"]
     assert len(properties["trace[image1] min_cos"].split(",")) == 5
     assert "packing hidden_states[2] equals hidden_states[1]: its layer 2 (encoder.layers[1])" in trace.format()
+    hf, packing = _variant_models("rope_axes_swapped", torch.float32, tmp_path / "rope")
+    diagnosed = _trace(hf, packing, _sample(IMAGE, torch.float32, "image1"))
+    assert diagnosed.diagnosis is not None
+    assert LayerTrace.from_json(json.loads(json.dumps(diagnosed.to_json()))) == diagnosed
+    assert dict(diagnosed.properties())["trace[image1] divergence"] == (
+        "layer 1, q after RoPE (q before RoPE equal): the rotary embedding, h/w axes (packing)")
 
 
 def test_layer_trace_plot(tmp_path: Path) -> None:

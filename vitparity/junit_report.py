@@ -61,7 +61,7 @@ class TestOutcome:
     outcome: str  # passed, failed, error or skipped
     message: str = ""
     worst: dict | None = None  # the comparison row of this test with the lowest min cosine
-    first_divergence: str = ""  # "<trace name>: <layer>" of each layer trace this test recorded
+    first_divergence: str = ""  # "<trace name>: <divergence in words>" of each layer trace this test recorded
     golden: list[tuple[str, str]] = field(default_factory=list)  # a golden test's state properties (golden_state)
 
     @property
@@ -140,8 +140,8 @@ def read_junit(path: str | Path) -> JUnitRun:
                     rows.append(_json(value, path, test_id))
                 elif name == BASELINE_KEY:
                     run.baseline.append(_json(value, path, test_id))
-                elif name.startswith("trace[") and name.endswith("] first_divergence") and value != "none":
-                    divergences.append(f"{name[len('trace['):-len('] first_divergence')]}: layer {value}")
+                elif name.startswith("trace[") and name.endswith("] divergence") and value != "none":
+                    divergences.append(f"{name[len('trace['):-len('] divergence')]}: {value}")
             worst = min(rows, key=_row_badness) if rows else None
             run.tests.append(TestOutcome(test_id, *_outcome(case), worst, "; ".join(divergences), golden))
             run.rows += rows

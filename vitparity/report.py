@@ -348,10 +348,9 @@ def write_layer_trace_plot(traces: Sequence, path: str | os.PathLike[str], *, ti
             if point is not None:
                 cv2.circle(canvas, point, 5 if row.index == trace.first_divergence else 3, colour,
                            -1 if row.index == trace.first_divergence else 1, cv2.LINE_AA)
-        first = "none" if trace.first_divergence is None else f"hidden_states[{trace.first_divergence}]"
         y = height - TRACE_LEGEND_LINE * (len(traces) - number) + 4
         cv2.line(canvas, (x0, y - 4), (x0 + 14, y - 4), colour, 2)
-        legend = _fit_text(f"{trace.name}: first divergence {first}", x1 - x0 - 20, 0.4)
+        legend = _fit_text(f"{trace.name}: first divergence: {trace.divergence()}", x1 - x0 - 20, 0.4)
         cv2.putText(canvas, legend, (x0 + 20, y), _FONT, 0.4, colour, 1, cv2.LINE_AA)
     header = title or "min cosine per hidden state"
     cv2.putText(canvas, _fit_text(f"{header}  (threshold {threshold})", width - 2 * HEATMAP_MARGIN, 0.45),

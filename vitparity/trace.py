@@ -14,12 +14,18 @@ common patterns are named in plain words:
   layer. The tokens of the first frame of the video itself diverge too: attention spans all frames, so wrong
   positions of later frames reach the first frame's tokens at the first layer (docs/detection.md,
   "Per-layer trace").
+
+Layers are named by their hidden state: layer K is hidden_states[K], the output of encoder.layers[K-1]; layer 0 is
+the embedding output. Where no pattern explains a divergence at layer K >= 1, vitparity.steps says what departs first
+inside that layer (one more forward per side); `divergence_words` is the one wording of the result, used by the
+failure text, the JUnit properties, the layer plot and `vitparity report-junit`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,6 +33,7 @@ import torch
 from .compare import DEFAULT_THRESHOLD, Comparison, compare_features
 from .precision import Bars
 from .extract import TEMPORAL_CONTEXT, Sample, hf_hidden_states, packing_hidden_states
+from .steps import StepDiagnosis, diagnose
 
 SHIFTED = "hidden_states shifted by one"
 LAYER_COUNT = "layer count differs"
@@ -71,24 +78,32 @@ class LayerTrace:
     first_divergence: int | None
     patterns: tuple[Pattern, ...] = ()
     labels: tuple[str, str] = ("hf", "packing")  # what the two sides are (e.g. "packing", "reference")
+    diagnosis: StepDiagnosis | None = None  # what departs first inside the first diverging layer (vitparity.steps)
 
     @property
     def pattern_names(self) -> list[str]:
         return [pattern.name for pattern in self.patterns]
 
+    def divergence(self) -> str:
+        """The first divergence in words (`divergence_words`)."""
+        return divergence_words(self.first_divergence, self.diagnosis, self.patterns)
+
     def format(self) -> str:
-        """A `first divergence: hidden_states[K]` line, the patterns, then one table row per hidden state."""
+        """A `first divergence: layer K, <step>: <cause>` line, the patterns, the steps of that layer, then one table
+        row per layer (layer K = hidden_states[K], said once in the head line)."""
         head = (
             f"per-layer trace of {self.name} ({self.dtype}, {self.device}, threshold {self.threshold}): "
-            f"{self.labels[0]} {self.hf_count} hidden states, {self.labels[1]} {self.packing_count}"
+            f"{self.labels[0]} {self.hf_count} hidden states, {self.labels[1]} {self.packing_count} "
+            "(layer K = hidden_states[K], the output of encoder.layers[K-1]; layer 0 = the embedding output)"
         )
+        verdict = f"first divergence: {self.divergence()}"
         if self.first_divergence is None:
-            verdict = f"first divergence: none (hidden_states[0..{len(self.rows) - 1}] agree)"
-        else:
-            verdict = f"first divergence: hidden_states[{self.first_divergence}]"
+            verdict += f" (layers 0..{len(self.rows) - 1} agree)"
         lines = [head, verdict]
         lines += [f"pattern: {p.name}: {p.detail}" for p in self.patterns]
-        lines.append(f"{'index':>5}  {'min cos':>9}  {'mean cos':>9}  {'max abs':>9}")
+        if self.diagnosis is not None:
+            lines.append(self.diagnosis.format(self.labels))
+        lines.append(f"{'layer':>5}  {'min cos':>9}  {'mean cos':>9}  {'max abs':>9}")
         for row in self.rows:
             mark = "  <- first divergence" if row.index == self.first_divergence else ""
             lines.append(
@@ -98,15 +113,17 @@ class LayerTrace:
         longer = max(self.hf_count, self.packing_count)
         if longer > len(self.rows):
             side = self.labels[0] if self.hf_count > self.packing_count else self.labels[1]
-            lines.append(f"{len(self.rows):>5}  only {side} returns hidden_states[{len(self.rows)}..{longer - 1}]")
+            lines.append(f"{len(self.rows):>5}  only {side} returns layers {len(self.rows)}..{longer - 1}")
         return "\n".join(lines)
 
     def properties(self) -> list[tuple[str, str]]:
-        """Small name / value pairs for JUnit (the suite's record_figure): first divergence, patterns, per-layer figures."""
+        """Small name / value pairs for JUnit (the suite's record_figure): first divergence (its layer, and in
+        words), patterns, per-layer figures."""
         prefix = f"trace[{self.name}]"
         first = "none" if self.first_divergence is None else str(self.first_divergence)
         return [
             (f"{prefix} first_divergence", first),
+            (f"{prefix} divergence", self.divergence()),
             (f"{prefix} patterns", "; ".join(self.pattern_names) or "none"),
             (f"{prefix} hidden_states", f"{self.labels[0]} {self.hf_count}, {self.labels[1]} {self.packing_count}"),
             (f"{prefix} min_cos", ",".join(_num(row.min_cos, ".6f") for row in self.rows)),
@@ -125,6 +142,7 @@ class LayerTrace:
             "first_divergence": self.first_divergence,
             "labels": list(self.labels),
             "patterns": [{"name": p.name, "detail": p.detail} for p in self.patterns],
+            "diagnosis": None if self.diagnosis is None else self.diagnosis.to_json(),
             "layers": [
                 {"index": r.index, "min_cos": _finite(r.min_cos), "mean_cos": _finite(r.mean_cos),
                  "max_abs": _finite(r.max_abs), "passed": r.passed}
@@ -145,11 +163,26 @@ class LayerTrace:
                 for r in data["layers"]
             )
             patterns = tuple(Pattern(p["name"], p["detail"]) for p in data["patterns"])
+            diagnosis = data.get("diagnosis")
             return cls(data["name"], data["threshold"], data["dtype"], data["device"], data["hf_count"],
                        data["packing_count"], rows, data["first_divergence"], patterns,
-                       tuple(data.get("labels", ("hf", "packing"))))
+                       tuple(data.get("labels", ("hf", "packing"))),
+                       None if diagnosis is None else StepDiagnosis.from_json(diagnosis))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"malformed layer trace record ({type(error).__name__}: {error})") from None
+
+
+def divergence_words(first: int | None, diagnosis: StepDiagnosis | None, patterns: Sequence[Pattern] = ()) -> str:
+    """The first divergence in one line, the same in the failure text, JUnit, the layer plot and report-junit:
+    `none`, `layer 0 (the embedding output)`, `layer 2: layer count differs`, or
+    `layer 1, q after RoPE (q before RoPE equal): the rotary embedding, h/w axes (packing)`."""
+    if first is None:
+        return "none"
+    text = "layer 0 (the embedding output)" if first == 0 else f"layer {first}"
+    names = ", ".join(pattern.name for pattern in patterns)
+    if diagnosis is None:
+        return text + (f": {names}" if names else "")
+    return f"{text}, {diagnosis.words()}" + (f"; pattern: {names}" if names else "")
 
 
 def _num(value: float, spec: str) -> str:
@@ -292,8 +325,8 @@ def trace_pack(
 ) -> list[LayerTrace]:
     """`trace_layers` of several samples of one pack, the packing model run once on the pack (not once per
     sample); with `pack` None, each sample alone. One trace per sample, in order."""
-    traces = []
     parameter = next(packing_model.parameters())
+    found = []
     for sample, (hf, packing) in zip(samples, _hidden_pairs(hf_model, packing_model, samples, pack,
                                                              temporal_context)):
         rows = _rows(hf, packing, threshold, bars)
@@ -309,12 +342,18 @@ def trace_pack(
                                    threshold, bars)
                 if all(row.passed for row in frame_rows):
                     patterns.append(Pattern(TEMPORAL, (
-                        f"the video diverges from hidden_states[{first}] while its first frame in its place "
+                        f"the video diverges from layer {first} while its first frame in its place "
                         f"(temporal position 0) agrees at every layer: the frames' temporal positions differ"
                     )))
-        traces.append(LayerTrace(
-            name=sample.name, threshold=float(threshold), dtype=str(parameter.dtype).removeprefix("torch."),
-            device=str(parameter.device), hf_count=len(hf), packing_count=len(packing), rows=rows,
-            first_divergence=first, patterns=tuple(patterns), labels=labels,
-        ))
-    return traces
+        found.append((sample, hf, packing, rows, first, patterns))
+    # Inside the layer, unless a pattern already says what happened (a shifted tuple, a skipped or missing layer).
+    asked = [first if first is not None and first < min(len(hf), len(packing))
+             and not {SHIFTED, LAYER_COUNT} & {p.name for p in patterns} else None
+             for _, hf, packing, _, first, patterns in found]
+    diagnoses = diagnose(hf_model, packing_model, samples, asked, pack=pack, temporal_context=temporal_context,
+                         threshold=threshold, bars=bars, labels=labels)
+    return [LayerTrace(
+        name=sample.name, threshold=float(threshold), dtype=str(parameter.dtype).removeprefix("torch."),
+        device=str(parameter.device), hf_count=len(hf), packing_count=len(packing), rows=rows,
+        first_divergence=first, patterns=tuple(patterns), labels=labels, diagnosis=diagnosis,
+    ) for (sample, hf, packing, rows, first, patterns), diagnosis in zip(found, diagnoses)]

@@ -42,51 +42,71 @@ class Variant:
     goldens: bool = True  # False: its runs leave the golden tests out, so the verdict comes from the other checks
     caught_by: tuple[str, ...] = ()  # test groups (detection.group_of) that must be among the failures, both dtypes
     select: str = ""  # a -m expression the suite runs under (a fault of one input path: the cases that take it)
+    # The step the per-layer trace must name (`named_step`): "step key[: words of its cause]" of vitparity.steps,
+    # "embedding" (layer 0), a pattern's name, or "none" (nothing diverges where the trace looks).
+    step: str = "none"
 
 
 VARIANTS = (
     Variant("rope_half_split", FAULT, "packing", "code",
-            "RoPE rotates (first half, second half) pairs instead of neighbouring pairs"),
+            "RoPE rotates (first half, second half) pairs instead of neighbouring pairs",
+            step="rope: (first half, second half) pairs"),
     Variant("rope_axes_swapped", FAULT, "packing", "code",
-            "RoPE reads the h and w positions swapped"),
+            "RoPE reads the h and w positions swapped",
+            step="rope: h/w axes"),
     Variant("positions_ignored", FAULT, "packing", "code",
-            "patch_positions ignored: video frames at 0..T-1 instead of the 64-frame positions"),
+            "patch_positions ignored: video frames at 0..T-1 instead of the 64-frame positions",
+            step="rope: t axis"),
     Variant("cross_sample_attention", FAULT, "packing", "code",
-            "block-diagonal mask dropped: samples in one pack attend to each other"),
+            "block-diagonal mask dropped: samples in one pack attend to each other",
+            step="attention"),
     Variant("attention_scale", FAULT, "packing", "code",
-            "attention scale 1/head_dim instead of 1/sqrt(head_dim)"),
+            "attention scale 1/head_dim instead of 1/sqrt(head_dim)",
+            step="attention: softmax scale 1/head_dim"),
     Variant("channels_last", FAULT, "packing", "code",
-            "each (C*p*p) patch row read in (p, p, C) order"),
+            "each (C*p*p) patch row read in (p, p, C) order",
+            step="embedding"),
     Variant("qk_swapped", FAULT, "packing", "weights",
-            "q and k blocks of every fused qkv weight and bias swapped"),
+            "q and k blocks of every fused qkv weight and bias swapped",
+            step="q: q and k exchanged"),
     Variant("hidden_states_shifted", FAULT, "packing", "code",
-            "hidden_states one layer late (entry -2 is the last layer's output)"),
+            "hidden_states one layer late (entry -2 is the last layer's output)",
+            step="hidden_states shifted by one"),
     Variant("layer_missing", FAULT, "packing", "code",
-            "layer 1 never runs although its weights load"),
+            "layer 1 never runs although its weights load",
+            step="layer count differs"),
     Variant("layer_removed", FAULT, "packing", "code",
-            "layer 1 never runs and is left out of hidden_states (one hidden state fewer)"),
+            "layer 1 never runs and is left out of hidden_states (one hidden state fewer)",
+            step="layer count differs"),
     Variant("clip_mean_std_swapped", FAULT, "hf", "code",
-            "CLIP mean and std swapped on the non-packing side"),
+            "CLIP mean and std swapped on the non-packing side",
+            step="embedding"),
     Variant("temporal_off_by_one", FAULT, "packing", "code",
-            "video frame positions round(i/(T-1)*64) instead of round(i/(T-1)*63)"),
+            "video frame positions round(i/(T-1)*64) instead of round(i/(T-1)*63)",
+            step="rope: t axis"),
     Variant("neighbour_leak_1e-6", FAULT, "packing", "code",
             "every hidden state of a packed sample gets 1e-6 x the mean of the other samples' tokens"),
     Variant("attention_scale_2pct", FAULT, "packing", "code",
-            "attention scale 1.02/sqrt(head_dim) instead of 1/sqrt(head_dim)", caught_by=("test_parity",)),
+            "attention scale 1.02/sqrt(head_dim) instead of 1/sqrt(head_dim)", caught_by=("test_parity",),
+            step="attention"),
     Variant("feature_mlp_bias_dropped", FAULT, "packing", "weights",
             "MLP output bias of the layer that produces the features (the second-to-last) zeroed by the converter",
-            goldens=False, caught_by=("test_parity",)),
+            goldens=False, caught_by=("test_parity",),
+            step="fc2: the bias of encoder.layers.2.mlp.fc2"),
     Variant("weights_bf16_rounded", FAULT, "packing", "weights",
             "every packing weight rounded through bfloat16 by the converter (saved as float32)",
-            goldens=False, caught_by=("test_parity",)),
+            goldens=False, caught_by=("test_parity",),
+            step="layer_norm1: the weight of encoder.layers.0.layer_norm1"),
     Variant("features_doubled", FAULT, "packing", "code",
-            "every hidden state twice as large (a layer scale folded in twice): cosine 1", caught_by=("test_parity",)),
+            "every hidden state twice as large (a layer scale folded in twice): cosine 1", caught_by=("test_parity",),
+            step="embedding"),
     Variant("norm_gain_zeroed", FAULT, "packing", "weights",
             "layernorm_post gain (1-D, not on the features' path) all zeros in the checkpoint",
             goldens=False, caught_by=("test_loaded_weights[packing]",)),
     Variant("rope_buffer_wrong_axis", FAULT, "packing", "code",
             "RoPE kept in inv_freq_t/h/w buffers; inv_freq_h holds the t axis's frequencies (each value a RoPE "
-            "frequency of some axis)", caught_by=("test_loaded_weights[packing]",)),
+            "frequency of some axis)", caught_by=("test_loaded_weights[packing]",),
+            step="rope"),
     Variant("loaded_bias_one_element", FAULT, "packing", "code",
             "the loader changes one element of layernorm_post.bias (not on the features' path) by 0.5 after "
             "loading", caught_by=("test_loaded_weights[packing]",)),
@@ -121,6 +141,24 @@ VARIANTS = (
 BIT_EXACT_FAULTS = ("neighbour_leak_1e-6",)
 VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
 CONFIG_VARIANTS = tuple(variant for variant in VARIANTS if variant.mechanism == "config")
+
+
+def named_step(trace) -> str:
+    """The step a per-layer trace (vitparity.trace.LayerTrace) names, as `Variant.step` writes it: "none", "embedding"
+    (layer 0), the names of the patterns that explain a divergence, or "<step>: <cause>" from vitparity.steps."""
+    if trace.first_divergence is None:
+        return "none"
+    if trace.diagnosis is not None:
+        return f"{trace.diagnosis.step}: {trace.diagnosis.cause}"
+    return ", ".join(trace.pattern_names) or ("embedding" if trace.first_divergence == 0 else "not diagnosed")
+
+
+def names_step(trace, expected: str) -> bool:
+    """Whether the trace names `expected` (`Variant.step`): the same step, and the words of its cause where given."""
+    if trace.diagnosis is None:
+        return named_step(trace) == expected
+    step, _, words = expected.partition(": ")
+    return trace.diagnosis.step == step and words in trace.diagnosis.cause
 
 
 def builtin_folder(side: str) -> Path:
