@@ -54,3 +54,10 @@ def test_pytest_help_with_the_suite_plugin_is_light(tmp_path: Path) -> None:
     code, names = imported_modules("-m", "pytest", "-p", "vitparity.pytest_plugin", "--help", cwd=tmp_path)
     # The plugin itself is assertion-rewritten, so not listed: the options module it registers is.
     assert code == 0 and "vitparity.suite.options" in names and heavy(names) == []
+
+
+def test_a_usage_error_of_the_suite_options_is_light(tmp_path: Path) -> None:
+    """A bad value that the arguments decide is refused before torch loads."""
+    code, names = imported_modules("-m", "pytest", "-p", "vitparity.pytest_plugin", "--num-frames=abc", "--pyargs",
+                                   "vitparity.parity_tests", cwd=tmp_path)
+    assert code == 4 and "vitparity.suite.settings" in names and heavy(names) == []

@@ -1,14 +1,17 @@
-"""The built-in tiny checkpoints: small enough for CPU CI, with weights sharp enough to expose faults."""
+"""The built-in tiny checkpoints: small enough for CPU CI, with weights sharp enough to expose faults.
+
+Their folders are known without torch (the suite's options and the CLI name them before torch loads); torch and the
+models load only to make the tiny model."""
 
 from __future__ import annotations
 
 import math
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .models import OneVisionEncoderConfig, OneVisionEncoderModel
+if TYPE_CHECKING:
+    from .models import OneVisionEncoderModel
 
 
 def _package_folder(package: str) -> Path:
@@ -39,6 +42,10 @@ QK_GAIN = 2.5  # q / k weights this many times the fan-in scale: attention logit
 
 def make_tiny_hf_model(seed: int = 0) -> OneVisionEncoderModel:
     """A deterministic random tiny non-packing model; every weight drawn, norms perturbed around 1 / 0."""
+    import torch
+
+    from .models import OneVisionEncoderConfig, OneVisionEncoderModel
+
     model = OneVisionEncoderModel(OneVisionEncoderConfig(**TINY_CONFIG)).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

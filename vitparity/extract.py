@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .choices import TEMPORAL_CONTEXT
 from .media import Media
 from .models import MODEL_TYPES
 from .models.packed_attention import host_to_device
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TEMPORAL_CONTEXT = 64
 FEATURE_LAYER = -2
 # Classes whose forward takes `output_layer` and stops there: the project's own, not their subclasses.
 EARLY_EXIT_CLASSES = frozenset(model_class for _, model_class, _ in MODEL_TYPES.values())

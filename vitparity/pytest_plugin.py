@@ -46,6 +46,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{marker}: {text}")
     if config.option.help:  # pytest --help lists the options; the suite is not set up
         return
+    from .suite.settings import resolve_settings
+
+    # Before anything initialises CUDA (resolving `auto` asks torch whether CUDA is available).
+    pin_xdist_worker_gpu(str(raw_value(config, DEVICE_OPTION).value))
+    settings = resolve_settings(config)  # a value the arguments decide is refused before torch loads
     from .numerics import pinned_float32
     from .suite.baseline import BaselineReporter, check_baseline
     from .suite.golden_upkeep import GoldenUpkeep
@@ -55,11 +60,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from .suite.representative import check_representative
     from .suite.schedule import InapplicableTests, build_plan, controller_workers, worker_count
     from .suite.session import ParitySession, preflight
-    from .suite.settings import resolve_settings
 
-    # Before anything initialises CUDA (resolving `auto` asks torch whether CUDA is available).
-    pin_xdist_worker_gpu(str(raw_value(config, DEVICE_OPTION).value))
-    settings = resolve_settings(config)
     numerics = ExitStack()  # float32 on CUDA without TF32 for the whole run (recorded in golden provenance)
     numerics.enter_context(pinned_float32(settings.device, settings.torch_dtype))
     config.add_cleanup(numerics.close)

@@ -1,4 +1,8 @@
-"""The suite's settings: every option's value validated once, with errors that name the option as it was given."""
+"""The suite's settings: every option's value validated once, with errors that name the option as it was given.
+
+Light to import: the values the arguments and the filesystem decide are checked first, so a usage error is said
+before torch loads; torch is imported to resolve device auto, and the modules of the cases and attention backends
+for the options that need them (--shard, --packed-backend, --attention-kernel)."""
 
 from __future__ import annotations
 
@@ -6,19 +10,20 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from ..builtin import BUILTIN_GOLDEN, BUILTIN_MEDIA, builtin_paths
-from ..extract import TEMPORAL_CONTEXT
+from ..choices import ALIGN_POLICIES, TEMPORAL_CONTEXT
 from ..hub import hub_id
-from ..loading import DTYPES
-from ..media import ALIGN_POLICIES, check_scale, scale_suffix
-from ..models.packed_attention import BACKENDS, SDPA_KERNELS, available_backends, available_sdpa_kernels
+from ..media import check_scale, scale_suffix
 from ..precision import AUTO, OFF, Bars, parse_bar
 from ..rules import PairError, check_threshold, resolve_device_dtype
-from .cases import Shard, parse_shard
 from .options import OPTIONS, PLAN_POLICIES, RawValue, raw_value
+
+if TYPE_CHECKING:
+    from .cases import Shard
 
 # Tokens per pack group when --pack-tokens is not given. On a GPU: a ViT-L packed forward of 131k bf16 tokens
 # that keeps no hidden states needs a few GiB; on the CPU, groups stay small enough to run in seconds.
@@ -66,6 +71,8 @@ class Settings:
 
     @property
     def torch_dtype(self):
+        from ..loading import DTYPES
+
         return DTYPES[self.dtype]
 
     @property
@@ -115,10 +122,6 @@ def resolve_settings(config: pytest.Config) -> Settings:
             raise bad(name, f"must be >= {minimum}")
         return value
 
-    try:
-        device, dtype = resolve_device_dtype(raw["device"].value, raw["dtype"].value)
-    except ValueError as err:
-        raise pytest.UsageError(f"{raw['device'].label} / {raw['dtype'].label}: {err}") from err
     if raw["align"].value not in ALIGN_POLICIES:
         raise bad("align", f"use one of {ALIGN_POLICIES}")
     for name in ("determinism", "companions", "outputs"):
@@ -138,16 +141,8 @@ def resolve_settings(config: pytest.Config) -> Settings:
         raise bad("threshold", "not a number") from None
     except PairError as err:
         raise pytest.UsageError(str(err)) from None
-    if raw["pack_tokens"].value:
-        pack_tokens = whole("pack_tokens", 1)
-    else:
-        pack_tokens = DEFAULT_PACK_TOKENS["cuda" if device.startswith("cuda") else "cpu"]
-    shard = None
-    if raw["shard"].value:
-        try:
-            shard = parse_shard(str(raw["shard"].value))
-        except ValueError as err:
-            raise bad("shard", str(err)) from None
+    pack_tokens = whole("pack_tokens", 1) if raw["pack_tokens"].value else None
+
     def model(name: str) -> Path | str | None:
         """A checkpoint folder, or a hub id (org/name[@revision]) when no local path of that name exists."""
         value, folder = raw[name].value, path(name)
@@ -156,6 +151,33 @@ def resolve_settings(config: pytest.Config) -> Settings:
     if raw["trust_remote_code"].value and raw["own_classes"].value:
         raise pytest.UsageError(f"{raw['trust_remote_code'].label} and {raw['own_classes'].label} exclude each other: "
                                 "run the checkpoints' own code or vitparity's classes, not both")
+    # Up to here, and in these six, the arguments and the filesystem decide: a usage error is said before torch loads.
+    media_dirs, num_frames = _media(config, raw, bad), whole("num_frames", 1)
+    golden_dir = _golden_dir(config, raw["golden_dir"], raw["regenerate_goldens"].value)
+    scales = _scales(str(raw["scales"].value), bad)
+    golden_baseline = _paths(config, raw["golden_baseline"], bad, "golden_baseline")
+    baseline_min_cos = _baseline_min_cos(raw, bad)
+    codec_frames = _codec_frames(raw, bad, whole)
+    try:
+        device, dtype = resolve_device_dtype(raw["device"].value, raw["dtype"].value)
+    except ValueError as err:
+        raise pytest.UsageError(f"{raw['device'].label} / {raw['dtype'].label}: {err}") from err
+    shard = None
+    if raw["shard"].value:
+        from .cases import parse_shard
+
+        try:
+            shard = parse_shard(str(raw["shard"].value))
+        except ValueError as err:
+            raise bad("shard", str(err)) from None
+    from ..loading import DTYPES  # torch and the attention module load from here on
+    from ..models.packed_attention import BACKENDS, SDPA_KERNELS, available_backends, available_sdpa_kernels
+
+    where = f"on {device} in {dtype}"
+    packed_backend = _choice(raw["packed_backend"].value, BACKENDS, lambda: available_backends(device, DTYPES[dtype]),
+                             bad, "packed_backend", where)
+    attention_kernel = _choice(raw["attention_kernel"].value, SDPA_KERNELS,
+                               lambda: available_sdpa_kernels(device, DTYPES[dtype]), bad, "attention_kernel", where)
     hf_model, packing_model = model("hf_model"), model("packing_model")
     if hf_model is None or packing_model is None:
         default_hf, default_packing = builtin_paths()
@@ -171,33 +193,30 @@ def resolve_settings(config: pytest.Config) -> Settings:
         device=device,
         dtype=dtype,
         require_device=raw["require_device"].value,
-        media_dirs=_media(config, raw, bad),
-        num_frames=whole("num_frames", 1),
+        media_dirs=media_dirs,
+        num_frames=num_frames,
         align=raw["align"].value,
         threshold=threshold,
         determinism=raw["determinism"].value,
         companions=raw["companions"].value,
-        pack_tokens=pack_tokens,
+        pack_tokens=pack_tokens or DEFAULT_PACK_TOKENS["cuda" if device.startswith("cuda") else "cpu"],
         shard=shard,
-        golden_dir=_golden_dir(config, raw["golden_dir"], raw["regenerate_goldens"].value),
+        golden_dir=golden_dir,
         regenerate_goldens=raw["regenerate_goldens"].value,
         report_dir=path("report_dir"),
-        scales=_scales(str(raw["scales"].value), bad),
-        packed_backend=_choice(raw["packed_backend"].value, BACKENDS, lambda: available_backends(device, DTYPES[dtype]),
-                               bad, "packed_backend", f"on {device} in {dtype}"),
-        attention_kernel=_choice(raw["attention_kernel"].value, SDPA_KERNELS,
-                                 lambda: available_sdpa_kernels(device, DTYPES[dtype]), bad, "attention_kernel",
-                                 f"on {device} in {dtype}"),
+        scales=scales,
+        packed_backend=packed_backend,
+        attention_kernel=attention_kernel,
         labels={name: value.label for name, value in raw.items()},
         strict_buffers=raw["strict_buffers"].value,
-        golden_baseline=_paths(config, raw["golden_baseline"], bad, "golden_baseline"),
-        baseline_min_cos=_baseline_min_cos(raw, bad),
+        golden_baseline=golden_baseline,
+        baseline_min_cos=baseline_min_cos,
         allow_skip=raw["allow_skip"].value,
         require_representative=raw["require_representative"].value,
         max_cos_gap=bars["max_cos_gap"],
         max_norm_gap=bars["max_norm_gap"],
         fp32_probe=raw["fp32_probe"].value,
-        codec_frames=_codec_frames(raw, bad, whole),
+        codec_frames=codec_frames,
     )
 
 
