@@ -143,6 +143,9 @@ EXAMPLES: dict[str, Example] = {
         "python -m bench suite-scale --device cpu", "bench/gpu_check.sh gpu-results",
         "bench/gpu_check.sh /tmp/check --small",
     ], Example(elsewhere=BENCH)),
+    "bench/start_times.sh 3": Example(elsewhere="run by hand for docs/benchmarks.md (wall times, never asserted); "
+                                          "tests/test_cli_imports.py checks that its commands import neither torch "
+                                          "nor transformers"),
     "python -m bench gpu-suite --out gpu-suite": Example(elsewhere="run by hand on a GPU for docs/benchmarks.md (its "
                                                                    "--small form on the CPU: minutes of suite runs)"),
     # docs/detection.md
