@@ -188,8 +188,7 @@ def test_gpu_plan_on_the_cpu_takes_packing_features_from_the_packs(suite) -> Non
     ratio = (hf_tokens + packing_tokens) / (2 * sum(tokens.values()) + paths)
     assert f"forward tokens: {ratio:.2f}x the one-pass minimum (each case and input path once)" in out
     assert ratio <= 1.35  # groups of the CPU's budget hold few cases: a sample per group is a large share of them
-    assert re.search(r"not run by the plan \(--companions=sample: no swap planned for this group\): "
-                     r"test_companions_do_not_leak\[pack-", out)
+    assert "no swap planned for this group" not in out  # every group has its probe
     assert re.search(r"not run by the plan \(--companions=sample: packing features come from the pack.*"
                      r"test_packing_independent_of_neighbours\[pack-[0-9a-f]{8}\], "
                      r"test_packing_independent_of_neighbours\[pack-[0-9a-f]{8}\]$", out, re.M)
