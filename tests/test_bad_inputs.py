@@ -172,7 +172,7 @@ def test_check_media_lists_every_file_that_cannot_be_used(tmp_path) -> None:
 
 def test_a_file_that_breaks_after_the_media_check_fails_its_own_cases_only(suite, tmp_path, monkeypatch) -> None:
     """A file that breaks once the run has checked it (still being written): its cases fail, the others pass."""
-    monkeypatch.setattr("vitparity.pytest_plugin.check_run_media", lambda *args: None)
+    monkeypatch.setattr("vitparity.suite.media_preflight.check_run_media", lambda *args: None)
     before = suite.goldens()
     result = suite.run(f"--media={media_folder(tmp_path)}", "-m", "not golden", "-W", "default")
     out = result.stdout.str()

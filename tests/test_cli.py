@@ -708,7 +708,7 @@ def test_report_junit_fails_on_a_shard_run_twice(shard_junit: list[Path], capsys
 def test_report_junit_fails_and_lists_failed_tests(suite, tmp_path: Path, capsys, monkeypatch) -> None:
     """A real failing run (a media file that cannot be decoded, broken after the run checked its media): exit 1, its
     tests listed with their message."""
-    monkeypatch.setattr("vitparity.pytest_plugin.check_run_media", lambda *args: None)
+    monkeypatch.setattr("vitparity.suite.media_preflight.check_run_media", lambda *args: None)
     media = tmp_path / "media"
     media.mkdir()
     (media / "broken.mp4").write_bytes(b"not a video")

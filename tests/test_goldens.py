@@ -82,7 +82,7 @@ def clip_and_good(files: dict[str, bytes], name: str) -> dict[str, bytes]:
 @pytest.mark.parametrize("flag", ["--snapshot-update", "--regenerate-goldens"])
 def test_update_keeps_goldens_of_an_erroring_case_and_deletes_only_removed_media(suite, written, tmp_path, flag,
                                                                                   workers, monkeypatch) -> None:
-    monkeypatch.setattr("vitparity.pytest_plugin.check_run_media", lambda *args: None)  # the file breaks after it
+    monkeypatch.setattr("vitparity.suite.media_preflight.check_run_media", lambda *args: None)  # the file breaks after it
     media, goldens = Path(shutil.copytree(written / "M", tmp_path / "M")), tmp_path / "G"
     shutil.copytree(written / "G", goldens)
     before = golden_files(goldens)
