@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from faults.detection import detection_from_reports
+from faults import names_step
+from faults.detection import detection_from_reports, divergences
 from faults.release import RELEASE_VARIANTS, build_release_variant
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -56,6 +57,9 @@ def test_release_variant_verdict(suite, tmp_path, variant, run) -> None:
     assert {"test_parity", "test_outputs", "test_reference", "test_converted_weights"} <= set(found), out[-3000:]
     failed = {name for name, outcome in found.items() if outcome != "passed"}
     assert failed == set(variant.failing), f"{variant.name} ({run}): {variant.description}\n{out[-5000:]}"
+    named = divergences(result.reprec.getreports("pytest_runtest_logreport"))  # "<trace>: <divergence in words>"
+    assert all(names_step(line.split(": ", 1)[1], variant.step) for line in named) and bool(named) == (
+        variant.step != "none"), named
     if variant.name == "shared_rope_axes":  # both release files depart from the reference at the first attention
         assert "odd one out: common mode" in out
         for side in ("hf", "packing"):  # CASE on the CPU plan, SMALLEST on the GPU plan's reference sample

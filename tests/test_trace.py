@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers.dynamic_module_utils
 
-from faults import FAULT, VARIANTS, VARIANTS_BY_NAME, build_variant, load_variant_models, named_step, names_step
+from faults import FAULT, VARIANTS, VARIANTS_BY_NAME, build_variant, load_variant_models, names_step
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.compare import DEFAULT_THRESHOLD
 from vitparity.extract import TEMPORAL_CONTEXT, prepare_sample
@@ -97,14 +97,14 @@ def test_trace_names_the_first_divergence(name: str, dtype: str, tmp_path: Path)
     else:
         assert FIRST_LINE.findall(text) == [str(first)], text
         assert (video.dtype, video.device) == (dtype, "cpu")
-        assert names_step(video, VARIANTS_BY_NAME[name].step), (named_step(video), text)  # what broke, not only where
+        assert names_step(video.divergence(), VARIANTS_BY_NAME[name].step), text  # what broke, not only where
         assert f"first divergence: {video.divergence()}" in text
     image = _trace(hf, packing, _sample(IMAGE, DTYPES[dtype], "image"))
     if name in VIDEO_ONLY or first is None:
         assert image.first_divergence is None and not image.patterns, image.format()
     else:
         assert image.first_divergence == first and TEMPORAL not in image.pattern_names, image.format()
-        assert names_step(image, VARIANTS_BY_NAME[name].step), (named_step(image), image.format())
+        assert names_step(image.divergence(), VARIANTS_BY_NAME[name].step), image.format()
 
 
 @pytest.mark.parametrize("name", BAR_FIRST_DIVERGENCE)
@@ -114,7 +114,7 @@ def test_float32_bars_locate_faults_below_the_threshold(name: str, tmp_path: Pat
     assert _trace(hf, packing, sample).first_divergence is None  # the threshold alone sees nothing
     trace = _trace(hf, packing, sample, bars=Bars.for_dtype("float32"))
     assert trace.first_divergence == BAR_FIRST_DIVERGENCE[name], trace.format()
-    assert names_step(trace, VARIANTS_BY_NAME[name].step), (named_step(trace), trace.format())
+    assert names_step(trace.divergence(), VARIANTS_BY_NAME[name].step), trace.format()
 
 
 def test_every_fault_has_an_expected_trace() -> None:
@@ -134,7 +134,7 @@ def test_trace_finds_no_divergence_without_a_fault(name: str | None, dtype: str,
         hf, packing = _variant_models(name, DTYPES[dtype], tmp_path)
     trace = _trace(hf, packing, _sample(VIDEO, DTYPES[dtype], "video"), bars=Bars.for_dtype(dtype))
     assert trace.first_divergence is None and not trace.patterns, trace.format()  # threshold and the dtype's bars
-    assert trace.diagnosis is None and named_step(trace) == "none"
+    assert trace.diagnosis is None and trace.divergence() == "none"
     assert len(trace.rows) == trace.hf_count == trace.packing_count == 5
     assert all(row.min_cos > DEFAULT_THRESHOLD for row in trace.rows)
 
@@ -146,7 +146,7 @@ def test_trace_in_a_pack_finds_cross_sample_attention(tmp_path: Path) -> None:
     assert _trace(hf, packing, video, pack=[video]).first_divergence is None
     trace = _trace(hf, packing, video, pack=[image, video])
     assert (trace.first_divergence, trace.pattern_names) == (1, []), trace.format()
-    assert names_step(trace, VARIANTS_BY_NAME["cross_sample_attention"].step), trace.format()
+    assert names_step(trace.divergence(), VARIANTS_BY_NAME["cross_sample_attention"].step), trace.format()
     assert "first divergence: layer 1, attention (q, k, v equal; the output before the projection differs): " \
         "packing's is not the attention of its own q, k, v" in trace.format()
     assert trace.rows[0].max_abs == 0.0  # the embedding is per token: no neighbour reaches it

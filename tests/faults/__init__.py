@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vitparity.builtin import BUILTIN_HF, BUILTIN_PACKING
+from vitparity.steps import STEP_WORDS
 
 PLANTED_MODULE = Path(__file__).with_name("modeling_planted.py")
 PLANTED_CLASSES = {"packing": "PlantedPackingModel", "hf": "PlantedHFModel"}
@@ -42,7 +43,7 @@ class Variant:
     goldens: bool = True  # False: its runs leave the golden tests out, so the verdict comes from the other checks
     caught_by: tuple[str, ...] = ()  # test groups (detection.group_of) that must be among the failures, both dtypes
     select: str = ""  # a -m expression the suite runs under (a fault of one input path: the cases that take it)
-    # The step the per-layer trace must name (`named_step`): "step key[: words of its cause]" of vitparity.steps,
+    # The step the per-layer trace must name (`names_step`): "step key[: words of its cause]" of vitparity.steps,
     # "embedding" (layer 0), a pattern's name, or "none" (nothing diverges where the trace looks).
     step: str = "none"
 
@@ -143,22 +144,15 @@ VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
 CONFIG_VARIANTS = tuple(variant for variant in VARIANTS if variant.mechanism == "config")
 
 
-def named_step(trace) -> str:
-    """The step a per-layer trace (vitparity.trace.LayerTrace) names, as `Variant.step` writes it: "none", "embedding"
-    (layer 0), the names of the patterns that explain a divergence, or "<step>: <cause>" from vitparity.steps."""
-    if trace.first_divergence is None:
-        return "none"
-    if trace.diagnosis is not None:
-        return f"{trace.diagnosis.step}: {trace.diagnosis.cause}"
-    return ", ".join(trace.pattern_names) or ("embedding" if trace.first_divergence == 0 else "not diagnosed")
-
-
-def names_step(trace, expected: str) -> bool:
-    """Whether the trace names `expected` (`Variant.step`): the same step, and the words of its cause where given."""
-    if trace.diagnosis is None:
-        return named_step(trace) == expected
+def names_step(divergence: str, expected: str) -> bool:
+    """Whether a first divergence in words (vitparity.trace.divergence_words) names `expected` (`Variant.step`):
+    the step's words (vitparity.steps.STEP_WORDS; "embedding": layer 0; else a pattern's name or "none") and the
+    words of its cause where given."""
+    if expected == "none":
+        return divergence == "none"
     step, _, words = expected.partition(": ")
-    return trace.diagnosis.step == step and words in trace.diagnosis.cause
+    lead = STEP_WORDS.get(step, "layer 0 (the embedding output)" if step == "embedding" else step)
+    return lead in divergence and words in divergence
 
 
 def builtin_folder(side: str) -> Path:

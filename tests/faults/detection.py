@@ -38,6 +38,7 @@ class Detection:
     parity_max_abs: float | None = None  # largest absolute feature difference over those comparisons
     golden_min_cos: float | None = None  # worst projected cosine over the goldens that failed by value
     golden_missing: int = 0  # golden tests that failed because no golden exists for the model
+    divergences: list[str] = field(default_factory=list)  # "<trace>: <first divergence in words>" of each layer trace
     seconds: float = 0.0
 
     @property
@@ -113,6 +114,14 @@ def failure_message(report) -> str:
     return message.strip().splitlines()[0] if message.strip() else ""
 
 
+def divergences(test_reports) -> list[str]:
+    """`<trace name>: <first divergence in words>` of every layer trace the run's tests recorded (JUnit property
+    `trace[<name>] divergence`, vitparity.trace.divergence_words), once each."""
+    found = [f"{name[len('trace['):-len('] divergence')]}: {value}" for report in test_reports if report.when == "call"
+             for name, value in report.user_properties if name.startswith("trace[") and name.endswith("] divergence")]
+    return list(dict.fromkeys(found))
+
+
 def detection_from_reports(variant, dtype: str, exit_code: int, test_reports, collect_reports, seconds: float = 0.0) -> Detection:
     """Build a Detection from pytest's TestReport objects (all phases) and CollectReport objects of one run.
 
@@ -149,6 +158,7 @@ def detection_from_reports(variant, dtype: str, exit_code: int, test_reports, co
         parity_min_cos=_worst([row.get("min_cos") for row in rows]),
         parity_max_abs=_largest([row.get("max_abs") for row in rows]),
         golden_min_cos=_worst(golden_cos), golden_missing=missing, seconds=round(seconds, 2),
+        divergences=divergences(test_reports),
     )
 
 
@@ -201,15 +211,42 @@ def load_detections(folder: Path) -> list[Detection]:
     return [Detection.from_json(path.read_text()) for path in sorted(Path(folder).glob("*.json"))]
 
 
+STEP_COLUMNS = ("variant", "kind", "dtype", "step named (each traced side)", "true step", "named it")
+
+
+def format_step_table(detections: list[Detection], expected: dict[str, str]) -> str:
+    """Markdown: the step each run's layer traces named (their distinct divergences in words, trace names left out)
+    against the variant's true step (`expected`: variant -> Variant.step), and whether every trace named it."""
+    from . import names_step
+
+    rows = [STEP_COLUMNS, ("---",) * len(STEP_COLUMNS)]
+    for d in detections:
+        named = list(dict.fromkeys(line.split(": ", 1)[1] for line in d.divergences)) or ["none"]
+        true = expected.get(d.variant, "none")
+        verdict = "yes" if all(names_step(line, true) for line in named) else "NO"
+        if d.kind == "fault" and named == ["none"] and verdict == "yes":
+            verdict = "n/a: no failing test traces layers"
+        rows.append((f"`{d.variant}`", d.kind, d.dtype, "; ".join(named), true, verdict))
+    return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m tests.faults.detection DIR   (DIR: the VITPARITY_FAULTS_OUT of a test_faults run, "
-              "or its release/<plan> folder)")
+    steps = argv[:1] == ["--steps"]
+    if len(argv) != 1 + steps:
+        print("usage: python -m tests.faults.detection [--steps] DIR   (DIR: the VITPARITY_FAULTS_OUT of a test_faults "
+              "run, or its release/<plan> folder; --steps: the step each run's traces named, from tests/: "
+              "python -m faults.detection --steps DIR)")
         return 2
     from . import VARIANTS
 
-    detections = load_detections(Path(argv[0]))
-    print(format_markdown_table(sorted(detections, key=sort_key([v.name for v in VARIANTS]))))
+    detections = load_detections(Path(argv[-1]))
+    if not steps:
+        print(format_markdown_table(sorted(detections, key=sort_key([v.name for v in VARIANTS]))))
+        return 0
+    from .release import RELEASE_VARIANTS
+
+    every = [*RELEASE_VARIANTS, *VARIANTS]
+    print(format_step_table(sorted(detections, key=sort_key([v.name for v in every])), {v.name: v.step for v in every}))
     return 0
 
 

@@ -41,6 +41,7 @@ class ReleaseVariant:
     edits: tuple[tuple[str, str, str], ...] = ()  # (file, old, new) planted in both checkpoints' copies
     last_layer_qk_swapped: bool = False  # the packing checkpoint's last layer converted with q and k swapped
     rope_buffers_saved: bool = False  # both checkpoints' files carry the RoPE tables (the formula, float32)
+    step: str = "none"  # the step each traced side's first divergence must name (faults.Variant.step, names_step)
 
     @property
     def kind(self) -> str:
@@ -67,7 +68,7 @@ RELEASE_VARIANTS = (
     ReleaseVariant("rope_input_dtype_buffers_saved", "numerics only, persistent RoPE buffers saved in both files",
                    frozenset(), edits=(ROPE_INPUT_DTYPE, ROPE_BUFFERS_PERSISTENT), rope_buffers_saved=True),
     ReleaseVariant("shared_rope_axes", "common mode: the RoPE class both files use reads h and w swapped",
-                   frozenset({"test_reference"}), edits=(SHARED_ROPE_AXES,)),
+                   frozenset({"test_reference"}), edits=(SHARED_ROPE_AXES,), step="rope: h/w axes"),
     ReleaseVariant("last_layer_qk_swapped", "the packing checkpoint's last layer has q and k swapped in conversion",
                    frozenset({"test_outputs", "test_converted_weights"}), last_layer_qk_swapped=True),
     ReleaseVariant("head_negated", "the packing file negates the post-norm (and so the pooling head's input)",
