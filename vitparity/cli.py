@@ -1,10 +1,9 @@
 """The `vitparity` command: run the gate, extract features with both models, verify a features folder, convert
-weights, merge the JUnit XML of suite runs into one parity report.
+weights, merge the JUnit XML of suite runs into one parity report."""
 
-Only light modules are imported here (argparse, numpy, the option values): --version, --help, golden-show and every
-usage error that the arguments and the filesystem decide are answered without torch or transformers, which each
-command imports where it needs them (tests/test_cli_imports.py checks the import graph)."""
-
+# Only light modules are imported here (argparse, numpy, the option values): --version, --help, golden-show and
+# every usage error that the arguments and the filesystem decide are answered without torch or transformers, which
+# each command imports where it needs them (tests/test_cli_imports.py checks the import graph).
 from __future__ import annotations
 
 import argparse
