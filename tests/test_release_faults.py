@@ -57,6 +57,8 @@ def test_release_variant_verdict(suite, tmp_path, variant, run) -> None:
     assert {"test_parity", "test_outputs", "test_reference", "test_converted_weights"} <= set(found), out[-3000:]
     failed = {name for name, outcome in found.items() if outcome != "passed"}
     assert failed == set(variant.failing), f"{variant.name} ({run}): {variant.description}\n{out[-5000:]}"
+    assert "code checked: hf: the checkpoint's own code" in out  # both files share RoPE, scale, MLP and norms:
+    assert "NOTE: the two checkpoints' code differs" not in out  # no note (tests/test_code_compare.py: with one)
     named = divergences(result.reprec.getreports("pytest_runtest_logreport"))  # "<trace>: <divergence in words>"
     assert all(names_step(line.split(": ", 1)[1], variant.step) for line in named) and bool(named) == (
         variant.step != "none"), named

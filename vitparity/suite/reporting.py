@@ -108,6 +108,8 @@ class ParityReporter:
                                                                     for side, record in code.items()))
             for side, record in code.items():
                 terminalreporter.write_line(f"  {side} code: {record.describe()}")
+            for note in self.session.code_notes():
+                terminalreporter.write_line(f"NOTE: the two checkpoints' code differs in a shared part: {note}")
         terminalreporter.write_line(reference_line(s, plan), yellow=bool(plan.reference_off and s.trust_remote_code))
         if no_device:
             terminalreporter.write_line(

@@ -28,6 +28,7 @@ from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
 from ..extract import Sample, extract_hf, extract_packing, prepare_sample, stops_early
 from ..independence import SwapResult, alternate_halves, companion_swap
 from ..checkpoint_code import OWN_CODE
+from ..code_compare import pair_code_notes
 from ..convert import convert_config, hf_to_packing_state_dict
 from ..loading import LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device
 from ..media import Media, MediaError, decoder_record, load_media
@@ -204,6 +205,11 @@ class ParitySession:
     def code(self) -> dict:
         """Side -> the code that runs it (`checkpoint_code.CodeRecord`), chosen and imported at preflight."""
         return dict(self._files.code or {})
+
+    def code_notes(self) -> list[str]:
+        """The shared parts (RoPE, attention scale, MLP, norms) the two checkpoints' own code writes differently,
+        one line each, read before any forward (`code_compare.pair_code_notes`); a note, never a verdict."""
+        return pair_code_notes(self._files)
 
     def config_warnings(self) -> list[str]:
         """Config differences that change only numerics, once the pair is loaded (else none)."""
