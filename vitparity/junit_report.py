@@ -24,7 +24,7 @@ from .features_io import code_line
 from .report import TABLE_HEADER, table_cells, worst_case_line, worst_first
 from .suite.costs import BASELINE_PROPERTY as BASELINE_KEY
 from .suite.costs import CODE_KEY, COST_KEY, PROPERTY, WARNINGS_KEY, cost_details, cost_line, total_cost
-from .suite.golden_state import MISSING, MISSING_PROPERTY, STATE_PROPERTY, SUMMARY_PROPERTY, GoldenTally
+from .suite.golden_state import MATCH, MISSING, MISSING_PROPERTY, REGRESSION, STATE_PROPERTY, SUMMARY_PROPERTY, GoldenTally
 from .suite.run_record import RUN_KEY, run_lines
 
 BAD_OUTCOMES = ("failed", "error")
@@ -63,6 +63,12 @@ class TestOutcome:
     worst: dict | None = None  # the comparison row of this test with the lowest min cosine
     first_divergence: str = ""  # "<trace name>: <divergence in words>" of each layer trace this test recorded
     golden: list[tuple[str, str]] = field(default_factory=list)  # a golden test's state properties (golden_state)
+
+    def reason(self) -> str:
+        """Why it failed, in one line: the first line of its message; for a golden regression every line of it (what
+        changed in provenance, the bar and the figure that failed it)."""
+        lines = [line.strip().lstrip("- ") for line in self.message.splitlines() if line.strip()]
+        return "; ".join(lines) if dict(self.golden).get(STATE_PROPERTY) == REGRESSION else (lines or [""])[0]
 
     @property
     def missing_golden(self) -> bool:
@@ -231,26 +237,30 @@ def merge_report(runs: Sequence[JUnitRun]) -> tuple[str, bool]:
             files = [name for (name, which), other in codes.items() if which == side and other == text]
             where = f" ({', '.join(files)})" if len(seen_code) > 1 else ""
             lines += ["", f"Code checked, {side}{where}: {_cell(code_line(json.loads(text)))}"]
-    lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|---|" + "---:|" * (len(TABLE_HEADER) - 2) + "---|"]
-    for c in comparisons:
-        lines.append("| " + " | ".join(_cell(cell) for cell in table_cells(c, case_width=80, verdict_width=200)) + " |")
-    failed_comparisons = sum(not c.passed for c in comparisons)
-    lines += ["", f"{len(comparisons)} comparisons, {len(comparisons) - failed_comparisons} passed, "
-                  f"{failed_comparisons} failed."]
-    if comparisons:
-        lines.append(_cell(worst_case_line(comparisons)))
+    if comparisons:  # a run that compared no parity (e.g. -m golden) has no table
+        lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|---|" + "---:|" * (len(TABLE_HEADER) - 2) + "---|"]
+        for c in comparisons:
+            lines.append("| " + " | ".join(_cell(cell) for cell in table_cells(c, case_width=80, verdict_width=200))
+                         + " |")
+        failed_comparisons = sum(not c.passed for c in comparisons)
+        lines += ["", f"{len(comparisons)} comparisons, {len(comparisons) - failed_comparisons} passed, "
+                      f"{failed_comparisons} failed.", _cell(worst_case_line(comparisons))]
     if not tests:
         lines += ["", "No test ran in any file."]
     if bad:
         lines += ["", f"### Failed tests ({len(bad)})", ""]
         bad = sorted(bad, key=lambda item: (item[1].worst is None, *_row_badness(item[1].worst or {})))
         for name, test in bad:
-            first = _cell(test.message.splitlines()[0] if test.message else "")
+            first = _cell(test.reason())
             evidence = test.evidence()
             lines.append(f"- `{test.id}` ({test.outcome}, {name}): {first}" + (f" ({_cell(evidence)})" if evidence else ""))
     if missing:
         command = "; ".join(dict.fromkeys(run.golden_command for run in runs if run.golden_command))
         lines += ["", f"### Missing goldens ({len(missing)})", "", _cell(goldens.missing_line(command))]
+    matched = [test.id for _, test in tests if dict(test.golden).get(STATE_PROPERTY) == MATCH]
+    if matched:
+        lines += ["", f"### Goldens checked and matching ({len(matched)})", ""]
+        lines += [f"- `{test_id}`" for test_id in matched]
     if baseline:
         lines += ["", f"### Baseline drift ({len(baseline)} goldens against the previous release's; per token, "
                       "float32 figures)", "",
