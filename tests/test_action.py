@@ -120,3 +120,21 @@ def test_the_versions_that_differ_from_the_lock_go_to_the_job_summary(tmp_path: 
     subprocess.run(["bash", "-eo", "pipefail", "-c", step["run"]], env=env, check=True)
     text = (tmp_path / "other_summary").read_text()
     assert "| pytest | 1.0.0 | " in text and "| no-such-package | 2.0 | not installed |" in text
+
+
+def test_regenerate_writes_the_goldens_against_a_baseline_and_the_code_input_is_checked(tmp_path: Path) -> None:
+    """`regenerate: true` writes the run's goldens into golden-dir (the upload step's folder), `golden-baseline`
+    reports each case's drift against the previous release's goldens, `code: own` runs vitparity's classes, and a
+    `code` or `regenerate` value that is neither choice stops the step with status 4 before any run."""
+    inputs = {"device": "cpu", "workers": "0", "golden-dir": "new-goldens", "regenerate": "true", "code": "own",
+              "golden-baseline": str(REPO / "fixtures" / "golden"),
+              "pytest-args": "-p no:randomly -p no:cacheprovider -k 'coffee_small and golden'"}
+    gate, outputs = _run_step("Parity gate", inputs, tmp_path)
+    assert outputs == {"status": "0"}, gate.stdout[-3000:] + gate.stderr[-3000:]
+    assert sorted(path.name for path in (tmp_path / "new-goldens").rglob("*.npz")) == [
+        "test_golden[image-coffee_small.jpg-hf].npz", "test_golden[image-coffee_small.jpg-packing].npz"]
+    assert "vitparity baseline drift" in gate.stdout and "vitparity's own classes" in gate.stdout
+    assert _step("Upload the regenerated goldens for review")["with"]["path"] == "${{ inputs.golden-dir }}"
+    for name, value in (("code", "relase"), ("regenerate", "yes")):
+        refused, outputs = _run_step("Parity gate", {**inputs, name: value}, tmp_path)
+        assert outputs == {"status": "4"} and f"the {name} input is" in refused.stdout
