@@ -99,7 +99,8 @@ def test_given_media_are_the_only_cases(tmp_path: Path) -> None:
               "pytest-args": "-p no:randomly -p no:cacheprovider -m 'not golden' -k test_parity"}
     gate, outputs = _run_step("Parity gate", inputs, tmp_path)
     assert outputs == {"status": "0"}, gate.stdout[-3000:] + gate.stderr[-3000:]
-    assert "test_parity[image-espresso.jpg]" in gate.stdout and "1 passed" in gate.stdout, gate.stdout[-3000:]
+    junit = (tmp_path / "parity-report" / "junit.xml").read_text()
+    assert 'name="test_parity[image-espresso.jpg]"' in junit and "1 passed" in gate.stdout, gate.stdout[-3000:]
     assert "coffee_small" not in gate.stdout
 
 
