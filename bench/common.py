@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from vitparity.compare import compare_features
-from vitparity.models import layers, packed_attention
+
+from .kernels import attention
+from .kernels.rope import rope_status
 
 GIB = 1024**3
 # bf16 / fp16 matrix rates for the FLOP floor, by CUDA device name: 795 TFLOP/s is the rate the model facts use for
@@ -308,9 +310,9 @@ def machine_info(device: torch.device) -> dict:
         "transformers": transformers.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "packed_backends": list(packed_attention.available_backends(device, torch.bfloat16)),
-        "sdpa_kernels": list(packed_attention.available_sdpa_kernels(device, torch.bfloat16)),
-        "rope": layers.rope_status(device),
+        "packed_backends": list(attention.available_backends(device, torch.bfloat16)),
+        "sdpa_kernels": list(attention.available_sdpa_kernels(device, torch.bfloat16)),
+        "rope": rope_status(device),
         "commit": _git_commit(),
     }
     if device.type == "cuda":

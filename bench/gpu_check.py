@@ -21,7 +21,7 @@ from . import runner
 from .common import interruptible, log
 
 CUDA_VARIANTS = ["hf:cudnn", "hf:fa4", "hf:flex_attention", "hf:flash_attention_4", "packing:sdpa:cudnn",
-                 "packing:varlen", "packing:flex", "packing:flash_attn_4", "rope:torch", "rope:auto"]
+                 "packing:varlen", "packing:flex", "packing:flash_attn_4", "rope:torch", "rope:triton"]
 
 
 def main(argv=None) -> int:

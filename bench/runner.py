@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
                         "H200), elsewhere no floor")
     p.add_argument("--variants", nargs="*", default=None,
                    help="whole-forward variants: hf:<sdpa kernel or attn_implementation>, "
-                        "packing:<backend>[:<sdpa kernel>], rope:<torch|triton|auto>")
+                        "packing:<backend>[:<sdpa kernel>], rope:<torch|triton>")
     p.add_argument("--variant-cases", nargs="*", default=None, choices=sorted(CASES))
     p.add_argument("--packed-setup", nargs="*", default=None, choices=sorted(CASES),
                    help="cases packed together in the attention section")
@@ -119,7 +119,7 @@ def parse(argv=None) -> argparse.Namespace:
     if opts.variants is None:
         opts.variants = (["hf:default", "hf:flash", "hf:cudnn", "hf:fa4", "hf:flex_attention", "hf:flash_attention_4",
                           "packing:sdpa:cudnn", "packing:varlen", "packing:flex", "packing:flash_attn_4",
-                          "rope:torch", "rope:auto"]
+                          "rope:torch", "rope:triton"]
                          if cuda else ["hf:default", "hf:eager", "hf:flex_attention", "packing:sdpa:default",
                                        "packing:flex", "rope:torch"])
     return opts

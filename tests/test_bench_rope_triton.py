@@ -1,6 +1,7 @@
-"""The Triton RoPE kernel checked on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+"""The benchmarks' Triton RoPE kernel (bench/kernels/rope_triton.py) checked on the CPU through Triton's
+interpreter (TRITON_INTERPRET=1), and its variant of both models inside a block only.
 
-The kernel runs only on CUDA in the models; the interpreter executes the same kernel code with numpy, so its
+The kernel runs only on CUDA tensors; the interpreter executes the same kernel code with numpy, so its
 indexing, masking, strides and rotation are checked here without a GPU. Triton reads TRITON_INTERPRET when a
 kernel is defined, so the check runs in a fresh interpreter process.
 """
@@ -11,13 +12,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 CHECK = r"""
 import json
 import torch
-from vitparity.models import rope_triton
+from bench.kernels import rope_triton
 from vitparity.models.layers import apply_rope_reference
 
 g = torch.Generator().manual_seed(0)
@@ -47,7 +49,8 @@ print(json.dumps(results))
 def test_triton_rope_kernel_matches_the_formula() -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(results) == 15
@@ -61,26 +64,16 @@ def test_triton_rope_kernel_matches_the_formula() -> None:
             assert r["equal_to_reference"], r
 
 
-def test_unknown_rope_choice_is_refused() -> None:
-    env = {**os.environ, "VITPARITY_ROPE": "tritn"}
-    run = subprocess.run([sys.executable, "-c", "import vitparity.models"], env=env, capture_output=True, text=True)
-    assert run.returncode != 0
-    assert "VITPARITY_ROPE='tritn' is not one of ('auto', 'torch', 'triton')" in run.stderr
+def test_rope_variant_sets_and_restores() -> None:
+    """`rope_variant("triton")` replaces both models' RoPE inside the block only; an unknown name is refused."""
+    from bench.kernels.rope import apply_rope_triton, rope_status, rope_variant
+    from vitparity.models import layers, modeling_onevision_encoder, modeling_onevision_encoder_packing
 
-
-def test_rope_implementation_context_sets_and_restores() -> None:
-    from vitparity.models import layers
-
-    before = layers.ROPE_IMPL
-    with layers.rope_implementation("torch"):
-        assert layers.ROPE_IMPL == "torch" and layers.rope_status("cuda")["path"] == "torch"
-    assert layers.ROPE_IMPL == before
-    with pytest.raises(RuntimeError, match="inside"):
-        with layers.rope_implementation("triton"):
-            assert layers.ROPE_IMPL == "triton"
-            raise RuntimeError("inside")
-    assert layers.ROPE_IMPL == before  # restored after an error too
-    with pytest.raises(ValueError, match="RoPE implementation 'tritn' is not one of"):
-        with layers.rope_implementation("tritn"):
+    modules = (modeling_onevision_encoder, modeling_onevision_encoder_packing)
+    with rope_variant("triton"):
+        assert all(module.apply_rope is apply_rope_triton for module in modules)
+    assert all(module.apply_rope is layers.apply_rope for module in modules)
+    assert rope_status("cpu")["path"] == "torch"
+    with pytest.raises(ValueError, match="'auto' is not one of"):
+        with rope_variant("auto"):
             pass
-    assert layers.rope_status("cpu") == {"setting": before, "path": "torch", "triton_error": None}

@@ -1,5 +1,5 @@
 """The suite's diagnosis and coverage options end to end (pytester, built-in pair, CPU): the per-layer trace of a
-failing test, --scales, --packed-backend / --attention-kernel and the companion swap of each pack group."""
+failing test, --scales and the companion swap of each pack group."""
 
 from __future__ import annotations
 
@@ -8,16 +8,12 @@ from pathlib import Path
 
 import cv2
 import pytest
-import torch
 
 from conftest import verdicts
 from faults import build_variant
-from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
+from vitparity.builtin import BUILTIN_MEDIA
 from vitparity.media import load_media
-from vitparity.models.packed_attention import available_backends
-from vitparity.loading import load_model
 from vitparity.suite.cases import collect_cases
-from vitparity.suite.session import apply_attention_choice
 from vitparity.trace import LAYER_COUNT, SHIFTED
 
 FIRST = re.compile(r"^first divergence: layer (\d+)\b", re.M)
@@ -103,28 +99,7 @@ def test_companion_swap_catches_a_leak_below_every_threshold(suite, isolated, tm
     assert "companion swaps 4;" in result.stdout.str()
 
 
-@pytest.mark.parametrize("backend", available_backends("cpu", torch.float32))
-def test_suite_passes_on_every_cpu_backend(backend, suite) -> None:
-    result = suite.run(f"--packed-backend={backend}")
-    result.assert_outcomes(passed=78)
-    out = result.stdout.str()
-    assert f"packed backend: {backend}  attention kernel: auto" in out
-    assert f"(ran: packed backend {backend}, attention kernel default)" in out
-    for report in reports(result, "test_companions_do_not_leak"):
-        assert {value for key, value in report.user_properties if key.endswith(" identical")} == {"yes"}
-        assert {value for key, value in report.user_properties if key.endswith(" backend")} == {f"{backend}, float32, cpu"}
-
-
-def test_attention_kernel_is_applied(suite) -> None:
-    result = suite.run("--attention-kernel=math", "-k", "coffee_small")
-    assert result.ret == 0
-    assert "(ran: packed backend sdpa, attention kernel math)" in result.stdout.str()
-
-
 @pytest.mark.parametrize("args, message", [
-    (["--packed-backend=varlen"], "--packed-backend=varlen: not available on cpu in float32; available here: auto, "),
-    (["--packed-backend=fast"], "--packed-backend=fast: use one of"),
-    (["--attention-kernel=fa4"], "--attention-kernel=fa4: not available on cpu in float32"),
     (["--scales=1,0"], "--scales=1,0: '0': scale must be in (0, 1]"),
     (["--scales=0.5,1,0.5"], "--scales=0.5,1,0.5: '0.5' is listed twice"),
     (["--scales=2"], "--scales=2: '2': scale must be in (0, 1]"),
@@ -171,16 +146,3 @@ def test_scaled_token_estimates_match_the_decoded_media() -> None:
         assert case.tokens == t * h * w, case.id
 
 
-def test_a_model_without_the_settings_refuses_a_choice() -> None:
-    """Remote code without the project's settings: "auto" runs it as it is, a named choice is refused, naming
-    the option (the suite fails every test that runs the models with this message)."""
-    hf = load_model(BUILTIN_HF).model
-    plain = torch.nn.Linear(2, 2)
-    assert apply_attention_choice(hf, plain, "auto", "auto").startswith("packed backend n/a")
-    with pytest.raises(ValueError, match=r"--packed-backend=eager: the packing model \(Linear\) has no"):
-        apply_attention_choice(hf, plain, "eager", "auto")
-    with pytest.raises(ValueError, match=r"--attention-kernel=math: the packing model \(Linear\) has no"):
-        apply_attention_choice(hf, plain, "auto", "math")
-    packing = load_model(BUILTIN_PACKING).model
-    assert apply_attention_choice(hf, packing, "eager", "math") == "packed backend eager, attention kernel math"
-    assert (packing.packed_attention_backend, packing.attention_kernel, hf.attention_kernel) == ("eager", "math", "math")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .extract import Sample, extract_packing, normalize
-from .models.packed_attention import packed_backend_of
+from .models.packed_attention import packed_implementation
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def companion_swap(
     after = extract_packing(model, swap_companions(samples, kept, seed=seed))
     changed = all(not torch.equal(a, b) for i, (a, b) in enumerate(zip(before, after)) if i not in kept)
     parameter = next(model.parameters())
-    backend = packed_backend_of(model, before[kept[0]].new_empty(0, dtype=parameter.dtype)) or "n/a"
+    backend = packed_implementation(model) or "n/a"
     results = []
     for index in kept:
         identical = torch.equal(before[index], after[index])

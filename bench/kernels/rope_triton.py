@@ -3,7 +3,8 @@
 Same maths as `layers.apply_rope_reference`: out = x * cos + rotate(x) * sin with rotate(x0, x1, ...) =
 (-x1, x0, ...), computed in float32 and stored in x's dtype. Each program takes a block of tokens, loads
 their cos / sin rows once and rotates every head of those tokens (the tables are not re-read per head).
-Imported only for CUDA tensors; `layers.apply_rope` falls back to the torch version where this cannot run.
+Imported only for CUDA tensors by `bench.kernels.rope`, which falls back to the product's torch RoPE where
+this cannot run.
 """
 
 from __future__ import annotations

@@ -7,11 +7,12 @@ import torch
 
 from ..common import (Progress, Timer, count_syncs, floor_seconds, fmt, log, model_flops, parity, peak_memory,
                       print_table)
+from ..kernels.attention import attention_variant
 from ..workloads import build_models, forward_fns, make_sample
 
 # (hf SDPA kernel, packing backend, packing SDPA kernel): the two models on different kernels
-CROSS_PAIRS_CUDA = (("cudnn", "varlen", "auto"), ("flash", "sdpa", "cudnn"), ("cudnn", "flex", "auto"))
-CROSS_PAIRS_CPU = (("math", "sdpa", "default"), ("default", "flex", "auto"))
+CROSS_PAIRS_CUDA = (("cudnn", "varlen", "default"), ("flash", "sdpa", "cudnn"), ("cudnn", "flex", "default"))
+CROSS_PAIRS_CPU = (("math", "sdpa", "default"), ("default", "flex", "default"))
 
 
 def run_forward(opts, hf, packing, results: dict) -> None:
@@ -72,9 +73,8 @@ def run_cross_parity(opts, hf, packing, results: dict) -> None:
                 label = f"hf:{hf_kernel} vs packing:{backend}" + (f":{kernel}" if backend == "sdpa" else "")
                 progress.step(f"{case} ({sample.num_tokens} tokens), {label}")
                 try:
-                    hf.attention_kernel = hf_kernel
-                    packing.packed_attention_backend, packing.attention_kernel = backend, kernel
-                    p = parity(fns["hf"](), fns["packing"](), case)
+                    with attention_variant(hf=hf_kernel, packing=(backend, kernel)):
+                        p = parity(fns["hf"](), fns["packing"](), case)
                     rows.append([case, str(sample.num_tokens), label, f"{p['min_cos']:.6f}", f"{p['mean_cos']:.6f}",
                                  f"{p['max_abs']:.4g}"])
                     results["cross_parity"].append({"case": case, "pair": label, **p})
@@ -82,8 +82,6 @@ def run_cross_parity(opts, hf, packing, results: dict) -> None:
                     rows.append([case, str(sample.num_tokens), label, "error", "-", "-"])
                     results["cross_parity"].append({"case": case, "pair": label,
                                                     "error": f"{type(err).__name__}: {err}"})
-                finally:
-                    hf.attention_kernel = packing.packed_attention_backend = packing.attention_kernel = "auto"
             del sample, fns
     print_table(f"Parity across attention kernels ({opts.dtype_name}): the models on different kernels",
                 ["case", "tokens", "pair", "min cos", "mean cos", "max abs"], rows)

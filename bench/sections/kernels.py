@@ -1,17 +1,18 @@
 """Attention kernels alone (dense and packed, each checked against float64 first), the RoPE path against its
-formula, and whole forwards per kernel choice. Every kernel that can run here is named by the library
-(`packed_attention.available_backends` / `available_sdpa_kernels`); the bench pokes no module globals."""
+formula, and whole forwards per kernel choice. Every kernel that can run here is named by `bench.kernels`
+(`attention.available_backends` / `available_sdpa_kernels`), which also runs the models on them (`variant`)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 
 from vitparity.models import layers
-from vitparity.models import packed_attention as pa
+from vitparity.models.packed_attention import PackedSegments
 
+from ..kernels import attention as pa
+from ..kernels.rope import apply_rope_triton, rope_status, rope_variant
 from ..common import Progress, Timer, attention_flops, floor_seconds, log, model_flops, print_table, sync
 from ..workloads import case_tokens, forward_fns, make_sample
 
@@ -19,7 +20,7 @@ from ..workloads import case_tokens, forward_fns, make_sample
 CHECK_ONLY = ("eager",)
 
 
-def attention_variants(q, k, v, segments: pa.PackedSegments, scale: float) -> list[tuple[str, object]]:
+def attention_variants(q, k, v, segments: PackedSegments, scale: float) -> list[tuple[str, object]]:
     """(name, fn) of every attention path available here for packed q, k, v (N, H, d); dense ones see one sample."""
     device, dtype = q.device, q.dtype
     dense = tuple(x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
@@ -61,7 +62,7 @@ def run_attention(opts, config, results: dict) -> None:
     q, k, v = attention_inputs(small, heads, head_dim, device, dtype, seed=7)
     for lengths, prefix in ((small, "packed"), ([sum(small)], "dense")):
         ref = _reference(q, k, v, lengths, scale)
-        segments = pa.PackedSegments.from_lengths(lengths, device)
+        segments = PackedSegments.from_lengths(lengths, device)
         for name, fn in attention_variants(q, k, v, segments, scale):
             if not name.startswith(prefix):
                 continue
@@ -82,7 +83,7 @@ def run_attention(opts, config, results: dict) -> None:
     with Progress("attention", len(setups)) as progress:
         for label, lengths in setups:
             q, k, v = attention_inputs(lengths, heads, head_dim, device, dtype, seed=11)
-            segments = pa.PackedSegments.from_lengths(lengths, device)
+            segments = PackedSegments.from_lengths(lengths, device)
             flops = attention_flops(config, lengths)
             progress.step(f"{label} ({sum(lengths)} tokens): each kernel, 2 warm-up + {opts.repeats} timed calls")
             for name, fn in attention_variants(q, k, v, segments, scale):
@@ -105,11 +106,12 @@ def run_attention(opts, config, results: dict) -> None:
 
 
 def run_rope_check(opts, config, results: dict) -> None:
-    """The RoPE path used on this device against the plain float32 formula; first-call (compile) time."""
+    """The Triton RoPE variant's path on this device (the product's torch RoPE where Triton cannot run) against
+    the plain float32 formula; first-call (compile) time."""
     device, heads, head_dim = opts.device, config.num_attention_heads, config.head_dim
     rotary = layers.VisionRotary3D(head_dim, config.rope_theta)
     gen = torch.Generator(device=device).manual_seed(3)
-    checks: dict[str, object] = dict(layers.rope_status(device))
+    checks: dict[str, object] = dict(rope_status(device))
     t0 = time.perf_counter()
     for layout in ("packing", "hf"):
         for n in (1, 37, 4099):
@@ -120,7 +122,7 @@ def run_rope_check(opts, config, results: dict) -> None:
             else:  # (1, H, N, D) view
                 x = torch.randn(1, n, heads, head_dim, generator=gen, device=device).to(opts.dtype).transpose(1, 2)
                 c, s = cos[None, None], sin[None, None]
-            diff = (layers.apply_rope(x, c, s).float() - layers.apply_rope_reference(x, c, s).float()).abs()
+            diff = (apply_rope_triton(x, c, s).float() - layers.apply_rope_reference(x, c, s).float()).abs()
             if "first call s" not in checks:
                 sync(device)
                 checks["first call s"] = time.perf_counter() - t0
@@ -130,25 +132,20 @@ def run_rope_check(opts, config, results: dict) -> None:
     log(f"\nRoPE check ({opts.dtype_name}): " + ", ".join(f"{k} {v}" for k, v in checks.items()))
 
 
-def _variant_call(variant: str, hf, packing, fns: dict):
-    """Set the models up for `variant` and return (the call, the context it runs in, how many forwards)."""
+def _variant_call(variant: str, fns: dict):
+    """The call of `variant`, the context it runs in (`bench.kernels`), and how many forwards it makes."""
     side, _, choice = variant.partition(":")
     if side == "rope":
-        return (lambda: (fns["hf"](), fns["packing"]())), layers.rope_implementation(choice), 2
+        return (lambda: (fns["hf"](), fns["packing"]())), rope_variant(choice), 2
     if side == "hf":
-        if choice in pa.ATTN_IMPLEMENTATIONS:
-            hf.set_attn_implementation(choice)
-        else:
-            hf.attention_kernel = choice
-        return fns["hf"], contextlib.nullcontext(), 1
+        return fns["hf"], pa.attention_variant(hf=choice), 1
     backend, _, kernel = choice.partition(":")
-    packing.packed_attention_backend, packing.attention_kernel = backend, kernel or "auto"
-    return fns["packing"], contextlib.nullcontext(), 1
+    return fns["packing"], pa.attention_variant(packing=(backend, kernel or "default")), 1
 
 
 def run_variants(opts, hf, packing, results: dict) -> None:
-    """Whole forwards with other kernels than the defaults: hf:<sdpa kernel | attn_implementation>,
-    packing:<backend>[:<sdpa kernel>], rope:<impl> (both models one after the other)."""
+    """Whole forwards with other kernels than the product's: hf:<sdpa kernel | attn_implementation>,
+    packing:<backend>[:<sdpa kernel>], rope:<torch | triton> (both models one after the other)."""
     timer, rows = Timer(opts.device), []
     with Progress("variants", len(opts.variant_cases) * len(opts.variants)) as progress:
         for index, case in enumerate(opts.variant_cases):
@@ -158,7 +155,7 @@ def run_variants(opts, hf, packing, results: dict) -> None:
             for variant in opts.variants:
                 progress.step(f"{case} ({sample.num_tokens} tokens), {variant}")
                 try:
-                    fn, context, forwards = _variant_call(variant, hf, packing, fns)
+                    fn, context, forwards = _variant_call(variant, fns)
                     with context:
                         median, _, _ = timer.measure(fn, 1, max(2, opts.repeats // 2))
                     work = flops * forwards
@@ -171,9 +168,6 @@ def run_variants(opts, hf, packing, results: dict) -> None:
                     entry = {"case": case, "variant": variant, "error": f"{type(err).__name__}: {err}"[:300]}
                     rows.append([case, variant, "error", "-", *([] if opts.floor_tflops is None else ["-"])])
                     log(f"  {case} {variant}: {entry['error']}")
-                finally:
-                    hf.set_attn_implementation("sdpa")
-                    hf.attention_kernel = packing.packed_attention_backend = packing.attention_kernel = "auto"
                 results["variants"].append(entry)
             del sample, fns
     print_table("Whole forwards per variant (rope:<impl> = both models, FLOPs of both)",

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -68,81 +63,10 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return (xf * cos + rotate_pairs(xf) * sin).to(x.dtype)
 
 
-# "auto": the one-pass Triton kernel for CUDA tensors (when Triton imports and the layout fits), torch otherwise;
-# "torch": always the torch version below; "triton": like auto (kept for explicit benchmarks).
-ROPE_IMPLS = ("auto", "torch", "triton")
-ROPE_IMPL = os.environ.get("VITPARITY_ROPE", "auto")
-if ROPE_IMPL not in ROPE_IMPLS:
-    raise ValueError(f"VITPARITY_ROPE={ROPE_IMPL!r} is not one of {ROPE_IMPLS}")
-_triton_state: dict[str, object] = {}
-
-
-@contextmanager
-def rope_implementation(name: str) -> Iterator[None]:
-    """Run the RoPE of both models as `name` ("auto", "torch" or "triton") inside the block, then restore.
-
-    Process-wide, like the VITPARITY_ROPE variable it overrides; not meant for concurrent threads.
-    """
-    global ROPE_IMPL
-    if name not in ROPE_IMPLS:
-        raise ValueError(f"RoPE implementation {name!r} is not one of {ROPE_IMPLS}")
-    before, ROPE_IMPL = ROPE_IMPL, name
-    try:
-        yield
-    finally:
-        ROPE_IMPL = before
-
-
-def rope_status(device: torch.device | str) -> dict[str, object]:
-    """Which RoPE path runs for tensors on `device` ("triton" or "torch"), the setting, and why Triton is off."""
-    module = _rope_triton_module() if torch.device(device).type == "cuda" and ROPE_IMPL != "torch" else None
-    error = _triton_state.get("error")
-    return {"setting": ROPE_IMPL, "path": "triton" if module is not None else "torch",
-            "triton_error": None if error is None else f"{type(error).__name__}: {error}"}
-
-
-def _rope_triton_module():
-    """The Triton RoPE module, or None when Triton is missing or failed once in this process."""
-    if "module" not in _triton_state:
-        try:
-            from . import rope_triton
-        except Exception as err:  # no triton, or one that cannot import here
-            _triton_state["module"], _triton_state["error"] = None, err
-        else:
-            _triton_state["module"] = rope_triton
-    return _triton_state["module"]
-
-
-def _apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-    """The Triton path for the two layouts the encoders use, or None to fall back.
-
-    (N, H, D) with cos (N, 1, D) (packing), and (1, H, N, D) with cos (1, 1, N, D) (non-packing, batch 1).
-    """
-    if ROPE_IMPL == "torch" or not x.is_cuda or cos.shape != sin.shape:
-        return None
-    module = _rope_triton_module()
-    if module is None:
-        return None
-    if x.dim() == 3 and cos.dim() == 3 and cos.shape[1] == 1:
-        x_thd, c, s, restore = x, cos[:, 0], sin[:, 0], lambda out: out
-    elif x.dim() == 4 and x.shape[0] == 1 and cos.dim() == 4 and cos.shape[:2] == (1, 1):
-        x_thd, c, s, restore = x[0].transpose(0, 1), cos[0, 0], sin[0, 0], lambda out: out.transpose(0, 1)[None]
-    else:
-        return None
-    if not module.supported(x_thd, c) or not module.supported(x_thd, s):
-        return None
-    try:
-        return restore(module.rope_thd(x_thd, c, s))
-    except Exception as err:  # a Triton that cannot compile here: use torch from now on, and say so once
-        _triton_state["module"], _triton_state["error"] = None, err
-        warnings.warn(f"vitparity: Triton RoPE disabled ({type(err).__name__}: {err}); using the torch version")
-        return None
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate(x) * sin, computed in float32 and written in x's dtype (same maths as
-    `apply_rope_reference`). On CUDA one Triton pass (read x once, write once); elsewhere four elementwise
-    passes over half-size views instead of about a dozen.
+    `apply_rope_reference`) in four elementwise passes over half-size views instead of about a dozen (a one-pass
+    Triton kernel is a benchmark variant: bench/kernels/).
 
     With x = (.., x_even, x_odd) pairs: out_even = x_even * cos_even - x_odd * sin_even and
     out_odd = x_odd * cos_odd + x_even * sin_odd. cos / sin (float32) must broadcast against x
@@ -150,9 +74,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
         return apply_rope_reference(x, cos, sin)
-    fast = _apply_rope_triton(x, cos, sin)
-    if fast is not None:
-        return fast
     out = torch.empty_like(x)
     xp, op = x.unflatten(-1, (-1, 2)), out.unflatten(-1, (-1, 2))
     cp, sp = cos.unflatten(-1, (-1, 2)), sin.unflatten(-1, (-1, 2))

@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_onevision_encoder import LlavaViTConfig, OneVisionEncoderConfig, _EncoderConfigBase
 from .layers import EncoderLayer, PoolingHead, VisionRotary3D, apply_rope, make_norm, patch_grid_positions
-from .packed_attention import SDPA_KERNELS, choice_property, dense_attention, host_to_device
+from .packed_attention import dense_attention, host_to_device
 
 
 def layers_to_run(output_layer: int | None, num_layers: int) -> int:
@@ -36,12 +36,9 @@ class OneVisionEncoderPreTrainedModel(PreTrainedModel):
     config_class = OneVisionEncoderConfig
     base_model_prefix = ""
     supports_gradient_checkpointing = False
-    # transformers' attn_implementation names these models run (packed_attention.ATTN_IMPLEMENTATIONS): "eager",
-    # "sdpa" (default), "flex_attention", "flash_attention_2" (flash-attn) and "flash_attention_4" (flash-attn-4).
-    # "flash_attention_3" passes transformers' check (one flag covers all versions) and is refused at the forward.
+    # transformers' attn_implementation names these models run (packed_attention.ATTN_IMPLEMENTATIONS): "sdpa"
+    # (the default) and "eager"; transformers refuses flash and flex attention for them at loading.
     _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_flash_attn = True
     _no_split_modules = ["EncoderLayer"]
 
     @classmethod
@@ -106,10 +103,9 @@ class OneVisionEncoderAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         implementation: str = "sdpa",
-        kernel: str = "auto",
     ) -> torch.Tensor:
         """hidden_states (B, N, D); cos / sin (B or 1, 1, N, head_dim); implementation: transformers'
-        attn_implementation name; kernel: the SDPA kernel preference (implementation "sdpa")."""
+        attn_implementation name (`packed_attention.ATTN_IMPLEMENTATIONS`)."""
         b, n, d = hidden_states.shape
 
         def heads(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +117,7 @@ class OneVisionEncoderAttention(nn.Module):
         if self.training and self.dropout > 0:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, scale=self.scale)
         else:
-            out = dense_attention(q, k, v, self.scale, implementation, kernel)
+            out = dense_attention(q, k, v, self.scale, implementation)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -142,14 +138,7 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         if config.use_head:
             self.layernorm_post = make_norm(config)
             self.head = PoolingHead(config)
-        self.attention_kernel = "auto"
         self.post_init()
-
-    attention_kernel = choice_property(
-        "attention_kernel",
-        SDPA_KERNELS,
-        "SDPA kernel preference of every layer (\"auto\" by default) when config._attn_implementation is \"sdpa\".",
-    )
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Validate and return (B, C, T, H, W)."""
@@ -224,7 +213,7 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
         all_hidden = [hidden_states] if output_hidden_states else None
         for layer in self.encoder.layers[:num_layers]:
             hidden_states = layer(
-                hidden_states, cos, sin, implementation=self.config._attn_implementation, kernel=self.attention_kernel
+                hidden_states, cos, sin, implementation=self.config._attn_implementation
             )
             if all_hidden is not None:
                 all_hidden.append(hidden_states)

@@ -10,15 +10,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .configuration_onevision_encoder import LlavaViTPackingConfig, OneVisionEncoderPackingConfig, _EncoderConfigBase
 from .layers import EncoderLayer, PoolingHead, VisionRotary3D, apply_rope, make_norm, patch_grid_positions
 from .modeling_onevision_encoder import OneVisionEncoderPreTrainedModel, layers_to_run
-from .packed_attention import (
-    BACKENDS,
-    SDPA_KERNELS,
-    PackedSegments,
-    choice_property,
-    host_to_device,
-    model_backend,
-    packed_attention,
-)
+from .packed_attention import PackedSegments, check_implementation, host_to_device, packed_attention
 
 
 class OneVisionEncoderPatchEmbed(nn.Module):
@@ -52,14 +44,14 @@ class OneVisionEncoderPackingAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         segments: PackedSegments,
-        backend: str = "auto",
-        kernel: str = "auto",
+        implementation: str = "sdpa",
     ) -> torch.Tensor:
-        """hidden_states (N, D); cos / sin (N, 1, head_dim); backend / kernel: see packed_attention."""
+        """hidden_states (N, D); cos / sin (N, 1, head_dim); implementation: transformers' attn_implementation
+        name (`packed_attention.ATTN_IMPLEMENTATIONS`)."""
         n = hidden_states.shape[0]
         q, k, v = self.qkv(hidden_states).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = packed_attention(q, k, v, segments, self.scale, backend, kernel)
+        out = packed_attention(q, k, v, segments, self.scale, implementation)
         return self.proj(out.reshape(n, -1))
 
 
@@ -81,19 +73,7 @@ class OneVisionEncoderPackingModel(OneVisionEncoderPreTrainedModel):
         if config.use_head:
             self.layernorm_post = make_norm(config)
             self.head = PoolingHead(config)
-        self.packed_attention_backend = "auto"
-        self.attention_kernel = "auto"
         self.post_init()
-
-    packed_attention_backend = choice_property(
-        "packed_attention_backend",
-        BACKENDS,
-        "Block-diagonal attention backend (\"auto\" by default); with config._attn_implementation other than "
-        "\"sdpa\" it must be \"auto\" or that implementation's backend.",
-    )
-    attention_kernel = choice_property(
-        "attention_kernel", SDPA_KERNELS, "SDPA kernel preference of the \"sdpa\" and \"nested\" backends."
-    )
 
     def _segments(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor) -> tuple[list[list[int]], PackedSegments]:
         """Validate the packed input against grid_thw and return the grid rows and sample boundaries."""
@@ -146,12 +126,10 @@ class OneVisionEncoderPackingModel(OneVisionEncoderPreTrainedModel):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 
         x = self.layernorm_pre(self.patch_embed(hidden_states))
-        backend = model_backend(self.config._attn_implementation, self.packed_attention_backend, x)
+        implementation = check_implementation(self.config._attn_implementation)
         all_hidden = [x] if output_hidden_states else None
         for layer in self.encoder.layers[:num_layers]:
-            x = layer(
-                x, cos, sin, segments=segments, backend=backend, kernel=self.attention_kernel
-            )
+            x = layer(x, cos, sin, segments=segments, implementation=implementation)
             if all_hidden is not None:
                 all_hidden.append(x)
 

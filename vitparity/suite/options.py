@@ -106,10 +106,6 @@ OPTIONS = (
     Option("codec_cases", "cases", "codec-style case of each video (codec-<file>, marker codec): on or off", "on"),
     Option("codec_frames", "cases", "budget of a codec-style case in frames' worth of tokens, 1 to the temporal "
            "context (default: --num-frames)"),
-    Option("packed_backend", "models", "packed attention backend of the packing model (sdpa, varlen, nested, "
-           "flash_attn, flash_attn_4, flex, eager; a value not available here lists those that are)", "auto"),
-    Option("attention_kernel", "models", "SDPA kernel tried first by both models (a value not available here lists "
-           "those that are)", "auto"),
 )
 GROUP_TITLES = {
     "models": "the two models", "cases": "cases", "checks": "checks", "work": "work split",

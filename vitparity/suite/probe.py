@@ -3,7 +3,7 @@
 In 16-bit the faults that move features by less than 1 % in direction (a softmax scale a few percent off, a bias
 lost in conversion, weights rounded through bfloat16) sit inside the dtype's own noise, so no bar on the 16-bit
 comparison can tell them from rounding. The probe loads the same two checkpoints again in float32 (same device,
-same attention choice where float32 can run it, TF32 off), runs the run's smallest case (of the selected
+same attention implementation, TF32 off), runs the run's smallest case (of the selected
 `test_parity` cases, `vitparity.suite.cases.float32_probe_case`; one process of the run holds it, whatever the
 workers and shards) through each model alone, and judges the pair by the threshold and the float32 bars
 (`Settings.probe_bars`). The float32 models are dropped as soon as the probe is done; the probe's loads, forwards
@@ -12,13 +12,12 @@ and tokens are counted in the cost line.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from ..compare import Comparison, compare_features
 from ..extract import extract_hf, extract_packing, prepare_sample
 from ..media import Media
+from ..models.packed_attention import attention_record
 from ..numerics import pinned_float32
 from ..pair import ModelPair, PairFiles
 from .costs import Cost
@@ -36,17 +35,15 @@ def load_float32_pair(files: PairFiles, settings: Settings, cost: Cost) -> Model
                       check_weights=False, on_load=count)
 
 
-def run_probe(files: PairFiles, settings: Settings, cost: Cost, name: str, media: Media, *,
-              attention: Callable[[torch.nn.Module, torch.nn.Module], str]) -> tuple[Comparison, str]:
+def run_probe(files: PairFiles, settings: Settings, cost: Cost, name: str, media: Media) -> tuple[Comparison, str]:
     """The float32 comparison of one case (`name`, decoded `media`) and what ran ("float32 probe of <case>
-    (<tokens> tokens): packed backend ..."). `attention(hf, packing)` applies the run's attention choice to the
-    float32 models and returns what runs (a choice float32 cannot run falls back to auto, and says so).
+    (<tokens> tokens): packed backend ...", `attention_record`).
 
     Raises what loading raises (ModelLoadError and its kinds): the caller fails the case's test with it.
     """
     pair = load_float32_pair(files, settings, cost)
     try:
-        ran = attention(pair.hf.model, pair.packing.model)
+        ran = attention_record(pair.packing.model)
         sample = prepare_sample(media, patch_size=pair.patch_size, dtype=torch.float32, device=settings.device,
                                 temporal_context=pair.temporal_context, name=name,
                                 normalization=pair.normalization)

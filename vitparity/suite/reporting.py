@@ -124,11 +124,7 @@ class ParityReporter:
         probe = ("float32 probe: the run's smallest case, judged by " + s.probe_bars.describe()) if s.probes else (
             "float32 probe: off" if s.dtype != "float32" else "")
         terminalreporter.write_line(f"precision {s.bars.describe()}" + (f"  {probe}" if probe else ""))
-        ran = sorted({cost["attention"] for cost in self.costs.values() if cost["attention"]})
-        terminalreporter.write_line(
-            f"packed backend: {s.packed_backend}  attention kernel: {s.attention_kernel}  scales: "
-            f"{','.join(f'{scale:g}' for scale in s.scales)}" + (f"  (ran: {'; '.join(ran)})" if ran else "")
-        )
+        terminalreporter.write_line(f"scales: {','.join(f'{scale:g}' for scale in s.scales)}")
         for warning in self.config_warnings:
             terminalreporter.write_line(
                 f"WARNING: config difference {warning} (changes numerics only: feature parity decides; "

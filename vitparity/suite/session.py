@@ -33,7 +33,7 @@ from ..convert import convert_config, hf_to_packing_state_dict
 from ..loading import LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device
 from ..media import Media, MediaError, decoder_record, load_media
 from ..models import OneVisionEncoderPackingModel
-from ..models.packed_attention import packed_backend_of, resolve_sdpa_kernel
+from ..models.packed_attention import attention_record
 from ..outputs import (ConvertedWeights, ModelOutputs, ReferenceVerdict, compare_outputs, converted_weights,
                        hf_outputs, output_bars, packing_outputs, reference_verdict)
 from ..pair import SIDES, ModelPair, PairFiles, SideLoadError, preflight_pair
@@ -151,7 +151,6 @@ class ParitySession:
         self._files = files
         self._pair: ModelPair | None = None
         self._model_error: tuple[str | None, str] | None = None  # (the side that failed, or None: both), message
-        self._attention_error: str | None = None
         self._golden_folders: dict[str, Path] = {}
         self.baseline: Baseline | None = None  # --golden-baseline, checked (set by the plugin)
         self._current: GroupResult | None = None
@@ -228,18 +227,9 @@ class ParitySession:
         return self.pair(side).side(side)
 
     def forward_models(self) -> tuple[LoadedModel, LoadedModel]:
-        """Both models with --packed-backend and --attention-kernel applied (once, before any forward). A choice
-        the loaded models cannot take fails every test that runs them, with the same message."""
+        """Both models, what their attention runs recorded once for the goldens' provenance."""
         hf, packing = self.models()
-        if self._attention_error is None and not self.cost.attention:
-            s = self.settings
-            try:
-                self.cost.attention = apply_attention_choice(hf.model, packing.model, s.packed_backend,
-                                                             s.attention_kernel)
-            except ValueError as err:
-                self._attention_error = str(err)
-        if self._attention_error is not None:
-            pytest.fail(self._attention_error, pytrace=False)
+        self.cost.attention = self.cost.attention or attention_record(packing.model)
         return hf, packing
 
     def weight_problems(self, side: str | None = None) -> dict[str, list[str]]:
@@ -424,16 +414,8 @@ class ParitySession:
     def _float32_probe(self, case_id: str, media: Media) -> tuple[Comparison | None, str | None, str]:
         """The float32 probe (`vitparity.suite.probe`) of a 16-bit run on the case that carries it (the run's
         smallest selected case, `suite.cases.float32_probe_case`): (comparison, error, what ran)."""
-        s = self.settings
-
-        def attention(hf: torch.nn.Module, packing: torch.nn.Module) -> str:
-            try:
-                return apply_attention_choice(hf, packing, s.packed_backend, s.attention_kernel)
-            except ValueError as err:
-                return apply_attention_choice(hf, packing, "auto", "auto") + f" (the run's choice: {err})"
-
         try:
-            comparison, ran = run_probe(self._files, s, self.cost, case_id, media, attention=attention)
+            comparison, ran = run_probe(self._files, self.settings, self.cost, case_id, media)
         except ModelLoadError as err:
             return None, f"the float32 probe could not load the models: {err}", "float32 probe: not run"
         except (RuntimeError, ValueError, TypeError) as err:  # a model that cannot run in float32: the verdict says so
@@ -651,35 +633,3 @@ class ParitySession:
             path = self.settings.report_dir / f"{comparison.name}-heatmap.png"
             text += f"\nheat map: {write_cosine_heatmap(comparison.token_cos, result.grid, path, title=comparison.name)}"
         return text
-
-
-def apply_attention_choice(hf: torch.nn.Module, packing: torch.nn.Module, backend: str, kernel: str) -> str:
-    """Set the packing model's packed attention backend and both models' SDPA kernel preference; return what runs
-    on the models' device and dtype ("packed backend sdpa, attention kernel default").
-
-    ValueError, naming the option, when a loaded model has no such setting (remote code) or cannot run the choice.
-    """
-    parameter = next(packing.parameters())
-    probe = parameter.new_empty(0)  # "auto" resolves by the device and dtype of the tensors the model runs
-    for side, model in (("hf", hf), ("packing", packing)):
-        if hasattr(model, "attention_kernel"):
-            model.attention_kernel = kernel
-        elif kernel != "auto":
-            raise ValueError(f"--attention-kernel={kernel}: the {side} model ({type(model).__name__}) has no "
-                             "attention_kernel setting")
-    if hasattr(packing, "packed_attention_backend"):
-        packing.packed_attention_backend = backend
-        try:
-            ran = packed_backend_of(packing, probe)
-        except ValueError as err:
-            raise ValueError(f"--packed-backend={backend}: {err}") from None
-    elif backend != "auto":
-        raise ValueError(f"--packed-backend={backend}: the packing model ({type(packing).__name__}) has no "
-                         "packed_attention_backend setting")
-    else:
-        ran = "n/a (the model has no packed_attention_backend setting)"
-    try:
-        kernel_ran = resolve_sdpa_kernel(kernel, probe)
-    except ValueError as err:
-        raise ValueError(f"--attention-kernel={kernel}: {err}") from None
-    return f"packed backend {ran}, attention kernel {kernel_ran}"

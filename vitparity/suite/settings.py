@@ -1,13 +1,11 @@
 """The suite's settings: every option's value validated once, with errors that name the option as it was given.
 
 Light to import: the values the arguments and the filesystem decide are checked first, so a usage error is said
-before torch loads; torch is imported to resolve device auto, and the modules of the cases and attention backends
-for the options that need them (--shard, --packed-backend, --attention-kernel)."""
+before torch loads; torch is imported to resolve device auto, and the cases' module for --shard."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,8 +49,6 @@ class Settings:
     regenerate_goldens: bool
     report_dir: Path
     scales: tuple[float, ...] = (1.0,)
-    packed_backend: str = "auto"
-    attention_kernel: str = "auto"
     # How the user gave each option (flag, variable or ini key), for messages about its value; default: the flag.
     labels: dict[str, str] = field(default_factory=lambda: {option.name: option.cli for option in OPTIONS})
     strict_buffers: bool = False
@@ -170,14 +166,6 @@ def resolve_settings(config: pytest.Config) -> Settings:
             shard = parse_shard(str(raw["shard"].value))
         except ValueError as err:
             raise bad("shard", str(err)) from None
-    from ..loading import DTYPES  # torch and the attention module load from here on
-    from ..models.packed_attention import BACKENDS, SDPA_KERNELS, available_backends, available_sdpa_kernels
-
-    where = f"on {device} in {dtype}"
-    packed_backend = _choice(raw["packed_backend"].value, BACKENDS, lambda: available_backends(device, DTYPES[dtype]),
-                             bad, "packed_backend", where)
-    attention_kernel = _choice(raw["attention_kernel"].value, SDPA_KERNELS,
-                               lambda: available_sdpa_kernels(device, DTYPES[dtype]), bad, "attention_kernel", where)
     hf_model, packing_model = model("hf_model"), model("packing_model")
     if hf_model is None or packing_model is None:
         default_hf, default_packing = builtin_paths()
@@ -205,8 +193,6 @@ def resolve_settings(config: pytest.Config) -> Settings:
         regenerate_goldens=raw["regenerate_goldens"].value,
         report_dir=path("report_dir"),
         scales=scales,
-        packed_backend=packed_backend,
-        attention_kernel=attention_kernel,
         labels={name: value.label for name, value in raw.items()},
         strict_buffers=raw["strict_buffers"].value,
         golden_baseline=golden_baseline,
@@ -309,16 +295,3 @@ def _scales(text: str, bad) -> tuple[float, ...]:
             raise bad("scales", f"{part.strip()!r} is listed twice")
         scales.append(scale)
     return tuple(scales)
-
-
-def _choice(value: str, known: tuple[str, ...], available: Callable[[], tuple[str, ...]], bad, name: str,
-            where: str) -> str:
-    """One of `known`; anything but "auto" must also be in `available()` (what runs on this device and dtype, only
-    probed for a named choice)."""
-    if value not in known:
-        raise bad(name, f"use one of {known}")
-    if value != "auto" and value not in available():
-        raise bad(name, f"not available {where}; available here: {', '.join(('auto', *available()))}")
-    return value
-
-
