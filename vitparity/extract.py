@@ -166,11 +166,15 @@ def token_positions(sample: Sample) -> torch.Tensor:
     taken from its frame positions."""
     if sample.positions is not None:
         return sample.positions
-    t, h, w = sample.grid
-    device = sample.pixels.device
-    frames = host_to_device(torch.tensor(sample.frame_positions), device)
-    grids = torch.meshgrid(frames, torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    return torch.stack(grids, dim=-1).reshape(-1, 3)
+    return _frame_grid(sample.frame_positions, sample)
+
+
+def _frame_grid(frames: list[int], sample: Sample) -> torch.Tensor:
+    """(N, 3) long (t, h, w) of every token of `sample`'s grid, frame i at temporal position frames[i], on its
+    device (built on the host)."""
+    _, h, w = sample.grid
+    grids = torch.meshgrid(torch.tensor(frames), torch.arange(h), torch.arange(w), indexing="ij")
+    return host_to_device(torch.stack(grids, dim=-1).reshape(-1, 3), sample.pixels.device)
 
 
 HF_PATHS = ("context", "positions")
@@ -209,12 +213,55 @@ def hf_inputs(sample: Sample, dtype: torch.dtype, *, temporal_context: int | Non
     return {"pixel_values": full, "visible_indices": visible}
 
 
-def packing_inputs(samples: list[Sample], patch_size: int, dtype: torch.dtype) -> dict:
-    """Keyword arguments of the packing model's forward for samples packed in this order (without output flags)."""
+def batched_hf_inputs(samples: list[Sample], dtype: torch.dtype, *,
+                      temporal_context: int | None = TEMPORAL_CONTEXT) -> dict:
+    """Keyword arguments of one non-packing forward of several same-size samples as a batch (context path): each
+    tensor of `hf_inputs` concatenated along the batch dimension, e.g. pixel_values (B, C, H, W) for images,
+    (B, C, 64, H, W) with visible_indices (B, K) for videos, (B, C, T, H, W) with patch_positions (B, N, 3) for
+    mosaics. ValueError when the samples' inputs differ in shape (they cannot share a batch)."""
+    inputs = [hf_inputs(sample, dtype, temporal_context=temporal_context) for sample in samples]
+    shapes = [batch_key(one) for one in inputs]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"samples of different input shapes cannot share a batch: {sorted(set(shapes))}")
+    return {key: torch.cat([one[key] for one in inputs]) for key in inputs[0]}
+
+
+def batch_key(inputs: dict) -> tuple:
+    """What must be equal for two samples' non-packing inputs (`hf_inputs`) to share a batch: each keyword's shape."""
+    return tuple(sorted((key, tuple(value.shape)) for key, value in inputs.items()))
+
+
+def mirrored(sample: Sample) -> Sample:
+    """The same sample with every frame flipped left to right (its pixels, and a sparse sample's context frames):
+    an input of exactly the same shape, positions and indices but other pixels, the companion of a sample batched
+    with no other of its size."""
+    context = sample.context.flip(-1) if sample.context is not None else None
+    return Sample(f"{sample.name}~mirrored", sample.kind, sample.pixels.flip(-1), sample.grid,
+                  list(sample.frame_positions), dict(sample.metadata), sample.positions, context,
+                  sample.visible_indices)
+
+
+def grid_positions(sample: Sample) -> torch.Tensor:
+    """(N, 3) long (t, h, w) positions of a sample's tokens from its grid alone, as a packing model given only
+    `grid_thw` computes them: t = 0..T-1 (not the 64-frame context's positions), then h and w row-major."""
+    return _frame_grid(list(range(sample.grid[0])), sample)
+
+
+def packing_inputs(samples: list[Sample], patch_size: int, dtype: torch.dtype, *, positions: str = "explicit") -> dict:
+    """Keyword arguments of the packing model's forward for samples packed in this order (without output flags).
+
+    positions "explicit": `patch_positions` (N, 3) the samples' own (`token_positions`: a video's 64-frame context
+    positions); "grid": `patch_positions` computed from each sample's grid (`grid_positions`); "none": `grid_thw`
+    alone, the release's documented call, the model computing the positions itself.
+    """
     patches = torch.cat([patchify(s.pixels, patch_size) for s in samples]).to(dtype)
-    positions = torch.cat([token_positions(s) for s in samples])
     grid_thw = torch.tensor([s.grid for s in samples], dtype=torch.long)
-    return {"hidden_states": patches, "grid_thw": grid_thw, "patch_positions": positions}
+    if positions == "none":
+        return {"hidden_states": patches, "grid_thw": grid_thw}
+    if positions not in ("explicit", "grid"):
+        raise ValueError(f"unknown packing positions {positions!r}; use explicit, grid or none")
+    rows = torch.cat([(token_positions if positions == "explicit" else grid_positions)(s) for s in samples])
+    return {"hidden_states": patches, "grid_thw": grid_thw, "patch_positions": rows}
 
 
 def hidden_states_of(outputs) -> tuple[torch.Tensor, ...]:
@@ -273,11 +320,22 @@ def extract_hf(
 
 
 @torch.inference_mode()
-def extract_packing(model: torch.nn.Module, samples: list[Sample], *, full_forward: bool = False) -> list[torch.Tensor]:
-    """Penultimate features of the packing model for several samples packed into one forward pass."""
+def extract_hf_batch(model: torch.nn.Module, samples: list[Sample], *, temporal_context: int | None = TEMPORAL_CONTEXT,
+                     full_forward: bool = False) -> list[torch.Tensor]:
+    """Penultimate features (N, D) float32 of the non-packing model for each of several same-size samples run as
+    one batch (`batched_hf_inputs`), in their order."""
+    inputs = batched_hf_inputs(samples, model_dtype(model), temporal_context=temporal_context)
+    return [row.float() for row in _penultimate(model, inputs, full_forward)]
+
+
+@torch.inference_mode()
+def extract_packing(model: torch.nn.Module, samples: list[Sample], *, full_forward: bool = False,
+                    positions: str = "explicit") -> list[torch.Tensor]:
+    """Penultimate features of the packing model for several samples packed into one forward pass, the positions
+    given the `positions` way (`packing_inputs`)."""
     if not samples:
         return []
-    inputs = packing_inputs(samples, model.config.patch_size, model_dtype(model))
+    inputs = packing_inputs(samples, model.config.patch_size, model_dtype(model), positions=positions)
     features = _penultimate(model, inputs, full_forward)
     total = inputs["hidden_states"].shape[0]
     if features.shape[0] != total:

@@ -187,6 +187,26 @@ def group_result(request: pytest.FixtureRequest, parity: ParitySession, parity_g
 
 
 @pytest.fixture
+def batched(request: pytest.FixtureRequest, parity: ParitySession, parity_case: ParityCase) -> CaseResult:
+    """The current case's result with its hf features alone compared with its row of an hf batch (`CaseResult.batch`,
+    computed with its group): requesting this fixture declares the check (`suite.schedule.BATCH_FIXTURE`); the
+    forwards it compared are recorded (JUnit property `vitparity_forwards`)."""
+    result = parity.case_result(parity_case)
+    request.node.user_properties.append((FORWARDS_PROPERTY, result.batch_forwards))
+    return result
+
+
+@pytest.fixture
+def grid_call(request: pytest.FixtureRequest, parity: ParitySession, parity_group: PackGroup) -> GroupResult:
+    """The current pack group's result with its grid cases called grid_thw only (`GroupResult.grid_call`):
+    requesting this fixture declares the check (`suite.schedule.GRID_FIXTURE`); the forwards it compared are
+    recorded (JUnit property `vitparity_forwards`)."""
+    result = parity.group_result(parity_group)
+    request.node.user_properties.append((FORWARDS_PROPERTY, result.grid_forwards))
+    return result
+
+
+@pytest.fixture
 def record_comparison(request: pytest.FixtureRequest):
     """Record a comparison for the summary table and JUnit XML (works under xdist)."""
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..choices import TEMPORAL_CONTEXT
 from ..codec_assets import estimated_tokens, is_asset_folder
 from ..independence import alternate_halves
 from ..media import discover_media, media_kind, scale_suffix, scaled_size
@@ -23,6 +25,9 @@ from ..snapshots import golden_file_stem
 # A group closes after a case whose hash marks a boundary (one in BOUNDARY_EVERY), so that adding or removing
 # a media file re-cuts only the groups up to the next boundary instead of every group after it.
 BOUNDARY_EVERY = 4
+# A video file whose name ends in `@<N>f` before its extension (`coffee_tilt@4f.mp4`) samples N frames instead of
+# --num-frames: a run reaches another frame count of the temporal context without an option of its own.
+FRAMES_IN_NAME = re.compile(r"@([1-9][0-9]*)f$")
 
 
 class CaseError(ValueError):
@@ -42,7 +47,9 @@ class ParityCase:
     asset folder of the release (`vitparity.codec_assets`).
 
     `tokens` is the patch count estimated from the file's stated size (0 when it cannot be read: the case
-    then fails when it is decoded), used to plan groups and workers.
+    then fails when it is decoded), used to plan groups and workers. `frames`: the frames a video case samples
+    (--num-frames, or the `@<N>f` of its file name: `frames_in_name`; 1 for an image); `patches`: the (h, w)
+    patches of one of its frames (0, 0 when unknown), estimated like `tokens`.
     """
 
     id: str
@@ -50,6 +57,8 @@ class ParityCase:
     path: Path
     tokens: int = 0
     scale: float = 1.0
+    frames: int = 1
+    patches: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -70,16 +79,36 @@ class PackGroup:
         return self.tokens > self.budget
 
 
-def estimate_tokens(kind: str, size: tuple[int, int] | None, *, patch_size: int, align: str, num_frames: int,
-                    scale: float = 1.0) -> int:
-    """Tokens of a case of native `size` (width, height) at `scale`: whole patches per frame times the frames
-    sampled (the size is scaled as vitparity.media scales it, before the patch alignment)."""
+def estimate_patches(size: tuple[int, int] | None, *, patch_size: int, align: str, scale: float = 1.0
+                     ) -> tuple[int, int]:
+    """(h, w) whole patches of one frame of native `size` (width, height) at `scale` (the size is scaled as
+    vitparity.media scales it, before the patch alignment); (0, 0) for an unknown size."""
     if size is None:
-        return 0
+        return 0, 0
     width, height = scaled_size(*size, scale)
     whole = math.floor if align == "crop" else math.ceil
-    per_frame = whole(width / patch_size) * whole(height / patch_size)
-    return per_frame * (1 if kind == "image" else num_frames)
+    return whole(height / patch_size), whole(width / patch_size)
+
+
+def estimate_tokens(kind: str, size: tuple[int, int] | None, *, patch_size: int, align: str, num_frames: int,
+                    scale: float = 1.0) -> int:
+    """Tokens of a case of native `size` (width, height) at `scale`: whole patches per frame (`estimate_patches`)
+    times the frames sampled."""
+    h, w = estimate_patches(size, patch_size=patch_size, align=align, scale=scale)
+    return h * w * (1 if kind == "image" else num_frames)
+
+
+def frames_in_name(path: Path, default: int) -> int:
+    """The frames a video file's case samples: N for a name ending in `@<N>f` before the extension
+    (`FRAMES_IN_NAME`), else `default` (--num-frames). CaseError for N above the temporal context."""
+    match = FRAMES_IN_NAME.search(Path(path).stem)
+    if match is None:
+        return default
+    frames = int(match.group(1))
+    if frames > TEMPORAL_CONTEXT:
+        raise CaseError(f"{path}: @{frames}f in its name asks for more frames than the temporal context "
+                        f"({TEMPORAL_CONTEXT})")
+    return frames
 
 
 def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_frames: int,
@@ -100,13 +129,15 @@ def collect_cases(media_dirs: list[Path], *, patch_size: int, align: str, num_fr
                 continue
             kind = media_kind(path)
             size = image_size(path) if kind == "image" else video_size(path)
-            variants = [(kind, f"{kind}-{path.name}{scale_suffix(scale)}", scale, num_frames) for scale in scales]
+            frames = 1 if kind == "image" else frames_in_name(path, num_frames)
+            variants = [(kind, f"{kind}-{path.name}{scale_suffix(scale)}", scale, frames) for scale in scales]
             if kind == "video" and codec_frames and 1.0 in scales:  # native size only: with scale 1 listed
                 variants.append(("codec", f"codec-{path.name}", 1.0, codec_frames))
-            for case_kind, case_id, scale, frames in variants:
-                tokens = estimate_tokens(case_kind, size, patch_size=patch_size, align=align, num_frames=frames,
+            for case_kind, case_id, scale, count in variants:
+                tokens = estimate_tokens(case_kind, size, patch_size=patch_size, align=align, num_frames=count,
                                          scale=scale)
-                _add(cases, ParityCase(case_id, case_kind, path, tokens, scale))
+                patches = estimate_patches(size, patch_size=patch_size, align=align, scale=scale)
+                _add(cases, ParityCase(case_id, case_kind, path, tokens, scale, count, patches))
     return tuple(cases.values())
 
 
@@ -256,6 +287,26 @@ def determinism_cases(policy: str, device: str, groups: tuple[PackGroup, ...]) -
     A rule per pack group, the unit of sharding and of worker assignment, so every worker and shard of a run
     samples the same cases whatever their number, and each of them re-runs a case of its own groups.
     """
+    return _per_group_by_kind(policy, device, groups, max)
+
+
+def batch_cases(policy: str, device: str, groups: tuple[PackGroup, ...]) -> set[str]:
+    """Case ids whose hf features are also taken from a batch (`test_batch`), by the policy of --determinism:
+    `all` every case; `off` none; `sample` the smallest image and the smallest video of all `groups` (pass the run's,
+    not a shard's): a fault of batching is in the model's code, the same for every input, so one batch of each
+    input form ((B, C, H, W) images, (B, C, 64, H, W) contexts with visible_indices (B, K)) shows it, on the cheapest
+    cases; `auto`: `all` on the CPU, `sample` on a GPU. Chosen by the cases alone, whatever the workers and shards."""
+    policy = resolve_policy(policy, device)
+    if policy != "sample":
+        return _per_group_by_kind(policy, device, groups, min)
+    cases = [case for group in groups for case in group.cases]
+    return {min(of_kind, key=by_size).id for kind in ("image", "video")
+            for of_kind in [[case for case in cases if case.kind == kind]] if of_kind}
+
+
+def _per_group_by_kind(policy: str, device: str, groups: tuple[PackGroup, ...], pick) -> set[str]:
+    """`all`: every case of `groups`; `off`: none; `sample`: the image and the video of each group that `pick`
+    (min or max) chooses by size (`by_size`)."""
     policy = resolve_policy(policy, device)
     if policy == "off":
         return set()
@@ -266,7 +317,7 @@ def determinism_cases(policy: str, device: str, groups: tuple[PackGroup, ...]) -
         for kind in ("image", "video"):
             of_kind = [case for case in group.cases if case.kind == kind]
             if of_kind:
-                chosen.add(max(of_kind, key=by_size).id)
+                chosen.add(pick(of_kind, key=by_size).id)
     return chosen
 
 

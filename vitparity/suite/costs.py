@@ -35,6 +35,8 @@ class Cost:
     probe_tokens: int = 0
     reference: dict[str, int] = field(default_factory=lambda: {"forwards": 0, "tokens": 0, "loads": 0})
     outputs_cases: int = 0  # cases whose last_hidden_state and pooler_output were compared
+    batched_cases: int = 0  # cases whose hf features were also taken from a batch (counted in the hf forwards)
+    grid_calls: int = 0  # packs called grid_thw only, beside their grid's explicit positions (two packing forwards)
 
     def count(self, side: str, tokens: int) -> None:
         self.forwards[side] += 1
@@ -56,7 +58,7 @@ class Cost:
             "determinism_cases": self.determinism_cases, "over_budget": self.over_budget,
             "peak_bytes": self.peak_bytes, "peak_kind": self.peak_kind, "companion_swaps": self.companion_swaps,
             "layer_traces": self.layer_traces, "attention": self.attention, "reference": self.reference,
-            "outputs_cases": self.outputs_cases,
+            "outputs_cases": self.outputs_cases, "batched_cases": self.batched_cases, "grid_calls": self.grid_calls,
             "probe_loads": self.probe_loads, "probe_forwards": self.probe_forwards, "probe_tokens": self.probe_tokens,
         }
 
@@ -76,7 +78,10 @@ RESTORED_KEY = "vitparity_restored_buffers"  # xdist workeroutput and JUnit prop
 def cost_line(cost: dict) -> str:
     """`forwards: hf N (T tokens), packing M (U tokens); forward tokens: 1.29x the one-pass minimum (each case and
     input path once)`: the minimum is one pass per (case, input path) compared: the packing model and each hf call
-    of the case (the context call, and the explicit-positions call where it runs). Runs written before paths were
+    of the case (the context call, and the explicit-positions call where it runs), the case's row of an hf batch
+    where it is batched, and the packing model's grid_thw-only call and, for a video, its call with its grid's
+    positions where the case takes them (the batch companions, and an image's pass with its grid positions, which
+    are its usual ones, are above the minimum). Runs written before paths were
     counted have only `case_tokens`: their minimum is one hf and one packing pass per case. A float32 probe: `cost_details`."""
     forwards, tokens = cost["forwards"], cost["tokens"]
     line = (f"forwards: hf {forwards['hf']} ({tokens['hf']} tokens), "
@@ -120,7 +125,9 @@ def cost_details(cost: dict) -> str:
     reference = (cost.get("reference") or {}).get("loads", 0)
     return (f"model loads: hf {loads['hf']}, packing {loads['packing']}"
             + (f", reference {reference}" if reference else "")
-            + f"; {probe_details(cost)}outputs compared {cost.get('outputs_cases', 0)} cases; pack groups {cost['groups']}; "
+            + f"; {probe_details(cost)}outputs compared {cost.get('outputs_cases', 0)} cases; "
+            f"batched {cost.get('batched_cases', 0)} cases; grid_thw-only calls {cost.get('grid_calls', 0)} packs; "
+            f"pack groups {cost['groups']}; "
             f"determinism re-runs {cost['determinism_cases']}; companion swaps {cost['companion_swaps']}; "
             f"layer traces {cost['layer_traces']}; peak memory {cost['peak_bytes'] / 2**30:.2f} GiB "
             f"({cost['peak_kind']})")
@@ -141,7 +148,8 @@ def total_cost(costs: dict[str, dict]) -> dict:
         total["layer_traces"] += cost["layer_traces"]
         for key in ("probe_loads", "probe_forwards", "probe_tokens"):
             total[key] += cost.get(key, 0)
-        total["outputs_cases"] += cost.get("outputs_cases", 0)
+        for key in ("outputs_cases", "batched_cases", "grid_calls"):
+            total[key] += cost.get(key, 0)
         for key, value in (cost.get("reference") or {}).items():
             total["reference"][key] += value
         total["attention"] = total["attention"] or cost["attention"]

@@ -15,8 +15,8 @@ import pytest
 
 from ..media import MediaError
 from .cases import (
-    CaseError, PackGroup, ParityCase, Probe, by_size, collect_cases, companion_probes, determinism_cases,
-    float32_probe_case, make_groups, plan_workers, resolve_policy, token_order_cases,
+    CaseError, PackGroup, ParityCase, Probe, batch_cases, by_size, collect_cases, companion_probes,
+    determinism_cases, float32_probe_case, make_groups, plan_workers, resolve_policy, token_order_cases,
 )
 from ..models import OneVisionEncoderConfig
 from ..checkpoint_code import CHECKPOINT_CODE
@@ -55,6 +55,7 @@ class Plan:
     reference: frozenset[str] = frozenset()  # case ids compared with vitparity's own classes (when one runs)
     reference_off: str = ""  # why no reference runs ("" when it does)
     float32_probe: bool = False  # a 16-bit run's float32 probe runs (on the case `float32_probe_case` picks)
+    batch: frozenset[str] = frozenset()  # case ids whose hf features are also taken from a batch (`batch_cases`)
 
     def group_of(self, case_id: str) -> PackGroup:
         return self._groups_by_id[self._case_group[case_id]]
@@ -108,6 +109,8 @@ class GroupNeeds:
     companions: bool = False  # test_companions_do_not_leak is selected: the group's planned swap runs
     from_pack: bool = False  # the cases' packing features come from the pack once its swap has shown no leak
     probe: set[str] = field(default_factory=set)  # the case that carries the run's float32 probe (at most one)
+    batch: set[str] = field(default_factory=set)  # cases run through the hf model in a batch (BATCH_FIXTURE)
+    grid_call: bool = False  # the group's pack is called grid_thw only and with its grid's positions (GRID_FIXTURE)
 
 
 @dataclass
@@ -157,7 +160,8 @@ def build_plan(settings: Settings, workers: int, files: PairFiles | None) -> Pla
                 resolve_policy(settings.companions, settings.device), frozenset(token_order_cases(groups) & in_shard),
                 frozenset(determinism_cases(settings.outputs, settings.device, mine)),  # the same sampling rule
                 frozenset(reference_cases(settings.outputs, settings.device, mine)),
-                reference_off(settings, files), settings.probes)
+                reference_off(settings, files), settings.probes,
+                frozenset(batch_cases(settings.determinism, settings.device, groups) & in_shard))
 
 
 def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
@@ -168,6 +172,11 @@ def item_scope(item: pytest.Item) -> tuple[ParityCase | None, PackGroup | None]:
 
 
 COMPANION_TEST = "test_companions_do_not_leak"
+# Checks declared by the fixture their test requests (parity_tests/test_paths.py): the case's hf features in a batch,
+# and the pack's packing features called with grid_thw only.
+BATCH_FIXTURE = "batched"
+GRID_FIXTURE = "grid_call"
+GRID_KINDS = ("image", "video")  # the kinds whose token positions are their grid's
 
 
 def reference_cases(policy: str, device: str, groups: tuple[PackGroup, ...]) -> set[str]:
@@ -241,9 +250,14 @@ def leave_out(plan: Plan, settings: Settings,
                 return f"--outputs={settings.outputs}: case's last_hidden_state and pooler_output not compared"
             if name == "test_reference" and case.id not in plan.reference:
                 return f"--outputs={settings.outputs}: case not compared with the reference"
+            if BATCH_FIXTURE in item.fixturenames and case.id not in plan.batch:
+                return (f"--determinism={settings.determinism}: case not run in a batch (the run's smallest image "
+                        "and video are)")
         if group is not None:
             if name == COMPANION_TEST and group.id not in plan.companions:
                 return f"--companions={settings.companions}: no swap planned for this group"
+            if GRID_FIXTURE in item.fixturenames and not grid_cases(group):
+                return "codec-style cases only: a sparse sample's positions have no grid meaning"
             if name == ALONE_VS_PACKED_TEST and group.id in from_pack:
                 return ("--companions=sample: packing features come from the pack (no forward alone), neighbour "
                         "independence is the probe's bit-exact swap")
@@ -309,9 +323,13 @@ def group_needs(plan: Plan, selection: Selection, from_pack: set[str]) -> dict[s
         group_id = group_id_of(plan, item)
         need = needs.setdefault(group_id, GroupNeeds(from_pack=group_id in from_pack))
         if group is not None:
-            need.packed |= item.originalname != COMPANION_TEST or plan.companions[group.id].whole
+            if item.originalname == COMPANION_TEST:  # a whole-group probe's first pass is the packed forward
+                need.packed |= plan.companions[group.id].whole
+            else:  # the grid call runs packs of its own
+                need.packed |= GRID_FIXTURE not in item.fixturenames
             need.cases.update(c.id for c in group.cases)
             need.companions |= item.originalname == COMPANION_TEST
+            need.grid_call |= GRID_FIXTURE in item.fixturenames
         else:
             need.packed |= need.from_pack
             need.cases.add(case.id)
@@ -325,11 +343,20 @@ def group_needs(plan: Plan, selection: Selection, from_pack: set[str]) -> dict[s
                 need.outputs.add(case.id)
             if item.originalname == "test_reference":
                 need.reference.add(case.id)
+            if BATCH_FIXTURE in item.fixturenames:
+                need.batch.add(case.id)
             if item.originalname == PARITY_TEST and case.id == probe_case:
                 need.probe.add(case.id)
             if item.get_closest_marker("golden"):
                 need.goldens.add(case.id)
     return needs
+
+
+def grid_cases(group: PackGroup) -> list[ParityCase]:
+    """The cases of `group` the packing model's grid_thw-only call is checked on, in the group's order: every image
+    and video (GRID_KINDS). Codec-style cases (a video's sparse selection, an asset folder's mosaics) are left out:
+    their tokens' positions are their own, not their grid's."""
+    return [case for case in group.cases if case.kind in GRID_KINDS]
 
 
 def worker_index(node: WorkerController) -> int:

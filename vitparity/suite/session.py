@@ -14,7 +14,7 @@ Only a failing test pays for more: its per-layer trace decodes its cases again (
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,8 @@ from ..codec import context_frames, permuted, prepare_codec_sample, token_permut
 from ..codec_assets import folder_sha256, load_assets, prepare_assets_sample
 from ..checks import feature_difference, odd_pass, pixel_difference
 from ..compare import NEIGHBOUR_MIN_COS, Comparison, compare_features
-from ..extract import Sample, extract_hf, extract_packing, prepare_sample, stops_early
+from ..extract import (Sample, batch_key, extract_hf, extract_hf_batch, extract_packing, hf_inputs, mirrored,
+                       prepare_sample, stops_early)
 from ..independence import SwapResult, alternate_halves, companion_swap
 from ..checkpoint_code import OWN_CODE
 from ..code_compare import pair_code_notes
@@ -45,7 +46,7 @@ from .cases import PackGroup, ParityCase, Probe
 from .settings import Settings
 from .costs import Cost
 from .probe import run_probe
-from .schedule import GroupNeeds, Plan
+from .schedule import GRID_KINDS, GroupNeeds, Plan, grid_cases
 
 
 
@@ -70,6 +71,8 @@ class CaseResult:
     outputs: list[Comparison] | None = None  # last_hidden_state and pooler_output, hf vs packing
     # each model's features vs vitparity's own classes, or why the reference could not run
     reference: ReferenceVerdict | str | None = None
+    batch: list[Comparison] = field(default_factory=list)  # its hf features alone vs its row of an hf batch
+    batch_forwards: str = ""  # the batch it ran in
 
     @property
     def comparisons(self) -> list[Comparison]:
@@ -111,6 +114,9 @@ class GroupResult:
     companions: list[SwapResult] = field(default_factory=list)  # one verdict per case the swap queried
     swap_forwards: str = ""  # the forwards the swap compared
     pack_traces: dict[str, LayerTrace | str] = field(default_factory=dict)  # case id -> its layer trace in the pack
+    grid_call: list[Comparison] = field(default_factory=list)  # per case: explicit grid positions vs grid_thw only
+    grid_left_out: dict[str, str] = field(default_factory=dict)  # case id -> why the grid call leaves it out
+    grid_forwards: str = ""  # the two packing forwards the grid call compared
 
     def forwards(self, test: str) -> str:
         """The forwards a test of this group compared (recorded with the test)."""
@@ -246,7 +252,8 @@ class ParitySession:
         s = self.settings
         if case.kind == "assets":
             return load_assets(case.path, patch_size=self.pair().patch_size)
-        frames = context_frames(self.pair().temporal_context) if case.kind == "codec" else s.num_frames
+        frames = (context_frames(self.pair().temporal_context) if case.kind == "codec"
+                  else case.frames if case.kind == "video" else s.num_frames)
         return load_media(case.path, num_frames=frames, patch_size=self.pair().patch_size, align=s.align,
                           scale=case.scale)
 
@@ -295,6 +302,62 @@ class ParitySession:
                              threshold=threshold, labels=(f"hf {label}", "packing")),
         ]
 
+    def _batches(self, samples: dict[str, Sample],
+                 alone: dict[str, torch.Tensor]) -> dict[str, tuple[list[Comparison], str]]:
+        """Case id -> its hf features alone (`alone`, (N, D) float32) compared with its row of one hf forward of a
+        batch, and what ran: the `samples` of the same input shape (`extract.batch_key`) share a batch; a sample
+        with no other of its shape is batched with its mirror image (`extract.mirrored`, same shape, other pixels),
+        so a fault that mixes rows of a batch shows in every case.
+
+        Bit for bit in float32 on the CPU: measured 2026-12-08 (2-core CPU box, vitparity's classes, eager and SDPA,
+        float32 and bfloat16, every bundled case batched with its mirror image), each row equals the sample's
+        forward alone exactly. Elsewhere (a GPU's GEMM and attention kernels may pick other tilings for another
+        batch size) within the dtype's bars, as any other comparison of the run."""
+        model, context = self.model("hf").model, self.pair().temporal_context
+        dtype = next(model.parameters()).dtype
+        shapes: dict[tuple, list[Sample]] = {}
+        for sample in samples.values():
+            shapes.setdefault(batch_key(hf_inputs(sample, dtype, temporal_context=context)), []).append(sample)
+        exact = self.settings.device == "cpu" and self.settings.dtype == "float32"
+        found = {}
+        for batch in shapes.values():
+            members = batch if len(batch) > 1 else [batch[0], mirrored(batch[0])]
+            self.cost.count("hf", sum(sample.num_tokens for sample in members))
+            rows = extract_hf_batch(model, members, temporal_context=context)
+            names = " + ".join(sample.name for sample in members)
+            for sample, row in zip(members, rows):
+                if sample.name not in alone:
+                    continue
+                self.cost.batched_cases += 1
+                self.cost.path_tokens += sample.num_tokens
+                comparison = compare_features(alone[sample.name], row, name=f"batch/{sample.name}",
+                                              threshold=self.settings.threshold, bars=self.settings.bars,
+                                              labels=("hf alone", f"hf in a batch of {len(members)}"))
+                found[sample.name] = ([exactly(comparison, alone[sample.name], row) if exact else comparison],
+                                      f"hf alone vs hf batch [{names}]" + (", bit for bit" if exact else ""))
+        return found
+
+    def _grid_call(self, samples: list[Sample]) -> tuple[list[Comparison], str]:
+        """The packing model's documented call (`grid_thw` only: the model computes each sample's positions) against
+        its call with those positions given (`extract.grid_positions`: t = 0..T-1, h, w row-major), the same pack
+        of `samples`, compared per sample bit for bit: the same integer positions give the same RoPE tables, and the
+        rest of the two forwards is the same, in any dtype and on any device. Also what ran."""
+        model = self.model("packing").model
+        tokens = sum(sample.num_tokens for sample in samples)
+        explicit = extract_packing(model, samples, positions="grid")
+        documented = extract_packing(model, samples, positions="none")
+        self.cost.count("packing", tokens)
+        self.cost.count("packing", tokens)
+        self.cost.grid_calls += 1
+        # two input paths of each case: grid_thw only, and a video's grid positions given (t = 0..T-1: not its
+        # 64-frame context's); an image's grid positions are the positions it is always given (no path of its own)
+        self.cost.path_tokens += tokens + sum(sample.num_tokens for sample in samples if sample.kind == "video")
+        comparisons = [exactly(compare_features(a, b, name=f"grid/{sample.name}", threshold=self.settings.threshold,
+                                                labels=("packing grid positions given", "packing grid_thw only")), a, b)
+                       for sample, a, b in zip(samples, explicit, documented)]
+        return comparisons, (f"packing with patch_positions from the grid vs packing with grid_thw only, the same "
+                             f"pack of {len(samples)} samples ({tokens} tokens), bit for bit")
+
     def group_result(self, group: PackGroup) -> GroupResult:
         """The group's results, computed when its first test asks (the previous group's are dropped first)."""
         if self._current is None or self._current.group.id != group.id:
@@ -336,6 +399,10 @@ class ParitySession:
         # when a case of the group has its other outputs checked, which come from it.
         pack_whole = needs.from_pack and bool((needs.outputs | needs.reference) & set(samples))
         packed, pack_outputs = self._packed_forward(list(samples.values()), pack_whole) if needs.packed else ({}, {})
+        gridded = [samples[case.id] for case in grid_cases(group) if case.id in samples]
+        grid_call, grid_forwards = self._grid_call(gridded) if needs.grid_call and gridded else ([], "")
+        grid_left_out = {case.id: "codec-style: its tokens' positions are its own, not its grid's"
+                         for case in group.cases if needs.grid_call and case.kind not in GRID_KINDS}
         swap_probe = self.plan.companions.get(group.id) if needs.companions else None
         swaps, swap_forwards, label = (self._companion_swaps(swap_probe, samples, packed, pack_whole) if swap_probe
                                        else ([], "", ""))
@@ -343,6 +410,8 @@ class ParitySession:
         evidence = (f"no leak in companion swap {label}: bit-identical"
                     if needs.from_pack and swaps and all(swap.passed for swap in swaps) else None)
         packed_vs_hf, packed_vs_alone, packed_ids = [], [], []
+        to_batch: dict[str, Sample] = {}  # the cases run in a batch, and their hf features alone
+        alone_hf: dict[str, torch.Tensor] = {}
         for case in group.cases:
             if case.id not in samples:
                 continue
@@ -405,11 +474,17 @@ class ParitySession:
                     case, media[case.id], sample, first, rerun=("hf",) if source != "alone" else SIDES, whole=whole)
                 if source != "alone":
                     result.determinism_forwards += f"; packing: features {source}, repeatability shown by that swap"
+            if case.id in needs.batch:
+                to_batch[case.id], alone_hf[case.id] = sample, first["hf"]
             results[case.id] = result
             del sample, first
+        for case_id, (comparisons, forwards) in self._batches(to_batch, alone_hf).items():
+            results[case_id].batch, results[case_id].batch_forwards = comparisons, forwards
+        del to_batch, alone_hf
         left_out = {case.id: results[case.id].error for case in group.cases
                     if case.id in results and results[case.id].error}
-        return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out, packed_ids, swaps, swap_forwards)
+        return GroupResult(group, results, packed_vs_hf, packed_vs_alone, left_out, packed_ids, swaps, swap_forwards,
+                           grid_call=grid_call, grid_left_out=grid_left_out, grid_forwards=grid_forwards)
 
     def _float32_probe(self, case_id: str, media: Media) -> tuple[Comparison | None, str | None, str]:
         """The float32 probe (`vitparity.suite.probe`) of a 16-bit run on the case that carries it (the run's
@@ -633,3 +708,12 @@ class ParitySession:
             path = self.settings.report_dir / f"{comparison.name}-heatmap.png"
             text += f"\nheat map: {write_cosine_heatmap(comparison.token_cos, result.grid, path, title=comparison.name)}"
         return text
+
+
+def exactly(comparison: Comparison, a: torch.Tensor, b: torch.Tensor) -> Comparison:
+    """`comparison` of `a` and `b` (two (N, D) float32 feature tensors) failed unless they are bit for bit equal: a
+    check whose two forwards must agree exactly (same inputs, kernels and shapes) is not judged by a threshold."""
+    if torch.equal(a, b) or not comparison.passed:
+        return comparison
+    return replace(comparison, passed=False,
+                   reason=f"not bit-identical ({feature_difference(a, b)}); required bit for bit")
