@@ -127,24 +127,9 @@ def test_a_changed_selection_is_named_apart_from_a_changed_model() -> None:
     assert budget.likely_cause() is None  # a setting changed: not an environment cause
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["--codec-cases=maybe"], {}, "--codec-cases=maybe: use one of ('on', 'off')"),
-    (["--codec-frames=0"], {}, "--codec-frames=0: must be >= 1"),
-    (["--codec-frames=65"], {}, "--codec-frames=65: codec-style cases take at most 64 frames' worth of tokens"),
-    ([], {"VITPARITY_CODEC_FRAMES": "x"}, "VITPARITY_CODEC_FRAMES=x: not a whole number"),
-])
-def test_bad_codec_options_are_usage_errors(args, env, message, suite, monkeypatch) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    result = suite.run(*args, "--collect-only", "-q")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert message in result.stderr.str()
-
-
-def test_codec_cases_follow_their_options(suite) -> None:
-    """On by default (the ini can turn them off), one per video, and off leaves no codec id."""
+def test_codec_cases_are_always_on(suite) -> None:
+    """One codec-style case per video, none for an image; `-m "not codec"` leaves them out."""
     ids = suite.run("--collect-only", "-q", "-k", "test_parity").stdout.str()
     assert "test_parity[codec-coffee_zoom.mp4]" in ids and "test_parity[codec-coffee_small.jpg]" not in ids
-    (suite.path / "pytest.ini").write_text("[pytest]\nvitparity_codec_cases = off\n")
-    off = suite.run("--collect-only", "-q", "-k", "test_parity", "-c", str(suite.path / "pytest.ini")).stdout.str()
+    off = suite.run("--collect-only", "-q", "-k", "test_parity", "-m", "not codec").stdout.str()
     assert "test_parity[video-coffee_zoom.mp4]" in off and "codec-" not in off

@@ -71,7 +71,7 @@ EXAMPLES: dict[str, Example] = {
                 # cases' explicit positions against context and packing (8), one codec case's token order (3)
                 says="31 comparisons, 31 passed"),
     'pytest -m "codec and not golden"': Example("suite"),
-    'pytest -m "not golden" --codec-cases=off': Example("suite"),
+    'pytest -m "not golden and not codec"': Example("suite"),
     "pytest --golden-dir=/data/goldens --snapshot-update --media=/data/more_media --align=resize --scales=0.5":
         Example("suite", MEDIA, says="snapshots generated"),
     "pytest --golden-dir=/data/goldens --media=/data/more_media --align=resize --scales=0.5": Example("suite", MEDIA),

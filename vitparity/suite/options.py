@@ -71,12 +71,6 @@ OPTIONS = (
            "crop"),
     Option("threshold", "checks", "min per-token cosine (strictly greater) for packing vs non-packing parity",
            str(DEFAULT_THRESHOLD)),
-    Option("max_cos_gap", "checks", "direction bar: the largest mean per-token (1 - cosine) of packing vs "
-           "non-packing features; auto (the run's dtype default, see docs/detection.md), off, or a number", "auto"),
-    Option("max_norm_gap", "checks", "magnitude bar: the largest per-token |norm(packing) / norm(hf) - 1|; auto "
-           "(the run's dtype default), off, or a number", "auto"),
-    Option("fp32_probe", "checks", "float32 reference of a bfloat16 / float16 run: auto (the run's smallest case "
-           "run again by both models loaded in float32, judged by the float32 bars), off", "auto"),
     Option("determinism", "checks", "second forward of each model to check determinism: auto (all on the CPU, "
            "sample on a GPU), all (every case), sample (the largest image and video of each pack group), off", "auto"),
     Option("companions", "checks", "bit-exact companion swaps: auto (all on the CPU, sample on a GPU), all (every "
@@ -103,9 +97,6 @@ OPTIONS = (
     Option("report_dir", "report", "folder for heat maps of failing cases", "parity-report"),
     Option("scales", "cases", "comma-separated fractions of the native size, each a case of every image and video "
            "(1 = native; e.g. 1,0.5)", "1"),
-    Option("codec_cases", "cases", "codec-style case of each video (codec-<file>, marker codec): on or off", "on"),
-    Option("codec_frames", "cases", "budget of a codec-style case in frames' worth of tokens, 1 to the temporal "
-           "context (default: --num-frames)"),
 )
 GROUP_TITLES = {
     "models": "the two models", "cases": "cases", "checks": "checks", "work": "work split",

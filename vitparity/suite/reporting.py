@@ -121,9 +121,8 @@ class ParityReporter:
             f"hf: {s.hf_model}  packing: {s.packing_model}  device: {s.device}  dtype: {s.dtype}  "
             f"threshold: min cos > {s.threshold}  (figures: float32 comparisons)"
         )
-        probe = ("float32 probe: the run's smallest case, judged by " + s.probe_bars.describe()) if s.probes else (
-            "float32 probe: off" if s.dtype != "float32" else "")
-        terminalreporter.write_line(f"precision {s.bars.describe()}" + (f"  {probe}" if probe else ""))
+        probe = f"  float32 probe: the run's smallest case, judged by {s.probe_bars.describe()}" if s.probes else ""
+        terminalreporter.write_line(f"precision {s.bars.describe()}{probe}")
         terminalreporter.write_line(f"scales: {','.join(f'{scale:g}' for scale in s.scales)}")
         for warning in self.config_warnings:
             terminalreporter.write_line(

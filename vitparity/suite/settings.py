@@ -16,7 +16,7 @@ from ..builtin import BUILTIN_GOLDEN, BUILTIN_MEDIA, builtin_paths
 from ..choices import ALIGN_POLICIES, TEMPORAL_CONTEXT
 from ..hub import hub_id
 from ..media import check_scale, scale_suffix
-from ..precision import AUTO, OFF, Bars, parse_bar
+from ..precision import AUTO, Bars
 from ..rules import PairError, check_threshold, resolve_device_dtype
 from .options import OPTIONS, PLAN_POLICIES, RawValue, raw_value
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 # Tokens per pack group when --pack-tokens is not given. On a GPU: a ViT-L packed forward of 131k bf16 tokens
 # that keeps no hidden states needs a few GiB; on the CPU, groups stay small enough to run in seconds.
 DEFAULT_PACK_TOKENS = {"cpu": 16_384, "cuda": 131_072}
-CODEC_SWITCH = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,6 @@ class Settings:
     companions: str = "auto"
     require_representative: bool = False  # media too small for the card fail (vitparity.suite.representative)
     allow_skip: bool = False  # a run whose every parity test was skipped exits 0 (vitparity.suite.nothing_checked)
-    max_cos_gap: str | float = AUTO  # "auto", "off" or a limit (vitparity.precision.parse_bar)
-    max_norm_gap: str | float = AUTO
-    fp32_probe: str = AUTO  # "auto" or "off"
     codec_frames: int = 0  # budget of each video's codec-style case in frames' worth of tokens; 0: no codec cases
     own_classes: bool = False  # --own-classes: vitparity's classes on a checkpoint that ships its own code
     outputs: str = "auto"  # cases whose last_hidden_state / pooler_output (and reference) are compared
@@ -73,19 +69,18 @@ class Settings:
 
     @property
     def bars(self) -> Bars:
-        """The precision bars of packing vs non-packing comparisons in the run's dtype."""
-        return Bars.for_dtype(self.dtype, self.max_cos_gap, self.max_norm_gap)
+        """The precision bars of packing vs non-packing comparisons: the run's dtype's (docs/detection.md)."""
+        return Bars.for_dtype(self.dtype, AUTO, AUTO)
 
     @property
     def probe_bars(self) -> Bars:
-        """The bars of the float32 probe: float32 defaults, each bar off when the option turns it off."""
-        return Bars.for_dtype("float32", OFF if self.max_cos_gap == OFF else AUTO,
-                              OFF if self.max_norm_gap == OFF else AUTO)
+        """The bars of the float32 probe: float32's."""
+        return Bars.for_dtype("float32", AUTO, AUTO)
 
     @property
     def probes(self) -> bool:
-        """Whether the run has a float32 probe: a 16-bit run with --fp32-probe auto."""
-        return self.fp32_probe == AUTO and self.dtype != "float32"
+        """Whether the run has a float32 probe: every 16-bit run."""
+        return self.dtype != "float32"
 
 
 def _resolve_path(config: pytest.Config, raw: RawValue) -> Path:
@@ -109,9 +104,9 @@ def resolve_settings(config: pytest.Config) -> Settings:
     def path(name: str) -> Path | None:
         return _resolve_path(config, raw[name]) if raw[name].value else None
 
-    def whole(name: str, minimum: int, text: str | None = None) -> int:
+    def whole(name: str, minimum: int) -> int:
         try:
-            value = int(str(raw[name].value if text is None else text).strip())
+            value = int(str(raw[name].value).strip())
         except ValueError:
             raise bad(name, "not a whole number") from None
         if value < minimum:
@@ -123,14 +118,6 @@ def resolve_settings(config: pytest.Config) -> Settings:
     for name in ("determinism", "companions", "outputs"):
         if raw[name].value not in PLAN_POLICIES:
             raise bad(name, f"use one of {PLAN_POLICIES}")
-    bars = {}
-    for name in ("max_cos_gap", "max_norm_gap"):
-        try:
-            bars[name] = parse_bar(raw[name].value, raw[name].label)
-        except ValueError as err:
-            raise pytest.UsageError(str(err)) from None
-    if raw["fp32_probe"].value not in (AUTO, OFF):
-        raise bad("fp32_probe", f"use one of {(AUTO, OFF)}")
     try:
         threshold = check_threshold(float(raw["threshold"].value), raw["threshold"].label)
     except ValueError:
@@ -147,13 +134,13 @@ def resolve_settings(config: pytest.Config) -> Settings:
     if raw["trust_remote_code"].value and raw["own_classes"].value:
         raise pytest.UsageError(f"{raw['trust_remote_code'].label} and {raw['own_classes'].label} exclude each other: "
                                 "run the checkpoints' own code or vitparity's classes, not both")
-    # Up to here, and in these six, the arguments and the filesystem decide: a usage error is said before torch loads.
+    # Up to here, and in these five, the arguments and the filesystem decide: a usage error is said before torch loads.
     media_dirs, num_frames = _media(config, raw, bad), whole("num_frames", 1)
     golden_dir = _golden_dir(config, raw["golden_dir"], raw["regenerate_goldens"].value)
     scales = _scales(str(raw["scales"].value), bad)
     golden_baseline = _paths(config, raw["golden_baseline"], bad, "golden_baseline")
     baseline_min_cos = _baseline_min_cos(raw, bad)
-    codec_frames = _codec_frames(raw, bad, whole)
+    codec_frames = min(num_frames, TEMPORAL_CONTEXT)  # a codec-style case of every video, --num-frames' budget
     try:
         device, dtype = resolve_device_dtype(raw["device"].value, raw["dtype"].value)
     except ValueError as err:
@@ -199,28 +186,8 @@ def resolve_settings(config: pytest.Config) -> Settings:
         baseline_min_cos=baseline_min_cos,
         allow_skip=raw["allow_skip"].value,
         require_representative=raw["require_representative"].value,
-        max_cos_gap=bars["max_cos_gap"],
-        max_norm_gap=bars["max_norm_gap"],
-        fp32_probe=raw["fp32_probe"].value,
         codec_frames=codec_frames,
     )
-
-
-def _codec_frames(raw: dict[str, RawValue], bad, whole) -> int:
-    """--codec-cases (on / off) and --codec-frames (1 to the temporal context, default --num-frames up to the
-    temporal context): the budget of each codec-style case, 0 when they are off. A --num-frames past the temporal
-    context is the pair's frames rule to refuse (one message naming the model's context), not this option's."""
-    switch = str(raw["codec_cases"].value).strip().lower()
-    if switch not in CODEC_SWITCH:
-        raise bad("codec_cases", f"use one of {CODEC_SWITCH}")
-    if not raw["codec_frames"].value:
-        return min(whole("num_frames", 1), TEMPORAL_CONTEXT) if switch == "on" else 0
-    frames = whole("codec_frames", 1)
-    if frames > TEMPORAL_CONTEXT:
-        raise bad("codec_frames", f"codec-style cases take at most {TEMPORAL_CONTEXT} frames' worth of tokens (the "
-                                  "temporal context): set --codec-frames, or --codec-cases=off")
-    return frames if switch == "on" else 0
-
 
 
 def _paths(config: pytest.Config, raw: RawValue, bad, name: str) -> tuple[Path, ...]:
