@@ -57,6 +57,17 @@ def test_a_line_per_group_with_share_and_eta_and_a_heartbeat_while_silent() -> N
     assert len(lines) == 3
 
 
+def test_no_heartbeat_before_a_group_runs() -> None:
+    """A run whose tests are not the suite's (its plugin loaded beside other tests) never hears of progress."""
+    now = [1000.0]
+    lines: list[str] = []
+    state = Progress(FakePlan(), lines.append, now=lambda: now[0])
+    assert not state.test_started("tests/test_other.py::test_x")
+    now[0] += 10 * HEARTBEAT_S
+    state.heartbeat()
+    assert lines == []
+
+
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
 def test_the_suite_says_each_group_and_beats_under_q(suite, monkeypatch, workers) -> None:
     monkeypatch.setattr(progress, "HEARTBEAT_S", 0.3)

@@ -48,11 +48,13 @@ class Progress:
         self.last_line = self.start
         self.lock = threading.Lock()
 
-    def test_started(self, nodeid: str) -> None:
+    def test_started(self, nodeid: str) -> bool:
+        """A test started; returns whether it belongs to one of this shard's pack groups."""
         group = self.plan.scope_of(nodeid)
         with self.lock:
             if group in self.tokens and group not in self.started:
                 self.started[group] = self.now()
+        return group in self.tokens
 
     def test_reported(self, nodeid: str) -> None:
         """A test's report arrived: the first of a group means the group's forwards are done."""
@@ -73,8 +75,8 @@ class Progress:
                 return
             running = [f"{group} ({self.tokens[group]:,} tokens, {clock(now - since)})"
                        for group, since in self.started.items() if group not in self.done]
-            what = "running " + ", ".join(running) if running else "starting"
-            self._say(f"{what}; {self._overall(now)}")
+            if running:
+                self._say(f"running {', '.join(running)}; {self._overall(now)}")
 
     def _overall(self, now: float) -> str:
         total, done = sum(self.tokens.values()), sum(self.tokens[group] for group in self.done)
@@ -110,8 +112,6 @@ class ProgressReporter:
             reporter.write_line(line)
 
         self.progress = Progress(self.plan, write)
-        self.thread = threading.Thread(target=self._beat, name="vitparity-progress", daemon=True)
-        self.thread.start()
 
     def _beat(self) -> None:
         while not self.stop.wait(HEARTBEAT_S / 3):
@@ -119,8 +119,11 @@ class ProgressReporter:
                 self.progress.heartbeat()
 
     def pytest_runtest_logstart(self, nodeid: str) -> None:
-        if self.progress is not None:
-            self.progress.test_started(nodeid)
+        """The heartbeat starts with the first test of a pack group (a run of other tests, e.g. the project's own
+        tests beside the suite's plugin, never hears of it)."""
+        if self.progress is not None and self.progress.test_started(nodeid) and self.thread is None:
+            self.thread = threading.Thread(target=self._beat, name="vitparity-progress", daemon=True)
+            self.thread.start()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self.progress is not None:
