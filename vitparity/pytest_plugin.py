@@ -83,7 +83,7 @@ def pytest_configure(config: pytest.Config) -> None:
         check_run_media(session.plan, settings, files)
     session.baseline = check_baseline(settings, files)
     check_representative(session.plan.all_groups, settings.pack_tokens, settings.require_representative,
-                         settings.labels["require_representative"])
+                         settings.labels["require_representative"], settings.num_frames)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(ParityReporter(session), "vitparity-reporter")
     config.pluginmanager.register(FailureWithoutFailedTest(), "vitparity-failure-notice")
