@@ -38,8 +38,9 @@ def outcomes(result: pytest.RunResult) -> dict[str, str]:
 @pytest.mark.parametrize("variant", RELEASE_VARIANTS, ids=lambda v: v.name)
 def test_release_variant_verdict(suite, tmp_path, variant, run) -> None:
     hf, packing = build_release_variant(variant, tmp_path)
+    select = f" or {variant.select}" if variant.select else ""
     args = [f"--hf-model={hf}", f"--packing-model={packing}", "-m", "not golden", "-k",
-            f"{CASE} or {SMALLEST} or converted_weights", *RUNS[run]]
+            f"{CASE} or {SMALLEST} or converted_weights{select}", *RUNS[run]]
     if variant.failing:  # without the flag: one usage error, no test
         refused = suite.run(*args)
         assert refused.ret == pytest.ExitCode.USAGE_ERROR and "--trust-remote-code" in refused.stderr.str()
@@ -54,9 +55,11 @@ def test_release_variant_verdict(suite, tmp_path, variant, run) -> None:
         (folder / f"{variant.name}-{dtype}.json").write_text(detection.to_json() + "\n")
     found = outcomes(result)
     out = result.stdout.str()
-    assert {"test_parity", "test_outputs", "test_reference", "test_converted_weights"} <= set(found), out[-3000:]
+    assert {"test_parity", "test_outputs", "test_reference", "test_converted_weights", "test_batch"} <= set(found), \
+        out[-3000:]
     failed = {name for name, outcome in found.items() if outcome != "passed"}
-    assert failed == set(variant.failing), f"{variant.name} ({run}): {variant.description}\n{out[-5000:]}"
+    plan = run.split("-", 1)[1]
+    assert failed == set(variant.must_fail(plan)), f"{variant.name} ({run}): {variant.description}\n{out[-5000:]}"
     assert "code checked: hf: the checkpoint's own code" in out  # both files share RoPE, scale, MLP and norms:
     assert "NOTE: the two checkpoints' code differs" not in out  # no note (tests/test_code_compare.py: with one)
     named = divergences(result.reprec.getreports("pytest_runtest_logreport"))  # "<trace>: <divergence in words>"
