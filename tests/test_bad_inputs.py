@@ -246,29 +246,30 @@ def test_float16_on_cpu_is_a_usage_error(suite) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_gpu_skips_with_a_reason_unless_required(suite) -> None:
+def test_cuda_without_gpu_is_a_usage_error(suite, monkeypatch) -> None:
+    """The device rule: a requested device that is absent is a usage error naming the option, never a skip."""
     before = suite.goldens()
-    skipped = suite.run("-k", "coffee", "--device", "cuda", "-rs")
-    assert skipped.ret == pytest.ExitCode.NO_TESTS_COLLECTED  # no green without a check
-    assert skipped.parseoutcomes().get("skipped", 0) > 0 and "passed" not in skipped.parseoutcomes()
-    assert "CUDA is not available" in skipped.stdout.str()
-    assert "NOTHING COMPARED: device cuda requested but CUDA is not available" in skipped.stdout.str()
-    assert "--device cpu" in skipped.stdout.str() and "--require-device to fail" in skipped.stdout.str()
-    assert "NOTHING CHECKED: all " in skipped.stdout.str() and "--allow-skip" in skipped.stdout.str()
-    assert suite.run("-k", "no_such_case").ret == pytest.ExitCode.NO_TESTS_COLLECTED  # every test deselected
-    allowed = suite.run("-k", "coffee", "--device", "cuda", "--allow-skip")
-    assert allowed.ret == 0 and "passed" not in allowed.parseoutcomes() and "NOTHING CHECKED" not in allowed.stdout.str()
-    whole = suite.run("--device", "cuda")  # the tests the GPU plan deselects are explained
-    # of the 105 tests collected (codec-style cases, whole outputs, input paths, token order included): the GPU
-    # plan's unsampled re-runs and swaps, alone-vs-packed comparisons and unsampled test_outputs are left out, not
-    # deselected (a full run stays full for syrupy's unused-golden check), and each is named with its reason
-    assert "deselected" not in whole.stdout.str()
-    assert sum(left_out_counts(whole.stdout.str())) == 38
-    assert "not run by the plan (--determinism=auto: case not re-run): test_deterministic[" in whole.stdout.str()
-    assert "not run by the plan (--companions=auto: no swap planned for this group)" in whole.stdout.str()
-    required = suite.run("-k", "coffee", "--device", "cuda", "--require-device")
-    assert required.ret == 1 and "CUDA is not available" in required.stdout.str()
+    result = suite.run("-k", "coffee", "--device", "cuda")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--device=cuda: requested but CUDA is not available" in result.stderr.str()
+    monkeypatch.setenv("VITPARITY_DEVICE", "cuda")
+    result = suite.run("-k", "coffee")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "VITPARITY_DEVICE=cuda: requested but CUDA is not available" in result.stderr.str()
     assert suite.goldens() == before
+
+
+def test_gpu_plan_explains_what_it_leaves_out(suite) -> None:
+    """The GPU plan's policies (sample; bfloat16, 131072-token packs) on the CPU: of the 105 tests collected
+    (codec-style cases, whole outputs, input paths, token order included) the unsampled re-runs and swaps,
+    alone-vs-packed comparisons and unsampled test_outputs are left out, not deselected (a full run stays full for
+    syrupy's unused-golden check), and each is named with its reason."""
+    whole = suite.run("--determinism=sample", "--companions=sample", "--outputs=sample", "--dtype=bfloat16",
+                      "--pack-tokens=131072")
+    assert "deselected" not in whole.stdout.str()
+    assert "not run by the plan (--determinism=sample: case not re-run): test_deterministic[" in whole.stdout.str()
+    assert "not run by the plan (--companions=sample: no swap planned for this group)" in whole.stdout.str()
+    assert sum(left_out_counts(whole.stdout.str())) == 38
 
 
 def test_corrupted_golden_fails_its_test_only(suite) -> None:
@@ -295,40 +296,42 @@ def test_media_that_would_share_a_golden_is_a_usage_error(suite, tmp_path, first
     assert "would share the case id or golden file image-" in result.stderr.str()
 
 
-def test_cuda_index_beyond_the_visible_devices_skips_unless_required(suite, monkeypatch) -> None:
+def test_cuda_index_beyond_the_visible_devices_is_a_usage_error(suite, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    skipped = suite.run("-k", "coffee", "--device=cuda:3", "-rs", "--allow-skip")
-    assert skipped.ret == 0 and "passed" not in skipped.parseoutcomes()
-    assert "device cuda:3 requested but 2 CUDA device(s) are visible" in skipped.stdout.str()
-    required = suite.run("-k", "coffee", "--device=cuda:3", "--require-device")
-    assert required.ret == 1 and "device cuda:3 requested but 2 CUDA device(s) are visible" in required.stdout.str()
+    result = suite.run("-k", "coffee", "--device=cuda:3")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--device=cuda:3: requested but 2 CUDA device(s) are visible" in result.stderr.str()
 
 
 def test_bad_option_values_name_where_they_came_from(suite, monkeypatch) -> None:
-    monkeypatch.setenv("VITPARITY_NUM_FRAMES", "eight")
-    result = suite.run()
+    monkeypatch.setenv("VITPARITY_DEVICE", "gpu")
+    result = suite.run("--collect-only", "-q")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "VITPARITY_NUM_FRAMES=eight: not a whole number" in result.stderr.str()
-    monkeypatch.delenv("VITPARITY_NUM_FRAMES")
+    assert "VITPARITY_DEVICE=gpu: use cpu, cuda, cuda:N or auto" in result.stderr.str()
+    monkeypatch.delenv("VITPARITY_DEVICE")
+    monkeypatch.setenv("VITPARITY_NUM_FRAMES", "eight")  # not a variable: CI does not set --num-frames
+    assert suite.run("--collect-only", "-q").ret == pytest.ExitCode.OK
     result = suite.run("--threshold=1.5")
     assert result.ret == pytest.ExitCode.USAGE_ERROR and "--threshold=1.5: must be in (0, 1)" in result.stderr.str()
 
 
 def test_media_too_small_for_the_card_warn_on_cuda_and_fail_when_required(suite, tmp_path) -> None:
     """The bundled media (largest case 1,632 tokens) are no release gate: --require-representative stops the run;
-    a 1400x1400 image (10,000 patches of 14) packed with a small one fills 61% of a 16,384-token budget."""
+    a 1400x1400 image (10,000 patches of 14, past the pretraining grid) packed with a small one and a clip sampled at
+    4 frames fills 61% of a 16,384-token budget."""
     small = suite.run("--require-representative", "--collect-only", "-q")
     assert small.ret == pytest.ExitCode.USAGE_ERROR
-    # The codec-style cases fill the bundled media's largest pack past half of the CPU's 16,384-token budget
-    # (8,463 tokens), so only the case size is named.
+    # The bundled media reach past the pretraining grid (image-astronaut.jpg), another frame count
+    # (coffee_tilt@4f.mp4) and a pack of images and videos: only their size is named.
     assert ("--require-representative: the media are not representative of the card: no case reaches 10,000 tokens "
-            "(largest: video-chelsea_pan.mp4, 1,632). Add media of your own") in small.stderr.str()
-    assert "no pack reaches" not in small.stderr.str()
+            "(largest: video-chelsea_pan.mp4, 1,632); no pack reaches 50% of its 16,384-token budget (largest: "
+            "pack-ba4308ed, 7,148). Add media of your own") in small.stderr.str()
     own = tmp_path / "own"
     own.mkdir()
     cv2.imwrite(str(own / "large.png"), np.zeros((1400, 1400, 3), np.uint8))
     shutil.copy(BUILTIN_MEDIA / "coffee_small.jpg", own / "small.jpg")
+    shutil.copy(BUILTIN_MEDIA / "coffee_tilt@4f.mp4", own / "pan@4f.mp4")  # 4 frames, packed with the images
     large = suite.run("--require-representative", "--no-bundled-media", f"--media={own}", "--collect-only", "-q")
     assert large.ret == 0, large.stderr.str()
 
@@ -340,11 +343,17 @@ def test_media_scale_figures_and_when_they_warn() -> None:
     groups = (PackGroup("pack-a", (ParityCase("image-a.jpg", "image", Path("a.jpg"), 9_999),
                                    ParityCase("image-b.jpg", "image", Path("b.jpg"), 100)), 16_384),
               PackGroup("pack-b", (ParityCase("video-c.mp4", "video", Path("c.mp4"), 9_000),), 16_384))
-    scale = media_scale(groups, 16_384)
+    scale = media_scale(groups, 16_384, num_frames=8)
     assert scale.line() == ("largest pack: pack-a 10,099 of 16,384 tokens (61.6% of its budget); largest case: "
-                            "image-a.jpg 9,999 tokens (estimated)")
-    assert scale.problems() == ["no case reaches 10,000 tokens (largest: image-a.jpg, 9,999)"]
-    assert warnings(scale, "cpu") == [] and len(warnings(scale, "cuda:0")) == 1
+                            "image-a.jpg 9,999 tokens (estimated); past the 32-patch pretraining grid: h none, w none; "
+                            "video at other than 8 frames: video-c.mp4; at other than the release's 8: video-c.mp4; "
+                            "pack of images and videos: none")
+    assert scale.problems() == ["no case reaches 10,000 tokens (largest: image-a.jpg, 9,999)",
+                                "no case goes past the 32-patch pretraining grid on the h axis (more than 448 px at "
+                                "patch 14)",
+                                "no case goes past the 32-patch pretraining grid on the w axis (more than 448 px at "
+                                "patch 14)", "no pack mixes images and videos"]
+    assert warnings(scale, "cpu") == [] and len(warnings(scale, "cuda:0")) == len(scale.problems())
     assert media_scale(groups, 32_768).problems()[1].startswith("no pack reaches 50% of its 32,768-token budget")
 
 
