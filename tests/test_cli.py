@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vitparity.builtin import BUILTIN_HF, BUILTIN_MEDIA, BUILTIN_PACKING
-from vitparity.cli import _device_and_dtype, main, resolve_inputs
+from vitparity.cli import main, resolve_inputs
 from vitparity.features_io import HF_FILE, METADATA_FILE, PACKING_FILE, read_features, write_features
 from vitparity.junit_report import merge_report, read_junit
 from vitparity.media import decoder_record
+from vitparity.rules import resolve_device_dtype
 
 from conftest import edited_checkpoint
 from faults import build_variant
@@ -329,7 +330,7 @@ def test_architecture_mismatch_lists_fields(tmp_path: Path, capsys: pytest.Captu
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("strict_flag", ["--strict_config", "--strict-config"])
+@pytest.mark.parametrize("strict_flag", ["--strict-model-config", "--strict_config", "--strict-config"])
 def test_numeric_config_differences_warn_and_fail_when_strict(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], strict_flag: str
 ) -> None:
@@ -478,9 +479,9 @@ def test_num_frames_unlimited_without_rope_temporal_size(tmp_path: Path, capsys:
 def test_cuda_device_index(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert _device_and_dtype("cuda:1", "auto") == ("cuda:1", "bfloat16")
+    assert resolve_device_dtype("cuda:1", "auto") == ("cuda:1", "bfloat16")
     code, _, err = _run(capsys, "extract", "--image1", IMAGE, "--device", "cuda:2", "--output_dir", tmp_path / "o")
-    assert code == 2 and "--device cuda:2" in err and "2 CUDA device" in err
+    assert code == 2 and "--device=cuda:2: requested but 2 CUDA device" in err
     code, _, err = _run(capsys, "extract", "--image1", IMAGE, "--device", "gpu", "--output_dir", tmp_path / "o")
     assert code == 2 and "--device" in err and "cuda:N" in err
     assert not (tmp_path / "o").exists()

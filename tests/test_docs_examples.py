@@ -26,7 +26,7 @@ from remote import release_checkpoint
 from test_hub import cache_builtin_models
 
 DOCS = (REPO / "README.md", REPO / "fixtures" / "README.md", *sorted((REPO / "docs").glob("*.md")))
-MISSING_GOLDEN = "New media, options or checkpoints have none yet"
+MISSING_GOLDEN = "missing goldens: "  # the summary's line that counts them apart (docs/missing_goldens.md)
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,9 @@ EXAMPLES: dict[str, Example] = {
         Example("suite", {"/data/more_media:/data/clip.mp4": "{tmp}/more_media:{tmp}/clip.mp4"},
                 # 3 files (espresso.jpg, espresso_zoom.mp4, clip.mp4) and the 2 videos' codec-style cases: 5 cases,
                 # each alone and packed (10), last_hidden_state and pooler_output (10), the 4 video and codec-style
-                # cases' explicit positions against context and packing (8), one codec case's token order (3)
-                says="31 comparisons, 31 passed"),
+                # cases' explicit positions against context and packing (8), one codec case's token order (3), each
+                # case's row of an hf batch (5), the pack called grid_thw only (the 3 images and videos)
+                says="39 comparisons, 39 passed"),
     'pytest -m "codec and not golden"': Example("suite"),
     'pytest -m "not golden and not codec"': Example("suite"),
     "pytest --golden-dir=/data/goldens --snapshot-update --media=/data/more_media --align=resize --scales=0.5":
@@ -87,9 +88,13 @@ EXAMPLES: dict[str, Example] = {
     "vitparity extract --hf_model_path A --packing_model_path B --image1 1.jpg --image2 2.jpg --video1 1.mp4 "
     "--video2 2.mp4 --num_frames 8 --output_dir ./features": Example("cli", {"A": str(BUILTIN_HF),
                                                                               "B": str(BUILTIN_PACKING)}),
-    "vitparity extract --root ./media --output_dir ./features": Example("cli"),
-    "vitparity extract --root ./media --codec --output_dir ./codec": Example("cli"),
-    "vitparity extract --images a.jpg b.png c.jpg --videos d.mp4 --output_dir ./features": Example("cli"),
+    "vitparity extract --hf-model A --packing-model B --image1 1.jpg --image2 2.jpg --video1 1.mp4 "
+    "--video2 2.mp4 --num-frames 8 --output-dir ./features": Example("cli", {"A": str(BUILTIN_HF),
+                                                                              "B": str(BUILTIN_PACKING)}),
+    "vitparity extract --root ./media --output-dir ./features": Example("cli"),
+    "vitparity extract --root ./media --codec --output-dir ./codec": Example("cli"),
+    "vitparity extract --images a.jpg b.png c.jpg --videos d.mp4 --output-dir ./features": Example("cli"),
+    "vitparity verify --features-dir ./features --threshold 0.99": Example("cli"),
     "vitparity verify --features_dir ./features --threshold 0.99": Example("cli"),
     "vitparity convert HF_DIR OUT_DIR": Example("cli", {"HF_DIR": str(BUILTIN_HF), "OUT_DIR": "{tmp}/converted"}),
     "vitparity report-junit junit-shard-1.xml junit-shard-2.xml": Example("cli"),

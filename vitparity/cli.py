@@ -7,6 +7,7 @@ weights, merge the JUnit XML of suite runs into one parity report."""
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from collections.abc import Sequence
@@ -38,23 +39,59 @@ def _progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+# The seed tools' spellings of options the suite names otherwise: accepted as aliases (and their dashed forms).
+ALIASES = {"hf_model": ("hf_model_path",), "packing_model": ("packing_model_path",),
+           "strict_model_config": ("strict_config",)}
+
+
+def _flags(name: str) -> list[str]:
+    """The flags of an option: its primary, dashed name first (the suite's spelling), then the underscore spelling
+    and each alias of `ALIASES` in both spellings."""
+    flags: list[str] = []
+    for spelling in (name, *ALIASES.get(name, ())):
+        for flag in (f"--{spelling.replace('_', '-')}", f"--{spelling}"):
+            if flag not in flags:
+                flags.append(flag)
+    return flags
+
+
+def as_typed(args: argparse.Namespace, name: str) -> str:
+    """The flag of option `name` as the user typed it (the last one given), else its primary name."""
+    flags = _flags(name)
+    typed = [arg.split("=", 1)[0] for arg in args.argv if arg.split("=", 1)[0] in flags]
+    return typed[-1] if typed else flags[0]
+
+
+class _PrimaryNames(argparse.HelpFormatter):
+    """--help shows each option by its primary name; the aliases parse but are not listed."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if len(action.option_strings) > 1 and action.dest != "help":
+            action = copy.copy(action)
+            action.option_strings = action.option_strings[:1]
+        return super()._format_action_invocation(action)
+
+
 def _option(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
-    """Add `--name`, also accepted as `--name-with-dashes` when the name has underscores."""
-    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    parser.add_argument(*flags, dest=name, **kwargs)
+    """Add option `name` under every flag of `_flags` (the dashed one shown in --help)."""
+    parser.add_argument(*_flags(name), dest=name, **kwargs)
+
+
+class _BarAction(argparse.Action):
+    """Store a precision bar parsed by the suite's rule (`precision.parse_bar`); a bad value is a usage error (exit 2)
+    naming the option as it was typed."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        try:
+            setattr(namespace, self.dest, parse_bar(values, option_string or self.option_strings[0]))
+        except ValueError as err:
+            parser.error(str(err))
 
 
 def _bar_option(parser: argparse.ArgumentParser, name: str, what: str) -> None:
-    """`--max_cos_gap` / `--max_norm_gap`: "auto", "off" or a limit, by the suite's rule (`precision.parse_bar`);
-    a bad value is a usage error (exit 2) naming the option."""
-
-    def parse(text: str) -> str | float:
-        try:
-            return parse_bar(text, f"--{name}")
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    _option(parser, name, type=parse, default=AUTO,
+    """`--max-cos-gap` / `--max-norm-gap`: "auto", "off" or a limit."""
+    _option(parser, name, action=_BarAction, default=AUTO,
             help=f"{what}: auto (the dtype's default, docs/detection.md), off, or a number")
 
 
@@ -63,10 +100,15 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vitparity {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    extract = commands.add_parser("extract", help="extract penultimate features with both models and verify them")
-    _option(extract, "hf_model_path", metavar="DIR|ORG/NAME[@REV]",
+    aliases = ("Options are spelled as the suite's (--hf-model, --num-frames); the seed tools' spellings stay "
+               "aliases: --hf_model_path, --packing_model_path, --num_frames, --output_dir, --features_dir, "
+               "--strict_config, ... (underscores for dashes), and --hf-model-path, --packing-model-path, "
+               "--strict-config.")
+    extract = commands.add_parser("extract", help="extract penultimate features with both models and verify them",
+                                  description=aliases, formatter_class=_PrimaryNames)
+    _option(extract, "hf_model", metavar="DIR|ORG/NAME[@REV]",
             help="non-packing checkpoint folder or hub id (default: built-in tiny model)")
-    _option(extract, "packing_model_path", metavar="DIR|ORG/NAME[@REV]",
+    _option(extract, "packing_model", metavar="DIR|ORG/NAME[@REV]",
             help="packing checkpoint folder or hub id (default: built-in tiny model)")
     _option(extract, "root", metavar="DIR", help="default inputs <root>/1.jpg, 2.jpg, 1.mp4, 2.mp4")
     for name in NAMED_INPUTS:
@@ -86,18 +128,19 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(extract, "own_classes", action="store_true",
             help="check a checkpoint that ships its own code (auto_map) with vitparity's own classes instead; "
                  "without this or --trust-remote-code such a checkpoint is refused")
-    _option(extract, "strict_config", action="store_true",
+    _option(extract, "strict_model_config", action="store_true",
             help="any config difference is an error (default: only fields that define the weights)")
     _option(extract, "strict_buffers", action="store_true",
             help="refuse a model whose non-persistent buffers loading left different from a fresh construction "
                  "(default: restore them and name them)")
     _option(extract, "codec", action="store_true",
             help="also each video's codec-style sparse case (<key>_codec, e.g. video1_codec): 64 frames, a budget of "
-                 "--num_frames frames' worth of tokens, the selection in metadata.json")
+                 "--num-frames frames' worth of tokens, the selection in metadata.json")
     _option(extract, "trace_layers", action="store_true",
             help="compare every hidden state of every input too and store the figures in metadata.json")
 
-    verify = commands.add_parser("verify", help="compare the features of a features folder")
+    verify = commands.add_parser("verify", help="compare the features of a features folder", description=aliases,
+                                 formatter_class=_PrimaryNames)
     _option(verify, "features_dir", metavar="DIR", required=True)
     _option(verify, "threshold", type=float, default=DEFAULT_THRESHOLD, help="minimum per-token cosine")
     _bar_option(verify, "max_cos_gap", "direction bar, the largest mean per-token (1 - cosine)")
@@ -168,23 +211,14 @@ def resolve_inputs(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     return inputs
 
 
-def _check_output_dir(output_dir: str) -> None:
-    """Refuse an --output_dir that is, or lies under, an existing non-folder, before any work is done."""
+def _check_output_dir(output_dir: str, label: str = "--output-dir") -> None:
+    """Refuse an --output-dir that is, or lies under, an existing non-folder, before any work is done."""
     output = Path(output_dir)
     for folder in (output, *output.parents):
         if folder.exists():
             if not folder.is_dir():
-                raise ValueError(f"--output_dir {output}: {folder} exists and is not a folder")
+                raise ValueError(f"{label} {output}: {folder} exists and is not a folder")
             return
-
-
-def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
-    """Resolve 'auto' choices and reject combinations that cannot run (torch is imported only to resolve device
-    auto); whether the GPU or GPU index exists is asked of torch later (`loading.missing_cuda_device`)."""
-    try:
-        return resolve_device_dtype(device, dtype)
-    except ValueError as err:
-        raise ValueError(f"--device / --dtype: {err}") from err
 
 
 def _check_local_models(specs: Sequence[str | None]) -> None:
@@ -219,43 +253,44 @@ def run_extract(args: argparse.Namespace) -> int:
     """The extract command: check the pair's config files, load inputs, then both models, extract, write the
     folder, verify it."""
     check_threshold(args.threshold, "--threshold")
-    _check_output_dir(args.output_dir)
-    if (args.hf_model_path is None) != (args.packing_model_path is None):
-        raise ValueError("give both --hf_model_path and --packing_model_path, or neither for the built-in tiny models")
+    _check_output_dir(args.output_dir, as_typed(args, "output_dir"))
+    if (args.hf_model is None) != (args.packing_model is None):
+        raise ValueError(f"give both {as_typed(args, 'hf_model')} and {as_typed(args, 'packing_model')}, or neither "
+                         "for the built-in tiny models")
     inputs = resolve_inputs(args)
-    _check_local_models((args.hf_model_path, args.packing_model_path))
-    device, dtype_name = _device_and_dtype(args.device, args.dtype)  # device auto: the first import of torch
+    _check_local_models((args.hf_model, args.packing_model))
+    # The suite's device rule (an absent device is an error); device auto or cuda: the first import of torch.
+    device, dtype_name = resolve_device_dtype(args.device, args.dtype, as_typed(args, "device"),
+                                              as_typed(args, "dtype"))
     # The usage errors have been said: torch and transformers load from here on.
     from .builtin import builtin_paths
     from .codec import context_frames
     from .extract import extract_hf, extract_packing, prepare_sample
-    from .loading import DTYPES, library_versions, missing_cuda_device
+    from .loading import DTYPES, library_versions
     from .media import decoder_record
     from .numerics import pinned_float32
     from .pair import preflight_pair
     from .trace import trace_layers
 
-    if args.hf_model_path is None:
+    if args.hf_model is None:
         hf_path, packing_path = (str(path) for path in builtin_paths())
     else:
-        hf_path, packing_path = args.hf_model_path, args.packing_model_path
-    problem = missing_cuda_device(device)
-    if problem:
-        raise ValueError(f"--device {device}: {problem}")
+        hf_path, packing_path = args.hf_model, args.packing_model
     dtype = DTYPES[dtype_name]
     # Wrong model paths, swapped sides, configs that differ, too many frames or disagreeing processors fail here,
     # before any media is decoded.
-    files = preflight_pair(hf_path, packing_path, strict_config=args.strict_config,
+    files = preflight_pair(hf_path, packing_path, strict_config=args.strict_model_config,
                            trust_remote_code=args.trust_remote_code, own_classes=args.own_classes)
     has_video = any(kind == "video" for kind, _ in inputs.values())
-    check_num_frames(args.num_frames, files.temporal_context if has_video else None, hf_path, "--num_frames")
+    check_num_frames(args.num_frames, files.temporal_context if has_video else None, hf_path,
+                     as_typed(args, "num_frames"))
 
     _progress(f"loading {len(inputs)} inputs ...")
     codec_frames = context_frames(files.temporal_context) if args.codec else 0
     media, codec_media = _load_inputs(inputs, num_frames=args.num_frames, patch_size=files.patch_size,
                                       align=args.align, codec_frames=codec_frames)
     pair = files.load(
-        dtype=dtype, device=device, strict_config=args.strict_config,
+        dtype=dtype, device=device, strict_config=args.strict_model_config,
         strict_buffers=args.strict_buffers,
         on_load=lambda side, ref: _progress(f"loading {'HF' if side == 'hf' else side} model {ref.spec} ..."),
     )
@@ -289,7 +324,7 @@ def run_extract(args: argparse.Namespace) -> int:
         "tf32": provenance["tf32"],
         "align": args.align,
         "threshold": args.threshold,
-        "strict_config": args.strict_config,
+        "strict_config": args.strict_model_config,
         "strict_buffers": args.strict_buffers,
         "temporal_context": provenance["temporal_context"],
         "restored_buffers": provenance["restored_buffers"],
@@ -327,7 +362,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
 def _codec_samples(codec_media: dict[str, Media], args: argparse.Namespace, pair, *, dtype: torch.dtype,
                    device: str) -> list:
-    """`<key>_codec` of every video: the codec-style selection of --num_frames frames' worth of tokens
+    """`<key>_codec` of every video: the codec-style selection of --num-frames frames' worth of tokens
     (`vitparity.codec`) from its temporal context (64 frames, decoded with the inputs); the kept indices are added
     to its metadata."""
     from .codec import prepare_codec_sample
@@ -434,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    args.argv = argv  # for `as_typed`
     try:
         if args.command == "extract":
             return run_extract(args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,18 +54,6 @@ def library_versions() -> dict[str, str]:
 
     return {"vitparity": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "numpy": numpy.__version__, "cv2": cv2.__version__}
-
-
-def missing_cuda_device(device: str) -> str | None:
-    """Why a resolved CUDA `device` cannot be used on this machine (None when it can, or for the CPU)."""
-    if not device.startswith("cuda"):
-        return None
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    count = torch.cuda.device_count()
-    if device.startswith("cuda:") and int(device[5:]) >= count:
-        return f"{count} CUDA device(s) are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
-    return None
 
 
 def weight_files(folder: Path) -> list[Path]:

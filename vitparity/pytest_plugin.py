@@ -55,7 +55,6 @@ def pytest_configure(config: pytest.Config) -> None:
     from .suite.baseline import BaselineReporter, check_baseline
     from .suite.golden_upkeep import GoldenUpkeep
     from .suite.media_preflight import check_run_media
-    from .suite.nothing_checked import NothingChecked
     from .suite.progress import ProgressReporter
     from .suite.reporting import FailureWithoutFailedTest, ParityReporter
     from .suite.representative import check_representative
@@ -93,7 +92,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if updating and not hasattr(config, "workerinput"):
         config.pluginmanager.register(GoldenUpkeep(session), "vitparity-golden-upkeep")
     if not hasattr(config, "workerinput"):
-        config.pluginmanager.register(NothingChecked(settings.allow_skip), "vitparity-nothing-checked")
         config.pluginmanager.register(ProgressReporter(session.plan, config), "vitparity-progress")
     if session.baseline is not None and not hasattr(config, "workerinput"):
         config.pluginmanager.register(BaselineReporter(session.baseline, settings), "vitparity-baseline")

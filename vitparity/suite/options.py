@@ -57,11 +57,9 @@ OPTIONS = (
     Option("strict_buffers", "models", "a model whose non-persistent buffers loading left different from a fresh "
            "construction of its class fails (default: they are restored and named in the summary and goldens)",
            flag=True),
-    Option("device", "models", "cpu, cuda, cuda:N or auto (cuda when available)", "auto"),
+    Option("device", "models", "cpu, cuda, cuda:N or auto (cuda when available); a requested device that is "
+           "absent is a usage error", "auto"),
     Option("dtype", "models", "float32, bfloat16, float16 or auto (bfloat16 on cuda, float32 on cpu)", "auto"),
-    Option("require_device", "models", "fail instead of skip when the requested CUDA device is absent", flag=True),
-    Option("allow_skip", "checks", "exit 0 when every parity test was skipped (default: such a run compared "
-           "nothing and exits 5)", flag=True),
     Option("media", "cases", "media of one's own, added to the bundled files: folders (every image and video "
            "in each) and single files, several separated by os.pathsep (':' on Linux and macOS)"),
     Option("no_bundled_media", "cases", "leave the bundled media (fixtures/media) out: only --media's files are "

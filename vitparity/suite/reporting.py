@@ -10,7 +10,6 @@ import pytest
 
 from ..compare import comparison_from_row
 from ..junit_report import add_suite_properties
-from ..loading import missing_cuda_device
 from ..report import format_table, worst_case_line, worst_first
 from .golden_state import REGRESSION, SUMMARY_PROPERTY, GoldenTally, update_command
 from .costs import (CODE_KEY, COST_KEY, LEFT_OUT_KEY, PROPERTY, REFERENCE_KEY, RESTORED_KEY, WARNINGS_KEY, cost_details,
@@ -98,8 +97,7 @@ class ParityReporter:
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         s, plan = self.session.settings, self.session.plan
-        no_device = missing_cuda_device(s.device) if terminalreporter.stats.get("skipped") else None
-        if not (self.rows or self.costs or s.shard or no_device):
+        if not (self.rows or self.costs or s.shard):
             return  # no parity test ran (e.g. another test tree in this repository)
         terminalreporter.write_sep("=", "vitparity parity summary")
         code = self.session.code()
@@ -111,12 +109,6 @@ class ParityReporter:
             for note in self.session.code_notes():
                 terminalreporter.write_line(f"NOTE: the two checkpoints' code differs in a shared part: {note}")
         terminalreporter.write_line(reference_line(s, plan), yellow=bool(plan.reference_off and s.trust_remote_code))
-        if no_device:
-            terminalreporter.write_line(
-                f"NOTHING COMPARED: device {s.device} requested but {no_device}; the tests that need it were skipped. "
-                "Run on the CPU with --device cpu, or pass --require-device to fail instead of skip (a GPU CI job "
-                "should).", yellow=True,
-            )
         terminalreporter.write_line(
             f"hf: {s.hf_model}  packing: {s.packing_model}  device: {s.device}  dtype: {s.dtype}  "
             f"threshold: min cos > {s.threshold}  (figures: float32 comparisons)"

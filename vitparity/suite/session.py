@@ -31,7 +31,7 @@ from ..independence import SwapResult, alternate_halves, companion_swap
 from ..checkpoint_code import OWN_CODE
 from ..code_compare import pair_code_notes
 from ..convert import convert_config, hf_to_packing_state_dict
-from ..loading import LoadedModel, ModelLoadError, library_versions, load_model, missing_cuda_device
+from ..loading import LoadedModel, ModelLoadError, library_versions, load_model
 from ..media import Media, MediaError, decoder_record, load_media
 from ..models import OneVisionEncoderPackingModel
 from ..models.packed_attention import attention_record
@@ -167,16 +167,6 @@ class ParitySession:
 
     # models
 
-    def check_device(self) -> None:
-        """Skip (or fail with --require-device) when the requested CUDA device is not there."""
-        problem = missing_cuda_device(self.settings.device)
-        if problem is None:
-            return
-        message = f"device {self.settings.device} requested but {problem}"
-        if self.settings.require_device:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-
     def models(self) -> tuple[LoadedModel, LoadedModel]:
         """Both models, loaded once; the pair rules (`vitparity.pair`) hold before any forward pass.
 
@@ -188,7 +178,6 @@ class ParitySession:
     def pair(self, side: str | None = None) -> ModelPair:
         """The loaded model pair (see `models`). A test about one `side` whose failure comes from the other side's
         checkpoint says so."""
-        self.check_device()
         if self._model_error is None and self._pair is None:
             s = self.settings
             try:

@@ -36,7 +36,6 @@ class Settings:
     strict_config: bool
     device: str
     dtype: str
-    require_device: bool
     media_dirs: tuple[Path, ...]
     num_frames: int
     align: str
@@ -55,7 +54,6 @@ class Settings:
     baseline_min_cos: float | None = None  # None: the baseline drift is only reported
     companions: str = "auto"
     require_representative: bool = False  # media too small for the card fail (vitparity.suite.representative)
-    allow_skip: bool = False  # a run whose every parity test was skipped exits 0 (vitparity.suite.nothing_checked)
     codec_frames: int = 0  # budget of each video's codec-style case in frames' worth of tokens; 0: no codec cases
     own_classes: bool = False  # --own-classes: vitparity's classes on a checkpoint that ships its own code
     outputs: str = "auto"  # cases whose last_hidden_state / pooler_output (and reference) are compared
@@ -141,10 +139,11 @@ def resolve_settings(config: pytest.Config) -> Settings:
     golden_baseline = _paths(config, raw["golden_baseline"], bad, "golden_baseline")
     baseline_min_cos = _baseline_min_cos(raw, bad)
     codec_frames = min(num_frames, TEMPORAL_CONTEXT)  # a codec-style case of every video, --num-frames' budget
-    try:
-        device, dtype = resolve_device_dtype(raw["device"].value, raw["dtype"].value)
+    try:  # the device rule: a requested device that is absent is a usage error, never a skip
+        device, dtype = resolve_device_dtype(raw["device"].value, raw["dtype"].value, raw["device"].label,
+                                             raw["dtype"].label)
     except ValueError as err:
-        raise pytest.UsageError(f"{raw['device'].label} / {raw['dtype'].label}: {err}") from err
+        raise pytest.UsageError(str(err)) from err
     shard = None
     if raw["shard"].value:
         from .cases import parse_shard
@@ -167,7 +166,6 @@ def resolve_settings(config: pytest.Config) -> Settings:
         strict_config=raw["strict_model_config"].value,
         device=device,
         dtype=dtype,
-        require_device=raw["require_device"].value,
         media_dirs=media_dirs,
         num_frames=num_frames,
         align=raw["align"].value,
@@ -184,7 +182,6 @@ def resolve_settings(config: pytest.Config) -> Settings:
         strict_buffers=raw["strict_buffers"].value,
         golden_baseline=golden_baseline,
         baseline_min_cos=baseline_min_cos,
-        allow_skip=raw["allow_skip"].value,
         require_representative=raw["require_representative"].value,
         codec_frames=codec_frames,
     )
