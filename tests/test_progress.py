@@ -57,6 +57,15 @@ def test_a_line_per_group_with_share_and_eta_and_a_heartbeat_while_silent() -> N
     assert len(lines) == 3
 
 
+def test_only_the_groups_of_selected_tests_count() -> None:
+    lines: list[str] = []
+    state = Progress(FakePlan(), lines.append, now=lambda: 10.0)
+    state.selected(["t.py::test_packed[pack-b]", "t.py::test_loaded_weights"])
+    state.test_reported("t.py::test_packed[pack-b]")
+    assert lines == ["vitparity: pack-b: 1 cases, 300 tokens in 0:00; 1 of 1 pack groups, 100% of the tokens, "
+                     "elapsed 0:00"]
+
+
 def test_no_heartbeat_before_a_group_runs() -> None:
     """A run whose tests are not the suite's (its plugin loaded beside other tests) never hears of progress."""
     now = [1000.0]
@@ -76,4 +85,5 @@ def test_the_suite_says_each_group_and_beats_under_q(suite, monkeypatch, workers
     assert result.ret == 0, out[-3000:]
     done = [line for line in out.splitlines() if line.startswith("vitparity: pack-")]
     assert done and all(" tokens in " in line and " pack groups, " in line for line in done), out[-3000:]
+    assert f"{len(done)} of {len(done)} pack groups, 100% of the tokens" in done[-1]  # only the selected groups
     assert any(line.startswith("vitparity: running pack-") for line in out.splitlines()), out[-3000:]

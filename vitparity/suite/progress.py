@@ -48,6 +48,12 @@ class Progress:
         self.last_line = self.start
         self.lock = threading.Lock()
 
+    def selected(self, nodeids: list[str]) -> None:
+        """Only the groups that hold one of the run's selected tests (`-k`, `-m`) are counted from now on."""
+        keep = {self.plan.scope_of(nodeid) for nodeid in nodeids}
+        with self.lock:
+            self.tokens = {group: tokens for group, tokens in self.tokens.items() if group in keep}
+
     def test_started(self, nodeid: str) -> bool:
         """A test started; returns whether it belongs to one of this shard's pack groups."""
         group = self.plan.scope_of(nodeid)
@@ -112,6 +118,14 @@ class ProgressReporter:
             reporter.write_line(line)
 
         self.progress = Progress(self.plan, write)
+        if session.items:  # a serial run (the xdist controller hears of the selection from its workers)
+            self.progress.selected([item.nodeid for item in session.items])
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids: list[str]) -> None:
+        """Under xdist: every worker collects the same selection (the scheduler checks it)."""
+        if self.progress is not None:
+            self.progress.selected(ids)
 
     def _beat(self) -> None:
         while not self.stop.wait(HEARTBEAT_S / 3):
