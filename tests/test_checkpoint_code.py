@@ -152,12 +152,10 @@ def test_suite_gates_the_checkpoint_code_and_says_so_first(suite, tmp_path, dtyp
     assert not passed and f"modeling_onevision_encoder_packing.py {digest[:8]}" in report
 
 
-def test_conflicting_or_bad_options_are_usage_errors(suite, release, monkeypatch) -> None:
-    monkeypatch.setenv("VITPARITY_OWN_CLASSES", "1")
-    both = suite.run("--trust-remote-code", "-k", "coffee_small")
+def test_conflicting_or_bad_options_are_usage_errors(suite, release) -> None:
+    both = suite.run("--trust-remote-code", "--own-classes", "-k", "coffee_small")
     assert both.ret == pytest.ExitCode.USAGE_ERROR
-    assert "--trust-remote-code and VITPARITY_OWN_CLASSES exclude each other" in both.stderr.str()
-    monkeypatch.delenv("VITPARITY_OWN_CLASSES")
+    assert "--trust-remote-code and --own-classes exclude each other" in both.stderr.str()
     bad = suite.run("--outputs=some", "-k", "coffee_small")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR and "--outputs=some: use one of" in bad.stderr.str()
 

@@ -32,8 +32,8 @@ def test_parse_bar_accepts(text, value) -> None:
 
 @pytest.mark.parametrize("text", ["0", "-1e-6", "nan", "inf", "tight", ""])
 def test_parse_bar_refuses_naming_the_option(text) -> None:
-    with pytest.raises(ValueError, match=re.escape(f"VITPARITY_MAX_NORM_GAP={text}: ")):
-        parse_bar(text, "VITPARITY_MAX_NORM_GAP")
+    with pytest.raises(ValueError, match=re.escape(f"--max_norm_gap={text}: ")):
+        parse_bar(text, "--max_norm_gap")
 
 
 def test_bars_per_dtype() -> None:

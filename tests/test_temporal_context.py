@@ -92,8 +92,7 @@ def test_extract_with_strict_buffers_refuses(remote_pair: tuple[Path, Path], tmp
     assert not (tmp_path / "o").exists()
 
 
-def test_suite_names_the_context_and_the_restored_buffers(suite, remote_pair: tuple[Path, Path],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_suite_names_the_context_and_the_restored_buffers(suite, remote_pair: tuple[Path, Path]) -> None:
     hf, packing = remote_pair
     args = [f"--hf-model={hf}", f"--packing-model={packing}", "--trust-remote-code", "--golden-dir=goldens"]
     result = suite.run(*args, "--snapshot-update", "-k", "golden and coffee_small")
@@ -105,6 +104,5 @@ def test_suite_names_the_context_and_the_restored_buffers(suite, remote_pair: tu
     for path in (suite.path / "goldens").rglob("*.npz"):
         assert load_golden(path.read_bytes())[2]["restored_buffers"] == RESTORED
     assert suite.run(*args, "-k", "loaded_weights").ret == 0
-    monkeypatch.setenv("VITPARITY_STRICT_BUFFERS", "1")
-    strict = suite.run(*args, "-k", "loaded_weights")
+    strict = suite.run(*args, "-k", "loaded_weights", "--strict-buffers")
     assert strict.ret == 1 and "strict buffers: refused instead of restored" in strict.stdout.str()

@@ -80,3 +80,12 @@ def test_the_jobs_media_reach_the_gate() -> None:
             if "vars." in str(job_env[name]) or "inputs." in str(job_env[name]):
                 assert given[source] == job_env[name], (name, given[source], job_env[name])
     assert "inputs.media" in gate_env["VITPARITY_NO_BUNDLED_MEDIA"]  # given media: only they are cases
+
+
+def test_the_suites_variables_are_the_ones_ci_sets() -> None:
+    """An option is an environment variable only when CI sets it (the workflow, the composite action, tox's gpu
+    environment, .ci/); every other option is a flag and an ini key."""
+    files = [REPO / ".github" / "workflows" / "gpu-parity.yml", REPO / "action.yml", REPO / "tox.ini",
+             *(REPO / ".ci").iterdir()]
+    set_by_ci = {name for path in files for name in re.findall(r"\b(VITPARITY_[A-Z_]+)\s*[:=]", path.read_text())}
+    assert set_by_ci == {option.env for option in OPTIONS if option.env}

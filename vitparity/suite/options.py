@@ -3,9 +3,10 @@
 Registered by the suite's plugin (`vitparity.pytest_plugin`, whose `pytest_addoption` this is): the options exist
 only in runs of the suite, never in another project's pytest. It imports nothing heavy. `suite.settings` validates the values.
 
-Every option is a flag (`--num-frames`), an environment variable (`VITPARITY_NUM_FRAMES`) and an ini key
-(`vitparity_num_frames`); the command line wins over the environment, which wins over the ini. A bad value is a
-usage error that names the option as the user spelled it.
+Every option is a flag (`--num-frames`) and an ini key (`vitparity_num_frames`); the options CI sets
+(`CI_VARIABLES`: the GPU workflow, the composite action, tox's gpu environment) are an environment variable too
+(`VITPARITY_DEVICE`). The command line wins over the environment, which wins over the ini. A bad value is a usage
+error that names the option as the user spelled it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ import pytest
 
 from ..choices import ALIGN_POLICIES, DEFAULT_THRESHOLD
 
+# The options CI sets through the environment (.github/workflows/gpu-parity.yml, action.yml, tox.ini's gpu
+# environment; docs/options.md lists them): the only ones that are an environment variable too.
+CI_VARIABLES = frozenset({
+    "hf_model", "packing_model", "media", "no_bundled_media", "device", "dtype", "shard", "golden_dir",
+    "golden_baseline", "report_dir", "require_representative",
+})
 # --determinism and --companions: one policy set, resolved by one rule (`cases.resolve_policy`)
 PLAN_POLICIES = ("auto", "all", "sample", "off")
 
@@ -34,8 +41,9 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
     @property
-    def env(self) -> str:
-        return "VITPARITY_" + self.name.upper()
+    def env(self) -> str | None:
+        """Its environment variable, for the options CI sets only (`CI_VARIABLES`)."""
+        return "VITPARITY_" + self.name.upper() if self.name in CI_VARIABLES else None
 
     @property
     def ini(self) -> str:
@@ -128,7 +136,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group = parser.getgroup(f"vitparity {key}", f"vitparity: {title} (write paths as --option=PATH)")
         for option in (o for o in OPTIONS if o.group == key):
             default = f"; default {option.default}" if option.default else ""
-            text = f"{option.help} [env {option.env}; ini {option.ini}{default}]"
+            env = f"env {option.env}; " if option.env else ""
+            text = f"{option.help} [{env}ini {option.ini}{default}]"
             if option.flag:
                 group.addoption(option.cli, action="store_const", const=True, default=None, dest=option.ini, help=text)
                 parser.addini(option.ini, option.help, type="bool", default=None)
@@ -143,14 +152,14 @@ class RawValue:
 
     value: str | bool | None
     source: str  # "cli", "env", "ini" or "default"
-    label: str  # how the user spelled it: --num-frames, VITPARITY_NUM_FRAMES, ini vitparity_num_frames
+    label: str  # how the user spelled it: --num-frames, VITPARITY_DEVICE, ini vitparity_num_frames
 
 
 def raw_value(config: pytest.Config, option: Option) -> RawValue:
     value = config.getoption(option.ini)
     if value is not None:
         return RawValue(value, "cli", option.cli)
-    value = os.environ.get(option.env)
+    value = os.environ.get(option.env) if option.env else None
     if value is not None:
         return RawValue(value.strip().lower() in TRUE if option.flag else value, "env", option.env)
     value = config.getini(option.ini)
