@@ -113,8 +113,10 @@ def test_hub_ids_from_an_offline_cache_are_recorded_in_goldens(suite, tmp_path, 
     assert "failed" not in missing.stdout.str()
 
 
-def test_float32_on_cuda_runs_without_tf32_and_restores_the_flags(suite) -> None:
+def test_float32_on_cuda_runs_without_tf32_and_restores_the_flags(suite, monkeypatch) -> None:
     import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # an absent device is a usage error: CUDA "there"
 
     (suite.path / "parity_tests" / "conftest.py").write_text(
         "import json, pathlib, torch\n"
@@ -125,10 +127,10 @@ def test_float32_on_cuda_runs_without_tf32_and_restores_the_flags(suite) -> None
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        suite.run("--device=cuda", "--dtype=float32", *ONE_CASE)
+        suite.run("--device=cuda", "--dtype=float32", "--collect-only", *ONE_CASE)
         assert json.loads((suite.path / "flags.json").read_text()) == [False, False]
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
-        suite.run("--device=cuda", "--dtype=bfloat16", *ONE_CASE)
+        suite.run("--device=cuda", "--dtype=bfloat16", "--collect-only", *ONE_CASE)
         assert json.loads((suite.path / "flags.json").read_text()) == [True, True]  # TF32 is about float32 only
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -55,7 +55,7 @@ def _flags(name: str) -> list[str]:
     return flags
 
 
-def as_typed(args: argparse.Namespace, name: str) -> str:
+def _as_typed(args: argparse.Namespace, name: str) -> str:
     """The flag of option `name` as the user typed it (the last one given), else its primary name."""
     flags = _flags(name)
     typed = [arg.split("=", 1)[0] for arg in args.argv if arg.split("=", 1)[0] in flags]
@@ -120,7 +120,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _option(extract, "threshold", type=float, default=DEFAULT_THRESHOLD, help="minimum per-token cosine")
     _bar_option(extract, "max_cos_gap", "direction bar, the largest mean per-token (1 - cosine)")
     _bar_option(extract, "max_norm_gap", "magnitude bar, the largest per-token |norm(packing) / norm(hf) - 1|")
-    _option(extract, "device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    _option(extract, "device", default="auto",
+            help="cpu, cuda, cuda:N or auto (cuda when available); a requested device that is absent is an error")
     _option(extract, "dtype", choices=("auto", *DTYPE_NAMES), default="auto", help="auto: bfloat16 on cuda, else float32")
     _option(extract, "align", choices=ALIGN_POLICIES, default="crop", help="how sizes become multiples of the patch")
     _option(extract, "trust_remote_code", action="store_true",
@@ -253,15 +254,15 @@ def run_extract(args: argparse.Namespace) -> int:
     """The extract command: check the pair's config files, load inputs, then both models, extract, write the
     folder, verify it."""
     check_threshold(args.threshold, "--threshold")
-    _check_output_dir(args.output_dir, as_typed(args, "output_dir"))
+    _check_output_dir(args.output_dir, _as_typed(args, "output_dir"))
     if (args.hf_model is None) != (args.packing_model is None):
-        raise ValueError(f"give both {as_typed(args, 'hf_model')} and {as_typed(args, 'packing_model')}, or neither "
-                         "for the built-in tiny models")
+        raise ValueError(f"give both {_as_typed(args, 'hf_model')} and {_as_typed(args, 'packing_model')}, or "
+                         "neither for the built-in tiny models")
     inputs = resolve_inputs(args)
     _check_local_models((args.hf_model, args.packing_model))
     # The suite's device rule (an absent device is an error); device auto or cuda: the first import of torch.
-    device, dtype_name = resolve_device_dtype(args.device, args.dtype, as_typed(args, "device"),
-                                              as_typed(args, "dtype"))
+    device, dtype_name = resolve_device_dtype(args.device, args.dtype, _as_typed(args, "device"),
+                                              _as_typed(args, "dtype"))
     # The usage errors have been said: torch and transformers load from here on.
     from .builtin import builtin_paths
     from .codec import context_frames
@@ -283,7 +284,7 @@ def run_extract(args: argparse.Namespace) -> int:
                            trust_remote_code=args.trust_remote_code, own_classes=args.own_classes)
     has_video = any(kind == "video" for kind, _ in inputs.values())
     check_num_frames(args.num_frames, files.temporal_context if has_video else None, hf_path,
-                     as_typed(args, "num_frames"))
+                     _as_typed(args, "num_frames"))
 
     _progress(f"loading {len(inputs)} inputs ...")
     codec_frames = context_frames(files.temporal_context) if args.codec else 0
@@ -469,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    args.argv = argv  # for `as_typed`
+    args.argv = argv  # for `_as_typed`
     try:
         if args.command == "extract":
             return run_extract(args)
