@@ -686,8 +686,11 @@ def test_report_junit_merges_shards(shard_junit: list[Path], capsys: pytest.Capt
     order_cases = [min(tokens, key=lambda case: (tokens[case], case))]
     order = [f"order~{path}/{m}" for m in order_cases for path in ("sparse", "mosaic", "packing")]
     assert sum(any(row.startswith("order~") for row in rows) for rows in shard_cases) == 1
+    # each case's row of an hf batch (test_batch); each image and video of a pack called grid_thw only
+    batch = [f"batch/{m}" for m in every]
+    grid = [f"grid/{m}" for m in media]
     # every case once, from both shards
-    assert sorted(cases) == sorted(every + [f"packed/{m}" for m in every] + outputs + paths + order)
+    assert sorted(cases) == sorted(every + [f"packed/{m}" for m in every] + outputs + paths + order + batch + grid)
     assert all(shard_cases) and not shard_cases[0] & shard_cases[1]
     assert f"{len(cases)} comparisons, {len(cases)} passed, 0 failed." in out
     for path in shard_junit:
@@ -695,8 +698,9 @@ def test_report_junit_merges_shards(shard_junit: list[Path], capsys: pytest.Capt
                          r"forward tokens: \d+\.\d\dx the one-pass minimum \(each case and input path once\); "
                          r"model loads: hf 1, packing 1", out, re.M)
     # hf forwards: each case alone and its determinism re-run, the explicit-positions call of each video and
-    # codec-style case, the two hf paths of each token-order case
-    hf_forwards = 2 * len(every) + len(paths) // 2 + 2 * len(order_cases)
+    # codec-style case, the two hf paths of each token-order case, and one batch per case (no two bundled cases of a
+    # pack group share a shape: each is batched with its own flipped pixels)
+    hf_forwards = 2 * len(every) + len(paths) // 2 + 2 * len(order_cases) + len(batch)
     assert re.search(rf"^- total: forwards: hf {hf_forwards} \(\d+ tokens\)", out, re.M), out
     assert "Failed tests" not in out
 
@@ -748,9 +752,11 @@ def test_report_junit_carries_the_verdict(suite, isolated, tmp_path: Path, capsy
                         r"\(worst cos (\d\.\d{6}) \(\S+\); first divergence: \S+: layer 1, attention \(q, k, v equal; the "
                         r"output before the projection differs\): softmax scale 1/head_dim instead of head_dim\*\*-0\.5 "
                         r"\(packing\)\)$", out, re.M)
-    # one per coffee case: the image, the video and the video's codec-style case; the worst first
-    assert sorted(case for case, _ in parity) == ["codec-coffee_zoom.mp4", "image-coffee_small.jpg",
-                                                  "video-coffee_zoom.mp4"], out
+    # one per coffee case: each image, each video and each video's codec-style case; the worst first
+    coffee = [p for p in BUILTIN_MEDIA.iterdir() if "coffee" in p.name]
+    assert sorted(case for case, _ in parity) == sorted(
+        [f"image-{p.name}" for p in coffee if p.suffix == ".jpg"]
+        + [f"{kind}-{p.name}" for p in coffee if p.suffix == ".mp4" for kind in ("video", "codec")]), out
     assert [float(cos) for _, cos in parity] == sorted(float(cos) for _, cos in parity), out
     drift = out.split("### Baseline drift", 1)[1]
     assert "| packing |" in drift and "| hf |" in drift and "FAIL (min cos > 0.9)" in drift
