@@ -232,8 +232,9 @@ def test_suite_examples_end_as_documented(suite, tmp_path, monkeypatch) -> None:
         assert example.says in out, command
         assert "Traceback" not in out and "INTERNALERROR" not in out, command
     assert suite.goldens() == committed, "an example wrote into the committed golden folder"
-    own = sorted(p.name for p in (tmp_path / "goldens").rglob("*.npz"))  # 8 bundled + 2 more media, at 0.5 only
-    assert len(own) == 20 and all("@0.5-" in name for name in own)
+    own = sorted(p.name for p in (tmp_path / "goldens").rglob("*.npz"))  # the bundled + 2 more media, at 0.5 only
+    bundled = len([p for p in BUILTIN_MEDIA.iterdir() if p.suffix in (".jpg", ".png", ".mp4")])
+    assert len(own) == 2 * (bundled + 2) and all("@0.5-" in name for name in own)
     assert "test_golden[video-espresso_zoom.mp4@0.5-packing].npz" in own
 
 

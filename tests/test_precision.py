@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitparity.builtin import BUILTIN_PACKING
+from vitparity.builtin import BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.checks import loaded_model_problems, rope_axis_tables
 from vitparity.compare import compare_features, comparison_from_row
 from vitparity.loading import load_model
@@ -129,7 +129,9 @@ def test_bfloat16_run_probes_one_case_in_float32(suite) -> None:
             if prop.get("name") == "vitparity"]
     # one row per case that test_parity ran (each image and video, and each video's codec-style case) and the probe's
     cases = {row["name"] for row in rows if row["bar_dtype"] == "bfloat16"}
-    assert len(cases) == result.parseoutcomes()["passed"] == 12 and any(name.startswith("codec-") for name in cases)
+    files = [p for p in BUILTIN_MEDIA.iterdir() if p.suffix in (".jpg", ".png", ".mp4")]
+    every = len(files) + len([p for p in files if p.suffix == ".mp4"])  # each file, and each video's codec-style case
+    assert len(cases) == result.parseoutcomes()["passed"] == every and any(name.startswith("codec-") for name in cases)
     assert len(rows) == len(cases) + 1 and {row["bar_dtype"] for row in rows} == {"bfloat16", "float32"}
     (probe,) = [row for row in rows if row["bar_dtype"] == "float32"]
     assert probe["name"] == "fp32 probe/image-coffee_small.jpg" and probe["passed"]
