@@ -25,8 +25,8 @@ def test_token_order(case_result, record_comparison) -> None:
 
 def test_batch(batched, record_comparison) -> None:
     """The non-packing model run on a batch (same-size cases together, or the case with its mirror image) gives each
-    case the features it has alone: bit for bit in float32 on the CPU, else within the dtype's bars (catches a
-    forward that mixes or misorders the rows of a batch)."""
+    case the features it has alone, within the dtype's bars (catches a forward that mixes or misorders the rows of a
+    batch)."""
     _all_pass(batched.case.id, batched.batch, record_comparison, "hf batched vs alone", "no batch was run")
 
 
