@@ -124,9 +124,10 @@ def test_the_suite_runs_an_asset_folder_and_fails_a_broken_one_by_name(suite, tm
     write_asset_folder(media / "clip")
     good = suite.run(f"--media={media}", "-m", "codec and not golden", "-k", "assets", "-p", "no:randomly")
     assert good.ret == 0, good.stdout.str()[-3000:]
-    # The case's parity row and its whole-output rows (test_outputs: last_hidden_state, pooler_output), all passing.
-    assert verdicts(good.stdout.str()) == {name: "PASS" for name in
-                                           ("assets-clip", "last_hidden_state/assets-clip", "pooler_output/assets-clip")}
+    # The case's parity row, its whole-output rows (test_outputs: last_hidden_state, pooler_output) and its row of an
+    # hf batch (test_batch), all passing.
+    assert verdicts(good.stdout.str()) == {name: "PASS" for name in (
+        "assets-clip", "last_hidden_state/assets-clip", "pooler_output/assets-clip", "batch/assets-clip")}
     _npy("visible_indices.npy", _set_row(0))(media / "clip")
     bad = suite.run(f"--media={media}", "-m", "codec and not golden", "-k", "assets", "-p", "no:randomly")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR  # checked with every media file, before any model loads

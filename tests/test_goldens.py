@@ -326,7 +326,8 @@ def test_the_readme_release_command_works_on_a_new_release(suite, noisy_hf, tmp_
 
 # -- missing goldens are their own state
 
-COFFEE = ("image-coffee_small.jpg", "video-coffee_zoom.mp4", "codec-coffee_zoom.mp4")  # the cases of -k coffee
+COFFEE = ("image-coffee_small.jpg", "video-coffee_zoom.mp4", "codec-coffee_zoom.mp4")  # the cases of -k COFFEE_K
+COFFEE_K = "coffee_small or coffee_zoom"
 MISSING_LINE = re.compile(r"^missing goldens: (.+); write them with: (.+)$", re.M)
 
 
@@ -336,7 +337,7 @@ def test_missing_goldens_of_new_weights_are_counted_apart_from_a_regression(suit
     line with why and the command; the run still fails."""
     planted = "test_golden[image-coffee_small.jpg-packing]"
     rewrite_golden(suite.golden_root / PACKING_F32 / "test_golden" / f"{planted}.npz", flip_tokens=4)
-    result = suite.run("-m", "golden", "-k", "coffee", f"--hf-model={noisy_hf}", "--junitxml=junit.xml")
+    result = suite.run("-m", "golden", "-k", COFFEE_K, f"--hf-model={noisy_hf}", "--junitxml=junit.xml")
     out = result.stdout.str()
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(passed=2, failed=4)  # hf: 3 missing; packing: 1 regression, 2 match
