@@ -13,8 +13,16 @@ from conftest import verdicts
 from faults import build_variant
 from vitparity.builtin import BUILTIN_MEDIA
 from vitparity.media import load_media
-from vitparity.suite.cases import collect_cases
+from vitparity.suite.cases import collect_cases, make_groups
+from vitparity.suite.settings import DEFAULT_PACK_TOKENS
 from vitparity.trace import LAYER_COUNT, SHIFTED
+
+def bundled_cases(**kwargs) -> tuple:
+    """The bundled media's cases as the suite plans them by default (each image and video, each video's codec-style
+    case), and their pack groups at the CPU's budget."""
+    cases = collect_cases([BUILTIN_MEDIA], patch_size=14, align="crop", num_frames=8, codec_frames=8, **kwargs)
+    return cases, make_groups(cases, DEFAULT_PACK_TOKENS["cpu"])
+
 
 FIRST = re.compile(r"^first divergence: layer (\d+)\b", re.M)
 
@@ -59,7 +67,8 @@ def test_packed_failure_traces_each_failing_case_inside_its_pack(suite, isolated
     first layer (attention); the companion swap catches it too."""
     result = run_variant(suite, "cross_sample_attention", tmp_path, "-k", "test_packed or test_companions")
     outcomes = result.parseoutcomes()
-    assert outcomes["failed"] == 4 and "passed" not in outcomes  # 2 groups: test_packed, companions
+    cases, groups = bundled_cases()
+    assert outcomes["failed"] == 2 * len(groups) and "passed" not in outcomes  # each group: test_packed, companions
     traced_cases = 0
     for report in reports(result, "test_packed"):
         group = report.nodeid.split("[")[-1].rstrip("]")
@@ -75,8 +84,8 @@ def test_packed_failure_traces_each_failing_case_inside_its_pack(suite, isolated
         assert cv2.imread(str(suite.path / "report" / f"{group}-layers.png")) is not None
     for report in reports(result, "test_companions_do_not_leak"):
         assert "FAIL: features changed by up to" in report.longreprtext
-    # every case of the 2 packs traced once: 4 images, 4 videos, their 4 codec-style cases
-    assert traced_cases == 12 and "layer traces 12;" in result.stdout.str()
+    # every case of the packs traced once: each image, each video, each video's codec-style case
+    assert traced_cases == len(cases) and f"layer traces {len(cases)};" in result.stdout.str()
 
 
 def test_passing_run_traces_nothing(suite) -> None:
@@ -95,8 +104,9 @@ def test_companion_swap_catches_a_leak_below_every_threshold(suite, isolated, tm
         assert "FAIL: features changed by up to" in report.longreprtext
         assert "no" in {value for key, value in report.user_properties if key.endswith(" identical")}
     assert set(verdicts(result.stdout.str()).values()) == {"PASS"}
-    # two swaps per pack (even positions kept, then odd): 4 packed forwards for the 2 groups
-    assert "companion swaps 4;" in result.stdout.str()
+    # two swaps per pack (even positions kept, then odd): 2 packed forwards for each pack group
+    _, groups = bundled_cases()
+    assert f"companion swaps {2 * len(groups)};" in result.stdout.str()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -115,9 +125,14 @@ def test_scales_add_readable_cases_that_pass(suite) -> None:
     result = suite.run("--scales=1,0.5", "-m", "not golden")
     assert result.ret == 0
     found = verdicts(result.stdout.str())
-    # 16 cases and 4 codec-style ones (native size only), their packed rows, 2 explicit-positions rows per video
-    # and codec case, 3 token-order rows, last_hidden_state and pooler_output of every case (test_outputs)
-    rows = 20 + 20 + 2 * 12 + 3 + 2 * 20
+    # each file at both scales and each video's codec-style case (native size only), their packed rows, 2
+    # explicit-positions rows per video and codec case, 3 token-order rows, last_hidden_state and pooler_output of
+    # every case (test_outputs), each case's batched row (test_batch), the grid_thw-only call's rows (images, videos)
+    cases, _ = bundled_cases(scales=(1.0, 0.5))
+    n = len(cases)
+    moving = sum(case.kind != "image" for case in cases)
+    gridded = sum(case.kind in ("image", "video") for case in cases)
+    rows = n + n + 2 * moving + 3 + 2 * n + n + gridded
     assert f"{rows} comparisons, {rows} passed, 0 failed" in result.stdout.str()
     assert set(found.values()) == {"PASS"}
     assert {"image-astronaut.jpg", "image-astronaut.jpg@0.5", "video-coffee_zoom.mp4@0.5",
@@ -140,7 +155,8 @@ def test_scaled_token_estimates_match_the_decoded_media() -> None:
     cases = collect_cases([BUILTIN_MEDIA], patch_size=14, align="crop", num_frames=8, scales=(1.0, 0.5, 0.3))
     assert len(cases) == 3 * len({case.path for case in cases})
     for case in cases:
-        media = load_media(case.path, num_frames=8, patch_size=14, scale=case.scale)
+        # the frames the case samples: --num-frames, or the @<N>f of its file name (coffee_tilt@4f.mp4)
+        media = load_media(case.path, num_frames=case.frames, patch_size=14, scale=case.scale)
         t = media.frames.shape[0] if media.frames.ndim == 4 else 1
         h, w = media.frames.shape[-3] // 14, media.frames.shape[-2] // 14
         assert case.tokens == t * h * w, case.id

@@ -13,7 +13,7 @@ from conftest import golden_files, verdicts
 from faults import build_variant
 from test_suite import costs, run_total
 
-SMALL_BUDGET = "--pack-tokens=1500"  # splits the 8 bundled cases into several groups
+SMALL_BUDGET = "--pack-tokens=1500"  # splits the bundled cases into several groups
 
 
 def junit_tests(path: Path) -> list[str]:
@@ -55,9 +55,11 @@ def test_snapshot_update_in_a_shard_writes_only_its_own_goldens(suite) -> None:
 
 def test_shards_without_work_pass(suite) -> None:
     """More shards than groups (a CI matrix larger than the media set): the empty shards pass."""
-    results = [suite.run("--shard={}/4".format(k), "-m", "not golden") for k in range(1, 5)]
-    assert [r.ret for r in results] == [0, 0, 0, 0]
-    assert sum("0 of 2 pack groups" in r.stdout.str() for r in results) >= 2
+    groups = len(builtin_plan()[4])  # the pack groups of the bundled media at the CPU's budget
+    shards = groups + 2  # two more shards than groups: at least two of them hold no group
+    results = [suite.run(f"--shard={k}/{shards}", "-m", "not golden") for k in range(1, shards + 1)]
+    assert [r.ret for r in results] == [0] * shards
+    assert sum(f"0 of {groups} pack groups" in r.stdout.str() for r in results) >= 2
 
 
 def test_forwards_and_tokens_are_the_same_serial_and_under_xdist(suite) -> None:
@@ -77,21 +79,36 @@ def test_over_budget_cases_still_pack_in_pairs_and_are_named(suite) -> None:
     assert result.ret == 0
     out = result.stdout.str()
     assert re.search(r"main: over the token budget: pack-[0-9a-f]{8} \(\d+ tokens\)", out)
-    # cases, packed, explicit positions, token order, whole outputs (last_hidden_state and pooler_output of each case)
-    assert "outputs auto: last_hidden_state and pooler_output compared on 12 cases" in out
-    assert len(verdicts(out)) == 12 + 12 + 16 + 3 + 2 * 12
+    cases, _, _, _, _ = builtin_plan()
+    n = len(cases)  # each bundled image and video, and each video's codec-style case
+    moving = sum(case.kind != "image" for case in cases)  # video and codec cases: 2 explicit-positions rows each
+    gridded = sum(case.kind in ("image", "video") for case in cases)  # grid/<case> rows of the grid_thw-only call
+    assert f"outputs auto: last_hidden_state and pooler_output compared on {n} cases" in out
+    # cases, packed, explicit positions, token order, whole outputs (last_hidden_state and pooler_output of each
+    # case), each case's batched row (test_batch: every case on the CPU), the grid_thw-only call's rows
+    # (counted from the summary: the table truncates long names, so two rows may share a shortened key there)
+    rows = n + n + 2 * moving + 3 + 2 * n + n + gridded
+    assert f"{rows} comparisons, {rows} passed, 0 failed" in out and set(verdicts(out).values()) == {"PASS"}
 
 
-@pytest.mark.parametrize("policy, reruns", [("off", 0), ("all", 12), ("auto", 12)])
-def test_determinism_policy_on_the_cpu(suite, policy, reruns) -> None:
-    result = suite.run(f"--determinism={policy}", "-m", "not golden")
+@pytest.mark.parametrize("policy, every", [("off", False), ("all", True), ("auto", True)])
+def test_determinism_policy_on_the_cpu(suite, policy, every) -> None:
+    cases, _, _, _, _ = builtin_plan()
+    reruns = len(cases) if every else 0  # `all` (and `auto` on the CPU) re-runs every bundled case, `off` none
+    result = suite.run(f"--determinism={policy}", "-m", "not golden", "--junitxml=det.xml")
     assert result.ret == 0
     out = result.stdout.str()
     assert f"determinism {policy}: {reruns} cases re-run" in out
     assert len(re.findall(r"test_deterministic\[", suite.run(f"--determinism={policy}", "--collect-only", "-q")
                           .stdout.str())) == reruns
+    # test_batch follows the same policy: every case in a batch, or none
+    batches = hf_batches(junit_forwards(suite.path / "det.xml"))
+    assert sorted(c for b in batches for c in b if c in {case.id for case in cases}) == (
+        sorted(case.id for case in cases) if every else [])
     hf_forwards = costs(out)["main"][0]
-    assert hf_forwards == 12 + reruns + 8 + 2  # each case, re-runs, explicit positions, the shuffled case
+    moving = sum(case.kind != "image" for case in cases)  # video and codec cases: one explicit-positions call each
+    # each case, re-runs, explicit positions, the shuffled case (hf sparse and mosaic), one forward per hf batch
+    assert hf_forwards == len(cases) + reruns + moving + 2 + len(batches)
 
 
 @pytest.mark.parametrize("option, message", [
@@ -158,8 +175,15 @@ def junit_forwards(path: Path) -> dict[str, str]:
     return found
 
 
+def hf_batches(forwards: dict[str, str]) -> set[tuple[str, ...]]:
+    """The hf batches a run made: the members of each (`hf alone vs hf batch [a + b]` of its test_batch tests)."""
+    return {tuple(re.search(r"hf batch \[(.*)\]$", text).group(1).split(" + "))
+            for name, text in forwards.items() if name.startswith("test_batch[")}
+
+
 def builtin_plan():
-    """The GPU plan's cases, determinism re-runs, companion probes and shuffled case on the bundled media."""
+    """The GPU plan's cases, determinism re-runs, companion probes, shuffled case and pack groups (the CPU's
+    budget) on the bundled media."""
     from vitparity.builtin import BUILTIN_MEDIA
     from vitparity.suite.cases import collect_cases, companion_probes, determinism_cases, make_groups
     from vitparity.suite.cases import token_order_cases
@@ -167,7 +191,7 @@ def builtin_plan():
     cases = collect_cases([BUILTIN_MEDIA], patch_size=14, align="crop", num_frames=8, codec_frames=8)
     groups = make_groups(cases, 16_384)
     return (cases, determinism_cases("sample", "cpu", groups), companion_probes("sample", "cpu", groups),
-            token_order_cases(groups))
+            token_order_cases(groups), groups)
 
 
 def test_gpu_plan_on_the_cpu_takes_packing_features_from_the_packs(suite) -> None:
@@ -177,22 +201,38 @@ def test_gpu_plan_on_the_cpu_takes_packing_features_from_the_packs(suite) -> Non
     result = suite.run(*GPU_PLAN, "--junitxml=plan.xml")
     assert result.ret == 0, result.stdout.str()[-3000:]
     out = result.stdout.str()
-    cases, rerun, probes, (shuffled,) = builtin_plan()
+    cases, rerun, probes, (shuffled,), groups = builtin_plan()
     tokens = {case.id: case.tokens for case in cases}
     paths = sum(case.tokens for case in cases if case.kind != "image")  # the hf model's explicit-positions calls
-    assert len(probes) == 2 and not any(probe.whole for probe in probes.values()) and len(rerun) == 4
-    hf_tokens = sum(tokens.values()) + sum(tokens[c] for c in rerun) + paths + 2 * tokens[shuffled]
+    moving = sum(case.kind != "image" for case in cases)
+    # sampled: the largest image and the largest video of each group; a two-case probe per group
+    sampled = sum(any(c.kind == kind for c in group.cases) for group in groups for kind in ("image", "video"))
+    assert len(probes) == len(groups) and not any(probe.whole for probe in probes.values()) and len(rerun) == sampled
+    forwards = junit_forwards(suite.path / "plan.xml")
+    # test_batch: the run's smallest image and smallest video, each batched (with its mirror image: same tokens)
+    batches = hf_batches(forwards)
+    batched = sorted(c for b in batches for c in b if c in tokens)
+    assert batched == sorted(min((c for c in cases if c.kind == kind), key=lambda c: (c.tokens, c.id)).id
+                             for kind in ("image", "video"))
+    # a batch of cases costs their tokens; a case alone of its shape is batched with its mirror (as many tokens)
+    batch_tokens = sum(sum(tokens[c] for c in b) if all(c in tokens for c in b)
+                       else len(b) * next(tokens[c] for c in b if c in tokens) for b in batches)
+    # the grid_thw-only call of each group: two packing forwards of its images and videos (not its codec cases)
+    grid = sum(case.tokens for case in cases if case.kind in ("image", "video"))
+    grid_paths = grid + sum(case.tokens for case in cases if case.kind == "video")
+    hf_tokens = sum(tokens.values()) + sum(tokens[c] for c in rerun) + paths + 2 * tokens[shuffled] + batch_tokens
     packing_tokens = (sum(tokens.values()) + 2 * sum(tokens[c] for probe in probes.values() for c in probe.cases)
-                      + tokens[shuffled])
-    assert costs(out)["main"] == (12 + 4 + 8 + 2, hf_tokens, 2 + 2 * 2 + 1, packing_tokens, 1, 1)
-    ratio = (hf_tokens + packing_tokens) / (2 * sum(tokens.values()) + paths)
+                      + tokens[shuffled] + 2 * grid)
+    assert costs(out)["main"] == (len(cases) + len(rerun) + moving + 2 + len(batches), hf_tokens,
+                                  len(groups) + 2 * len(probes) + 1 + 2 * len(groups), packing_tokens, 1, 1)
+    ratio = (hf_tokens + packing_tokens) / (2 * sum(tokens.values()) + paths + sum(tokens[c] for c in batched)
+                                            + grid_paths)
     assert f"forward tokens: {ratio:.2f}x the one-pass minimum (each case and input path once)" in out
     assert ratio <= 1.35  # groups of the CPU's budget hold few cases: a sample per group is a large share of them
     assert "no swap planned for this group" not in out  # every group has its probe
     assert re.search(r"not run by the plan \(--companions=sample: packing features come from the pack.*"
                      r"test_packing_independent_of_neighbours\[pack-[0-9a-f]{8}\], "
                      r"test_packing_independent_of_neighbours\[pack-[0-9a-f]{8}\]$", out, re.M)
-    forwards = junit_forwards(suite.path / "plan.xml")
     for probe in probes.values():
         swap = forwards[f"test_companions_do_not_leak[{probe.group}]"]
         assert swap.startswith(f"packing in {probe.group}[{'+'.join(probe.cases)}]")
@@ -224,7 +264,8 @@ def test_without_its_probe_selected_the_gpu_plan_runs_the_packing_model_alone(su
     """A -k that leaves out the probe's swap leaves nothing to show that the pack can stand in for a forward alone."""
     result = suite.run(*GPU_PLAN, "-k", "test_parity", "--junitxml=parity.xml")
     assert result.ret == 0
-    assert costs(result.stdout.str())["main"][:4:2] == (12, 12)
+    n = len(builtin_plan()[0])  # each bundled case: one hf forward and one packing forward alone
+    assert costs(result.stdout.str())["main"][:4:2] == (n, n)
     assert set(junit_forwards(suite.path / "parity.xml").values()) == {"hf alone vs packing alone"}
 
 
@@ -237,8 +278,8 @@ def test_gpu_plan_fails_the_probe_on_a_leak_and_stops_leaning_on_the_pack(suite,
                        "--junitxml=leak.xml")
     assert result.ret == 1
     failed = [line for line in result.outlines if line.startswith("FAILED")]
-    _, _, probes, _ = builtin_plan()
-    assert len(failed) == len(probes) == 2
+    _, _, probes, _, groups = builtin_plan()
+    assert len(failed) == len(probes) == len(groups)  # one probe per pack group
     assert all(any(f"test_companions_do_not_leak[{group}]" in line for line in failed) for group in probes)
     assert "FAIL: features changed by up to" in result.stdout.str()
     forwards = junit_forwards(suite.path / "leak.xml")
