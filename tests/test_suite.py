@@ -13,11 +13,46 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vitparity.builtin import BUILTIN_PACKING
+from vitparity.builtin import BUILTIN_MEDIA, BUILTIN_PACKING
 from vitparity.cli import main
 from vitparity.loading import weight_files
+from vitparity.suite.cases import collect_cases, make_groups
+from vitparity.suite.settings import DEFAULT_PACK_TOKENS
 
-from conftest import GOLDEN, golden_files, verdicts
+from conftest import GOLDEN, ROW, golden_files, verdicts
+
+# The bundled media (fixtures/media) as the default CPU run plans it: each image and video at native size, and
+# each video's codec-style case (8 frames' worth of tokens), in the pack groups of the CPU budget. The counts below
+# are derived from these, so adding a bundled file changes them without a new magic number.
+BUNDLED_CASES = collect_cases([BUILTIN_MEDIA], patch_size=14, align="crop", num_frames=8, codec_frames=8)
+BUNDLED_GROUPS = make_groups(BUNDLED_CASES, DEFAULT_PACK_TOKENS["cpu"])
+
+
+def bundled(*kinds: str, name: str = "") -> list[str]:
+    """Ids of the bundled cases of these kinds ("image", "video", "codec"), of files whose name holds `name`."""
+    return [case.id for case in BUNDLED_CASES if case.kind in kinds and name in case.path.name]
+
+
+def batch_plan(selected: set[str]) -> tuple[int, dict[str, int]]:
+    """(forwards, token factor per case id) of test_batch over the `selected` case ids: in each pack group the hf
+    model runs the cases of one input shape (kind, frames, patches per frame) as one batch, and a case with no other
+    of its shape with its mirror image (twice its tokens). Returns forwards and {case id: 1 or 2}."""
+    forwards, factor = 0, {}
+    for group in BUNDLED_GROUPS:
+        shapes: dict[tuple, list[str]] = {}
+        for case in group.cases:
+            if case.id in selected:
+                shapes.setdefault((case.kind == "image", case.frames, case.patches), []).append(case.id)
+        for ids in shapes.values():
+            forwards += 1
+            factor.update({case_id: 1 if len(ids) > 1 else 2 for case_id in ids})
+    return forwards, factor
+
+
+def rows(output: str) -> list[tuple[str, str]]:
+    """(case, verdict) of every row of the summary table, in order: unlike `verdicts`, rows whose names the table
+    cuts to the same 32 characters (last_hidden_state/codec-coffe...) are each counted."""
+    return [(m.group(1), m.group(2)) for m in ROW.finditer(output)]
 
 
 @pytest.fixture(scope="module")
@@ -50,33 +85,55 @@ def run_total(output: str) -> tuple[int, ...]:
 
 
 def test_default_suite_passes_and_loads_each_model_once(suite) -> None:
+    every, groups = bundled("image", "video", "codec"), len(BUNDLED_GROUPS)
+    with_paths, grid = bundled("video", "codec"), bundled("image", "video")
     result = suite.run()
-    result.assert_outcomes(passed=78)
+    # per case test_parity, test_deterministic, test_golden of each model, test_outputs and test_batch; per video
+    # and codec case test_input_paths; one test_token_order; per pack group test_packed,
+    # test_packing_independent_of_neighbours, test_companions_do_not_leak and test_packing_grid_call; and
+    # test_loaded_weights of each model and test_converted_weights
+    result.assert_outcomes(passed=6 * len(every) + len(with_paths) + 1 + 4 * groups + 3)
     out = result.stdout.str()
-    assert "24 snapshots passed" in out
-    found = verdicts(out)
+    assert f"{2 * len(every)} snapshots passed" in out  # a golden per case and model
+    found, table = verdicts(out), rows(out)
     cases = [case for case in found if "/" not in case]
-    paths = [case for case in found if case.startswith("pos~")]
-    order = [case for case in found if case.startswith("order~")]
-    outputs = [case for case in found if case.startswith(("last_hidden_state/", "pooler_output/"))]
-    # 12 cases (4 images, 4 videos, their 4 codec-style cases), 12 packed rows, 2 explicit-positions rows per video
-    # and codec case, 3 token-order rows (one codec case: hf sparse, hf mosaic, packing), and last_hidden_state and
-    # pooler_output of every case (test_outputs: --outputs=auto compares them all on the CPU)
-    assert len(cases) == 12 and len(paths) == 16 and len(order) == 3 and len(outputs) == 2 * len(cases)
-    assert len(found) == 12 + 12 + 16 + 3 + 24 and "outputs compared 12 cases;" in out
-    assert set(found.values()) == {"PASS"}
+    paths = [case for case, _ in table if case.startswith("pos~")]
+    order = [case for case, _ in table if case.startswith("order~")]
+    outputs = [case for case, _ in table if case.startswith(("last_hidden_state/", "pooler_output/"))]
+    batch = [case for case, _ in table if case.startswith("batch/")]
+    grid_rows = [case for case, _ in table if case.startswith("grid/")]
+    # every case (each image and video, each video's codec-style case), a packed row per case, 2 explicit-positions
+    # rows per video and codec case, 3 token-order rows (one codec case: hf sparse, hf mosaic, packing),
+    # last_hidden_state and pooler_output of every case (test_outputs: --outputs=auto compares them all on the CPU),
+    # a batched row per case (test_batch) and a grid_thw-only row per image and video (test_packing_grid_call)
+    assert sorted(cases) == sorted(every) and len(paths) == 2 * len(with_paths) and len(order) == 3
+    assert len(outputs) == 2 * len(cases)
+    assert sorted(batch) == sorted(f"batch/{case}" for case in every)
+    assert sorted(grid_rows) == sorted(f"grid/{case}" for case in grid)
+    assert len(table) == 2 * len(every) + 2 * len(with_paths) + 3 + 2 * len(every) + len(every) + len(grid)
+    assert f"outputs compared {len(every)} cases;" in out
+    assert {verdict for _, verdict in table} == {"PASS"}
     # each model once per case, once more for the determinism check (every case on the CPU), the hf model once
     # more per video and codec case (explicit positions), one packed forward per group holding every case once,
-    # two more of the whole pack per group (companion swap: the even positions kept, then the odd ones), and the
-    # token-order case once more on each path.
+    # two more of the whole pack per group (companion swap: the even positions kept, then the odd ones), the
+    # token-order case once more on each path, the hf model once per batch (test_batch: `batch_plan`), and the
+    # packing model twice per group on its images and videos (test_packing_grid_call: grid_thw only, then the
+    # grid's positions given).
     tokens = sum(found_tokens(out, case) for case in cases)
-    path_tokens = sum(found_tokens(out, case) for case in cases if not case.startswith("image-"))
+    path_tokens = sum(found_tokens(out, case) for case in with_paths)
+    grid_tokens = sum(found_tokens(out, case) for case in grid)
+    batches, factor = batch_plan(set(every))
+    batch_tokens = sum(factor[case] * found_tokens(out, case) for case in every)
     shuffled = found_tokens(out, order[0])
     packed = [case for case in found if case.startswith("packed/")]
     assert sorted(case.removeprefix("packed/") for case in packed) == sorted(cases)  # every case once in a pack
-    assert "pack groups 2;" in out and "companion swaps 4;" in out
-    assert costs(out)["main"] == (24 + 8 + 2, 2 * tokens + path_tokens + 2 * shuffled, 24 + 2 + 4 + 1,
-                                  5 * tokens + shuffled, 1, 1)
+    assert f"pack groups {groups};" in out and f"companion swaps {2 * groups};" in out
+    assert f"batched {len(every)} cases;" in out and f"grid_thw-only calls {groups} packs;" in out
+    n = len(every)
+    assert costs(out)["main"] == (2 * n + len(with_paths) + 2 + batches,
+                                  2 * tokens + path_tokens + 2 * shuffled + batch_tokens,
+                                  2 * n + groups + 2 * groups + 1 + 2 * groups,
+                                  5 * tokens + shuffled + 2 * grid_tokens, 1, 1)
 
 
 def found_tokens(output: str, case: str) -> int:
@@ -87,18 +144,24 @@ def test_k_video_selects_only_video_cases_and_xdist_agrees(suite) -> None:
     collected = suite.run("--collect-only", "-q", "-k", "video").stdout.lines
     ids = [line for line in collected if "::" in line]
     assert ids and all("video-" in line for line in ids)
-    assert {re.search(r"video-\w+\.mp4", line).group(0) for line in ids} == {
-        "video-astronaut_pan.mp4", "video-chelsea_pan.mp4", "video-coffee_zoom.mp4", "video-rocket_tilt.mp4"
-    }
+    videos = bundled("video")  # a case id may hold more than \w: video-coffee_tilt@4f.mp4 (@<N>f: its frame count)
+    assert {re.search(r"video-[^\s\[\]]+?\.mp4", line).group(0) for line in ids} == set(videos)
     serial = suite.run("-k", "video")
     parallel = suite.run("-k", "video", "-n", "2")
     assert serial.ret == parallel.ret == 0
     assert verdicts(serial.stdout.str()) == verdicts(parallel.stdout.str())
-    # each video, its explicit-positions call twice, and its last_hidden_state and pooler_output (test_outputs)
-    assert len(verdicts(serial.stdout.str())) == 4 + 2 * 4 + 2 * 4
+    assert sorted(rows(serial.stdout.str())) == sorted(rows(parallel.stdout.str()))
+    # each video, its explicit-positions call twice, its last_hidden_state and pooler_output (test_outputs), and
+    # its batched row (test_batch); no test_packing_grid_call (its ids name pack groups, not cases)
+    assert len(rows(serial.stdout.str())) == len(videos) + 2 * len(videos) + 2 * len(videos) + len(videos)
     assert run_total(serial.stdout.str())[:4] == run_total(parallel.stdout.str())[:4]  # no forward done twice
-    # 4 videos, no packed forward: the hf model also with explicit positions
-    assert costs(serial.stdout.str())["main"][:4] == (12, 3 * 4448, 8, 2 * 4448)
+    # the videos, no packed forward: the hf model also with explicit positions, and in its batches (test_batch:
+    # `batch_plan` over the videos alone)
+    tokens = sum(found_tokens(serial.stdout.str(), case) for case in videos)
+    batches, factor = batch_plan(set(videos))
+    batch_tokens = sum(factor[case] * found_tokens(serial.stdout.str(), case) for case in videos)
+    assert costs(serial.stdout.str())["main"][:4] == (3 * len(videos) + batches, 3 * tokens + batch_tokens,
+                                                      2 * len(videos), 2 * tokens)
     for worker, cost in costs(parallel.stdout.str()).items():
         assert worker == "total" or cost[4:] in ((1, 1), (0, 0))  # a worker with no group loads nothing
 
@@ -106,18 +169,26 @@ def test_k_video_selects_only_video_cases_and_xdist_agrees(suite) -> None:
 def test_planted_fault_fails_with_table_and_heat_maps(suite, faulty_packing) -> None:
     result = suite.run(f"--packing-model={faulty_packing}", "-m", "not golden", "--report-dir=report")
     assert result.ret == 1
-    found = verdicts(result.stdout.str())
-    packing_rows = {case: verdict for case, verdict in found.items() if not case.startswith(("pos~ctx/", "order~"))}
+    every, with_paths = bundled("image", "video", "codec"), bundled("video", "codec")
+    grid, groups = bundled("image", "video"), len(BUNDLED_GROUPS)
+    table = rows(result.stdout.str())
+    # rows comparing a model with itself: the hf model's explicit positions and batches, the packing model's
+    # grid_thw-only call, and each model shuffled
+    own = ("pos~ctx/", "order~", "batch/", "grid/")
+    packing_rows = [(case, verdict) for case, verdict in table if not case.startswith(own)]
     # cases, packed, paths, and last_hidden_state and pooler_output of each case (test_outputs)
-    assert len(packing_rows) == 12 + 12 + 8 + 2 * 12 and set(packing_rows.values()) == {"FAIL"}
-    assert len(found) - len(packing_rows) == 8 + 3  # the hf model against itself, and each model shuffled: pass
-    assert set(found.values()) - set(packing_rows.values()) <= {"PASS"}
+    assert len(packing_rows) == len(every) + len(every) + len(with_paths) + 2 * len(every)
+    assert {verdict for _, verdict in packing_rows} == {"FAIL"}
+    # the hf model against itself (explicit positions, a batched row per case), the packing model's grid_thw-only
+    # call per image and video, and each model shuffled: pass
+    assert len(table) - len(packing_rows) == len(with_paths) + len(every) + len(grid) + 3
+    assert {verdict for case, verdict in table if case.startswith(own)} == {"PASS"}
     outcomes = result.parseoutcomes()
-    assert outcomes["failed"] >= 9  # 12 cases, the packed batch
+    assert outcomes["failed"] >= len(every) + groups  # every case's test_parity, each group's test_packed
     heat_maps = sorted(p.name for p in (suite.path / "report").glob("*.png") if not p.name.endswith("-layers.png"))
-    assert len(heat_maps) == 12 and all(name.startswith(("image-", "video-", "codec-")) for name in heat_maps)
+    assert len(heat_maps) == len(every) and all(name.startswith(("image-", "video-", "codec-")) for name in heat_maps)
     layer_plots = sorted(p.name for p in (suite.path / "report").glob("*-layers.png"))
-    assert len(layer_plots) == 14  # one per failing test_parity or test_packed: 12 cases, 2 pack groups
+    assert len(layer_plots) == len(every) + groups  # one per failing test_parity or test_packed: cases, pack groups
 
 
 def test_modified_golden_fails(suite) -> None:
@@ -131,7 +202,8 @@ def test_modified_golden_fails(suite) -> None:
     target.write_bytes(buffer.getvalue())
 
     result = suite.run("-m", "golden")
-    result.assert_outcomes(passed=2 * 12 - 1, failed=1)  # 12 cases (4 images, 4 videos, 4 codec-style), 2 models
+    # a golden per bundled case (each image and video, each video's codec-style case) and model, one flipped
+    result.assert_outcomes(passed=2 * len(bundled("image", "video", "codec")) - 1, failed=1)
     out = result.stdout.str()
     assert "test_golden[video-chelsea_pan.mp4-packing]" in out
     assert "golden features differ" in out
@@ -140,7 +212,8 @@ def test_modified_golden_fails(suite) -> None:
 def test_missing_golden_fails_without_the_update_flag(suite) -> None:
     shutil.rmtree(suite.golden_root)
     result = suite.run("-m", "golden", "-k", "coffee")
-    result.assert_outcomes(failed=6)  # image-coffee_small, video-coffee_zoom and codec-coffee_zoom, each model
+    # the cases of the coffee_* files (image-coffee_small, video- and codec-coffee_zoom, ...-coffee_tilt@4f), each model
+    result.assert_outcomes(failed=2 * len(bundled("image", "video", "codec", name="coffee")))
     assert "no golden for this case and model" in result.stdout.str()
     assert not (suite.golden_root).exists() or not golden_files(suite.golden_root)
 
@@ -238,7 +311,8 @@ def test_nondeterministic_model_is_caught_by_the_determinism_check(suite, tmp_pa
     result = suite.run(f"--packing-model={folder}", "--trust-remote-code", "-m", "not golden and not packed")
     found = verdicts(result.stdout.str())
     cases = [case for case in found if "/" not in case]  # and the input-path and token-order rows of those cases
-    assert len(cases) == 12 and set(found.values()) == {"PASS"}  # parity alone cannot see it
+    # every bundled case (each image and video, each video's codec-style case); parity alone cannot see it
+    assert sorted(cases) == sorted(bundled("image", "video", "codec")) and set(found.values()) == {"PASS"}
     assert failed_tests(result) == {f"test_deterministic[{case}]" for case in cases}
     assert "packing model not deterministic" in result.stdout.str()
     assert "between two passes on the same pixels" in result.stdout.str() and "decoding" not in result.stdout.str()
@@ -278,7 +352,8 @@ def test_default_folders_resolve_against_the_repository_root(suite, monkeypatch)
     """Run from a subfolder: the default golden folder is still the repository's, nothing is created here."""
     monkeypatch.chdir(suite.path / "parity_tests")
     result = suite.pytester.runpytest_inprocess("-p", "no:cacheprovider", "--device", "cpu", "-k", "golden and coffee")
-    result.assert_outcomes(passed=6)  # image-coffee_small, video-coffee_zoom and codec-coffee_zoom, each model
+    # the cases of the coffee_* files (image-coffee_small, video- and codec-coffee_zoom, ...-coffee_tilt@4f), each model
+    result.assert_outcomes(passed=2 * len(bundled("image", "video", "codec", name="coffee")))
     assert not (suite.path / "parity_tests" / "fixtures").exists()
 
 
@@ -317,8 +392,8 @@ def test_nan_weights_outside_the_features_fail_and_are_never_blessed(suite, tmp_
     folder = poisoned_hf(tmp_path / "nan-head", "head.probe")
     before = suite.goldens()
     result = suite.run(f"--hf-model={folder}", "--snapshot-update", "-k", "coffee or loaded_weights")
-    cases = ("image-coffee_small.jpg", "video-coffee_zoom.mp4", "codec-coffee_zoom.mp4")
-    assert failed_tests(result) == {"test_loaded_weights[hf]"} | {
+    cases = bundled("image", "video", "codec", name="coffee")  # the cases of the coffee_* files
+    assert len(cases) >= 3 and failed_tests(result) == {"test_loaded_weights[hf]"} | {
         f"test_golden[{case}-{side}]" for case in cases for side in ("hf", "packing")
     } | {f"test_outputs[{case}]" for case in cases}  # the head's NaN reaches pooler_output
     assert "head.probe: 1 of" in result.stdout.str() and "the loaded weights are not sane" in result.stdout.str()
