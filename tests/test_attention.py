@@ -14,13 +14,13 @@ LENGTHS = (37, 5, 64, 1)
 SCALE = HEAD_DIM**-0.5
 
 
-def _packed_qkv(lengths: tuple[int, ...], dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+def packed_qkv(lengths: tuple[int, ...], dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     n = sum(lengths)
     return tuple(torch.randn(n, HEADS, HEAD_DIM, generator=g).to(dtype) for _ in range(3))
 
 
-def _block_diagonal_reference(q, k, v, lengths: tuple[int, ...], scale: float) -> torch.Tensor:
+def block_diagonal_reference(q, k, v, lengths: tuple[int, ...], scale: float) -> torch.Tensor:
     """Float64 attention over the whole sequence with an explicit block-diagonal mask (the slow, obvious way)."""
     sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     allowed = sample[:, None] == sample[None, :]
@@ -34,17 +34,17 @@ def _block_diagonal_reference(q, k, v, lengths: tuple[int, ...], scale: float) -
 @pytest.mark.parametrize("lengths", [LENGTHS, (50,)], ids=["four-samples", "one-sample"])
 def test_packed_attention_matches_block_diagonal_attention(implementation: str, lengths: tuple[int, ...]) -> None:
     """Both implementations against float64 attention over the whole sequence with an explicit mask."""
-    q, k, v = _packed_qkv(lengths)
+    q, k, v = packed_qkv(lengths)
     segments = pa.PackedSegments.from_lengths(lengths, torch.device("cpu"))
     out = pa.packed_attention(q, k, v, segments, SCALE, implementation)
     assert out.shape == q.shape and out.dtype == q.dtype
-    torch.testing.assert_close(out.double(), _block_diagonal_reference(q, k, v, lengths, SCALE), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), block_diagonal_reference(q, k, v, lengths, SCALE), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", pa.ATTN_IMPLEMENTATIONS)
 def test_packed_attention_keeps_samples_apart(implementation: str) -> None:
     """Changing one sample's keys and values leaves every other sample's output unchanged, bit for bit."""
-    q, k, v = _packed_qkv(LENGTHS)
+    q, k, v = packed_qkv(LENGTHS)
     segments = pa.PackedSegments.from_lengths(LENGTHS, torch.device("cpu"))
     before = pa.packed_attention(q, k, v, segments, SCALE, implementation)
     k2, v2 = k.clone(), v.clone()
@@ -58,9 +58,9 @@ def test_packed_attention_keeps_samples_apart(implementation: str) -> None:
 @pytest.mark.parametrize("implementation", pa.ATTN_IMPLEMENTATIONS)
 def test_dense_attention_by_implementation_name(implementation: str) -> None:
     """Dense attention uses the given scale (not head_dim ** -0.5) in both implementations."""
-    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in _packed_qkv((40,)))
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in packed_qkv((40,)))
     out = pa.dense_attention(q, k, v, 0.3, implementation)
-    expected = _block_diagonal_reference(*(x[0].transpose(0, 1) for x in (q, k, v)), (40,), 0.3)
+    expected = block_diagonal_reference(*(x[0].transpose(0, 1) for x in (q, k, v)), (40,), 0.3)
     torch.testing.assert_close(out[0].transpose(0, 1).double(), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -13,34 +13,16 @@ import torch
 from bench.kernels import attention as ba
 from vitparity.models.packed_attention import PackedSegments
 
-HEADS, HEAD_DIM = 4, 32
-LENGTHS = (37, 5, 64, 1)
-SCALE = HEAD_DIM**-0.5
-
-
-def _packed_qkv(lengths: tuple[int, ...], dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(0)
-    n = sum(lengths)
-    return tuple(torch.randn(n, HEADS, HEAD_DIM, generator=g).to(dtype) for _ in range(3))
-
-
-def _block_diagonal_reference(q, k, v, lengths: tuple[int, ...], scale: float) -> torch.Tensor:
-    """Float64 attention over the whole sequence with an explicit block-diagonal mask (the slow, obvious way)."""
-    sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    allowed = sample[:, None] == sample[None, :]
-    q, k, v = (x.double().transpose(0, 1) for x in (q, k, v))  # (H, N, D)
-    scores = (q @ k.transpose(1, 2)) * scale
-    weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    return (weights @ v).transpose(0, 1)  # (N, H, D)
+from test_attention import HEAD_DIM, HEADS, LENGTHS, SCALE, block_diagonal_reference, packed_qkv
 
 
 @pytest.mark.parametrize("kernel", [k for k in ba.SDPA_KERNELS if k not in ("fa3", "fa4")])  # those: CUDA only
 @pytest.mark.parametrize("lengths", [LENGTHS, (50,)], ids=["four-samples", "one-sample"])
 def test_packed_sdpa_matches_block_diagonal_attention(kernel: str, lengths: tuple[int, ...]) -> None:
-    q, k, v = _packed_qkv(lengths)
+    q, k, v = packed_qkv(lengths)
     segments = PackedSegments.from_lengths(lengths, torch.device("cpu"))
     out = ba.packed_attention(q, k, v, segments, SCALE, "sdpa", kernel)
-    expected = _block_diagonal_reference(q, k, v, lengths, SCALE)
+    expected = block_diagonal_reference(q, k, v, lengths, SCALE)
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -52,27 +34,27 @@ CPU_BACKENDS = ("sdpa", "flex", "eager")
 @pytest.mark.parametrize("lengths", [LENGTHS, (50,)], ids=["four-samples", "one-sample"])
 def test_cpu_backends_match_block_diagonal_attention(backend: str, lengths: tuple[int, ...]) -> None:
     """Every backend that runs on the CPU against float64 attention with an explicit mask (FlexAttention: block mask)."""
-    q, k, v = _packed_qkv(lengths)
+    q, k, v = packed_qkv(lengths)
     segments = PackedSegments.from_lengths(lengths, torch.device("cpu"))
     out = ba.packed_attention(q, k, v, segments, SCALE, backend=backend)
     assert out.shape == q.shape and out.dtype == q.dtype
-    torch.testing.assert_close(out.double(), _block_diagonal_reference(q, k, v, lengths, SCALE), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), block_diagonal_reference(q, k, v, lengths, SCALE), rtol=1e-5, atol=1e-5)
 
 
 def test_flex_block_mask_check_fails_without_the_mask(monkeypatch) -> None:
     """The reference check above catches a FlexAttention call that lets samples see each other."""
     monkeypatch.setattr(ba, "_document_block_mask", lambda lengths, device: None)
-    q, k, v = _packed_qkv(LENGTHS)
+    q, k, v = packed_qkv(LENGTHS)
     segments = PackedSegments.from_lengths(LENGTHS, torch.device("cpu"))
     out = ba.packed_attention(q, k, v, segments, SCALE, backend="flex")
-    assert not torch.allclose(out.double(), _block_diagonal_reference(q, k, v, LENGTHS, SCALE), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(out.double(), block_diagonal_reference(q, k, v, LENGTHS, SCALE), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("choice", ["eager", "default", "math", "flex_attention"])
 def test_dense_attention_by_choice(choice: str) -> None:
-    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in _packed_qkv((40,)))
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in packed_qkv((40,)))
     out = ba.dense_attention(q, k, v, 0.3, choice)
-    expected = _block_diagonal_reference(*(x[0].transpose(0, 1) for x in (q, k, v)), (40,), 0.3)
+    expected = block_diagonal_reference(*(x[0].transpose(0, 1) for x in (q, k, v)), (40,), 0.3)
     torch.testing.assert_close(out[0].transpose(0, 1).double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -130,7 +112,7 @@ def _fake_flash_attn(calls: list[dict]) -> types.ModuleType:
                  dropout_p=dropout_p, scale=softmax_scale, causal=causal)
         )  # fmt: skip
         lengths = tuple(torch.diff(cu_seqlens_q).tolist())
-        return _block_diagonal_reference(q, k, v, lengths, softmax_scale).to(q.dtype)
+        return block_diagonal_reference(q, k, v, lengths, softmax_scale).to(q.dtype)
 
     module = types.ModuleType("flash_attn")
     module.flash_attn_varlen_func = flash_attn_varlen_func
@@ -143,14 +125,14 @@ def test_flash_attn_backend_passes_boundaries_and_scale(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn(calls))
     monkeypatch.setattr(ba, "_fast_cuda", lambda q: True)
     monkeypatch.setattr(ba, "_has_flash_attn", lambda: True)
-    q, k, v = _packed_qkv(LENGTHS)
+    q, k, v = packed_qkv(LENGTHS)
     segments = PackedSegments.from_lengths(LENGTHS, torch.device("cpu"))
     out = ba.packed_attention(q, k, v, segments, 0.2, backend="flash_attn")
     assert calls == [
         dict(cu_q=[0, 37, 42, 106, 107], cu_k=[0, 37, 42, 106, 107], max_q=64, max_k=64,
              dropout_p=0.0, scale=0.2, causal=False)
     ]  # fmt: skip
-    torch.testing.assert_close(out.double(), _block_diagonal_reference(q, k, v, LENGTHS, 0.2))
+    torch.testing.assert_close(out.double(), block_diagonal_reference(q, k, v, LENGTHS, 0.2))
 
 
 def _fake_flash_attn_cute(calls: list[dict]) -> types.ModuleType:
@@ -166,7 +148,7 @@ def _fake_flash_attn_cute(calls: list[dict]) -> types.ModuleType:
         calls.append(dict(cu_q=cu_seqlens_q.tolist(), cu_k=cu_seqlens_k.tolist(), max_q=max_seqlen_q,
                           max_k=max_seqlen_k, scale=softmax_scale, causal=causal))  # fmt: skip
         lengths = tuple(torch.diff(cu_seqlens_q).tolist())
-        out = _block_diagonal_reference(q, k, v, lengths, softmax_scale).to(q.dtype)
+        out = block_diagonal_reference(q, k, v, lengths, softmax_scale).to(q.dtype)
         return out, torch.zeros(q.shape[1], q.shape[0])
 
     cute = types.ModuleType("flash_attn.cute")
@@ -184,12 +166,12 @@ def test_flash_attn_4_backend_passes_boundaries_and_scale(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "flash_attn.cute", package.cute)
     monkeypatch.setattr(ba, "_fast_cuda", lambda q: True)
     monkeypatch.setattr(ba, "_has_flash_attn_4", lambda: True)
-    q, k, v = _packed_qkv(LENGTHS)
+    q, k, v = packed_qkv(LENGTHS)
     segments = PackedSegments.from_lengths(LENGTHS, torch.device("cpu"))
     out = ba.packed_attention(q, k, v, segments, 0.2, backend="flash_attn_4")
     assert calls == [dict(cu_q=[0, 37, 42, 106, 107], cu_k=[0, 37, 42, 106, 107], max_q=64, max_k=64, scale=0.2,
                           causal=False)]  # fmt: skip
-    torch.testing.assert_close(out.double(), _block_diagonal_reference(q, k, v, LENGTHS, 0.2))
+    torch.testing.assert_close(out.double(), block_diagonal_reference(q, k, v, LENGTHS, 0.2))
 
 
 def test_models_run_a_variant_inside_the_block_only() -> None:
